@@ -1,0 +1,75 @@
+"""VAR models: the multi-scale VQVAE tokenizer and the next-scale-prediction transformer.
+
+`build_vae_var` keeps the official signature and defaults; `PRESETS` names the released models; loading of
+official and of this project's checkpoints lives in `models.loading` (re-exported here). Importing this package
+touches neither the network nor any global state.
+"""
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .inspect_ckpt import PATCH_NUMS, infer_vae_config, infer_var_config
+from .quant import VectorQuantizer2
+from .var import VAR
+from .vqvae import OFFICIAL_CH_MULT, VQVAE
+
+# The released checkpoints (FoundationVision/var on the Hugging Face Hub). Width = 64*depth, heads = depth.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    'd16': dict(depth=16, patch_nums=PATCH_NUMS['256'], shared_aln=False),
+    'd20': dict(depth=20, patch_nums=PATCH_NUMS['256'], shared_aln=False),
+    'd24': dict(depth=24, patch_nums=PATCH_NUMS['256'], shared_aln=False),
+    'd30': dict(depth=30, patch_nums=PATCH_NUMS['256'], shared_aln=False),
+    'd36': dict(depth=36, patch_nums=PATCH_NUMS['512'], shared_aln=True),
+}
+
+
+def build_vae_var(device: Union[str, torch.device], patch_nums: Sequence[int] = PATCH_NUMS['256'], V: int = 4096,
+                  Cvae: int = 32, ch: int = 160, share_quant_resi: int = 4, num_classes: int = 1000, depth: int = 16,
+                  shared_aln: bool = False, attn_l2_norm: bool = True, flash_if_available: bool = True,
+                  fused_if_available: bool = True, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5,
+                  init_head: float = 0.02, init_std: float = -1, *, ch_mult: Sequence[int] = OFFICIAL_CH_MULT,
+                  embed_dim: Optional[int] = None, num_heads: Optional[int] = None, mlp_ratio: float = 4.0,
+                  drop_path_rate: Optional[float] = None, cond_drop_rate: float = 0.1) -> Tuple[VQVAE, VAR]:
+    """Build the frozen VQVAE and an initialised VAR, directly on `device` ('meta' allocates nothing).
+
+    The positional arguments are the official ones. Keyword-only extensions (defaults keep the official
+    numerics): `ch_mult` (VQVAE downsampling), `embed_dim` / `num_heads` (default 64*depth / depth),
+    `mlp_ratio`, `drop_path_rate` (default 0.1*depth/24), `cond_drop_rate`.
+    Returns (vae_local, var_wo_ddp). `var.build_config` holds these arguments (minus device) so that a
+    checkpoint can rebuild the same model.
+    """
+    width = embed_dim if embed_dim is not None else depth * 64
+    heads = num_heads if num_heads is not None else depth
+    dpr = drop_path_rate if drop_path_rate is not None else 0.1 * depth / 24
+    with torch.device(device):
+        vae_local = VQVAE(vocab_size=V, z_channels=Cvae, ch=ch, test_mode=True, share_quant_resi=share_quant_resi,
+                          v_patch_nums=patch_nums, ch_mult=ch_mult)
+        var_wo_ddp = VAR(vae_local=vae_local, num_classes=num_classes, depth=depth, embed_dim=width, num_heads=heads,
+                         mlp_ratio=mlp_ratio, drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=dpr, norm_eps=1e-6,
+                         shared_aln=shared_aln, cond_drop_rate=cond_drop_rate, attn_l2_norm=attn_l2_norm,
+                         patch_nums=patch_nums, flash_if_available=flash_if_available,
+                         fused_if_available=fused_if_available)
+    var_wo_ddp.init_weights(init_adaln=init_adaln, init_adaln_gamma=init_adaln_gamma, init_head=init_head,
+                            init_std=init_std)
+    var_wo_ddp.build_config = dict(
+        patch_nums=tuple(patch_nums), V=V, Cvae=Cvae, ch=ch, share_quant_resi=share_quant_resi, num_classes=num_classes,
+        depth=depth, shared_aln=shared_aln, attn_l2_norm=attn_l2_norm, ch_mult=tuple(ch_mult), embed_dim=width,
+        num_heads=heads, mlp_ratio=mlp_ratio, drop_path_rate=dpr, cond_drop_rate=cond_drop_rate,
+    )
+    return vae_local, var_wo_ddp
+
+
+def preset_config(name_or_depth: Union[str, int]) -> Dict[str, Any]:
+    """`build_vae_var` arguments of a released model ('d16' or 16 ... 'd36')."""
+    name = name_or_depth if isinstance(name_or_depth, str) else f'd{name_or_depth}'
+    if name not in PRESETS:
+        raise ValueError(f'unknown model {name_or_depth!r}; released models: {", ".join(PRESETS)}')
+    return dict(PRESETS[name])
+
+
+from .loading import (hub_download, load_checkpoint_models, load_pretrained, load_vae_checkpoint,  # noqa: E402
+                      read_checkpoint)
+
+__all__ = ['VQVAE', 'VectorQuantizer2', 'VAR', 'build_vae_var', 'PRESETS', 'PATCH_NUMS', 'preset_config',
+           'infer_var_config', 'infer_vae_config', 'hub_download', 'load_pretrained', 'load_vae_checkpoint',
+           'load_checkpoint_models', 'read_checkpoint']

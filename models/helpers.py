@@ -1,0 +1,139 @@
+# Implements the sampling helpers of VAR (arXiv 2404.02905), as specified in VAR_SPEC.md §4.1-4.3.
+"""Top-k/top-p filtering, Gumbel softmax with an explicit generator, and drop path.
+
+Shape legend: B batch, l tokens of one scale, V vocabulary.
+
+`rng` arguments accept either one `torch.Generator` (the official behaviour: one stream for the whole
+batch) or a sequence of B generators (one stream per batch row, so that a row's sample does not depend
+on which other rows share its batch; used by the distributed FID export).
+"""
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+RNG = Union[None, torch.Generator, Sequence[torch.Generator]]
+
+
+def _is_per_row(rng: RNG) -> bool:
+    return rng is not None and not isinstance(rng, torch.Generator)
+
+
+def filter_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """Set the logits outside the top-k / top-p sets to -inf, in place (official semantics).
+
+    Top-k keeps every logit >= the k-th largest (ties may keep more than k). Top-p sorts ascending, removes
+    the positions whose cumulative probability is <= 1 - top_p, and always keeps the largest one.
+    """
+    V = logits_BlV.shape[-1]
+    if top_k > 0:
+        kth_Bl1 = logits_BlV.topk(min(top_k, V), largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
+        logits_BlV.masked_fill_(logits_BlV < kth_Bl1, -torch.inf)
+    if top_p > 0:
+        sorted_logits_BlV, sorted_idx_BlV = logits_BlV.sort(dim=-1, descending=False)
+        sorted_remove_BlV = sorted_logits_BlV.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        sorted_remove_BlV[..., -1:] = False  # never remove the most likely token
+        remove_BlV = sorted_remove_BlV.scatter(sorted_idx_BlV.ndim - 1, sorted_idx_BlV, sorted_remove_BlV)
+        logits_BlV.masked_fill_(remove_BlV, -torch.inf)
+    return logits_BlV
+
+
+def filter_top_k_top_p_partial_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """Fast path of `filter_top_k_top_p_` for top_k > 0: the top-p sort runs over the k survivors only.
+
+    After top-k every other logit is -inf (probability 0), so the ascending cumulative sum over the whole
+    vocabulary equals the one over the k survivors up to float32 summation order. Use the reference
+    function where bit-exactness matters; both agree except on ties at the top-p boundary.
+    """
+    V = logits_BlV.shape[-1]
+    if top_k <= 0 or top_k >= V:
+        return filter_top_k_top_p_(logits_BlV, top_k, top_p)
+    vals_Blk, idx_Blk = logits_BlV.topk(top_k, largest=True, sorted=True, dim=-1)
+    kth_Bl1 = vals_Blk[..., -1:]
+    logits_BlV.masked_fill_(logits_BlV < kth_Bl1, -torch.inf)
+    if top_p > 0:
+        # ascending order over the survivors: flip the descending top-k
+        asc_vals_Blk, asc_idx_Blk = vals_Blk.flip(-1), idx_Blk.flip(-1)
+        remove_Blk = asc_vals_Blk.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        remove_Blk[..., -1:] = False
+        logits_BlV.scatter_(-1, asc_idx_Blk, asc_vals_Blk.masked_fill(remove_Blk, -torch.inf))
+    return logits_BlV
+
+
+def multinomial_with_rng(probs_NV: torch.Tensor, num_samples: int, replacement: bool, rng: RNG) -> torch.Tensor:
+    """`torch.multinomial` drawing from one generator, or row-block by row-block from per-row generators.
+
+    With a sequence of B generators, `probs_NV` has N = B*l rows and row block b (l rows) uses rng[b].
+    """
+    if not _is_per_row(rng):
+        return torch.multinomial(probs_NV, num_samples=num_samples, replacement=replacement, generator=rng)
+    B = len(rng)
+    chunks = probs_NV.view(B, -1, probs_NV.shape[-1]).unbind(0)
+    return torch.cat([torch.multinomial(p, num_samples, replacement, generator=g) for p, g in zip(chunks, rng)], 0)
+
+
+def sample_with_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0, rng: RNG = None,
+                             num_samples: int = 1, partial_sort: bool = False) -> torch.Tensor:
+    """Filter `logits_BlV` in place, then sample token ids -> (B, l, |num_samples|) int64.
+
+    Args:
+        top_k / top_p: 0 disables each filter.
+        rng: a generator, a sequence of B generators, or None for the global generator.
+        num_samples: a negative value samples without replacement (official convention).
+        partial_sort: use the partial-sort filter (see `filter_top_k_top_p_partial_`).
+    """
+    B, l, V = logits_BlV.shape
+    (filter_top_k_top_p_partial_ if partial_sort else filter_top_k_top_p_)(logits_BlV, top_k, top_p)
+    replacement = num_samples >= 0
+    probs_NV = logits_BlV.softmax(dim=-1).view(-1, V)
+    return multinomial_with_rng(probs_NV, abs(num_samples), replacement, rng).view(B, l, -1)
+
+
+def gumbel_softmax_with_rng(logits: torch.Tensor, tau: float = 1, hard: bool = False, eps: float = 1e-10,
+                            dim: int = -1, rng: RNG = None) -> torch.Tensor:
+    """Gumbel softmax whose noise comes from `rng` (global generator and `F.gumbel_softmax` when None).
+
+    `eps` is accepted for signature compatibility and unused, as in the official code.
+    """
+    if rng is None:
+        return F.gumbel_softmax(logits=logits, tau=tau, hard=hard, eps=eps, dim=dim)
+    if _is_per_row(rng):
+        exp_noise = torch.cat([torch.empty_like(row).exponential_(generator=g)
+                               for row, g in zip(logits.split(1, dim=0), rng)], 0)
+    else:
+        exp_noise = torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_(generator=rng)
+    gumbels = -exp_noise.log()
+    y_soft = ((logits + gumbels) / tau).softmax(dim)
+    if not hard:
+        return y_soft
+    index = y_soft.max(dim, keepdim=True)[1]
+    y_hard = torch.zeros_like(logits, memory_format=torch.legacy_contiguous_format).scatter_(dim, index, 1.0)
+    return y_hard - y_soft.detach() + y_soft
+
+
+def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False, scale_by_keep: bool = True) -> torch.Tensor:
+    """Stochastic depth per sample: zero whole samples with probability `drop_prob` (global RNG)."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep_prob = 1 - drop_prob
+    mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    random_tensor = x.new_empty(mask_shape).bernoulli_(keep_prob)
+    if keep_prob > 0.0 and scale_by_keep:
+        random_tensor.div_(keep_prob)
+    return x * random_tensor
+
+
+class DropPath(nn.Module):
+    """Drop paths (stochastic depth) per sample, applied on the main path of residual blocks."""
+
+    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True):
+        super().__init__()
+        self.drop_prob = drop_prob
+        self.scale_by_keep = scale_by_keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.drop_prob, self.training, self.scale_by_keep)
+
+    def extra_repr(self) -> str:
+        return f'drop_prob={self.drop_prob}'

@@ -1,0 +1,195 @@
+"""Loading official and project checkpoints, locally or from the Hugging Face Hub (only when asked).
+
+Official release files (`vae_ch160v4096z32.pth`, `var_d{16,20,24,30,36}.pth`) are plain state dicts.
+This project's checkpoints are dicts that carry their configuration (`model_config`, `vae_config`) next to
+the weights, so they load with no extra flags; configurations missing from older files are read back
+from the key names and shapes (`inspect_ckpt`).
+"""
+import os
+import pickle
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .inspect_ckpt import PATCH_NUMS, infer_vae_config, infer_var_config
+from .var import VAR
+from .vqvae import VQVAE
+
+HUB_REPO_ID = 'FoundationVision/var'
+VAE_FILENAME = 'vae_ch160v4096z32.pth'
+OFFICIAL_DEPTHS = (16, 20, 24, 30, 36)
+
+_VAR_CONFIG_KEYS = ('num_classes', 'depth', 'embed_dim', 'num_heads', 'mlp_ratio', 'shared_aln', 'attn_l2_norm',
+                    'patch_nums', 'drop_path_rate', 'cond_drop_rate')
+
+
+def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
+    """torch.load on the CPU with errors that say what is wrong with the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    if os.path.getsize(path) == 0:
+        raise RuntimeError(f'checkpoint {path} is empty (0 bytes): the download or save was interrupted')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:
+        pass  # our own training checkpoints may hold non-tensor state (e.g. RNG states); they are the user's files
+    except (RuntimeError, EOFError, OSError) as e:
+        raise RuntimeError(f'checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e}); '
+                           'download it again or use an earlier checkpoint') from e
+    try:
+        return torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        raise RuntimeError(f'checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e}); '
+                           'download it again or use an earlier checkpoint') from e
+
+
+def hub_download(filename: str, repo_id: str = HUB_REPO_ID, cache_dir: Optional[str] = None,
+                 local_files_only: bool = False) -> str:
+    """Fetch one file from the Hub with huggingface_hub (its cache, its offline mode) -> local path."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as e:
+        raise RuntimeError('downloading weights needs huggingface_hub (pip install huggingface_hub); '
+                           f'or pass a local path to {filename}') from e
+    try:
+        return hf_hub_download(repo_id=repo_id, filename=filename, cache_dir=cache_dir, local_files_only=local_files_only)
+    except Exception as e:
+        raise RuntimeError(
+            f'could not get {filename} from the Hugging Face Hub repo {repo_id} ({type(e).__name__}: {e}).\n'
+            f'If this machine is offline, download it elsewhere (https://huggingface.co/{repo_id}) and pass its '
+            f'local path (e.g. --vae_ckpt /path/to/{VAE_FILENAME}), or warm the Hub cache and set HF_HUB_OFFLINE=1.'
+        ) from e
+
+
+def _strip_prefixes(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        for prefix in ('_orig_mod.', 'module.'):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k.replace('._orig_mod.', '.')] = v
+    return out
+
+
+def _find_state_dict(ckpt: Any, marker: str, candidates: Sequence[Tuple[str, ...]]) -> Optional[Dict[str, torch.Tensor]]:
+    if isinstance(ckpt, Mapping) and any(k.endswith(marker) for k in ckpt):
+        return _strip_prefixes(ckpt)
+    for path in candidates:
+        node = ckpt
+        for key in path:
+            node = node.get(key) if isinstance(node, Mapping) else None
+        if isinstance(node, Mapping) and node:
+            return _strip_prefixes(node)
+    return None
+
+
+def _vae_state_dict(ckpt: Any) -> Optional[Dict[str, torch.Tensor]]:
+    return _find_state_dict(ckpt, 'encoder.conv_in.weight',
+                            [('trainer', 'vae_local'), ('trainer', 'vae_wo_ddp'), ('trainer', 'vae'), ('vae',),
+                             ('vae_state_dict',), ('model',), ('state_dict',)])
+
+
+def _var_state_dict(ckpt: Any) -> Optional[Dict[str, torch.Tensor]]:
+    return _find_state_dict(ckpt, 'pos_1LC', [('trainer', 'var_wo_ddp'), ('var',), ('var_state_dict',), ('model',),
+                                               ('state_dict',)])
+
+
+def _materialise(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], device) -> None:
+    module.to_empty(device=device)
+    module.load_state_dict(dict(sd), strict=True)
+
+
+def build_vae(vae_config: Mapping[str, Any], device: Union[str, torch.device] = 'cpu') -> VQVAE:
+    with torch.device(device):
+        return VQVAE(test_mode=True, **vae_config)
+
+
+def build_var(vae: VQVAE, var_config: Mapping[str, Any], device: Union[str, torch.device] = 'cpu') -> VAR:
+    kw = {k: var_config[k] for k in _VAR_CONFIG_KEYS if var_config.get(k) is not None}
+    with torch.device(device):
+        return VAR(vae_local=vae, **kw)
+
+
+def load_vae_checkpoint(path: Union[str, os.PathLike], device: Union[str, torch.device] = 'cpu',
+                        patch_nums: Optional[Sequence[int]] = None) -> VQVAE:
+    """A frozen VQVAE from an official file or one of our checkpoints (which carry `vae_config`).
+
+    `patch_nums` overrides the scales (e.g. the 512 preset for the official VAE); by default they come from
+    the checkpoint's config, or the 256 preset for official files.
+    """
+    ckpt = read_checkpoint(path)
+    sd = _vae_state_dict(ckpt)
+    if sd is None:
+        raise ValueError(f'{path} holds no VQVAE weights (looked for encoder.* keys at the top level and under '
+                         f"'trainer'/'vae_local', 'vae', 'vae_state_dict')")
+    cfg = dict(ckpt['vae_config']) if isinstance(ckpt, Mapping) and 'vae_config' in ckpt else infer_vae_config(sd)
+    if patch_nums is not None:
+        cfg['v_patch_nums'] = list(patch_nums)
+    vae = build_vae(cfg, device='meta')
+    _materialise(vae, sd, device)
+    if vae.quantize.ema_vocab_hit_SV.shape[0] != len(cfg['v_patch_nums']):
+        vae.quantize.ema_vocab_hit_SV.zero_()
+    return vae.eval()
+
+
+def load_var_weights(vae: VQVAE, sd: Mapping[str, torch.Tensor], device: Union[str, torch.device] = 'cpu',
+                     var_config: Optional[Mapping[str, Any]] = None) -> VAR:
+    cfg = dict(var_config) if var_config else infer_var_config(sd)
+    var = build_var(vae, cfg, device='meta')
+    var.vae_proxy, var.vae_quant_proxy = (vae,), (vae.quantize,)
+    _materialise(var, sd, device)
+    return var.eval()
+
+
+def load_pretrained(depth: int, vae_path: Optional[str] = None, var_path: Optional[str] = None,
+                    device: Union[str, torch.device] = 'cpu', cache_dir: Optional[str] = None,
+                    local_files_only: bool = False) -> Tuple[VQVAE, VAR]:
+    """The official (vae, var) pair for `depth` in eval mode; files come from local paths or the Hub.
+
+    d16-d30 use the 256 px scales; d36 the 512 px scales and shared AdaLN. Loading is strict.
+    """
+    if depth not in OFFICIAL_DEPTHS:
+        raise ValueError(f'no official checkpoint of depth {depth}; released depths: {OFFICIAL_DEPTHS}')
+    patch_nums = PATCH_NUMS['512'] if depth == 36 else PATCH_NUMS['256']
+    vae_path = vae_path or hub_download(VAE_FILENAME, cache_dir=cache_dir, local_files_only=local_files_only)
+    var_path = var_path or hub_download(f'var_d{depth}.pth', cache_dir=cache_dir, local_files_only=local_files_only)
+    vae = load_vae_checkpoint(vae_path, device=device, patch_nums=patch_nums)
+    var_sd = _var_state_dict(read_checkpoint(var_path))
+    if var_sd is None:
+        raise ValueError(f'{var_path} holds no VAR weights (no pos_1LC key)')
+    var_cfg = dict(depth=depth, embed_dim=64 * depth, num_heads=depth, num_classes=1000, shared_aln=depth == 36,
+                   attn_l2_norm=True, patch_nums=patch_nums, drop_path_rate=0.1 * depth / 24)
+    return vae, load_var_weights(vae, var_sd, device=device, var_config=var_cfg)
+
+
+def load_checkpoint_models(path: Union[str, os.PathLike], device: Union[str, torch.device] = 'cpu',
+                           vae_path: Optional[str] = None) -> Tuple[VQVAE, VAR]:
+    """(vae, var) from one of our training checkpoints (or any file holding both state dicts).
+
+    A checkpoint without VQVAE weights needs `vae_path` (e.g. an official VAR file plus the official VAE).
+    """
+    ckpt = read_checkpoint(path)
+    var_sd = _var_state_dict(ckpt)
+    if var_sd is None:
+        raise ValueError(f'{path} holds no VAR weights (looked for pos_1LC at the top level and under '
+                         f"'trainer'/'var_wo_ddp', 'var', 'var_state_dict')")
+    model_config = ckpt.get('model_config') if isinstance(ckpt, Mapping) else None
+    var_cfg = dict(model_config) if model_config else infer_var_config(var_sd)
+    if vae_path is not None:
+        vae = load_vae_checkpoint(vae_path, device=device, patch_nums=var_cfg['patch_nums'])
+    else:
+        vae_sd = _vae_state_dict(ckpt)
+        if vae_sd is None:
+            raise ValueError(f'{path} holds no VQVAE weights; pass the tokenizer with vae_path=')
+        if isinstance(ckpt, Mapping) and 'vae_config' in ckpt:
+            vae_cfg = dict(ckpt['vae_config'])
+        else:
+            vae_cfg = infer_vae_config(vae_sd, v_patch_nums=var_cfg['patch_nums'])
+            if model_config:
+                vae_cfg.update(ch_mult=list(model_config.get('ch_mult', vae_cfg['ch_mult'])))
+        vae_cfg['v_patch_nums'] = list(var_cfg['patch_nums'])
+        vae = build_vae(vae_cfg, device='meta')
+        _materialise(vae, vae_sd, device)
+        vae.eval()
+    return vae, load_var_weights(vae, var_sd, device=device, var_config=var_cfg)

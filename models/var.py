@@ -1,0 +1,353 @@
+# Implements VAR, next-scale prediction (arXiv 2404.02905, sections 3-4), per VAR_SPEC.md §3-5.
+"""VAR: a class-conditional, block-causal transformer over the token maps of all scales.
+
+Shape legend: B batch, L tokens of all scales, l tokens of one scale, C width, D condition width (= C),
+V vocabulary, Cvae code width, H heads, h/w one scale's side, si scale index, S number of scales.
+
+Sampling fast paths (all numerically equal to the plain path in float32, see tests/test_var_fast.py):
+`kv_cache='prealloc'` writes each scale's keys/values into a preallocated cache instead of concatenating, and
+`partial_sort=True` runs the top-p sort over the top-k survivors only.
+"""
+import math
+from functools import partial
+from typing import List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .basic_var import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
+from .helpers import gumbel_softmax_with_rng, sample_with_top_k_top_p_
+from .inspect_ckpt import describe_mismatch, describe_var_fit
+from .vqvae import VQVAE
+
+__all__ = ['VAR', 'AdaLNSelfAttn', 'sample_with_top_k_top_p_', 'gumbel_softmax_with_rng', 'get_edit_mask',
+           'replace_embedding']
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast is running in on this device type, or None when autocast is off."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def get_edit_mask(patch_nums: Sequence[int], y0: float, x0: float, y1: float, x1: float,
+                  device: Union[str, torch.device] = 'cpu', inpainting: bool = True) -> torch.Tensor:
+    """A (pn_last, pn_last) float mask: 1 = keep the given image's token, 0 = let VAR generate.
+
+    The box (relative coordinates) is set to 1 and then inverted when `inpainting` (regenerate the box);
+    outpainting keeps the box and regenerates the rest. Bounds use Python's round, as the official notebook.
+    """
+    ph = pw = patch_nums[-1]
+    edit_mask = torch.zeros(ph, pw, device=device)
+    edit_mask[round(y0 * ph):round(y1 * ph), round(x0 * pw):round(x1 * pw)] = 1
+    if inpainting:
+        edit_mask = 1 - edit_mask
+    return edit_mask
+
+
+def replace_embedding(edit_mask: torch.Tensor, h_BChw: torch.Tensor, gt_BChw: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+    """Keep ground-truth codes where the mask (resized bilinearly to ph x pw, > 0.5) says so.
+
+    Scales of at most 3 tokens always take the ground truth (official procedure).
+    """
+    B = h_BChw.shape[0]
+    h, w = edit_mask.shape[-2:]
+    if edit_mask.ndim == 2:
+        edit_mask = edit_mask.unsqueeze(0).expand(B, h, w)
+    force_gt_B1hw = F.interpolate(edit_mask.unsqueeze(1).to(dtype=torch.float32), size=(ph, pw), mode='bilinear',
+                                  align_corners=False).gt(0.5).int()
+    if ph * pw <= 3:
+        force_gt_B1hw.fill_(1)
+    return gt_BChw * force_gt_B1hw + h_BChw * (1 - force_gt_B1hw)
+
+
+class VAR(nn.Module):
+    """Args follow the official constructor. The VAE is held unregistered, so VAR's state dict has no VAE keys."""
+
+    def __init__(self, vae_local: VQVAE, num_classes: int = 1000, depth: int = 16, embed_dim: int = 1024,
+                 num_heads: int = 16, mlp_ratio: float = 4.0, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, norm_eps: float = 1e-6, shared_aln: bool = False,
+                 cond_drop_rate: float = 0.1, attn_l2_norm: bool = False,
+                 patch_nums: Sequence[int] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+                 flash_if_available: bool = True, fused_if_available: bool = True):
+        super().__init__()
+        assert embed_dim % num_heads == 0
+        self.Cvae, self.V = vae_local.Cvae, vae_local.vocab_size
+        self.depth, self.C, self.D, self.num_heads = depth, embed_dim, embed_dim, num_heads
+        self.cond_drop_rate = cond_drop_rate
+        self.prog_si = -1  # progressive training: -1 means all scales
+        self.patch_nums = tuple(patch_nums)
+        self.L = sum(pn ** 2 for pn in self.patch_nums)
+        self.first_l = self.patch_nums[0] ** 2
+        self.begin_ends = []
+        cur = 0
+        for pn in self.patch_nums:
+            self.begin_ends.append((cur, cur + pn ** 2))
+            cur += pn ** 2
+        self.num_stages_minus_1 = len(self.patch_nums) - 1
+        self.num_classes = num_classes
+        self.drop_path_rate = drop_path_rate
+        self.using_fused_add_norm_fn = False
+
+        self.vae_proxy = (vae_local,)
+        self.vae_quant_proxy = (vae_local.quantize,)
+
+        # 1. input (word) embedding
+        self.word_embed = nn.Linear(self.Cvae, self.C)
+        # 2. class embedding; row `num_classes` is the unconditional class
+        init_std = math.sqrt(1 / self.C / 3)
+        self.class_emb = nn.Embedding(self.num_classes + 1, self.C)
+        nn.init.trunc_normal_(self.class_emb.weight.data, mean=0, std=init_std)
+        self.pos_start = nn.Parameter(torch.empty(1, self.first_l, self.C))
+        nn.init.trunc_normal_(self.pos_start.data, mean=0, std=init_std)
+        # 3. absolute position embedding (one block per scale) and level embedding
+        self.pos_1LC = nn.Parameter(torch.empty(1, self.L, self.C))
+        for bg, ed in self.begin_ends:
+            nn.init.trunc_normal_(self.pos_1LC.data[:, bg:ed], mean=0, std=init_std)
+        self.lvl_embed = nn.Embedding(len(self.patch_nums), self.C)
+        nn.init.trunc_normal_(self.lvl_embed.weight.data, mean=0, std=init_std)
+        # 4. backbone blocks
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(inplace=False), SharedAdaLin(self.D, 6 * self.C)) if shared_aln else nn.Identity()
+        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device='cpu')]
+        self.blocks = nn.ModuleList([
+            AdaLNSelfAttn(block_idx=block_idx, last_drop_p=0 if block_idx == 0 else dpr[block_idx - 1],
+                          embed_dim=self.C, cond_dim=self.D, shared_aln=shared_aln, norm_layer=norm_layer,
+                          num_heads=num_heads, mlp_ratio=mlp_ratio, drop=drop_rate, attn_drop=attn_drop_rate,
+                          drop_path=dpr[block_idx], attn_l2_norm=attn_l2_norm,
+                          flash_if_available=flash_if_available, fused_if_available=fused_if_available)
+            for block_idx in range(depth)
+        ])
+        # 5. block-causal mask: position i sees j iff scale(i) >= scale(j)
+        d_1L1 = torch.cat([torch.full((pn * pn,), i, device='cpu') for i, pn in enumerate(self.patch_nums)]).view(1, self.L, 1)
+        dT_11L = d_1L1.transpose(1, 2)
+        self.register_buffer('lvl_1L', dT_11L[:, 0].contiguous().to(self.class_emb.weight.device))
+        attn_bias = torch.where(d_1L1 >= dT_11L, 0.0, -torch.inf).reshape(1, 1, self.L, self.L)
+        self.register_buffer('attn_bias_for_masking', attn_bias.contiguous().to(self.class_emb.weight.device))
+        # 6. classifier head
+        self.head_nm = AdaLNBeforeHead(self.C, self.D, norm_layer=norm_layer)
+        self.head = nn.Linear(self.C, self.V)
+
+    # ------------------------------------------------------------------ init
+    def init_weights(self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02,
+                     init_std: float = 0.02, conv_std_or_gain: float = 0.02) -> None:
+        """Official initialisation. `init_std < 0` means sqrt(1/(3C)); pos_start/pos_1LC keep their init."""
+        if init_std < 0:
+            init_std = (1 / self.C / 3) ** 0.5
+        for m in self.modules():
+            with_weight = hasattr(m, 'weight') and m.weight is not None
+            with_bias = hasattr(m, 'bias') and m.bias is not None
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight.data, std=init_std)
+                if with_bias:
+                    m.bias.data.zero_()
+            elif isinstance(m, nn.Embedding):
+                nn.init.trunc_normal_(m.weight.data, std=init_std)
+                if m.padding_idx is not None:
+                    m.weight.data[m.padding_idx].zero_()
+            elif isinstance(m, (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                                nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
+                if with_weight:
+                    m.weight.data.fill_(1.0)
+                if with_bias:
+                    m.bias.data.zero_()
+            elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+                if conv_std_or_gain > 0:
+                    nn.init.trunc_normal_(m.weight.data, std=conv_std_or_gain)
+                else:
+                    nn.init.xavier_normal_(m.weight.data, gain=-conv_std_or_gain)
+                if with_bias:
+                    m.bias.data.zero_()
+
+        if init_head >= 0:
+            head = self.head[-1] if isinstance(self.head, nn.Sequential) else self.head
+            head.weight.data.mul_(init_head)
+            head.bias.data.zero_()
+        self.head_nm.ada_lin[-1].weight.data.mul_(init_adaln)
+        self.head_nm.ada_lin[-1].bias.data.zero_()
+
+        depth = len(self.blocks)
+        for sab in self.blocks:
+            sab.attn.proj.weight.data.div_(math.sqrt(2 * depth))
+            sab.ffn.fc2.weight.data.div_(math.sqrt(2 * depth))
+            if hasattr(sab, 'ada_lin'):
+                sab.ada_lin[-1].weight.data[2 * self.C:].mul_(init_adaln)
+                sab.ada_lin[-1].weight.data[:2 * self.C].mul_(init_adaln_gamma)
+                sab.ada_lin[-1].bias.data.zero_()
+            elif hasattr(sab, 'ada_gss'):
+                sab.ada_gss.data[:, :, 2:].mul_(init_adaln)
+                sab.ada_gss.data[:, :, :2].mul_(init_adaln_gamma)
+
+    # ------------------------------------------------------------------ helpers
+    def _check_labels(self, label_B: torch.Tensor) -> None:
+        if label_B.numel() and (int(label_B.min()) < 0 or int(label_B.max()) > self.num_classes):
+            raise ValueError(f'class labels must lie in [0, {self.num_classes}] ({self.num_classes} = unconditional); '
+                             f'got values in [{int(label_B.min())}, {int(label_B.max())}]')
+
+    def get_logits(self, h_or_h_and_residual, cond_BD: torch.Tensor) -> torch.Tensor:
+        """Final AdaLN + head -> float32 logits. Also accepts an (h, residual) tuple (official, unused)."""
+        if not isinstance(h_or_h_and_residual, torch.Tensor):
+            h, resi = h_or_h_and_residual
+            h = resi + self.blocks[-1].drop_path(h)
+        else:
+            h = h_or_h_and_residual
+        return self.head(self.head_nm(h.float(), cond_BD).float()).float()
+
+    def _drop_condition(self, label_B: torch.Tensor) -> torch.Tensor:
+        # Official quirk kept: the condition is dropped with probability cond_drop_rate in eval mode too.
+        # It always draws rand(B) from the global RNG, so the RNG stream matches the official one.
+        return torch.where(torch.rand(label_B.shape[0], device=label_B.device) < self.cond_drop_rate, self.num_classes, label_B)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: Optional[torch.Tensor]) -> torch.Tensor:
+        """Teacher-forced logits (B, ed, V) float32; ed = L, or the end of scale `prog_si` in progressive training.
+
+        Args:
+            label_B: class ids in [0, num_classes] (num_classes = unconditional).
+            x_BLCv_wo_first_l: (B, ed - first_l, Cvae) teacher-forcing input from `idxBl_to_var_input`
+                (None when prog_si == 0).
+        """
+        self._check_labels(label_B)
+        bg, ed = self.begin_ends[self.prog_si] if self.prog_si >= 0 else (0, self.L)
+        B = label_B.shape[0]
+        device_type = label_B.device.type
+        with torch.autocast(device_type, enabled=False):  # embeddings in float32
+            label_B = self._drop_condition(label_B)
+            sos = cond_BD = self.class_emb(label_B)
+            sos = sos.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, self.first_l, -1)
+            if self.prog_si == 0:
+                x_BLC = sos
+            else:
+                x_BLC = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.float())), dim=1)
+            x_BLC = x_BLC + (self.lvl_embed(self.lvl_1L[:, :ed].expand(B, -1)) + self.pos_1LC[:, :ed])
+
+        attn_bias = self.attn_bias_for_masking[:, :, :ed, :ed]
+        cond_BD_or_gss = self.shared_ada_lin(cond_BD)
+        amp_dtype = _autocast_dtype(device_type)
+        if amp_dtype is not None:  # under AMP the residual stream runs in the autocast dtype (official)
+            x_BLC = x_BLC.to(dtype=amp_dtype)
+            cond_BD_or_gss = cond_BD_or_gss.to(dtype=amp_dtype)
+            attn_bias = attn_bias.to(dtype=amp_dtype)
+
+        for b in self.blocks:
+            x_BLC = b(x=x_BLC, cond_BD=cond_BD_or_gss, attn_bias=attn_bias)
+        logits_BLV = self.get_logits(x_BLC.float(), cond_BD)
+
+        if self.prog_si == 0:
+            # official: keep word_embed in the graph (DDP) when it is unused; adds exactly zero
+            if isinstance(self.word_embed, nn.Linear):
+                logits_BLV[0, 0, 0] += self.word_embed.weight[0, 0] * 0 + self.word_embed.bias[0] * 0
+        return logits_BLV
+
+    # ------------------------------------------------------------------ sampling
+    def _make_rng(self, g_seed, B: int, device: torch.device):
+        """None (global RNG), one generator seeded with g_seed, or one per row when g_seed is a sequence."""
+        if g_seed is None:
+            return None
+        if isinstance(g_seed, int):
+            return torch.Generator(device=device).manual_seed(g_seed)
+        seeds = [int(s) for s in g_seed]
+        if len(seeds) != B:
+            raise ValueError(f'g_seed has {len(seeds)} seeds for a batch of {B}')
+        return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def _kv_caching(self, enable: bool, max_len: int = 0) -> None:
+        for b in self.blocks:
+            b.attn.kv_caching(enable, max_len)
+
+    @torch.no_grad()
+    def autoregressive_infer_cfg(self, B: int, label_B: Optional[Union[int, torch.LongTensor]], g_seed=None,
+                                 cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
+                                 input_img_tokens: Optional[List[torch.Tensor]] = None,
+                                 edit_mask: Optional[torch.Tensor] = None, kv_cache: str = 'concat',
+                                 partial_sort: bool = False) -> torch.Tensor:
+        """Class-conditional sampling with classifier-free guidance -> images (B, 3, H, W) in [0, 1].
+
+        Args:
+            B: batch size.
+            label_B: (B,) class ids, an int for the whole batch (negative = unconditional), or None (uniform).
+            g_seed: None (global RNG), an int (one generator for the batch, as official), or B ints
+                (one generator per row: a row's sample does not depend on the rest of the batch).
+            cfg: guidance strength; ramps linearly from 0 at the first scale to cfg at the last.
+            top_k / top_p: filters (0 disables); more_smooth: Gumbel-softmax soft codes (visual quality).
+            input_img_tokens / edit_mask: zero-shot editing. Per-scale ids of the input image (from
+                `VQVAE.img_to_idxBl`) and an (h, w) or (B, h, w) mask, 1 = keep the image's token.
+            kv_cache: 'concat' (official, reference) or 'prealloc' (in-place writes; same numbers).
+            partial_sort: top-p over the top-k survivors only (see `helpers.filter_top_k_top_p_partial_`).
+        The caller puts the model in eval mode, as with the official code.
+        """
+        if (input_img_tokens is None) != (edit_mask is None):
+            raise ValueError('zero-shot editing needs both input_img_tokens and edit_mask')
+        if kv_cache not in ('concat', 'prealloc'):
+            raise ValueError(f"kv_cache must be 'concat' or 'prealloc', got {kv_cache!r}")
+        device = self.class_emb.weight.device
+        rng = self._make_rng(g_seed, B, device)
+        if label_B is None:
+            uniform_prob = torch.full((1, self.num_classes), 1.0 / self.num_classes, dtype=torch.float32, device=device)
+            if isinstance(rng, list):
+                label_B = torch.cat([torch.multinomial(uniform_prob, 1, replacement=True, generator=g).view(1) for g in rng])
+            else:
+                label_B = torch.multinomial(uniform_prob, num_samples=B, replacement=True, generator=rng).reshape(B)
+        elif isinstance(label_B, int):
+            label_B = torch.full((B,), fill_value=self.num_classes if label_B < 0 else label_B, device=device)
+        label_B = label_B.to(device)
+        self._check_labels(label_B)
+
+        sos = cond_BD = self.class_emb(torch.cat((label_B, torch.full_like(label_B, fill_value=self.num_classes)), dim=0))
+        lvl_pos = self.lvl_embed(self.lvl_1L) + self.pos_1LC
+        next_token_map = sos.unsqueeze(1).expand(2 * B, self.first_l, -1) + self.pos_start.expand(2 * B, self.first_l, -1) \
+            + lvl_pos[:, :self.first_l]
+
+        cur_L = 0
+        f_hat = sos.new_zeros(B, self.Cvae, self.patch_nums[-1], self.patch_nums[-1])
+        self._kv_caching(True, self.L if kv_cache == 'prealloc' else 0)
+        quant = self.vae_quant_proxy[0]
+        S = len(self.patch_nums)
+        try:
+            for si, pn in enumerate(self.patch_nums):
+                ratio = si / self.num_stages_minus_1 if self.num_stages_minus_1 > 0 else 1.0
+                cur_L += pn * pn
+                cond_BD_or_gss = self.shared_ada_lin(cond_BD)
+                x = next_token_map
+                for b in self.blocks:
+                    x = b(x=x, cond_BD=cond_BD_or_gss, attn_bias=None)
+                logits_BlV = self.get_logits(x, cond_BD)
+
+                t = cfg * ratio
+                logits_BlV = (1 + t) * logits_BlV[:B] - t * logits_BlV[B:]
+
+                idx_Bl = sample_with_top_k_top_p_(logits_BlV, rng=rng, top_k=top_k, top_p=top_p, num_samples=1,
+                                                  partial_sort=partial_sort)[:, :, 0]
+                if not more_smooth:
+                    h_BChw = quant.embedding(idx_Bl)  # B,l,Cvae
+                else:
+                    gum_t = max(0.27 * (1 - ratio * 0.95), 0.005)
+                    h_BChw = gumbel_softmax_with_rng(logits_BlV.mul(1 + ratio), tau=gum_t, hard=False, dim=-1, rng=rng) \
+                        @ quant.embedding.weight.unsqueeze(0)
+                h_BChw = h_BChw.transpose_(1, 2).reshape(B, self.Cvae, pn, pn)
+                if edit_mask is not None:
+                    gt_BChw = quant.embedding(input_img_tokens[si].to(device)).transpose_(1, 2).reshape(B, self.Cvae, pn, pn)
+                    h_BChw = replace_embedding(edit_mask.to(device), h_BChw, gt_BChw, pn, pn)
+                f_hat, next_token_map = quant.get_next_autoregressive_input(si, S, f_hat, h_BChw)
+                if si != self.num_stages_minus_1:
+                    pn_next = self.patch_nums[si + 1]
+                    next_token_map = next_token_map.view(B, self.Cvae, -1).transpose(1, 2)
+                    next_token_map = self.word_embed(next_token_map) + lvl_pos[:, cur_L:cur_L + pn_next * pn_next]
+                    next_token_map = next_token_map.repeat(2, 1, 1)  # cond and uncond halves are identical
+        finally:
+            self._kv_caching(False)
+        return self.vae_proxy[0].fhat_to_img(f_hat).add_(1).mul_(0.5)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Strict loading that names mismatched keys and shapes, and says which config the checkpoint fits."""
+        if strict:
+            msg = describe_mismatch(self, state_dict, 'VAR checkpoint', fits=describe_var_fit(state_dict))
+            if msg:
+                raise RuntimeError(msg)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def extra_repr(self) -> str:
+        return f'depth={self.depth}, C={self.C}, heads={self.num_heads}, patch_nums={self.patch_nums}, ' \
+               f'drop_path_rate={self.drop_path_rate:g}, cond_drop_rate={self.cond_drop_rate:g}'
