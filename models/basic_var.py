@@ -80,7 +80,7 @@ class SelfAttention(nn.Module):
         if self.attn_l2_norm:
             self.scale = 1
             self.scale_mul_1H11 = nn.Parameter(torch.full(size=(1, self.num_heads, 1, 1), fill_value=4.0).log())
-            self.max_scale_mul = torch.log(torch.tensor(100.0)).item()  # float32(ln 100), as a Python float
+            self.max_scale_mul = torch.log(torch.tensor(100.0, device='cpu')).item()  # float32(ln 100), as a Python float
         else:
             self.scale = 0.25 / math.sqrt(self.head_dim)
 

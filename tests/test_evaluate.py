@@ -1,0 +1,235 @@
+"""evaluate.py and image_batches.py: metric math against closed forms, the pipeline with a stand-in feature network,
+the npz format, and clear errors for bad input. Offline: the real Inception network is never loaded."""
+import os
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import evaluate
+from image_batches import ImageSetError, iter_npz_images, npz_image_shape, save_png, write_npz_images
+
+
+# ----------------------------------------------------------------------------------------------------- Frechet distance
+def _random_rotation(D: int, seed: int) -> np.ndarray:
+    q, r = np.linalg.qr(np.random.default_rng(seed).standard_normal((D, D)))
+    return q * np.sign(np.diag(r))
+
+
+def test_frechet_equal_covariances_is_squared_mean_distance():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((6, 6))
+    sigma = a @ a.T
+    mu1, mu2 = rng.standard_normal(6), rng.standard_normal(6)
+    assert evaluate.frechet_distance(mu1, sigma, mu2, sigma) == pytest.approx(((mu1 - mu2) ** 2).sum(), abs=1e-9)
+    assert evaluate.frechet_distance(mu1, sigma, mu1, sigma) == pytest.approx(0, abs=1e-9)
+
+
+def test_frechet_commuting_covariances():
+    # S1 = Q diag(a) Q^T, S2 = Q diag(b) Q^T  =>  tr S1 + tr S2 - 2 tr sqrt(S1 S2) = sum (sqrt a - sqrt b)^2
+    a, b = np.array([4.0, 1.0, 0.25, 9.0, 0.0]), np.array([1.0, 1.0, 4.0, 0.5, 2.0])
+    q = _random_rotation(5, 1)
+    s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
+    mu1, mu2 = np.zeros(5), np.full(5, 0.5)
+    expected = 5 * 0.25 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert evaluate.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, abs=1e-9)
+
+
+def test_frechet_non_commuting_2x2_closed_form():
+    # For 2x2, tr sqrt(M) = sqrt(tr M + 2 sqrt(det M)) with M = S1 S2 (eigenvalues real and non-negative).
+    s1 = np.array([[2.0, 0.7], [0.7, 1.0]])
+    s2 = np.array([[1.0, -0.4], [-0.4, 3.0]])
+    assert not np.allclose(s1 @ s2, s2 @ s1)
+    m = s1 @ s2
+    tr_sqrt = np.sqrt(np.trace(m) + 2 * np.sqrt(np.linalg.det(m)))
+    mu1, mu2 = np.array([1.0, -2.0]), np.array([0.0, 0.5])
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+    got = evaluate.frechet_distance(mu1, s1, mu2, s2)
+    assert got == pytest.approx(expected, abs=1e-9)
+    assert evaluate.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(got, abs=1e-9)
+
+
+def test_frechet_of_sample_statistics_singular_covariance():
+    # Fewer samples than dimensions: singular covariances must not produce NaN or complex values.
+    feats = np.random.default_rng(2).standard_normal((5, 16))
+    d = evaluate.frechet_distance(*evaluate.feature_statistics(feats), *evaluate.feature_statistics(feats + 1.0))
+    assert d == pytest.approx(16.0, abs=1e-6)
+
+
+def test_frechet_rejects_mismatched_statistics():
+    with pytest.raises(ValueError, match='mismatched'):
+        evaluate.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+# -------------------------------------------------------------------------------------------------- precision / recall
+def _line(values, D=4):
+    x = np.zeros((len(values), D))
+    x[:, 0] = values
+    return x
+
+
+def test_precision_recall_identical_and_disjoint():
+    real = np.random.default_rng(3).standard_normal((40, 8))
+    assert evaluate.precision_recall(real, real.copy()) == (1.0, 1.0)
+    assert evaluate.precision_recall(real, real + 100.0) == (0.0, 0.0)
+
+
+def test_precision_recall_outliers_lower_precision_only():
+    real = _line(np.arange(10.0))
+    fake = _line(np.concatenate([np.arange(10.0), 1000.0 + np.arange(5.0)]))  # 10 good fakes, 5 far outliers
+    precision, recall = evaluate.precision_recall(real, fake)
+    assert precision == pytest.approx(10 / 15)
+    assert recall == 1.0
+
+
+def test_precision_recall_dropped_mode_lowers_recall_only():
+    # Real: two clusters {0..9} and {100..109}; fakes cover only the first -> precision 1, recall 1/2.
+    real = _line(np.concatenate([np.arange(10.0), 100.0 + np.arange(10.0)]))
+    fake = _line(0.5 + np.arange(9.0))
+    assert evaluate.precision_recall(real, fake) == (1.0, 0.5)
+
+
+def test_precision_recall_batching_matches_brute_force():
+    rng = np.random.default_rng(4)
+    real, fake = rng.standard_normal((37, 5)), rng.standard_normal((29, 5)) * 1.3 + 0.3
+    d_rr = ((real[:, None] - real[None]) ** 2).sum(-1)
+    d_ff = ((fake[:, None] - fake[None]) ** 2).sum(-1)
+    d_fr = ((fake[:, None] - real[None]) ** 2).sum(-1)
+    r_real, r_fake = np.sort(d_rr, 1)[:, 3], np.sort(d_ff, 1)[:, 3]  # index 0 is the point itself
+    precision = (d_fr <= r_real[None]).any(1).mean()
+    recall = (d_fr.T <= r_fake[None]).any(1).mean()
+    assert 0 < precision < 1 and 0 < recall < 1
+    for batch in (7, 1000):
+        assert evaluate.precision_recall(real, fake, batch=batch) == (pytest.approx(precision), pytest.approx(recall))
+
+
+def test_precision_recall_needs_more_than_k_points():
+    with pytest.raises(ValueError, match='more than 3'):
+        evaluate.precision_recall(np.zeros((3, 2)), np.zeros((10, 2)))
+
+
+# ----------------------------------------------------------------------------------------------------- Inception Score
+def test_inception_score_bounds():
+    assert evaluate.inception_score(np.zeros((20, 7))) == pytest.approx(1.0)
+    confident = 60.0 * np.eye(7)[np.arange(70) % 7]  # confident and evenly spread over the 7 classes -> IS = 7
+    assert evaluate.inception_score(confident) == pytest.approx(7.0, rel=1e-6)
+    # Consecutive splits, no shuffling: each split of 7 sees a single class -> every split scores 1.
+    assert evaluate.inception_score(60.0 * np.eye(7)[np.arange(70) // 10], split_size=10) == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------------------- the pipeline
+class StandInFeatures(torch.nn.Module):
+    """A fixed random network with the Inception interface: uint8 (B,3,H,W) -> (features (B,D), logits (B,K))."""
+
+    def __init__(self, D: int = 6, K: int = 5):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.proj = torch.nn.Parameter(torch.randn(48, D, generator=g), requires_grad=False)
+        self.head = torch.nn.Parameter(torch.randn(D, K, generator=g), requires_grad=False)
+
+    def forward(self, img_B3HW):
+        assert img_B3HW.dtype == torch.uint8 and img_B3HW.shape[1] == 3
+        x_B48 = F.adaptive_avg_pool2d(img_B3HW.float() / 255, 4).flatten(1)
+        feat_BD = x_B48 @ self.proj
+        return feat_BD, feat_BD @ self.head
+
+
+def _images(n, seed, size=16, offset=0):
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.integers(0, 200, (n, size, size, 3)) + offset, 0, 255).astype(np.uint8)
+
+
+def test_pipeline_npz_and_folder(tmp_path):
+    ref, fake = _images(30, 0), _images(25, 1, offset=40)
+    np.savez(tmp_path / 'ref.npz', arr_0=ref)
+    np.savez(tmp_path / 'fake.npz', arr_0=fake)
+    (tmp_path / 'fake').mkdir()
+    for i, img in enumerate(fake):
+        save_png(img, str(tmp_path / 'fake' / f'{i:03d}.png'))
+    net = StandInFeatures()
+    same = evaluate.evaluate(str(tmp_path / 'ref.npz'), str(tmp_path / 'ref.npz'), net, batch_size=8)
+    assert same['fid'] == pytest.approx(0, abs=1e-6)
+    assert same['precision'] == same['recall'] == 1.0
+    m_npz = evaluate.evaluate(str(tmp_path / 'fake.npz'), str(tmp_path / 'ref.npz'), net, batch_size=8)
+    m_dir = evaluate.evaluate(str(tmp_path / 'fake'), str(tmp_path / 'ref.npz'), net, batch_size=7)
+    assert m_npz['fid'] > 0.1 and 1.0 <= m_npz['inception_score'] <= 5.0
+    assert m_npz['num_samples'] == 25 and m_npz['num_ref'] == 30
+    for key in m_npz:
+        assert m_dir[key] == pytest.approx(m_npz[key], rel=1e-6), key  # batch sizes 7 and 8: float32 round-off only
+
+
+def test_main_with_stand_in(tmp_path, monkeypatch, capsys):
+    np.savez(tmp_path / 'ref.npz', arr_0=_images(12, 0))
+    np.savez(tmp_path / 'fake.npz', arr_0=_images(12, 1))
+    monkeypatch.setattr(evaluate, 'InceptionFeatures', lambda weights_path: StandInFeatures())
+    args = evaluate.get_parser().parse_args(['--samples', str(tmp_path / 'fake.npz'), '--ref', str(tmp_path / 'ref.npz'),
+                                             '--device', 'cpu', '--out', str(tmp_path / 'm.json')])
+    metrics = evaluate.main(args)
+    assert 'fid' in capsys.readouterr().out
+    assert os.path.isfile(tmp_path / 'm.json') and metrics['num_samples'] == 12
+
+
+# --------------------------------------------------------------------------------------------------------- npz format
+def test_npz_writer_round_trip_and_deterministic_bytes(tmp_path):
+    imgs = _images(11, 5, size=8)
+    for name in ('a.npz', 'b.npz'):
+        write_npz_images(str(tmp_path / name), (imgs[i:i + 4] for i in range(0, 11, 4)), imgs.shape)
+    assert (tmp_path / 'a.npz').read_bytes() == (tmp_path / 'b.npz').read_bytes()
+    assert np.array_equal(np.load(tmp_path / 'a.npz')['arr_0'], imgs)
+    assert npz_image_shape(str(tmp_path / 'a.npz')) == imgs.shape
+    assert np.array_equal(np.concatenate(list(iter_npz_images(str(tmp_path / 'a.npz'), 3))), imgs)
+    with pytest.raises(ImageSetError, match='expected 12'):
+        write_npz_images(str(tmp_path / 'c.npz'), [imgs], (12, 8, 8, 3))
+    assert sorted(os.listdir(tmp_path)) == ['a.npz', 'b.npz']  # the failed write left nothing behind
+
+
+# -------------------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize('bad, match', [
+    (dict(arr_0=np.zeros((4, 8, 8, 3), np.float32)), 'dtype float32'),
+    (dict(arr_0=np.zeros((4, 8, 8), np.uint8)), r'shape \(4, 8, 8\)'),
+    (dict(arr_0=np.zeros((4, 8, 8, 4), np.uint8)), r'shape \(4, 8, 8, 4\)'),
+    (dict(images=np.zeros((4, 8, 8, 3), np.uint8)), 'no "arr_0"'),
+])
+def test_bad_reference_npz(tmp_path, bad, match):
+    np.savez(tmp_path / 'ref.npz', **bad)
+    np.savez(tmp_path / 'fake.npz', arr_0=_images(4, 0, size=8))
+    with pytest.raises(ImageSetError, match=match):
+        evaluate.evaluate(str(tmp_path / 'fake.npz'), str(tmp_path / 'ref.npz'), StandInFeatures())
+    args = evaluate.get_parser().parse_args(['--samples', str(tmp_path / 'fake.npz'), '--ref', str(tmp_path / 'ref.npz')])
+    with pytest.raises(SystemExit, match=match):
+        evaluate.main(args)
+
+
+def test_bad_inputs_other(tmp_path):
+    (tmp_path / 'junk.npz').write_bytes(b'not a zip')
+    np.savez(tmp_path / 'ref.npz', arr_0=_images(4, 0, size=8))
+    np.savez(tmp_path / 'big.npz', arr_0=_images(4, 0, size=16))
+    (tmp_path / 'empty').mkdir()
+    cases = [('junk.npz', 'cannot read'), ('missing.npz', 'does not exist'), ('empty', 'no .png'),
+             ('big.npz', '16x16 images but')]
+    for name, match in cases:
+        with pytest.raises(ImageSetError, match=match):
+            evaluate.check_image_sets(str(tmp_path / name), str(tmp_path / 'ref.npz'))
+    (tmp_path / 'mixed').mkdir()
+    Image.new('RGB', (8, 8)).save(tmp_path / 'mixed' / 'a.png')
+    Image.new('RGB', (9, 9)).save(tmp_path / 'mixed' / 'b.png')
+    with pytest.raises(ImageSetError, match='has size'):
+        evaluate.extract_features(str(tmp_path / 'mixed'), StandInFeatures())
+
+
+def test_inception_offline_gives_clear_error(tmp_path, monkeypatch):
+    tf_inception = pytest.importorskip('torch_fidelity.feature_extractor_inceptionv3')
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError('no network')
+    monkeypatch.setattr(tf_inception, 'load_state_dict_from_url', no_network)
+    with pytest.raises(RuntimeError, match='--inception_weights PATH'):
+        evaluate.InceptionFeatures()
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        evaluate.InceptionFeatures(str(tmp_path / 'missing.pth'))
+    (tmp_path / 'bad.pth').write_bytes(b'garbage')
+    with pytest.raises(RuntimeError, match='cannot load the Inception weights'):
+        evaluate.InceptionFeatures(str(tmp_path / 'bad.pth'))

@@ -1,0 +1,228 @@
+"""Behavioural invariants of the models beyond the golden vectors (tiny configs, CPU)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY
+from models import build_vae_var
+from models.quant import PhiNonShared, PhiPartiallyShared, PhiShared
+
+
+def _images(B, size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(B, 3, size, size, generator=g) * 2 - 1
+
+
+def _tf_logits_with_cache(var, label_B, x_BLCv):
+    """Run the blocks scale by scale through the KV cache (no mask), as sampling does, without CFG."""
+    B = label_B.shape[0]
+    cond_BD = var.class_emb(label_B)
+    lvl_pos = var.lvl_embed(var.lvl_1L) + var.pos_1LC
+    x_full = torch.cat((cond_BD.unsqueeze(1) + var.pos_start.expand(B, -1, -1), var.word_embed(x_BLCv)), 1) + lvl_pos
+    outs = []
+    for b in var.blocks:
+        b.attn.kv_caching(True)
+    try:
+        for bg, ed in var.begin_ends:
+            x = x_full[:, bg:ed]
+            for b in var.blocks:
+                x = b(x=x, cond_BD=var.shared_ada_lin(cond_BD), attn_bias=None)
+            outs.append(var.get_logits(x, cond_BD))
+    finally:
+        for b in var.blocks:
+            b.attn.kv_caching(False)
+    return torch.cat(outs, 1)
+
+
+@pytest.mark.parametrize('shared_aln', [False, True])
+def test_kv_cache_logits_equal_teacher_forced(tiny_models, shared_aln):
+    vae, var = tiny_models
+    if shared_aln:
+        torch.manual_seed(1)
+        vae, var = build_vae_var(device='cpu', **{**TINY, 'shared_aln': True})
+        var.init_weights(init_adaln_gamma=0.5, init_head=1.0)
+        var.cond_drop_rate = 0.0
+        var.eval()
+    with torch.no_grad():
+        idx_Bl = vae.img_to_idxBl(_images(3, 64))
+        x_BLCv = vae.quantize.idxBl_to_var_input(idx_Bl)
+        label_B = torch.tensor([1, 5, 10])
+        teacher = var(label_B, x_BLCv)
+        cached = _tf_logits_with_cache(var, label_B, x_BLCv)
+    torch.testing.assert_close(cached, teacher, rtol=1e-5, atol=1e-5)
+
+
+def test_block_causal_mask_never_sees_finer_scales(tiny_models):
+    _, var = tiny_models
+    bias = var.attn_bias_for_masking[0, 0]
+    lvl = var.lvl_1L[0]
+    for i in range(var.L):
+        for j in range(var.L):
+            assert (bias[i, j] == 0) == bool(lvl[i] >= lvl[j])
+    # behavioural: changing the input of a finer scale leaves coarser logits unchanged
+    with torch.no_grad():
+        x = torch.randn(2, var.L - var.first_l, var.Cvae)
+        label = torch.tensor([0, 3])
+        a = var(label, x)
+        x2 = x.clone()
+        bg, _ = var.begin_ends[2]
+        x2[:, bg - var.first_l:] += 5.0
+        b = var(label, x2)
+    torch.testing.assert_close(a[:, :bg], b[:, :bg])
+    assert not torch.allclose(a[:, bg:], b[:, bg:])
+
+
+def test_idxBl_to_var_input_matches_autoregressive_path(tiny_models):
+    vae, _ = tiny_models
+    quant = vae.quantize
+    with torch.no_grad():
+        idx_Bl = vae.img_to_idxBl(_images(2, 64, seed=3))
+        teacher = quant.idxBl_to_var_input(idx_Bl)
+        f_hat = torch.zeros(2, vae.Cvae, 4, 4)
+        pieces = []
+        SN = len(quant.v_patch_nums)
+        for si, pn in enumerate(quant.v_patch_nums):
+            h_BChw = quant.embedding(idx_Bl[si]).transpose(1, 2).reshape(2, vae.Cvae, pn, pn)
+            f_hat, nxt = quant.get_next_autoregressive_input(si, SN, f_hat, h_BChw)
+            if si < SN - 1:
+                pieces.append(nxt.flatten(2).transpose(1, 2))
+    torch.testing.assert_close(torch.cat(pieces, 1), teacher)
+    # and the final f_hat decodes to the same image as idxBl_to_img
+    with torch.no_grad():
+        torch.testing.assert_close(vae.fhat_to_img(f_hat), vae.idxBl_to_img(idx_Bl, same_shape=True, last_one=True))
+
+
+def test_f_to_idxBl_or_fhat_round_trip(tiny_models):
+    vae, _ = tiny_models
+    quant = vae.quantize
+    with torch.no_grad():
+        f = vae.quant_conv(vae.encoder(_images(2, 64, seed=5)))
+        idx_Bl = quant.f_to_idxBl_or_fhat(f, to_fhat=False)
+        fhats = quant.f_to_idxBl_or_fhat(f, to_fhat=True)
+        ms_h = [quant.embedding(idx).transpose(1, 2).reshape(2, vae.Cvae, pn, pn) for idx, pn in zip(idx_Bl, quant.v_patch_nums)]
+        again = quant.embed_to_fhat(ms_h, all_to_max_scale=True, last_one=False)
+        for a, b in zip(fhats, again):
+            torch.testing.assert_close(a, b)
+        assert [i.shape for i in idx_Bl] == [(2, pn * pn) for pn in quant.v_patch_nums]
+        # tokenising the same latent again gives the same ids
+        assert all(torch.equal(a, b) for a, b in zip(idx_Bl, quant.f_to_idxBl_or_fhat(f.clone(), to_fhat=False)))
+
+
+def test_phi_index_maps():
+    q10 = PhiPartiallyShared(torch.nn.ModuleList([torch.nn.Identity() for _ in range(4)]))
+    assert [list(q10.qresi_ls).index(q10[si / 9]) for si in range(10)] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
+    q14 = PhiPartiallyShared(torch.nn.ModuleList([torch.nn.Identity() for _ in range(4)]))
+    assert [list(q14.qresi_ls).index(q14[si / 13]) for si in range(14)] == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3]
+    mods = [torch.nn.Identity() for _ in range(6)]
+    ns = PhiNonShared(mods)
+    assert [list(ns).index(ns[si / 5]) for si in range(6)] == list(range(6))
+    sh = PhiShared(torch.nn.Identity())
+    assert sh[0.0] is sh[1.0]
+
+
+@pytest.mark.parametrize('cfg', [
+    dict(patch_nums=(1, 2, 4), share_quant_resi=0),
+    dict(patch_nums=(1, 2, 3, 4), share_quant_resi=1, shared_aln=True),
+    dict(patch_nums=(1, 3, 4), share_quant_resi=2, attn_l2_norm=False),
+])
+def test_other_configs_train_and_sample(cfg):
+    torch.manual_seed(0)
+    vae, var = build_vae_var(device='cpu', **{**TINY, **cfg})
+    var.cond_drop_rate = 0.0
+    img = _images(2, 64)
+    idx_Bl = vae.img_to_idxBl(img)
+    x = vae.quantize.idxBl_to_var_input(idx_Bl)
+    logits = var(torch.tensor([0, 9]), x)
+    assert logits.shape == (2, var.L, 64) and torch.isfinite(logits).all()
+    logits.sum().backward()
+    assert var.head.weight.grad is not None
+    var.eval()
+    out = var.autoregressive_infer_cfg(B=2, label_B=torch.tensor([1, 2]), g_seed=0, cfg=2.0, top_k=5, top_p=0.9)
+    assert out.shape == (2, 3, 64, 64) and 0 <= out.min() and out.max() <= 1
+
+
+def test_vae_forward_trains_and_tracks_usage():
+    torch.manual_seed(0)
+    from models import VQVAE
+    vae = VQVAE(vocab_size=64, z_channels=8, ch=32, v_patch_nums=(1, 2, 4), test_mode=False, ch_mult=(1, 2, 4))
+    vae.train()
+    rec, usages, vq_loss = vae(_images(2, 16), ret_usages=True)
+    assert rec.shape == (2, 3, 16, 16) and vq_loss.ndim == 0 and len(usages) == 3
+    (F.mse_loss(rec, _images(2, 16)) + vq_loss).backward()
+    assert vae.quantize.embedding.weight.grad is not None and vae.encoder.conv_in.weight.grad is not None
+    assert vae.quantize.ema_vocab_hit_SV.sum() > 0
+
+
+def test_per_row_seeds_do_not_depend_on_batch(tiny_models):
+    _, var = tiny_models
+    labels = torch.tensor([1, 2, 3, 4])
+    together = var.autoregressive_infer_cfg(B=4, label_B=labels, g_seed=[10, 11, 12, 13], cfg=1.5, top_k=10, top_p=0.9)
+    alone = var.autoregressive_infer_cfg(B=2, label_B=labels[2:], g_seed=[12, 13], cfg=1.5, top_k=10, top_p=0.9)
+    torch.testing.assert_close(together[2:], alone, rtol=1e-5, atol=1e-5)
+    smooth = var.autoregressive_infer_cfg(B=2, label_B=labels[:2], g_seed=[10, 11], cfg=1.5, top_k=10, more_smooth=True)
+    smooth1 = var.autoregressive_infer_cfg(B=1, label_B=labels[1:2], g_seed=[11], cfg=1.5, top_k=10, more_smooth=True)
+    torch.testing.assert_close(smooth[1:], smooth1, rtol=1e-4, atol=1e-4)  # soft codes: matmul rounding only
+
+
+def test_seeded_sampling_repeats_and_seeds_differ(tiny_models):
+    _, var = tiny_models
+    a = var.autoregressive_infer_cfg(B=2, label_B=3, g_seed=7, cfg=2.0, top_k=20, top_p=0.95)
+    b = var.autoregressive_infer_cfg(B=2, label_B=3, g_seed=7, cfg=2.0, top_k=20, top_p=0.95)
+    c = var.autoregressive_infer_cfg(B=2, label_B=3, g_seed=8, cfg=2.0, top_k=20, top_p=0.95)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    unc = var.autoregressive_infer_cfg(B=2, label_B=None, g_seed=1)
+    assert unc.shape == (2, 3, 64, 64)
+
+
+def test_bf16_autocast_runs_on_cpu(tiny_models):
+    vae, var = tiny_models
+    idx_Bl = vae.img_to_idxBl(_images(2, 64))
+    x = vae.quantize.idxBl_to_var_input(idx_Bl)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        logits = var(torch.tensor([0, 1]), x)
+        img = var.autoregressive_infer_cfg(B=2, label_B=1, g_seed=0, top_k=1)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    ref = var(torch.tensor([0, 1]), x)
+    assert (logits - ref).abs().max() < 0.1 * ref.abs().max()
+    assert img.shape == (2, 3, 64, 64) and torch.isfinite(img.float()).all()  # decoded in the autocast dtype, as official
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_label_out_of_range_is_a_value_error(tiny_models):
+    vae, var = tiny_models
+    x = vae.quantize.idxBl_to_var_input(vae.img_to_idxBl(_images(1, 64)))
+    with pytest.raises(ValueError, match=r'\[0, 10\]'):
+        var(torch.tensor([11]), x)
+    with pytest.raises(ValueError, match=r'\[0, 10\]'):
+        var.autoregressive_infer_cfg(B=1, label_B=torch.tensor([42]))
+
+
+def test_wrong_image_size_says_what_is_expected(tiny_models):
+    vae, _ = tiny_models
+    with pytest.raises(ValueError, match=r'\(B, 3, 64, 64\)'):
+        vae.img_to_idxBl(_images(1, 32))
+
+
+def test_checkpoint_of_another_config_names_keys_and_fit(tiny_models, tmp_path):
+    _, var = tiny_models
+    torch.manual_seed(0)
+    _, other = build_vae_var(device='cpu', **{**TINY, 'depth': 3, 'patch_nums': (1, 2, 4)})
+    with pytest.raises(RuntimeError) as e:
+        var.load_state_dict(other.state_dict())
+    msg = str(e.value)
+    assert 'pos_1LC' in msg and 'blocks.2.' in msg and 'depth=3' in msg and 'patch_nums=(1, 2, 4)' in msg
+
+
+def test_truncated_checkpoint_says_so(tiny_models, tmp_path):
+    from models import read_checkpoint
+    _, var = tiny_models
+    p = tmp_path / 'var.pth'
+    torch.save(var.state_dict(), p)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(RuntimeError, match='truncated or corrupt'):
+        read_checkpoint(p)
+    with pytest.raises(FileNotFoundError, match='not found'):
+        read_checkpoint(tmp_path / 'missing.pth')
