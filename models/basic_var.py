@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .helpers import DropPath
 
@@ -36,6 +37,12 @@ def optional_kernels() -> dict:
     except Exception:
         pass
     return found
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_flex_attention() -> Callable:
+    """FlexAttention compiled once (eager FlexAttention is a slow reference implementation on GPU)."""
+    return torch.compile(flex_attention, dynamic=False)
 
 
 class FFN(nn.Module):
@@ -103,13 +110,20 @@ class SelfAttention(nn.Module):
         self.caching, self.cached_k, self.cached_v = enable, None, None
         self.kv_max_len, self.cached_len = (max_len if enable else 0), 0
 
+    @torch.compiler.disable
     def _append_kv(self, k: torch.Tensor, v: torch.Tensor, dim_cat: int):
+        # a compile boundary: the cache is Python state; compiled code on either side sees plain tensors
         if self.kv_max_len > 0:
             n = k.shape[dim_cat]
             if self.cached_k is None:
                 shape = list(k.shape)
                 shape[dim_cat] = self.kv_max_len
-                self.cached_k, self.cached_v, self.cached_len = k.new_empty(shape), v.new_empty(shape), 0
+                # Under autocast the attention kernel casts k and v to the autocast dtype anyway, so storing them
+                # in that dtype gives the same result with half the memory of a float32 k.
+                dtype = torch.get_autocast_dtype(k.device.type) if torch.is_autocast_enabled(k.device.type) else None
+                self.cached_k = k.new_empty(shape, dtype=dtype or k.dtype)
+                self.cached_v = v.new_empty(shape, dtype=dtype or v.dtype)
+                self.cached_len = 0
             self.cached_k.narrow(dim_cat, self.cached_len, n).copy_(k)
             self.cached_v.narrow(dim_cat, self.cached_len, n).copy_(v)
             self.cached_len += n
@@ -121,14 +135,15 @@ class SelfAttention(nn.Module):
             self.cached_v = torch.cat((self.cached_v, v), dim=dim_cat)
         return self.cached_k, self.cached_v
 
-    def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """x (B,L,C); attn_bias an additive (1,1,L,L) mask, or None (no mask, e.g. with the KV cache)."""
+    def forward(self, x: torch.Tensor, attn_bias) -> torch.Tensor:
+        """x (B,L,C); attn_bias an additive (1,1,L,L) mask, a FlexAttention BlockMask, or None (no mask)."""
         B, L, C = x.shape
         qkv = F.linear(input=x, weight=self.mat_qkv.weight,
                        bias=torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))).view(B, L, 3, self.num_heads, self.head_dim)
         main_type = qkv.dtype
+        using_flex = isinstance(attn_bias, BlockMask)
         using_flash = self.flash_attn_func is not None and attn_bias is None and qkv.dtype != torch.float32 and qkv.is_cuda
-        using_xform = not using_flash and self.xformers_attn is not None and qkv.is_cuda
+        using_xform = not (using_flash or using_flex) and self.xformers_attn is not None and qkv.is_cuda
         if using_flash or using_xform:
             q, k, v = qkv.unbind(dim=2)  # BL3Hc -> 3 x BLHc
             dim_cat = 1
@@ -147,7 +162,13 @@ class SelfAttention(nn.Module):
             k, v = self._append_kv(k, v, dim_cat)
 
         dropout_p = self.attn_drop if self.training else 0.0
-        if using_flash:
+        if using_flex:
+            if dropout_p > 0:
+                raise ValueError('FlexAttention does not support attention dropout; use the SDPA path')
+            flex = compiled_flex_attention() if qkv.is_cuda else flex_attention
+            oup = flex(q.to(main_type), k.to(main_type), v.to(main_type), block_mask=attn_bias,
+                       scale=self.scale).transpose(1, 2).reshape(B, L, C)
+        elif using_flash:
             oup = self.flash_attn_func(q.to(main_type), k.to(main_type), v.to(main_type), dropout_p=dropout_p,
                                        softmax_scale=self.scale).view(B, L, C)
         elif using_xform:

@@ -4,9 +4,13 @@
 Shape legend: B batch, L tokens of all scales, l tokens of one scale, C width, D condition width (= C),
 V vocabulary, Cvae code width, H heads, h/w one scale's side, si scale index, S number of scales.
 
+Training fast path: `attn_impl = 'flex'` replaces the dense additive block-causal mask by a FlexAttention
+BlockMask (fully masked tiles are skipped); default 'sdpa' is the official path.
+
 Sampling fast paths (all numerically equal to the plain path in float32, see tests/test_var_fast.py):
 `kv_cache='prealloc'` writes each scale's keys/values into a preallocated cache instead of concatenating, and
-`partial_sort=True` runs the top-p sort over the top-k survivors only.
+`partial_sort=True` runs the top-p sort over the top-k survivors only, and `cuda_graph=True` replays captured
+CUDA graphs of the per-scale transformer steps (static shapes per scale).
 """
 import math
 from functools import partial
@@ -90,6 +94,10 @@ class VAR(nn.Module):
         self.num_classes = num_classes
         self.drop_path_rate = drop_path_rate
         self.using_fused_add_norm_fn = False
+        self.attn_impl = 'sdpa'  # training attention: 'sdpa' (dense additive mask, official) or 'flex'
+        self._block_masks = {}
+        self._graph_cache = {}
+        self._compiled_step = None
 
         self.vae_proxy = (vae_local,)
         self.vae_quant_proxy = (vae_local.quantize,)
@@ -182,6 +190,8 @@ class VAR(nn.Module):
 
     # ------------------------------------------------------------------ helpers
     def _check_labels(self, label_B: torch.Tensor) -> None:
+        if torch.compiler.is_compiling():  # a host sync; checked in eager runs only
+            return
         if label_B.numel() and (int(label_B.min()) < 0 or int(label_B.max()) > self.num_classes):
             raise ValueError(f'class labels must lie in [0, {self.num_classes}] ({self.num_classes} = unconditional); '
                              f'got values in [{int(label_B.min())}, {int(label_B.max())}]')
@@ -223,13 +233,16 @@ class VAR(nn.Module):
                 x_BLC = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.float())), dim=1)
             x_BLC = x_BLC + (self.lvl_embed(self.lvl_1L[:, :ed].expand(B, -1)) + self.pos_1LC[:, :ed])
 
-        attn_bias = self.attn_bias_for_masking[:, :, :ed, :ed]
+        if self.attn_impl not in ('sdpa', 'flex'):
+            raise ValueError(f"attn_impl must be 'sdpa' or 'flex', got {self.attn_impl!r}")
+        attn_bias = self.attn_bias_for_masking[:, :, :ed, :ed] if self.attn_impl == 'sdpa' else self.flex_block_mask(ed)
         cond_BD_or_gss = self.shared_ada_lin(cond_BD)
         amp_dtype = _autocast_dtype(device_type)
         if amp_dtype is not None:  # under AMP the residual stream runs in the autocast dtype (official)
             x_BLC = x_BLC.to(dtype=amp_dtype)
             cond_BD_or_gss = cond_BD_or_gss.to(dtype=amp_dtype)
-            attn_bias = attn_bias.to(dtype=amp_dtype)
+            if isinstance(attn_bias, torch.Tensor):
+                attn_bias = attn_bias.to(dtype=amp_dtype)
 
         for b in self.blocks:
             x_BLC = b(x=x_BLC, cond_BD=cond_BD_or_gss, attn_bias=attn_bias)
@@ -240,6 +253,20 @@ class VAR(nn.Module):
             if isinstance(self.word_embed, nn.Linear):
                 logits_BLV[0, 0, 0] += self.word_embed.weight[0, 0] * 0 + self.word_embed.bias[0] * 0
         return logits_BLV
+
+    def flex_block_mask(self, ed: int):
+        """The block-causal mask of the first `ed` positions as a FlexAttention BlockMask (built once per ed)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+        device = self.lvl_1L.device
+        key = (ed, str(device))
+        if key not in self._block_masks:
+            lvl_L = self.lvl_1L[0, :ed].contiguous()
+
+            def block_causal(b, h, q_idx, kv_idx):
+                return lvl_L[q_idx] >= lvl_L[kv_idx]
+
+            self._block_masks[key] = create_block_mask(block_causal, B=None, H=None, Q_LEN=ed, KV_LEN=ed, device=device)
+        return self._block_masks[key]
 
     # ------------------------------------------------------------------ sampling
     def _make_rng(self, g_seed, B: int, device: torch.device):
@@ -262,7 +289,8 @@ class VAR(nn.Module):
                                  cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
                                  input_img_tokens: Optional[List[torch.Tensor]] = None,
                                  edit_mask: Optional[torch.Tensor] = None, kv_cache: str = 'concat',
-                                 partial_sort: bool = False) -> torch.Tensor:
+                                 partial_sort: bool = False, cuda_graph: bool = False,
+                                 compiled: bool = False) -> torch.Tensor:
         """Class-conditional sampling with classifier-free guidance -> images (B, 3, H, W) in [0, 1].
 
         Args:
@@ -276,6 +304,9 @@ class VAR(nn.Module):
                 `VQVAE.img_to_idxBl`) and an (h, w) or (B, h, w) mask, 1 = keep the image's token.
             kv_cache: 'concat' (official, reference) or 'prealloc' (in-place writes; same numbers).
             partial_sort: top-p over the top-k survivors only (see `helpers.filter_top_k_top_p_partial_`).
+            cuda_graph: replay CUDA graphs of the per-scale transformer steps (captured on the first call for
+                this batch size and autocast dtype; implies the preallocated KV cache). CUDA only.
+            compiled: run the per-scale steps and the VQVAE decoder through torch.compile (fuses elementwise work).
         The caller puts the model in eval mode, as with the official code.
         """
         if (input_img_tokens is None) != (edit_mask is None):
@@ -283,6 +314,8 @@ class VAR(nn.Module):
         if kv_cache not in ('concat', 'prealloc'):
             raise ValueError(f"kv_cache must be 'concat' or 'prealloc', got {kv_cache!r}")
         device = self.class_emb.weight.device
+        if cuda_graph and device.type != 'cuda':
+            raise ValueError('cuda_graph=True needs the model on a CUDA device')
         rng = self._make_rng(g_seed, B, device)
         if label_B is None:
             uniform_prob = torch.full((1, self.num_classes), 1.0 / self.num_classes, dtype=torch.float32, device=device)
@@ -302,18 +335,22 @@ class VAR(nn.Module):
 
         cur_L = 0
         f_hat = sos.new_zeros(B, self.Cvae, self.patch_nums[-1], self.patch_nums[-1])
-        self._kv_caching(True, self.L if kv_cache == 'prealloc' else 0)
+        graphs = None
+        step = self.compiled_scale_step() if compiled else self.scale_step
+        if cuda_graph:
+            graphs = self._scale_graphs(2 * B, cond_BD, next_token_map, step)
+        else:
+            self._kv_caching(True, self.L if kv_cache == 'prealloc' else 0)
         quant = self.vae_quant_proxy[0]
         S = len(self.patch_nums)
         try:
             for si, pn in enumerate(self.patch_nums):
                 ratio = si / self.num_stages_minus_1 if self.num_stages_minus_1 > 0 else 1.0
                 cur_L += pn * pn
-                cond_BD_or_gss = self.shared_ada_lin(cond_BD)
-                x = next_token_map
-                for b in self.blocks:
-                    x = b(x=x, cond_BD=cond_BD_or_gss, attn_bias=None)
-                logits_BlV = self.get_logits(x, cond_BD)
+                if graphs is not None:
+                    logits_BlV = graphs.run(si, next_token_map)
+                else:
+                    logits_BlV = step(next_token_map, cond_BD)
 
                 t = cfg * ratio
                 logits_BlV = (1 + t) * logits_BlV[:B] - t * logits_BlV[B:]
@@ -337,8 +374,37 @@ class VAR(nn.Module):
                     next_token_map = self.word_embed(next_token_map) + lvl_pos[:, cur_L:cur_L + pn_next * pn_next]
                     next_token_map = next_token_map.repeat(2, 1, 1)  # cond and uncond halves are identical
         finally:
-            self._kv_caching(False)
-        return self.vae_proxy[0].fhat_to_img(f_hat).add_(1).mul_(0.5)
+            if graphs is None:
+                self._kv_caching(False)
+        return self.vae_proxy[0].fhat_to_img(f_hat, compiled=compiled).add_(1).mul_(0.5)
+
+    def scale_step(self, x_BlC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        """One scale of KV-cached inference: all blocks (no mask) and the head -> float32 logits (B, l, V)."""
+        cond_BD_or_gss = self.shared_ada_lin(cond_BD)
+        for b in self.blocks:
+            x_BlC = b(x=x_BlC, cond_BD=cond_BD_or_gss, attn_bias=None)
+        return self.get_logits(x_BlC, cond_BD)
+
+    def compiled_scale_step(self):
+        """`scale_step` through torch.compile (built once; the KV-cache append is a compile boundary)."""
+        if self._compiled_step is None:
+            self._compiled_step = torch.compile(self.scale_step, dynamic=True)
+        return self._compiled_step
+
+    def _scale_graphs(self, B2: int, cond_BD: torch.Tensor, first_x: torch.Tensor, step):
+        """The captured per-scale steps for this batch size and autocast dtype (captured on first use)."""
+        from .cuda_graphs import ScaleStepGraphs
+        key = (B2, _autocast_dtype('cuda'), str(cond_BD.device), step is self.scale_step)
+        if key not in self._graph_cache:
+            self._graph_cache.clear()  # one captured batch size at a time: graphs pin their memory
+            self._graph_cache[key] = ScaleStepGraphs(self, cond_BD, first_x, step)
+        graphs = self._graph_cache[key]
+        graphs.set_condition(cond_BD)
+        return graphs
+
+    def release_cuda_graphs(self) -> None:
+        """Free the memory held by captured sampling graphs."""
+        self._graph_cache.clear()
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Strict loading that names mismatched keys and shapes, and says which config the checkpoint fits."""

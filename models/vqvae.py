@@ -47,6 +47,7 @@ class VQVAE(nn.Module):
         self.quant_conv = nn.Conv2d(self.Cvae, self.Cvae, quant_conv_ks, stride=1, padding=quant_conv_ks // 2)
         self.post_quant_conv = nn.Conv2d(self.Cvae, self.Cvae, quant_conv_ks, stride=1, padding=quant_conv_ks // 2)
 
+        self._compiled: Dict[str, Any] = {}
         if self.test_mode:
             self.eval()
             for p in self.parameters():
@@ -72,8 +73,16 @@ class VQVAE(nn.Module):
         return self.decoder(self.post_quant_conv(f_hat)), usages, vq_loss
 
     # ------------------------------------------------------------------ inference helpers (official API)
-    def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(f_hat)).clamp_(-1, 1)
+    def fhat_to_img(self, f_hat: torch.Tensor, compiled: bool = False) -> torch.Tensor:
+        """Decode a latent to an image in [-1, 1]; `compiled` runs the decoder through torch.compile (fast path)."""
+        decoder = self.compiled_decoder() if compiled else self.decoder
+        return decoder(self.post_quant_conv(f_hat)).clamp_(-1, 1)
+
+    def compiled_decoder(self):
+        # kept in a plain dict so that the compiled wrapper never shows up as a submodule / state-dict keys
+        if 'decoder' not in self._compiled:
+            self._compiled['decoder'] = torch.compile(self.decoder)
+        return self._compiled['decoder']
 
     def img_to_idxBl(self, inp_img_no_grad: torch.Tensor,
                      v_patch_nums: Optional[Sequence[Union[int, Tuple[int, int]]]] = None) -> List[torch.Tensor]:

@@ -165,8 +165,9 @@ def test_main_with_stand_in(tmp_path, monkeypatch, capsys):
     np.savez(tmp_path / 'ref.npz', arr_0=_images(12, 0))
     np.savez(tmp_path / 'fake.npz', arr_0=_images(12, 1))
     monkeypatch.setattr(evaluate, 'InceptionFeatures', lambda weights_path: StandInFeatures())
-    args = evaluate.get_parser().parse_args(['--samples', str(tmp_path / 'fake.npz'), '--ref', str(tmp_path / 'ref.npz'),
-                                             '--device', 'cpu', '--out', str(tmp_path / 'm.json')])
+    args = evaluate.get_parser().parse_args(['--samples', str(tmp_path / 'fake.npz'), '--ref',
+                                             str(tmp_path / 'ref.npz'), '--device', 'cpu', '--out',
+                                             str(tmp_path / 'm.json')])
     metrics = evaluate.main(args)
     assert 'fid' in capsys.readouterr().out
     assert os.path.isfile(tmp_path / 'm.json') and metrics['num_samples'] == 12
@@ -198,7 +199,8 @@ def test_bad_reference_npz(tmp_path, bad, match):
     np.savez(tmp_path / 'fake.npz', arr_0=_images(4, 0, size=8))
     with pytest.raises(ImageSetError, match=match):
         evaluate.evaluate(str(tmp_path / 'fake.npz'), str(tmp_path / 'ref.npz'), StandInFeatures())
-    args = evaluate.get_parser().parse_args(['--samples', str(tmp_path / 'fake.npz'), '--ref', str(tmp_path / 'ref.npz')])
+    args = evaluate.get_parser().parse_args(['--samples', str(tmp_path / 'fake.npz'), '--ref',
+                                             str(tmp_path / 'ref.npz'), '--device', 'cpu'])
     with pytest.raises(SystemExit, match=match):
         evaluate.main(args)
 
@@ -233,3 +235,14 @@ def test_inception_offline_gives_clear_error(tmp_path, monkeypatch):
     (tmp_path / 'bad.pth').write_bytes(b'garbage')
     with pytest.raises(RuntimeError, match='cannot load the Inception weights'):
         evaluate.InceptionFeatures(str(tmp_path / 'bad.pth'))
+
+
+def test_inception_adapter_with_random_weights(tmp_path, monkeypatch):
+    # The real torch-fidelity network (random weights, nothing downloaded): the adapter's feature names and shapes.
+    tf_inception = pytest.importorskip('torch_fidelity.feature_extractor_inceptionv3')
+    monkeypatch.setattr(tf_inception, 'load_state_dict_from_url', lambda *args, **kwargs: {})
+    monkeypatch.setattr(tf_inception.FeatureExtractorInceptionV3, 'load_state_dict', lambda self, sd: None)
+    net = evaluate.InceptionFeatures()
+    pool_BD, logits_BK = net(torch.from_numpy(_images(2, 0, size=32)).permute(0, 3, 1, 2))
+    assert pool_BD.shape == (2, 2048) and logits_BK.shape == (2, 1008)
+    assert pool_BD.dtype == logits_BK.dtype == torch.float32

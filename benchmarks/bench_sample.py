@@ -1,0 +1,81 @@
+"""Sampling throughput and peak memory: the fast path against the reference path, in the same run.
+
+reference = the official-equivalent path: KV cache grown by concatenation, full-vocabulary sort for top-p,
+            NCHW decoder, no graphs.
+fast      = preallocated KV cache written in place, top-p over the top-k survivors, torch.compile of the
+            per-scale transformer steps and of the decoder, CUDA graphs of the per-scale steps.
+Both run under the same autocast dtype, with CFG (2B rows), top-k 900, top-p 0.96, including the VQVAE decode.
+Random weights: speed does not depend on them.
+
+    python -m benchmarks.bench_sample --depths 16,20,24,30 --batches 16,64,256 --dtypes bf16,fp16 --d36
+"""
+import argparse
+import gc
+
+import torch
+
+from benchmarks.common import peak_gib, print_table, time_cuda, write_json
+from models import PRESETS, build_vae_var
+
+DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+PATHS = {
+    'reference': dict(kv_cache='concat', partial_sort=False, cuda_graph=False),
+    'fast': dict(kv_cache='prealloc', partial_sort=True, cuda_graph=True, compiled=True),
+}
+
+
+def bench_one(depth: int, B: int, dtype: torch.dtype, repeats: int):
+    torch.manual_seed(0)
+    vae, var = build_vae_var(device='cuda', **PRESETS[f'd{depth}'])
+    var.eval()
+    labels = torch.arange(B, device='cuda') % 1000
+    rows = []
+    for name, kw in PATHS.items():
+        def run():
+            with torch.inference_mode(), torch.autocast('cuda', dtype=dtype):
+                var.autoregressive_infer_cfg(B=B, label_B=labels, g_seed=0, cfg=1.5, top_k=900, top_p=0.96, **kw)
+
+        run()  # compile/capture and allocator warm-up, untimed
+        mem = peak_gib(run)
+        sec = time_cuda(run, warmup=1, repeats=repeats)
+        rows.append(dict(model=f'd{depth}', batch=B, dtype=str(dtype).split('.')[-1], path=name,
+                         img_per_s=B / sec, sec_per_batch=sec, peak_gib=mem))
+    var.release_cuda_graphs()
+    ref, fast = rows
+    fast['speedup'] = fast['img_per_s'] / ref['img_per_s']
+    fast['mem_ratio'] = fast['peak_gib'] / ref['peak_gib']
+    del vae, var
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--depths', default='16')
+    p.add_argument('--batches', default='64')
+    p.add_argument('--dtypes', default='bf16')
+    p.add_argument('--d36', action='store_true', help='also d36 at 512 px (batch = the smallest of --batches)')
+    p.add_argument('--repeats', type=int, default=5)
+    p.add_argument('--tf32', type=int, default=1)
+    p.add_argument('--json', default='bench_sample.json')
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit('bench_sample needs a CUDA GPU')
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.tf32)
+    rows = []
+    configs = [(int(d), int(b), DTYPES[t]) for d in args.depths.split(',') for b in args.batches.split(',')
+               for t in args.dtypes.split(',')]
+    if args.d36:
+        configs += [(36, min(int(b) for b in args.batches.split(',')), DTYPES[t]) for t in args.dtypes.split(',')]
+    for depth, B, dtype in configs:
+        rows += bench_one(depth, B, dtype, args.repeats)
+        print_table('VAR sampling (cfg 1.5, top-k 900, top-p 0.96, VQVAE decode included)', rows[-2:],
+                    ['model', 'batch', 'dtype', 'path', 'img_per_s', 'sec_per_batch', 'peak_gib', 'speedup', 'mem_ratio'])
+    print_table('VAR sampling, all configurations', rows,
+                ['model', 'batch', 'dtype', 'path', 'img_per_s', 'sec_per_batch', 'peak_gib', 'speedup', 'mem_ratio'])
+    write_json(args.json, {'benchmark': 'sample', 'rows': rows})
+
+
+if __name__ == '__main__':
+    main()

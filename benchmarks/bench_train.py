@@ -1,0 +1,114 @@
+"""Training-step throughput per GPU and peak memory: the fast path against the reference path, same run.
+
+reference = the official-equivalent step: dense additive block-causal mask through SDPA, eager (no compile),
+            fused AdamW (official default), autocast + GradScaler for fp16, clipping at 2.0.
+fast      = FlexAttention block mask, torch.compile of the transformer, fused AdamW; same numerics otherwise.
+"with encode" includes the frozen VQVAE tokenisation (fp32, as official) of 256 px images; "without" reuses
+precomputed tokens (what a pre-tokenised dataset gives).
+
+    python -m benchmarks.bench_train --depths 16,24 --dtypes bf16,fp16 --batch 64
+"""
+import argparse
+import gc
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import peak_gib, print_table, time_cuda, write_json
+from models import PRESETS, build_vae_var
+
+DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def make_step(vae, var, model, opt, scaler, dtype, B, with_encode):
+    img = torch.rand(B, 3, 256, 256, device='cuda') * 2 - 1
+    label = torch.randint(0, 1000, (B,), device='cuda')
+    with torch.no_grad():
+        idx_Bl = vae.img_to_idxBl(img)
+        fixed = (torch.cat(idx_Bl, 1), vae.quantize.idxBl_to_var_input(idx_Bl))
+    params = [p for p in var.parameters() if p.requires_grad]
+
+    def step():
+        if with_encode:
+            with torch.no_grad():
+                ms_idx = vae.img_to_idxBl(img)
+                gt_BL, x_BLCv = torch.cat(ms_idx, 1), vae.quantize.idxBl_to_var_input(ms_idx)
+        else:
+            gt_BL, x_BLCv = fixed
+        with torch.autocast('cuda', dtype=dtype):
+            logits = model(label, x_BLCv)
+            loss = F.cross_entropy(logits.view(-1, var.V), gt_BL.view(-1), reduction='none').view(B, -1)
+            loss = loss.mul(1 / var.L).sum(-1).mean()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 2.0)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_one(depth, dtype, B, repeats):
+    rows = []
+    for path in ('reference', 'fast'):
+        torch.manual_seed(0)
+        vae, var = build_vae_var(device='cuda', **PRESETS[f'd{depth}'])
+        var.train()
+        opt = torch.optim.AdamW(var.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
+        scaler = torch.amp.GradScaler('cuda', init_scale=2.0 ** 11, growth_interval=1000) if dtype == torch.float16 else None
+        model = var
+        if path == 'fast':
+            var.attn_impl = 'flex'
+            var.flex_block_mask(var.L)  # built eagerly, outside the compiled region
+            model = torch.compile(var)
+        for with_encode in (True, False):
+            step = make_step(vae, var, model, opt, scaler, dtype, B, with_encode)
+            t0 = time.time()
+            step()
+            first = time.time() - t0
+            mem = peak_gib(step)
+            sec = time_cuda(step, warmup=2, repeats=repeats)
+            rows.append(dict(model=f'd{depth}', batch=B, dtype=str(dtype).split('.')[-1], path=path,
+                             encode='with' if with_encode else 'without', img_per_s=B / sec, sec_per_step=sec,
+                             peak_gib=mem, first_step_s=first))
+        del vae, var, model, opt
+        gc.collect()
+        torch.cuda.empty_cache()
+    for r in rows[2:]:
+        ref = next(x for x in rows[:2] if x['encode'] == r['encode'])
+        r['speedup'] = r['img_per_s'] / ref['img_per_s']
+        r['mem_ratio'] = r['peak_gib'] / ref['peak_gib']
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--depths', default='16')
+    p.add_argument('--dtypes', default='bf16')
+    p.add_argument('--batch', type=int, default=64, help='images per GPU')
+    p.add_argument('--repeats', type=int, default=5)
+    p.add_argument('--json', default='bench_train.json')
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit('bench_train needs a CUDA GPU')
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # official tf32=True
+    cols = ['model', 'batch', 'dtype', 'path', 'encode', 'img_per_s', 'sec_per_step', 'peak_gib', 'first_step_s',
+            'speedup', 'mem_ratio']
+    rows = []
+    for d in args.depths.split(','):
+        for t in args.dtypes.split(','):
+            rows += bench_one(int(d), DTYPES[t], args.batch, args.repeats)
+            print_table('VAR training step per GPU (256 px)', rows[-4:], cols)
+    print_table('VAR training step per GPU (256 px), all configurations', rows, cols)
+    write_json(args.json, {'benchmark': 'train', 'rows': rows})
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,58 @@
+"""Timing and reporting helpers shared by the benchmarks (CUDA events, medians, one table, JSON)."""
+import json
+import platform
+import statistics
+import sys
+from typing import Callable, Dict, List
+
+import torch
+
+
+def machine() -> Dict[str, str]:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'
+    return {'gpu': gpu, 'torch': torch.__version__, 'python': platform.python_version(), 'host': platform.node()}
+
+
+def time_cuda(fn: Callable[[], None], warmup: int = 1, repeats: int = 5) -> float:
+    """Median seconds per call, timed with CUDA events after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
+def peak_gib(fn: Callable[[], None]) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2 ** 30
+
+
+def print_table(title: str, rows: List[Dict], columns: List[str]) -> None:
+    m = machine()
+    print(f'\n{title}  [GPU: {m["gpu"]}, torch {m["torch"]}]')
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    print('  '.join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print('  '.join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
+    sys.stdout.flush()
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f'{v:.3g}' if abs(v) < 100 else f'{v:.0f}'
+    return '' if v is None else str(v)
+
+
+def write_json(path: str, payload: Dict) -> None:
+    with open(path, 'w') as f:
+        json.dump({'machine': machine(), **payload}, f, indent=1)

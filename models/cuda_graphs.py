@@ -1,0 +1,62 @@
+"""CUDA-graph capture of VAR's per-scale inference steps (the `cuda_graph=True` sampling path).
+
+Every scale has static shapes (2B rows, pn*pn tokens, a KV cache that ends at the scale's end), so the whole
+transformer step of each scale -- all blocks and the head -- is captured once and replayed. The captured
+graphs share one memory pool and are replayed in capture order; the KV caches are persistent buffers owned
+here, written in place at fixed offsets. CFG, filtering and sampling stay outside the graphs (they draw from
+the caller's generator).
+"""
+from typing import List
+
+import torch
+
+
+class ScaleStepGraphs:
+    """Captured `VAR.scale_step` for each scale, for one batch size (2B rows) and autocast dtype."""
+
+    def __init__(self, var, cond_BD: torch.Tensor, first_x: torch.Tensor, step=None):
+        self.var = var
+        step = step or var.scale_step
+        B2, C = cond_BD.shape
+        device = cond_BD.device
+        self.static_cond = cond_BD.detach().clone()
+        self.static_x: List[torch.Tensor] = [
+            torch.randn(B2, pn * pn, C, device=device, dtype=first_x.dtype) for pn in var.patch_nums]
+        self.static_logits: List[torch.Tensor] = []
+        self.graphs: List[torch.cuda.CUDAGraph] = []
+
+        # warm up on a side stream (allocates the persistent caches, picks kernels), then capture in order
+        var._kv_caching(True, var.L)
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for si in range(len(var.patch_nums)):
+                step(self.static_x[si], self.static_cond)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.kv = [(b.attn.cached_k, b.attn.cached_v) for b in var.blocks]
+        self._rewind()
+
+        # one logits buffer for all scales: each graph's temporaries return to the shared pool after capture
+        max_l = max(pn * pn for pn in var.patch_nums)
+        self.logits_buf = torch.empty(B2, max_l, var.V, device=device, dtype=torch.float32)
+        pool = torch.cuda.graph_pool_handle()
+        for si, pn in enumerate(var.patch_nums):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                self.logits_buf[:, :pn * pn].copy_(step(self.static_x[si], self.static_cond))
+            self.static_logits.append(self.logits_buf[:, :pn * pn])
+            self.graphs.append(g)
+        var._kv_caching(False)  # the model forgets the caches; the graphs keep writing into self.kv
+
+    def _rewind(self) -> None:
+        for b, (k, v) in zip(self.var.blocks, self.kv):
+            b.attn.cached_k, b.attn.cached_v, b.attn.cached_len = k, v, 0
+
+    def set_condition(self, cond_BD: torch.Tensor) -> None:
+        self.static_cond.copy_(cond_BD)
+
+    def run(self, si: int, x_BlC: torch.Tensor) -> torch.Tensor:
+        """Replay scale `si` on `x_BlC` -> its float32 logits (a static buffer, valid until the next replay)."""
+        self.static_x[si].copy_(x_BlC)
+        self.graphs[si].replay()
+        return self.static_logits[si]

@@ -1,0 +1,192 @@
+"""sample.py on a tiny 64px model: grids, the FID export (1 vs 2 real processes, a real kill and restart), classifier
+rejection, and clear errors for bad input. CPU only."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from models import build_vae_var
+from rejection import sample_best_of
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(patch_nums=(1, 2, 3, 4), V=64, Cvae=8, ch=32, share_quant_resi=4, depth=2, num_classes=10)
+FID_ARGS = ['--mode', 'fid', '--per_class', '4', '--bs', '2', '--classes', '0,1,2,3,4,5,6,7,8,9']
+
+
+@pytest.fixture(scope='module')
+def tiny_ckpt(tmp_path_factory):
+    """A train.py-style checkpoint of a randomly initialised 64x64 model with 10 classes."""
+    torch.manual_seed(0)
+    vae, var = build_vae_var(device='cpu', **TINY)
+    path = tmp_path_factory.mktemp('ckpt') / 'tiny.pth'
+    torch.save({'trainer': {'var_wo_ddp': var.state_dict(), 'vae_local': vae.state_dict()}, 'args': {},
+                'model_config': dict(var.build_config)}, path)
+    return str(path)
+
+
+def _main(*argv):
+    sample.main(sample.get_parser().parse_args([str(a) for a in argv]))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _command(argv, nproc):
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ['-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', f'--master_port={_free_port()}']
+    return launcher + [os.path.join(ROOT, 'sample.py')] + [str(a) for a in argv]
+
+
+def _env():
+    # One thread per process in every run, so that 1-process and 2-process runs do identical arithmetic.
+    return dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+
+
+def _run(argv, nproc=1):
+    res = subprocess.run(_command(argv, nproc), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def _pngs(folder):
+    return {n: (folder / n).read_bytes() for n in sorted(os.listdir(folder)) if n.endswith('.png')}
+
+
+def test_image_seed_is_a_pure_function():
+    seeds = {sample.image_seed(0, c, i, k) for c in range(10) for i in range(10) for k in range(3)}
+    assert len(seeds) == 300 and all(0 <= s < 2 ** 63 for s in seeds)
+    assert sample.image_seed(0, 3, 4) == sample.image_seed(0, 3, 4, 0) != sample.image_seed(1, 3, 4)
+
+
+# ------------------------------------------------------------------------------------------------------- grid mode
+def test_grid_png_matches_fid_images(tiny_ckpt, tmp_path):
+    _main('--ckpt', tiny_ckpt, '--classes', '3,3,5,7', '--nrow', '2', '--bs', '2', '--out', tmp_path / 'grid.png')
+    grid = np.asarray(Image.open(tmp_path / 'grid.png'))
+    assert grid.shape == (2 + 2 * 66, 2 + 2 * 66, 3)  # 2x2 tiles of 64px with 2px padding
+    # The k-th repeat of a class in a grid is image k of that class in the FID export (same seeds, same batch size).
+    _main('--ckpt', tiny_ckpt, '--mode', 'fid', '--classes', '3,5', '--per_class', '2', '--bs', '2',
+          '--out', tmp_path / 'fid')
+    assert np.array_equal(grid[2:66, 2:66], np.asarray(Image.open(tmp_path / 'fid' / '0003_00000.png')))
+    assert np.array_equal(grid[2:66, 68:132], np.asarray(Image.open(tmp_path / 'fid' / '0003_00001.png')))
+    assert not np.array_equal(grid[2:66, 2:66], grid[2:66, 68:132])
+    assert np.load(tmp_path / 'fid.npz')['arr_0'].shape == (4, 64, 64, 3)
+
+
+# ------------------------------------------------------------------------------------------------ FID export, processes
+def test_fid_export_1_vs_2_processes_and_restart_after_a_kill(tiny_ckpt, tmp_path):
+    """One process writes the reference. A second run is killed (SIGKILL) as soon as images appear, loses one image
+    and leaves a half-written file; a 2-process restart completes it. Every PNG and the npz must equal the reference
+    byte for byte: most of the images of the restarted run come from 2 processes, the rest from the killed one."""
+    one, resumed = tmp_path / 'one', tmp_path / 'resumed'
+    _run(['--ckpt', tiny_ckpt, *FID_ARGS, '--out', one])
+    ref = _pngs(one)
+    assert len(ref) == 40 and sorted(os.listdir(one)) == sorted(ref) + ['manifest.json']
+    arr = np.load(tmp_path / 'one.npz')['arr_0']
+    assert arr.shape == (40, 64, 64, 3) and arr.dtype == np.uint8
+    assert np.array_equal(arr[13], np.asarray(Image.open(one / '0003_00001.png')))  # class order: 4*3 + 1
+
+    proc = subprocess.Popen(_command(['--ckpt', tiny_ckpt, *FID_ARGS, '--out', resumed], 1), cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while proc.poll() is None and time.time() < deadline and len(_pngs(resumed) if resumed.exists() else {}) < 2:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = _pngs(resumed)
+    assert 2 <= len(partial) < 20, 'the run finished before it could be killed'
+    assert not (tmp_path / 'resumed.npz').exists()
+    os.remove(resumed / sorted(partial)[0])
+    (resumed / '0009_00003.png.tmp123').write_bytes(b'half an image')
+    kept = {n: os.stat(resumed / n).st_mtime_ns for n in sorted(partial)[1:]}
+
+    res = _run(['--ckpt', tiny_ckpt, *FID_ARGS, '--out', resumed], nproc=2)
+    assert f'{len(partial) - 1} of 40 images already on disk' in res.stdout
+    assert _pngs(resumed) == ref  # no gaps, no duplicates, the same bytes
+    assert sorted(os.listdir(resumed)) == sorted(ref) + ['manifest.json']  # the half-written file is gone
+    assert {n: os.stat(resumed / n).st_mtime_ns for n in kept} == kept  # finished images were not rewritten
+    assert (tmp_path / 'resumed.npz').read_bytes() == (tmp_path / 'one.npz').read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------------ rejection
+def test_sample_best_of_keeps_the_most_likely_candidate():
+    imgs = [np.full((3, 2, 2, 3), cand, np.uint8) for cand in range(3)]
+    # Candidate c gives row r the probability table[c][r] of its label.
+    table = torch.tensor([[0.2, 0.5, 0.1], [0.6, 0.5, 0.0], [0.4, 0.1, 0.3]])
+
+    def classifier(img_BHW3):
+        prob_BK = torch.zeros(3, 4)
+        prob_BK[torch.arange(3), torch.tensor([0, 3, 2])] = table[int(img_BHW3[0, 0, 0, 0])]
+        return prob_BK
+    best = sample_best_of(lambda cand: imgs[cand], classifier, [0, 3, 2], candidates=3)
+    assert best[:, 0, 0, 0].tolist() == [1, 0, 2]  # row 1 ties 0.5/0.5: the earlier candidate stays
+
+
+def test_grid_with_classifier_rejection(tiny_ckpt, tmp_path):
+    import torchvision
+    torch.manual_seed(0)
+    clf = tmp_path / 'mobilenet.pth'
+    torch.save(torchvision.models.get_model('mobilenet_v3_small', weights=None).state_dict(), clf)
+    _main('--ckpt', tiny_ckpt, '--classes', '1,2', '--out', tmp_path / 'rej.png', '--classifier_ckpt', clf,
+          '--classifier_arch', 'mobilenet_v3_small', '--rej_candidates', '2')
+    assert Image.open(tmp_path / 'rej.png').size == (134, 68)
+    with pytest.raises(SystemExit, match='does not fit torchvision resnet18'):
+        _main('--ckpt', tiny_ckpt, '--classes', '1', '--out', tmp_path / 'x.png', '--classifier_ckpt', clf,
+              '--classifier_arch', 'resnet18')
+    with pytest.raises(SystemExit, match='not a torchvision model'):
+        _main('--ckpt', tiny_ckpt, '--classes', '1', '--out', tmp_path / 'x.png', '--classifier_ckpt', clf,
+              '--classifier_arch', 'no_such_net')
+
+
+# -------------------------------------------------------------------------------------------------------- bad input
+def test_bad_model_inputs(tiny_ckpt, tmp_path):
+    with pytest.raises(SystemExit, match='unknown model'):
+        _main('--depth', '17', '--classes', '1', '--out', tmp_path / 'g.png')
+    with pytest.raises(SystemExit, match=r'\[10, 12\] are out of range.*0\.\.9'):
+        _main('--ckpt', tiny_ckpt, '--classes', '3,10,12', '--out', tmp_path / 'g.png')
+    with pytest.raises(SystemExit, match='does not exist'):
+        _main('--ckpt', tmp_path / 'missing.pth', '--classes', '1', '--out', tmp_path / 'g.png')
+    (tmp_path / 'junk.pth').write_bytes(b'this is not a checkpoint')
+    with pytest.raises(SystemExit, match='cannot load .*junk.pth'):
+        _main('--ckpt', tmp_path / 'junk.pth', '--classes', '1', '--out', tmp_path / 'g.png')
+    with pytest.raises(SystemExit, match='needs --classes'):
+        _main('--ckpt', tiny_ckpt, '--out', tmp_path / 'g.png')
+    with pytest.raises(SystemExit, match='do not combine'):
+        _main('--ckpt', tiny_ckpt, '--var_ckpt', tiny_ckpt, '--classes', '1', '--out', tmp_path / 'g.png')
+    assert not (tmp_path / 'g.png').exists()
+
+
+def test_fid_refuses_to_mix_configurations(tiny_ckpt, tmp_path):
+    out = tmp_path / 'fid'
+    base = ['--ckpt', tiny_ckpt, '--mode', 'fid', '--classes', '0,1', '--per_class', '1', '--out', out]
+    _main(*base)
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    npz_before = (tmp_path / 'fid.npz').read_bytes()
+    with pytest.raises(SystemExit, match=r"another configuration \(cfg: 1.5 on disk, 2.0 now"):
+        _main(*base, '--cfg', '2')
+    with pytest.raises(SystemExit, match='another configuration.*classes'):
+        _main(*base[:-5], '0,1,2', *base[-4:])
+    _main(*base, '--bs', '1')  # the batch size is not part of the configuration: the finished run is reused
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+    assert (tmp_path / 'fid.npz').read_bytes() == npz_before
+
+    (tmp_path / 'other').mkdir()
+    (tmp_path / 'other' / 'cat.png').write_bytes(b'')
+    with pytest.raises(SystemExit, match='no manifest.json'):
+        _main(*base[:-1], tmp_path / 'other')
+    with pytest.raises(SystemExit, match='fid.npz exists'):
+        _main(*base[:-1], tmp_path / 'new', '--npz', tmp_path / 'fid.npz')
+    assert not (tmp_path / 'new').exists()
+    with pytest.raises(SystemExit, match='lists a class twice'):
+        _main(*base[:-5], '1,1', *base[-4:])
