@@ -70,8 +70,10 @@ def sample_uint8(var: models.VAR, labels: Sequence[int], seeds: Sequence[int], a
     device = var.class_emb.weight.device
     label_B = torch.tensor(list(labels), dtype=torch.long, device=device)
     with autocast_context(args.fp16, device):
+        fast = dict(partial_sort=True, compiled=True, cuda_graph=True) if args.fast and device.type == 'cuda' else {}
         img_B3HW = var.autoregressive_infer_cfg(len(labels), label_B, g_seed=list(seeds), cfg=args.cfg,
-                                                top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth)
+                                                top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth,
+                                                **fast)
     return to_uint8_BHW3(img_B3HW)
 
 
@@ -154,6 +156,7 @@ def fid_manifest(args: argparse.Namespace, var: models.VAR, classes: Sequence[in
         classes='all' if list(classes) == list(range(var.num_classes)) else list(classes), per_class=args.per_class,
         seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth,
         fp16=args.fp16 if device.type == 'cuda' else 0, tf32=bool(args.tf32) if device.type == 'cuda' else False,
+        fast=bool(args.fast) and device.type == 'cuda',
         device=device.type, to_uint8='x*255, truncated',
         rejection=None if args.classifier_ckpt is None else dict(
             arch=args.classifier_arch, sha256=file_sha256(args.classifier_ckpt), candidates=args.rej_candidates),
@@ -280,6 +283,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument('--npz', default=None, help='fid: the .npz to write (default: OUT.npz beside the folder)')
     g.add_argument('--fp16', type=int, choices=(0, 1, 2), default=1, help='CUDA autocast: 0 fp32, 1 fp16, 2 bf16')
     g.add_argument('--tf32', type=int, choices=(0, 1), default=1, help='CUDA: allow TF32 matmuls and convolutions')
+    g.add_argument('--fast', type=int, choices=(0, 1), default=0,
+                   help='CUDA: torch.compile + CUDA graphs + partial-sort top-p (see benchmarks/; first batch compiles)')
     g = p.add_argument_group('classifier rejection sampling (off by default)')
     g.add_argument('--classifier_ckpt', default=None, help='torchvision ImageNet classifier state dict (.pth)')
     g.add_argument('--classifier_arch', default='resnet50', help='torchvision model name of that state dict')

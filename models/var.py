@@ -288,7 +288,7 @@ class VAR(nn.Module):
     def autoregressive_infer_cfg(self, B: int, label_B: Optional[Union[int, torch.LongTensor]], g_seed=None,
                                  cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
                                  input_img_tokens: Optional[List[torch.Tensor]] = None,
-                                 edit_mask: Optional[torch.Tensor] = None, kv_cache: str = 'concat',
+                                 edit_mask: Optional[torch.Tensor] = None, kv_cache: str = 'prealloc',
                                  partial_sort: bool = False, cuda_graph: bool = False,
                                  compiled: bool = False) -> torch.Tensor:
         """Class-conditional sampling with classifier-free guidance -> images (B, 3, H, W) in [0, 1].
@@ -302,7 +302,8 @@ class VAR(nn.Module):
             top_k / top_p: filters (0 disables); more_smooth: Gumbel-softmax soft codes (visual quality).
             input_img_tokens / edit_mask: zero-shot editing. Per-scale ids of the input image (from
                 `VQVAE.img_to_idxBl`) and an (h, w) or (B, h, w) mask, 1 = keep the image's token.
-            kv_cache: 'concat' (official, reference) or 'prealloc' (in-place writes; same numbers).
+            kv_cache: 'prealloc' (default: in-place writes into a preallocated cache) or 'concat' (the official
+                growth by concatenation, kept as the reference path); both give the same numbers.
             partial_sort: top-p over the top-k survivors only (see `helpers.filter_top_k_top_p_partial_`).
             cuda_graph: replay CUDA graphs of the per-scale transformer steps (captured on the first call for
                 this batch size and autocast dtype; implies the preallocated KV cache). CUDA only.

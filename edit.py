@@ -1,0 +1,145 @@
+# Implements zero-shot editing with VAR (arXiv 2404.02905, section 5): in-painting, out-painting, class-conditional
+# editing of one image, as a command line over `editing.py`.
+"""Edit an image with a pretrained VAR, without any fine-tuning.
+
+    # regenerate a box (relative y0,x0,y1,x1 of the centre-cropped square), unconditionally, 4 variations
+    python edit.py --image photo.jpg --mode inpaint --box 0.1,0.1,0.8,0.8 -n 4 --out_dir edits
+    # keep the region painted white in mask.png and regenerate everything around it
+    python edit.py --image photo.jpg --mode outpaint --mask mask.png --out_dir edits
+    # regenerate the box as ImageNet class 291 (lion)
+    python edit.py --image cat.jpg --mode class-edit --class_label 291 --box 0.1,0.1,0.9,0.9 --out_dir edits
+
+Writes OUT_DIR/PREFIX_0.png ... PREFIX_{n-1}.png and OUT_DIR/PREFIX_strip.png (input | mask | edits; the mask panel
+is white where VAR generates), with PREFIX = IMAGE-STEM_MODE unless --prefix is given.
+Models: `--depth 36` (default; 512 px, the paper's choice for editing) or 16/20/24/30 (256 px) downloads the released
+weights from the Hub; `--vae_ckpt/--var_ckpt` use local copies; `--ckpt` loads a checkpoint of this project's
+train.py. The image is resized (shorter side) and centre-cropped to the model's resolution.
+"""
+import argparse
+import os
+import sys
+from typing import List
+
+import torch
+
+import editing
+
+
+def parse_box(text: str) -> List[float]:
+    try:
+        values = [float(v) for v in text.replace(' ', '').split(',')]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected four numbers y0,x0,y1,x1, got {text!r}') from None
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f'expected four numbers y0,x0,y1,x1, got {text!r}')
+    return values
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--image', required=True, help='input image file (any format PIL reads)')
+    p.add_argument('--mode', choices=editing.MODES, default='inpaint',
+                   help='inpaint: regenerate the region; outpaint: keep it, regenerate around it; '
+                        'class-edit: regenerate it conditioned on --class_label')
+    region = p.add_mutually_exclusive_group()
+    region.add_argument('--box', type=parse_box, default=None,
+                        help='y0,x0,y1,x1 in [0,1] of the centre-cropped square (default 0.1,0.1,0.8,0.8)')
+    region.add_argument('--mask', default=None, help='mask image, white = the region; the size of the input image '
+                                                     'or of the model resolution')
+    p.add_argument('--mask_threshold', type=float, default=editing.DEFAULT_MASK_THRESHOLD,
+                   help='a token is in a --mask region when this fraction of its pixels are')
+    p.add_argument('--class_label', type=int, default=None,
+                   help='class to condition on (required for class-edit; default: unconditional)')
+    p.add_argument('--out_dir', default='edits', help='folder for the PNGs (created)')
+    p.add_argument('--prefix', default=None, help='file name prefix (default: IMAGE-STEM_MODE)')
+    g = p.add_argument_group('model')
+    g.add_argument('--depth', type=int, default=36, help='released model: 36 (512 px) or 16, 20, 24, 30 (256 px)')
+    g.add_argument('--vae_ckpt', default=None, help='local vae_ch160v4096z32.pth (default: from the Hub)')
+    g.add_argument('--var_ckpt', default=None, help='local var_d{depth}.pth (default: from the Hub)')
+    g.add_argument('--ckpt', default=None, help="a checkpoint of this project's train.py (instead of the official "
+                                                'weights; add --vae_ckpt if it holds no tokenizer)')
+    g.add_argument('--cache_dir', default=None, help='Hugging Face cache folder for the downloads')
+    g.add_argument('--local_files_only', action='store_true', help='never touch the network')
+    g.add_argument('--device', default=None, help='default: cuda when available, else cpu')
+    g = p.add_argument_group('sampling (defaults: the official editing notebook)')
+    g.add_argument('-n', '--num_samples', type=int, default=1, help='number of variations')
+    g.add_argument('--seed', type=int, default=editing.DEFAULT_SEED, help='variation i uses seed + i')
+    g.add_argument('--cfg', type=float, default=editing.DEFAULT_CFG)
+    g.add_argument('--top_k', type=int, default=editing.DEFAULT_TOP_K)
+    g.add_argument('--top_p', type=float, default=editing.DEFAULT_TOP_P)
+    g.add_argument('--more_smooth', type=int, choices=(0, 1), default=int(editing.DEFAULT_MORE_SMOOTH),
+                   help='Gumbel soft codes (1, as the notebook) or sampled ids (0)')
+    g.add_argument('--fp16', type=int, choices=(0, 1, 2), default=1, help='CUDA autocast: 0 fp32, 1 fp16, 2 bf16')
+    g.add_argument('--tf32', type=int, choices=(0, 1), default=1, help='CUDA: allow TF32 matmuls and convolutions')
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Checks that need no model; they fail before any download."""
+    if args.ckpt and args.var_ckpt:
+        raise SystemExit('error: --ckpt is a whole train.py checkpoint; do not combine it with --var_ckpt')
+    for flag in ('image', 'mask', 'ckpt', 'vae_ckpt', 'var_ckpt'):
+        path = getattr(args, flag)
+        if path is not None and not os.path.isfile(path):
+            raise SystemExit(f'error: --{flag} {path}: no such file')
+    if args.mode == 'class-edit' and args.class_label is None:
+        raise SystemExit('error: --mode class-edit needs --class_label (the target class)')
+    if args.num_samples < 1:
+        raise SystemExit(f'error: --num_samples must be at least 1, got {args.num_samples}')
+    if not 0 < args.mask_threshold <= 1:
+        raise SystemExit(f'error: --mask_threshold must lie in (0, 1], got {args.mask_threshold:g}')
+    try:
+        editing.read_image(args.image, what='--image')
+        if args.mask is not None:
+            editing.read_image(args.mask, what='--mask', mode='L')
+        if args.box is not None:
+            editing.box_region((1,), args.box)  # validates the numbers only
+    except ValueError as e:
+        raise SystemExit(f'error: {e}') from e
+
+
+def main(args: argparse.Namespace) -> List[str]:
+    """Run one edit; returns the written paths (the variations, then the strip)."""
+    check_args(args)
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if device.type == 'cuda':  # process-wide switches belong to the script, not to an import
+        torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
+        torch.backends.cudnn.allow_tf32 = bool(args.tf32)
+    try:
+        vae, var = editing.load_models(ckpt=args.ckpt, depth=args.depth, vae_ckpt=args.vae_ckpt,
+                                       var_ckpt=args.var_ckpt, device=device, cache_dir=args.cache_dir,
+                                       local_files_only=args.local_files_only)
+    except Exception as e:  # a missing, truncated or foreign file, or no network: say which, not a pickle trace
+        what = args.ckpt or ' and '.join(p for p in (args.vae_ckpt, args.var_ckpt) if p) or f'the d{args.depth} model'
+        raise SystemExit(f'error: cannot load {what}: {type(e).__name__}: {e}') from e
+
+    autocast_dtype = {0: None, 1: torch.float16, 2: torch.bfloat16}[args.fp16] if device.type == 'cuda' else None
+    try:
+        result = editing.zero_shot_edit(
+            vae, var, args.image, mode=args.mode, box=args.box or editing.DEFAULT_BOX, mask=args.mask,
+            class_label=args.class_label, mask_threshold=args.mask_threshold, num_samples=args.num_samples,
+            seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=bool(args.more_smooth),
+            autocast_dtype=autocast_dtype)
+    except ValueError as e:  # the library's messages name the argument (mask, box, class_label, region)
+        raise SystemExit(f'error: {e}') from e
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    prefix = args.prefix or f'{os.path.splitext(os.path.basename(args.image))[0]}_{args.mode}'
+    paths = []
+    for i, img_3HW in enumerate(result.images_n3HW):
+        paths.append(os.path.join(args.out_dir, f'{prefix}_{i}.png'))
+        editing.to_pil(img_3HW).save(paths[-1])
+    paths.append(os.path.join(args.out_dir, f'{prefix}_strip.png'))
+    result.strip().save(paths[-1])
+    kept = int(result.keep_mask_hw.gt(0.5).sum())
+    pn = var.patch_nums[-1]
+    label = 'unconditional' if result.label == var.num_classes else f'class {result.label}'
+    print(f'{args.mode} ({label}) at {vae.image_size} px: kept {kept} of {pn * pn} tokens of the last scale; '
+          f'wrote {len(paths) - 1} variation(s) and the strip:')
+    for path in paths:
+        print(f'  {path}')
+    return paths
+
+
+if __name__ == '__main__':
+    main(get_parser().parse_args(sys.argv[1:]))

@@ -1,0 +1,312 @@
+"""Zero-shot editing (editing.py, edit.py) on a tiny 64px model: the kept tokens at every scale, the keep-everything
+round trip, per-variation seeds, the CLI on a real photo, and clear errors for bad input. CPU only."""
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import edit
+import editing
+from models import PATCH_NUMS as PRESET_PATCH_NUMS, build_vae_var
+from models.var import get_edit_mask
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(patch_nums=(1, 2, 3, 4), V=64, Cvae=8, ch=32, share_quant_resi=4, depth=2, num_classes=10)
+PATCH_NUMS = TINY['patch_nums']
+NO_FILTER = dict(top_k=0, top_p=0.0)
+
+
+@pytest.fixture(scope='module')
+def photo():
+    """A real photo (scikit-image ships it; no download): the cat 'chelsea', 451x300 RGB uint8."""
+    skdata = pytest.importorskip('skimage.data', reason='scikit-image provides the real test photos')
+    return Image.fromarray(skdata.chelsea())
+
+
+@pytest.fixture(scope='module')
+def models_pair():
+    torch.manual_seed(0)
+    vae, var = build_vae_var(device='cpu', **TINY)
+    # the default gamma init (1e-5) makes the blocks near-identity; a larger one gives sampling a real signal
+    var.init_weights(init_adaln=0.5, init_adaln_gamma=0.5, init_head=1.0, init_std=-1)
+    return vae.eval(), var.eval()
+
+
+@pytest.fixture(scope='module')
+def tiny_ckpt(tmp_path_factory, models_pair):
+    """A checkpoint in this project's train.py format."""
+    vae, var = models_pair
+    path = tmp_path_factory.mktemp('ckpt') / 'tiny.pth'
+    torch.save({'trainer': {'var_wo_ddp': var.state_dict(), 'vae_local': vae.state_dict()},
+                'model_config': var.build_config, 'vae_config': vae.config}, path)
+    return str(path)
+
+
+def _fitted(photo, size=64):
+    return editing.pil_to_tensor(editing.fit_to_model(photo, size))
+
+
+# ------------------------------------------------------------------------------------------------ masks per scale
+def _bilinear_1d(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of a half-pixel bilinear resize with borders clamped (written from the definition)."""
+    w = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+        i0 = min(int(math.floor(src)), n_in - 1)
+        i1 = min(i0 + 1, n_in - 1)
+        frac = src - i0
+        w[i, i0] += 1 - frac
+        w[i, i1] += frac
+    return w
+
+
+def _interpolated_keep(keep_hw: np.ndarray, pn: int) -> np.ndarray:
+    """The keep mask resized to pn x pn (float64); the official rule keeps a token where this is > 0.5."""
+    wy, wx = _bilinear_1d(keep_hw.shape[0], pn), _bilinear_1d(keep_hw.shape[1], pn)
+    return wy @ keep_hw.astype(np.float64) @ wx.T
+
+
+def _expected_kept(keep_hw: np.ndarray, pn: int) -> np.ndarray:
+    """The official rule, independently: bilinear resize to pn x pn, > 0.5; scales of <= 3 tokens keep everything."""
+    if pn * pn <= 3:
+        return np.ones((pn, pn), dtype=bool)
+    return _interpolated_keep(keep_hw, pn) > 0.5
+
+
+def test_kept_tokens_by_hand():
+    # keep the top-left quarter of a 4x4 grid; worked out on paper for scales 1, 2, 3, 4
+    keep = editing.keep_mask_for(editing.box_region(PATCH_NUMS, (0, 0, 0.5, 0.5)), 'outpaint')
+    kept = [m.int().tolist() for m in editing.kept_token_masks(keep, PATCH_NUMS)]
+    assert kept[0] == [[1]]  # one token: always the input's (the <= 3-token rule)
+    assert kept[1] == [[1, 0], [0, 0]]  # 4 tokens: the rule does not apply
+    assert kept[2] == [[1, 0, 0], [0, 0, 0], [0, 0, 0]]  # the middle row/column sit at 0.5, not > 0.5
+    assert kept[3] == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize('patch_nums', [PATCH_NUMS, PRESET_PATCH_NUMS['256'], PRESET_PATCH_NUMS['512']])
+def test_kept_tokens_follow_the_official_rule(patch_nums):
+    gen = torch.Generator().manual_seed(0)
+    pn = patch_nums[-1]
+    masks = [get_edit_mask(patch_nums, 0.1, 0.1, 0.8, 0.8, inpainting=True),  # the official demo's mask
+             get_edit_mask(patch_nums, 0.25, 0.3, 0.7, 0.9, inpainting=False),
+             (torch.rand(pn, pn, generator=gen) > 0.5).float()]
+    checked = total = 0
+    for keep in masks:
+        for kept, p in zip(editing.kept_token_masks(keep, patch_nums), patch_nums):
+            expected = _expected_kept(keep.numpy(), p)
+            # a value within round-off of 0.5 is decided by float32 rounding, as in the official code: skip it
+            # (test_kept_tokens_by_hand covers exact halves)
+            decided = (np.abs(_interpolated_keep(keep.numpy(), p) - 0.5) > 1e-5) | (p * p <= 3)
+            assert np.array_equal(kept.numpy()[decided], expected[decided]), (p, keep)
+            checked, total = checked + decided.sum(), total + decided.size
+    assert checked > 0.7 * total
+
+
+@pytest.mark.parametrize('mode,region,more_smooth', [
+    ('inpaint', dict(box=editing.DEFAULT_BOX), True),
+    ('outpaint', dict(box=(0.25, 0.0, 1.0, 0.5)), False),
+    ('class-edit', dict(box=(0.0, 0.5, 0.5, 1.0)), True),
+])
+def test_edit_keeps_exactly_the_kept_tokens(models_pair, photo, mode, region, more_smooth):
+    """The edited image equals the decoding of 'input token where kept, generated token elsewhere' at every scale.
+
+    The generated token is made certain: the head outputs a constant logit vector whose maximum (1e4 above the
+    rest) is an id `s` that the photo's tokens never use, so sampling and the Gumbel soft codes both give exactly
+    code s. The expected image is decoded by the tokenizer's own embed_to_fhat / fhat_to_img from per-scale code
+    maps built with the independent rule above; a single token more or less kept at any scale must break equality.
+    """
+    vae = models_pair[0]
+    var = build_vae_var(device='cpu', **TINY)[1].eval()
+    var.vae_proxy, var.vae_quant_proxy = (vae,), (vae.quantize,)  # share the module's tokenizer
+    x_13HW = _fitted(photo)
+    gt = vae.img_to_idxBl(x_13HW * 2 - 1, PATCH_NUMS)
+    s = min(set(range(TINY['V'])) - set(torch.cat(gt, 1).flatten().tolist()))
+    with torch.no_grad():
+        var.head.weight.zero_()
+        var.head.bias.zero_()
+        var.head.bias[s] = 1e4
+
+    label = 3 if mode == 'class-edit' else None
+    res = editing.zero_shot_edit(vae, var, photo, mode=mode, class_label=label, more_smooth=more_smooth, seed=0,
+                                 **region)
+    assert res.label == (3 if mode == 'class-edit' else TINY['num_classes'])
+    emb = vae.quantize.embedding.weight
+
+    def decode(kept_per_scale):
+        ms_h = []
+        for gt_1l, kept, pn in zip(gt, kept_per_scale, PATCH_NUMS):
+            ids = torch.where(torch.from_numpy(kept).flatten(), gt_1l[0], torch.full_like(gt_1l[0], s))
+            ms_h.append(emb[ids].T.reshape(1, -1, pn, pn))
+        with torch.no_grad():
+            return (vae.fhat_to_img(vae.quantize.embed_to_fhat(ms_h, all_to_max_scale=True, last_one=True)) + 1) / 2
+
+    kept = [_expected_kept(res.keep_mask_hw.numpy(), pn) for pn in PATCH_NUMS]
+    assert 0 < kept[-1].sum() < kept[-1].size  # both kept and generated tokens at the last scale
+    expected = decode(kept)
+    torch.testing.assert_close(res.images_n3HW, expected, atol=1e-5, rtol=0)
+    for si in range(len(PATCH_NUMS)):  # power of the check: flipping any one token is visible
+        flipped = [k.copy() for k in kept]
+        flipped[si].flat[0] = not flipped[si].flat[0]
+        assert (decode(flipped) - expected).abs().max() > 1e-3, si
+
+
+@pytest.mark.parametrize('more_smooth', [False, True])
+def test_keeping_everything_reproduces_the_reconstruction(models_pair, photo, more_smooth):
+    vae, var = models_pair
+    x_13HW = _fitted(photo)
+    keep = torch.ones(PATCH_NUMS[-1], PATCH_NUMS[-1])
+    out = editing.edit_image(vae, var, x_13HW, keep, label=TINY['num_classes'], num_samples=2,
+                             more_smooth=more_smooth, **NO_FILTER)
+    with torch.no_grad():
+        recon_13HW = (vae.img_to_reconstructed_img(x_13HW * 2 - 1, last_one=True) + 1) / 2
+    torch.testing.assert_close(out, recon_13HW.expand(2, -1, -1, -1), atol=1e-5, rtol=0)
+
+
+def test_variations_have_their_own_seeds(models_pair, photo):
+    vae, var = models_pair
+    x_13HW = _fitted(photo)
+    keep = editing.keep_mask_for(editing.box_region(PATCH_NUMS, editing.DEFAULT_BOX), 'inpaint')
+    three = editing.edit_image(vae, var, x_13HW, keep, label=2, num_samples=3, seed=7)
+    for i in range(3):
+        one = editing.edit_image(vae, var, x_13HW, keep, label=2, num_samples=1, seed=7 + i)
+        torch.testing.assert_close(three[i:i + 1], one, atol=1e-4, rtol=0)  # batch-size round-off only
+    assert (three[0] - three[1]).abs().max() > 1e-3  # different seeds, different edits
+
+
+# ------------------------------------------------------------------------------------------------ regions and images
+def test_box_region_rounds_like_the_official_notebook():
+    region = editing.box_region(PRESET_PATCH_NUMS['512'], editing.DEFAULT_BOX)
+    rows = region.sum(1).nonzero().flatten()
+    assert (rows.min().item(), rows.max().item()) == (3, 25)  # pn=32: round(3.2)=3 .. round(25.6)-1=25
+    assert editing.keep_mask_for(region, 'inpaint').sum() == 32 * 32 - 23 * 23
+    assert editing.keep_mask_for(region, 'outpaint').sum() == 23 * 23
+
+
+def test_mask_image_follows_the_resize_and_crop():
+    # a 96x64 (w x h) input is resized to 96x64 -> 64 px high, then its centre 64 columns (16..79) are kept
+    mask = np.zeros((64, 96), dtype=np.uint8)
+    mask[0:32, 16:48] = 255  # the top-left quarter of the cropped square
+    region = editing.mask_region(mask, PATCH_NUMS, image_size=(96, 64), model_size=64)
+    assert region.int().tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    # a mask already at the model's resolution; a token is in the region when >= threshold of it is
+    square = np.zeros((64, 64), dtype=bool)
+    square[:, :24] = True  # token column 1 is half covered
+    assert editing.mask_region(square, PATCH_NUMS, (96, 64), 64).sum(0).tolist() == [4, 4, 0, 0]
+    assert editing.mask_region(square, PATCH_NUMS, (96, 64), 64, threshold=0.75).sum(0).tolist() == [4, 0, 0, 0]
+
+
+def test_fit_to_model_resizes_and_centre_crops(photo):
+    fitted = editing.fit_to_model(photo, 64)
+    assert fitted.size == (64, 64)
+    # the crop is centred: the middle of the photo stays in the middle
+    wide = Image.new('RGB', (300, 100), (255, 0, 0))
+    wide.paste((0, 0, 255), (100, 0, 200, 100))
+    assert editing.fit_to_model(wide, 64).getpixel((32, 32)) == (0, 0, 255)
+    assert editing.fit_to_model(wide, 64).getpixel((0, 32))[2] > 200
+
+
+def test_strip_layout(models_pair, photo):
+    vae, var = models_pair
+    res = editing.zero_shot_edit(vae, var, photo, mode='inpaint', box=(0.0, 0.0, 0.5, 0.5), num_samples=2, **NO_FILTER)
+    strip = res.strip(gap=4)
+    assert strip.size == (4 * 64 + 3 * 4, 64)
+    arr = np.asarray(strip)
+    assert np.array_equal(arr[:, :64], np.asarray(editing.to_pil(res.input_13HW[0])))
+    mask_panel = arr[:, 68:132, 0]
+    assert mask_panel[:32, :32].min() == 255 and mask_panel[32:, 32:].max() == 0  # white = regenerated
+    assert np.array_equal(arr[:, 2 * 68:2 * 68 + 64], np.asarray(editing.to_pil(res.images_n3HW[0])))
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_bad_inputs_raise_clear_errors(tmp_path, models_pair, photo):
+    vae, var = models_pair
+    with pytest.raises(ValueError, match='missing.png: no such file'):
+        editing.read_image(tmp_path / 'missing.png')
+    junk = tmp_path / 'junk.png'
+    junk.write_bytes(b'this is not an image')
+    with pytest.raises(ValueError, match='junk.png is not an image file'):
+        editing.read_image(junk)
+    photo.save(tmp_path / 'full.png')
+    truncated = tmp_path / 'truncated.png'
+    truncated.write_bytes((tmp_path / 'full.png').read_bytes()[:2000])
+    with pytest.raises(ValueError, match='truncated.png cannot be read'):
+        editing.read_image(truncated)
+    with pytest.raises(ValueError, match='mask is 10x10 pixels; it must match the input image'):
+        editing.zero_shot_edit(vae, var, photo, mask=np.zeros((10, 10), np.uint8))
+    with pytest.raises(ValueError, match='region is empty'):
+        editing.zero_shot_edit(vae, var, photo, box=(0.0, 0.0, 0.1, 0.1))
+    with pytest.raises(ValueError, match='region is empty'):
+        editing.zero_shot_edit(vae, var, photo, mask=np.zeros((64, 64), np.uint8))
+    with pytest.raises(ValueError, match='box: expected 0 <= y0 < y1 <= 1'):
+        editing.zero_shot_edit(vae, var, photo, box=(0.5, 0.1, 0.2, 0.9))
+    with pytest.raises(ValueError, match=r'class_label 10 is out of range: this model has classes 0\.\.9'):
+        editing.zero_shot_edit(vae, var, photo, mode='class-edit', class_label=10)
+    with pytest.raises(ValueError, match='class-edit needs a target class_label'):
+        editing.zero_shot_edit(vae, var, photo, mode='class-edit')
+    with pytest.raises(ValueError, match='mode must be one of'):
+        editing.zero_shot_edit(vae, var, photo, mode='erase')
+    with pytest.raises(ValueError, match=r'keep mask: expected shape \(4, 4\)'):
+        editing.edit_image(vae, var, _fitted(photo), torch.ones(64, 64), label=0)
+
+
+# ------------------------------------------------------------------------------------------------ the command line
+def test_cli_writes_the_variations_and_the_strip(tmp_path, tiny_ckpt, models_pair, photo):
+    image = tmp_path / 'cat.png'
+    photo.save(image)
+    out_dir = tmp_path / 'out'
+    cmd = [sys.executable, os.path.join(ROOT, 'edit.py'), '--ckpt', tiny_ckpt, '--image', str(image),
+           '--mode', 'class-edit', '--class_label', '7', '--box', '0.1,0.2,0.9,0.8', '-n', '2', '--seed', '3',
+           '--out_dir', str(out_dir)]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES='')
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    names = sorted(os.listdir(out_dir))
+    assert names == ['cat_class-edit_0.png', 'cat_class-edit_1.png', 'cat_class-edit_strip.png']
+    assert Image.open(out_dir / 'cat_class-edit_strip.png').size == (4 * 64 + 3 * 4, 64)
+    # the CLI's variations are the library's (same seeds, same settings)
+    vae, var = models_pair
+    lib = editing.zero_shot_edit(vae, var, photo, mode='class-edit', class_label=7, box=(0.1, 0.2, 0.9, 0.8),
+                                 num_samples=2, seed=3)
+    for i in range(2):
+        cli = np.asarray(Image.open(out_dir / f'cat_class-edit_{i}.png').convert('RGB')).astype(int)
+        assert cli.shape == (64, 64, 3)
+        assert np.abs(cli - np.asarray(editing.to_pil(lib.images_n3HW[i])).astype(int)).max() <= 1
+
+    bad = subprocess.run(cmd[:4] + ['--image', str(tmp_path / 'cat.txt')], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode != 0 and 'error: --image' in bad.stderr and 'cat.txt' in bad.stderr
+
+
+def _cli(*argv):
+    return edit.main(edit.get_parser().parse_args([str(a) for a in argv]))
+
+
+def test_cli_bad_inputs_exit_with_a_message(tmp_path, tiny_ckpt, photo):
+    image = tmp_path / 'cat.png'
+    photo.save(image)
+    base = ['--ckpt', tiny_ckpt, '--image', image, '--out_dir', tmp_path / 'out']
+    junk = tmp_path / 'junk.jpg'
+    junk.write_bytes(b'\xff\xd8 not really a jpeg')
+    small_mask = tmp_path / 'small_mask.png'
+    Image.new('L', (10, 10), 255).save(small_mask)
+    cases = [
+        (['--image', junk], 'junk.jpg is not an image file'),
+        (['--mask', small_mask], 'small_mask.png is 10x10 pixels; it must match the input image (451x300)'),
+        (['--box', '0.1,0.1,0.12,0.12'], 'region is empty'),
+        (['--box', '0.1,0.1,0.8'], None),  # argparse: four numbers
+        (['--mode', 'class-edit'], '--mode class-edit needs --class_label'),
+        (['--mode', 'class-edit', '--class_label', '10'], 'class_label 10 is out of range'),
+        (['--ckpt', tmp_path / 'nope.pth'], '--ckpt'),
+        (['-n', '0'], '--num_samples must be at least 1'),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            _cli(*base, *extra)
+        if message is not None:
+            assert message in str(exc.value), (extra, str(exc.value))
+    assert not (tmp_path / 'out').exists()  # nothing is written on failure
