@@ -79,6 +79,7 @@ def bench_one(depth, dtype, B, repeats):
                              encode='with' if with_encode else 'without', img_per_s=B / sec, sec_per_step=sec,
                              peak_gib=mem, first_step_s=first))
         del vae, var, model, opt
+        torch._dynamo.reset()  # compiled code holds references to this model's parameters
         gc.collect()
         torch.cuda.empty_cache()
     for r in rows[2:]:

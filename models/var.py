@@ -25,6 +25,8 @@ from .helpers import gumbel_softmax_with_rng, sample_with_top_k_top_p_
 from .inspect_ckpt import describe_mismatch, describe_var_fit
 from .vqvae import VQVAE
 
+GRAPH_DECODE_CHUNK = 16  # images per decoder call on the CUDA-graph path
+
 __all__ = ['VAR', 'AdaLNSelfAttn', 'sample_with_top_k_top_p_', 'gumbel_softmax_with_rng', 'get_edit_mask',
            'replace_embedding']
 
@@ -377,7 +379,11 @@ class VAR(nn.Module):
         finally:
             if graphs is None:
                 self._kv_caching(False)
-        return self.vae_proxy[0].fhat_to_img(f_hat, compiled=compiled).add_(1).mul_(0.5)
+        vae = self.vae_proxy[0]
+        if graphs is None:
+            return vae.fhat_to_img(f_hat, compiled=compiled).add_(1).mul_(0.5)
+        # the captured graphs keep their KV caches alive: decode in chunks so that the peak stays low
+        return torch.cat([vae.fhat_to_img(f, compiled=compiled) for f in f_hat.split(GRAPH_DECODE_CHUNK)]).add_(1).mul_(0.5)
 
     def scale_step(self, x_BlC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         """One scale of KV-cached inference: all blocks (no mask) and the head -> float32 logits (B, l, V)."""

@@ -1,0 +1,136 @@
+# Checkpoint files of the VAR training recipe (arXiv 2404.02905), spec sections 8.1 and 8.3, written atomically.
+"""Checkpoint I/O: atomic writes, loading with clear errors, auto-resume, and RNG state capture.
+
+Files (official names): `ar-ckpt-last.pth` (end of every epoch, and every `--ckpt_every_iters` iterations) and
+`ar-ckpt-best.pth` (a copy of last when the validation last-scale loss improves). A write goes to a temporary file in
+the same folder, is fsync'ed, then renamed over the target with os.replace, so a crash mid-save leaves the previous
+file intact. Auto-resume loads the newest `ar-ckpt*.pth` that loads, falling back to the next one if it is broken.
+"""
+import glob
+import os
+import shutil
+import socket
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+LAST_NAME = 'ar-ckpt-last.pth'
+BEST_NAME = 'ar-ckpt-best.pth'
+CKPT_GLOB = 'ar-ckpt*.pth'
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used (truncated, corrupt or not a training checkpoint)."""
+
+
+def _tmp_path(path: str) -> str:
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f'.{name}.tmp-{socket.gethostname()}-{os.getpid()}')
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems do not support syncing a directory
+    finally:
+        os.close(fd)
+
+
+def _replace_durably(tmp: str, path: str) -> None:
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save to `path` so that readers see either the old file or the complete new one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _replace_durably(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_copy(src: str, dst: str) -> None:
+    """Copy `src` to `dst` atomically (used for the best checkpoint), keeping the modification time of `src`."""
+    tmp = _tmp_path(dst)
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, 'rb+') as f:
+            os.fsync(f.fileno())
+        st = os.stat(src)
+        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+        _replace_durably(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def remove_stale_tmp(folder: str) -> List[str]:
+    """Delete temporary files left by a save of this host that was killed (not those of other hosts)."""
+    mine = glob.glob(os.path.join(folder, f'.*.tmp-{socket.gethostname()}-*'))
+    for p in mine:
+        os.remove(p)
+    return mine
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    """Load a training checkpoint on the CPU; raise CheckpointError with the reason if it is unusable."""
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f'cannot load checkpoint {path} ({type(e).__name__}: {e}); it is probably truncated '
+                              f'or corrupt (e.g. an interrupted copy). Delete it to resume from another '
+                              f'checkpoint, or move it away to start afresh.') from e
+    if not isinstance(ckpt, dict) or 'trainer' not in ckpt or 'epoch' not in ckpt:
+        raise CheckpointError(f'{path} is not a VAR training checkpoint (no "trainer"/"epoch" entries); '
+                              f'model weights are loaded with other options, not by auto-resume')
+    return ckpt
+
+
+def find_checkpoints(folder: str, pattern: str = CKPT_GLOB) -> List[str]:
+    """Checkpoint files in `folder`, newest modification time first (ar-ckpt-last.pth first on a tie)."""
+    paths = [p for p in glob.glob(os.path.join(folder, pattern)) if os.path.isfile(p)]
+    return sorted(paths, key=lambda p: (os.stat(p).st_mtime_ns, os.path.basename(p) == LAST_NAME), reverse=True)
+
+
+def auto_resume(folder: str, pattern: str = CKPT_GLOB) -> Tuple[Optional[Dict[str, Any]], Optional[str], List[str]]:
+    """Load the newest usable checkpoint of `folder`.
+
+    Returns (checkpoint or None, its path or None, notes on files that were skipped). If every candidate is broken,
+    raise CheckpointError rather than silently starting from scratch.
+    """
+    notes = []
+    candidates = find_checkpoints(folder, pattern)
+    for path in candidates:
+        try:
+            return load_checkpoint(path), path, notes
+        except CheckpointError as e:
+            notes.append(str(e))
+    if candidates:
+        raise CheckpointError('no usable checkpoint among ' + ', '.join(candidates) + ':\n' + '\n'.join(notes))
+    return None, None, notes
+
+
+def rng_state() -> Dict[str, Any]:
+    """This process's torch RNG states: the CPU one and, if any, that of its current CUDA device."""
+    state = {'cpu': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state['cpu'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state['cuda'])

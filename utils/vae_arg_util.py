@@ -1,0 +1,173 @@
+# Command line of the VQVAE tokenizer trainer of VAR (arXiv 2404.02905, section 3.2); the official code ships none.
+"""Arguments of train_vae.py.
+
+The flags shared with train.py keep its names and meanings (`--data_path --bs --ac --ep --tblr --twd --tclip --wp --wp0
+--wpe --sche --fp16 --tf32 --seed --pn --hflip --workers --mid_reso ...`, built with the same helpers); the
+tokenizer's own flags are below. `derive_vae(args, world_size)` is the one pure place for the derived values.
+"""
+import argparse
+import dataclasses
+import re
+import warnings
+from typing import Optional, Sequence, Tuple
+
+from utils.arg_util import REPO_ROOT, parse_int_tuple, parse_patch_nums, str2bool
+
+OFFICIAL_CH_MULT = '1_1_2_2_4'
+
+
+def build_vae_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description='Train the multi-scale VQVAE tokenizer of VAR on an ImageNet-style folder.',
+                                allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def flag(group, names: Sequence[str], **kw) -> None:
+        group.add_argument(*names, **kw)
+
+    def bool_flag(group, names: Sequence[str], default: bool, help: str) -> None:
+        group.add_argument(*names, type=str2bool, nargs='?', const=True, default=default, help=help)
+
+    d = p.add_argument_group('data')
+    flag(d, ['--data_path'], default='/path/to/imagenet', help='folder with train/ and val/, one sub-folder per class')
+    flag(d, ['--exp_name'], default='vae', help='experiment name (free text)')
+    bool_flag(d, ['--hflip'], False, 'random horizontal flip')
+    flag(d, ['--workers', '--num_workers'], dest='workers', type=int, default=0, help='loader processes per rank')
+    flag(d, ['--mid_reso'], type=float, default=1.125, help='resize the shorter edge to round(mid_reso*reso) first')
+
+    m = p.add_argument_group('model (ignored with --vae_init, whose file sets the architecture)')
+    flag(m, ['--vae_ch'], type=int, default=160, help='base width of encoder and decoder (a multiple of 32)')
+    flag(m, ['--vae_ch_mult'], default=OFFICIAL_CH_MULT,
+         help="width multipliers per level; n levels downsample by 2^(n-1) (official 1_1_2_2_4: x16)")
+    flag(m, ['--vocab'], type=int, default=4096, help='codebook size V (shared by all scales)')
+    flag(m, ['--cvae'], type=int, default=32, help='code width Cvae')
+    flag(m, ['--pn', '--patch_nums'], dest='pn', default='256',
+         help="scales: a preset '256', '512', '1024' or sides joined by '_'; the image size is downsample*last")
+    flag(m, ['--share_qresi'], type=int, default=4, help='Phi convolutions: 0 one per scale, 1 shared, n>=2 n shared')
+    flag(m, ['--beta'], type=float, default=0.25, help='commitment weight of the quantiser loss')
+    flag(m, ['--vae_init'], default='',
+         help='start from these weights (e.g. the official vae_ch160v4096z32.pth, or a tokenizer checkpoint)')
+
+    loss = p.add_argument_group('losses')
+    flag(loss, ['--l1'], type=float, default=0.0, help='weight of the L1 reconstruction loss')
+    flag(loss, ['--l2'], type=float, default=1.0, help='weight of the L2 (MSE) reconstruction loss (paper)')
+    flag(loss, ['--vq'], type=float, default=1.0, help='weight of the quantiser loss (codebook + beta*commitment)')
+    flag(loss, ['--lp'], type=float, default=1.0, help='weight of the LPIPS perceptual loss (0: off, no VGG needed)')
+    flag(loss, ['--lpips_vgg'], default='auto',
+         help="torchvision VGG16 ImageNet weights (.pth); 'auto': the torch hub cache, else torchvision's download")
+    flag(loss, ['--lpips_lin'], default='',
+         help="LPIPS per-channel weights (the paper's vgg.pth); empty: uniform weights over the channels")
+    flag(loss, ['--dw', '--disc_weight'], dest='dw', type=float, default=0.5,
+         help='weight of the adversarial loss (0: no discriminator)')
+    flag(loss, ['--disc_start'], type=float, default=-1.0,
+         help='epoch (may be fractional) at which the discriminator and the GAN loss start; <0: ep/5')
+    bool_flag(loss, ['--adaptive'], True, "scale the GAN loss by VQGAN's adaptive weight")
+    flag(loss, ['--d_loss'], default='hinge', choices=['hinge', 'vanilla'], help='discriminator loss')
+    flag(loss, ['--disc_ch'], type=int, default=64, help='discriminator width')
+    flag(loss, ['--disc_layers'], type=int, default=3, help='discriminator stride-2 layers')
+    flag(loss, ['--dblr'], type=float, default=0.0, help='discriminator base lr (0: = --tblr)')
+
+    q = p.add_argument_group('codebook upkeep')
+    flag(q, ['--vq_reinit'], type=int, default=0,
+         help='every N iterations, re-initialise dead codes from current latents (0: off)')
+    flag(q, ['--vq_reinit_until'], type=float, default=0.5,
+         help='stop re-initialising after this fraction of the training')
+    flag(q, ['--vq_dead'], type=float, default=0.0,
+         help="a code is dead when its EMA hits summed over scales fall below this (0: the usage margin)")
+
+    o = p.add_argument_group('optimisation')
+    flag(o, ['--bs', '--global_batch_size'], dest='bs', type=int, default=256, help='global batch size (all ranks)')
+    flag(o, ['--ac', '--grad_accum'], dest='ac', type=int, default=1, help='gradient accumulation steps')
+    flag(o, ['--ep', '--epochs'], dest='ep', type=int, default=100, help='epochs')
+    flag(o, ['--tblr', '--base_lr'], dest='tblr', type=float, default=2e-4, help='base lr for a batch of 256')
+    flag(o, ['--twd', '--weight_decay'], dest='twd', type=float, default=0.0, help='weight decay (no wd on 1-d/bias)')
+    flag(o, ['--twde', '--weight_decay_end'], dest='twde', type=float, default=0.0, help='final wd (0: = twd)')
+    flag(o, ['--tclip', '--grad_clip'], dest='tclip', type=float, default=2.0, help='grad-norm clip (<=0: off)')
+    flag(o, ['--wp', '--warmup_epochs'], dest='wp', type=float, default=0.0, help='warm-up epochs (0: ep/50)')
+    flag(o, ['--wp0', '--warmup_start_ratio'], dest='wp0', type=float, default=0.005, help='lr ratio at it 0')
+    flag(o, ['--wpe', '--final_lr_ratio'], dest='wpe', type=float, default=0.1, help='lr ratio at the end')
+    flag(o, ['--sche', '--lr_schedule'], dest='sche', default='cos', help='cos, lin, lin0, lin00, linX, exp')
+    flag(o, ['--abeta1'], type=float, default=0.5, help='AdamW beta1 (GAN-style 0.5)')
+    flag(o, ['--abeta2'], type=float, default=0.9, help='AdamW beta2')
+    bool_flag(o, ['--afuse', '--fused_adamw'], True, 'fused AdamW')
+    flag(o, ['--fp16', '--precision'], dest='fp16', type=int, default=0, choices=[0, 1, 2],
+         help='0 fp32, 1 fp16 autocast + GradScaler, 2 bf16 autocast')
+    bool_flag(o, ['--tf32'], True, 'allow TF32 matmuls and convolutions')
+    flag(o, ['--max_nonfinite'], type=int, default=100, help='stop after this many consecutive skipped steps')
+
+    r = p.add_argument_group('run')
+    flag(r, ['--seed'], type=int, default=None, help='seed (per rank: seed*world_size+rank); None: non-deterministic')
+    flag(r, ['--same_seed_for_all_ranks'], type=int, default=0, help='added to the sampler seed')
+    flag(r, ['--local_out_dir_path', '--out_dir'], dest='local_out_dir_path', default=None,
+         help='checkpoints, log.txt, TensorBoard (default: <repo>/local_output/vae)')
+    flag(r, ['--ckpt_every_iters'], type=int, default=0, help='also save vae-ckpt-last.pth every N iterations')
+    flag(r, ['--val_every_ep'], type=int, default=1, help='validate (and save best) every N epochs and at the end')
+    flag(r, ['--val_max'], type=int, default=0, help='validate on at most this many images (0: all)')
+    flag(r, ['--tb_every_iters'], type=int, default=100, help='iteration-wise TensorBoard scalars every N iterations')
+    flag(r, ['--n_vis'], type=int, default=8, help='fixed validation images shown reconstructed in TensorBoard')
+    bool_flag(r, ['--log_steps'], False, 'append every step loss to steps.jsonl (reproducibility checks)')
+    flag(r, ['--device'], default='', help="'' picks cuda:LOCAL_RANK when available, else cpu")
+    return p
+
+
+def parse_vae_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the command line; unknown flags are tolerated with a warning (as train.py)."""
+    args, unknown = build_vae_parser().parse_known_args(argv)
+    if unknown:
+        warnings.warn(f'ignoring unknown arguments: {unknown}', stacklevel=2)
+    return args
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEDerived:
+    """Values computed from the arguments. See `derive_vae`."""
+    world_size: int
+    batch_size: int         # per rank and per iteration
+    glb_batch_size: int
+    tlr: float              # peak lr of the VQVAE = ac * tblr * glb_batch_size / 256
+    dlr: float              # peak lr of the discriminator (same scaling)
+    twde: float
+    wp: float               # warm-up epochs
+    disc_start: float       # epoch at which the discriminator starts
+    patch_nums: Tuple[int, ...]
+    ch_mult: Tuple[int, ...]
+    downsample: int
+    image_size: int         # downsample * patch_nums[-1]
+    workers: int
+    val_batch_size: int
+    out_dir: str
+    tb_dir_name: str
+
+
+def derive_vae(args: argparse.Namespace, world_size: int) -> VAEDerived:
+    """Pure: every derived quantity of the tokenizer recipe. `args` is not modified."""
+    batch_size = round(args.bs / args.ac / world_size)
+    if batch_size < 1:
+        raise ValueError(f'--bs={args.bs} is too small for --ac={args.ac} and {world_size} processes')
+    glb_batch_size = batch_size * world_size
+    patch_nums = parse_patch_nums(args.pn)
+    ch_mult = parse_int_tuple(args.vae_ch_mult)
+    if not ch_mult:
+        raise ValueError('--vae_ch_mult must list at least one multiplier, e.g. 1_2_4')
+    if args.vae_ch % 32:
+        raise ValueError(f'--vae_ch={args.vae_ch} must be a multiple of 32 (GroupNorm with 32 groups)')
+    downsample = 2 ** (len(ch_mult) - 1)
+    name = f'tb-VQVAEch{args.vae_ch}m{args.vae_ch_mult}v{args.vocab}z{args.cvae}__pn{args.pn}__b{glb_batch_size}' \
+           f'ep{args.ep}lr{args.tblr:g}'
+    scale = args.ac * glb_batch_size / 256
+    return VAEDerived(
+        world_size=world_size,
+        batch_size=batch_size,
+        glb_batch_size=glb_batch_size,
+        tlr=scale * args.tblr,
+        dlr=scale * (args.dblr or args.tblr),
+        twde=args.twde or args.twd,
+        wp=args.wp if args.wp != 0 else args.ep / 50,
+        disc_start=args.disc_start if args.disc_start >= 0 else args.ep / 5,
+        patch_nums=patch_nums,
+        ch_mult=ch_mult,
+        downsample=downsample,
+        image_size=downsample * patch_nums[-1],
+        workers=min(max(0, args.workers), batch_size),
+        val_batch_size=round(batch_size * 1.5),
+        out_dir=args.local_out_dir_path or str(REPO_ROOT / 'local_output' / 'vae'),
+        tb_dir_name=re.sub(r'[^\w\-+,.]', '_', name),
+    )
