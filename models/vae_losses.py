@@ -9,7 +9,7 @@ keys `features.N.*`) and, optionally, the learned per-channel weights of the LPI
 are loaded by the caller with `load_vgg16` / `load_lin`.
 """
 import math
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import List, Mapping, Sequence
 
 import torch
 import torch.nn as nn

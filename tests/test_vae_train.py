@@ -1,0 +1,248 @@
+"""The tokenizer trainer (train_vae.py, trainer_vae.py, models/vae_losses.py): losses, a few real steps on CPU, exact
+kill-and-resume, DDP under torchrun, fine-tuning from an official-format file, and the checkpoint round trip into
+train.py (--vae_ckpt with no architecture flags)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from train_fixtures import ROOT, cpu_env, free_port, make_image_folder, run_train, train_args
+
+# A x4 tokenizer on 16x16 images: 3 scales (1, 2, 4), the 4th Phi unused (checks the DDP freezing of unused Phis).
+TINY_VAE_FLAGS = dict(vae_ch=32, vae_ch_mult='1_1_2', vocab=64, cvae=8, pn='1_2_4', mid_reso=1.0, lp=0, dw=0.5,
+                      disc_ch=16, disc_layers=2, disc_start=0.25, vq_reinit=2, seed=1, tf32=0, afuse=0, workers=0,
+                      tblr=1e-3)
+
+
+def vae_argv(data: Path, out: Path, **extra) -> list:
+    f = dict(TINY_VAE_FLAGS, data_path=data, out_dir=out, bs=4, ep=2)
+    f.update(extra)
+    return [f'--{k}={v}' for k, v in f.items()]
+
+
+def vae_cmd(argv, nproc: int = 1) -> list:
+    cmd = [sys.executable]
+    if nproc > 1:
+        cmd += ['-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', f'--master_port={free_port()}']
+    return cmd + [str(ROOT / 'train_vae.py'), *argv]
+
+
+def run_vae(argv, nproc: int = 1, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(vae_cmd(argv, nproc), cwd=ROOT, env=cpu_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def read_losses(out: Path) -> dict:
+    losses = {}
+    for line in (out / 'steps.jsonl').read_text().splitlines():
+        rec = json.loads(line)
+        losses[rec['g_it']] = rec['loss']  # a resumed run rewrites the steps after its checkpoint: last one wins
+    return losses
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp('vae') / 'data', n_classes=3, n_train=8, n_val=2)
+
+
+# ------------------------------------------------------------------------------------------------------ loss units
+def test_discriminator_losses_and_adaptive_weight():
+    from models.vae_losses import PatchDiscriminator, adaptive_gan_weight, d_loss_fn, g_loss_fn
+    disc = PatchDiscriminator(3, ch=16, n_layers=2)
+    assert disc(torch.randn(2, 3, 32, 32)).shape == (2, 1, 6, 6)
+    real, fake = torch.full((2, 1, 3, 3), 2.0), torch.full((2, 1, 3, 3), -2.0)
+    assert d_loss_fn('hinge', real, fake).item() == 0.0  # both beyond the margin
+    assert d_loss_fn('hinge', fake, real).item() == pytest.approx(3.0)
+    assert d_loss_fn('vanilla', real, fake).item() == pytest.approx(torch.nn.functional.softplus(torch.tensor(-2.)).item())
+    assert g_loss_fn(fake).item() == 2.0
+    w = torch.nn.Parameter(torch.ones(4))
+    a, b = torch.tensor([3.0, 0, 4, 0]), torch.tensor([0, 1.0, 0, 0])
+    weight = adaptive_gan_weight((w * a).sum(), (w * b).sum(), w)
+    assert weight.item() == pytest.approx(5.0 / (1.0 + 1e-4))
+    assert adaptive_gan_weight((w * a).sum(), (w * 0).sum(), w, max_weight=7.0).item() == 7.0  # clamped
+
+
+def test_lpips_loads_torchvision_vgg16_and_measures_distances():
+    import torchvision
+    from models.vae_losses import LPIPS
+    torch.manual_seed(0)
+    lp = LPIPS()
+    lp.load_vgg16(torchvision.models.vgg16(weights=None).state_dict())  # the key layout of the real weights
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert lp(x, x).abs().max().item() < 1e-6
+    d_small, d_big = lp(x, x + 0.05 * torch.randn_like(x)), lp(x, torch.rand_like(x) * 2 - 1)
+    assert (d_small > 0).all() and (d_big > d_small).all()
+    lin = {f'lin{k}.model.1.weight': torch.rand(1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))}
+    lp.load_lin(lin)
+    assert lp.has_learned_lin and not any(p.requires_grad for p in lp.parameters())
+    with pytest.raises(ValueError, match='VGG16'):
+        lp.load_vgg16({'classifier.0.weight': torch.zeros(1)})
+
+
+def test_missing_vgg_weights_give_a_clear_message(tmp_path, monkeypatch):
+    import torchvision.models
+    import train_vae
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
+
+    def offline(*a, **k):
+        raise OSError('no network')
+    monkeypatch.setattr(torchvision.models.VGG16_Weights.IMAGENET1K_V1.__class__, 'get_state_dict', offline)
+    with pytest.raises(RuntimeError, match=r'--lpips_vgg=PATH.*--lp=0'):
+        train_vae.resolve_vgg16('auto')
+    with pytest.raises(FileNotFoundError):
+        train_vae.resolve_vgg16(str(tmp_path / 'nope.pth'))
+    torch.save({'features.0.weight': torch.zeros(1)}, tmp_path / 'checkpoints.pth')
+    os.makedirs(tmp_path / 'checkpoints')
+    torch.save({'x': torch.ones(1)}, tmp_path / 'checkpoints' / train_vae.VGG16_FILE)
+    assert 'x' in train_vae.resolve_vgg16('auto')  # the torch hub cache is used before any download
+
+
+def test_psnr_ssim_and_phi_usage():
+    from models.vae_losses import phi_indices_used, psnr_per_image, ssim_per_image
+    x = torch.rand(3, 3, 16, 16)
+    assert psnr_per_image(x, x).min().item() == pytest.approx(100.0)
+    assert psnr_per_image(x, (x + 0.1).clamp(0, 1)).mean().item() < 25
+    assert ssim_per_image(x, x).sub(1).abs().max().item() < 1e-5
+    assert ssim_per_image(x, torch.rand_like(x)).max().item() < 0.5
+    assert phi_indices_used((1, 2, 4), 4) in ([0, 1, 3], [0, 2, 3])
+    assert phi_indices_used((1, 2, 3, 4, 6, 8), 4) == [0, 1, 2, 3]
+
+
+def test_dead_codes_are_reinitialised_from_latents_and_their_moments_reset():
+    import models
+    from trainer_vae import LossConfig, ReinitConfig, VQVAETrainer
+    from utils.amp_sc import AmpOptimizer
+    torch.manual_seed(0)
+    vae = models.VQVAE(vocab_size=32, z_channels=4, ch=32, ch_mult=(1, 2), v_patch_nums=(1, 2, 4), test_mode=False)
+    opt = AmpOptimizer(torch.optim.AdamW(vae.parameters(), lr=1e-3), list(vae.parameters()), 'cpu')
+    tr = VQVAETrainer(torch.device('cpu'), vae, vae, None, None, opt, None, None, LossConfig(),
+                      ReinitConfig(every=0, threshold=0.5), seed=3)  # re-init by hand below
+    x = torch.rand(4, 3, 8, 8) * 2 - 1
+    tr.train_step(0, True, x)  # fills the EMA and the AdamW state
+    hits_V = vae.quantize.ema_vocab_hit_SV.sum(0)
+    dead = hits_V < 0.5
+    assert dead.any()
+    before = vae.quantize.embedding.weight.detach().clone()
+    n = tr.reinit_dead_codes(x)
+    after = vae.quantize.embedding.weight.detach()
+    assert n == int(dead.sum()) and tr.num_reinit >= n
+    assert torch.equal(after[~dead], before[~dead]) and not torch.equal(after[dead], before[dead])
+    assert (vae.quantize.ema_vocab_hit_SV.sum(0)[dead] >= 0.5 - 1e-6).all()  # not dead again at once
+    assert opt.optimizer.state[vae.quantize.embedding.weight]['exp_avg'][dead].abs().max() == 0
+
+
+# -------------------------------------------------------------------------------------------- real training runs
+def test_train_steps_checkpoint_logs_and_train_py_round_trip(data, tmp_path):
+    out = tmp_path / 'vae'
+    done = run_vae(vae_argv(data, out, n_vis=4, tb_every_iters=1))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert 'codebook usage per scale' in done.stdout and 're-initialised' in done.stdout
+    for name in ('vae-ckpt-last.pth', 'vae-ckpt-best.pth', 'log.txt', 'stdout.txt'):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
+    assert records[-1]['ep'] == 2 and len(records[-1]['vusage']) == 3 and 'vpsnr' in records[-1]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tb_dir = next(out.glob('tb-*'))
+    acc = EventAccumulator(str(tb_dir), size_guidance={'images': 0, 'scalars': 0})
+    acc.Reload()
+    tags = set(acc.Tags()['scalars'])
+    for tag in ('VAE_val/psnr', 'VAE_val/ssim', 'VAE_val_usage/pn1', 'VAE_usage_ema/pn4', 'VAE_iter_loss/rec_l2',
+                'VAE_iter_loss/d_loss', 'VAE_iter_loss/d_weight', 'VAE_opt/lr'):
+        assert tag in tags, tag
+    assert acc.Tags()['images'] == ['VAE_rec/rows_input_then_scales_1_to_SN']
+
+    import models
+    ckpt = torch.load(out / 'vae-ckpt-last.pth', map_location='cpu', weights_only=True)  # loads without pickle code
+    assert ckpt['vae_config']['ch_mult'] == [1, 1, 2] and ckpt['image_size'] == 16
+    vae = models.load_vae_checkpoint(out / 'vae-ckpt-last.pth')
+    assert vae.v_patch_nums == (1, 2, 4) and vae.image_size == 16 and vae.vocab_size == 64
+    for k, v in vae.state_dict().items():
+        assert torch.equal(v, ckpt['trainer']['vae_wo_ddp'][k]), k
+
+    # train.py reads the architecture from the tokenizer checkpoint: only --patch_size and --pn describe the data
+    var_out = tmp_path / 'var'
+    done = run_train(train_args(data, out / 'vae-ckpt-best.pth', var_out, pn='1_2_4', patch_size=4, ep=1,
+                                mid_reso=1.0))
+    assert done.returncode == 0, done.stderr[-3000:]
+    vae2, var = models.load_checkpoint_models(var_out / 'ar-ckpt-last.pth')
+    assert vae2.ch_mult == (1, 1, 2) and var.patch_nums == (1, 2, 4)
+    best = models.load_vae_checkpoint(out / 'vae-ckpt-best.pth')
+    assert all(torch.equal(v, vae2.state_dict()[k]) for k, v in best.state_dict().items() if 'ema_vocab' not in k)
+
+
+def kill_after_step(argv, out: Path, step: int, timeout: float = 120) -> int:
+    """SIGKILL train_vae.py once steps.jsonl shows global step `step` (a real kill: no handler runs)."""
+    log = open(out.parent / 'killed.log', 'w')
+    proc = subprocess.Popen(vae_cmd(argv), cwd=ROOT, env=cpu_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    steps, deadline = out / 'steps.jsonl', time.time() + timeout
+    try:
+        while True:
+            lines = steps.read_text().splitlines() if steps.exists() else []
+            last = json.loads(lines[-1])['g_it'] if lines and lines[-1].endswith('}') else -1
+            if last >= step:
+                os.killpg(proc.pid, signal.SIGKILL)
+                return last
+            if proc.poll() is not None or time.time() > deadline:
+                raise AssertionError('train_vae.py ended before the kill: ' + (out.parent / 'killed.log').read_text())
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        log.close()
+
+
+def test_sigkill_and_rerun_gives_the_uninterrupted_losses(data, tmp_path):
+    # 24 images, batch 4: 6 iterations per epoch, 12 in all; the GAN starts at iteration 2, dead codes are re-drawn
+    # every 2 iterations, checkpoints every 4 iterations and at epoch ends.
+    flags = dict(ep=2, ckpt_every_iters=4, log_steps=1, hflip=1, vq_reinit_until=1.0)
+    ref_out = tmp_path / 'reference'
+    ref = run_vae(vae_argv(data, ref_out, **flags))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    reference = read_losses(ref_out)
+    assert sorted(reference) == list(range(12))
+
+    out = tmp_path / 'interrupted'
+    argv = vae_argv(data, out, **flags)
+    killed_at = kill_after_step(argv, out, step=9)
+    assert killed_at < 11, 'the kill came too late to test anything'
+    resumed = run_vae(argv)  # the very same command
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert '[auto-resume] loaded' in resumed.stdout
+    assert read_losses(out) == reference  # bit-identical per-step losses, GAN and codebook upkeep included
+
+
+def test_torchrun_two_processes_with_gan_and_adaptive_weight(data, tmp_path):
+    out = tmp_path / 'ddp'
+    done = run_vae(vae_argv(data, out, ep=1, bs=8, disc_start=0), nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt = torch.load(out / 'vae-ckpt-last.pth', map_location='cpu', weights_only=True)
+    assert len(ckpt['rng']) == 2 and ckpt['derived']['batch_size'] == 4
+    assert 'disc_wo_ddp' in ckpt['trainer'] and ckpt['metrics']['n'] == 6  # both ranks' validation images
+
+
+def test_vae_init_fine_tunes_an_official_format_file(data, tmp_path, capsys):
+    import models
+    import train_vae
+    torch.manual_seed(0)
+    plain = models.VQVAE(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2), v_patch_nums=(1, 2, 4))
+    torch.save(plain.state_dict(), tmp_path / 'official_like.pth')  # a plain state dict, like vae_ch160v4096z32.pth
+    out = tmp_path / 'ft'
+    argv = vae_argv(data, out, ep=1, dw=0, vq_reinit=0, vae_init=tmp_path / 'official_like.pth')
+    assert train_vae.main(argv) == 0
+    tuned = models.load_vae_checkpoint(out / 'vae-ckpt-last.pth')
+    moved = [k for k, v in plain.state_dict().items() if 'ema_vocab' not in k and not torch.equal(v, tuned.state_dict()[k])]
+    assert moved and len(moved) < len(plain.state_dict())  # trained from those weights (the unused Phi stays put)
+    capsys.readouterr()
+    assert train_vae.main(argv) == 0  # re-running a finished command does nothing (the demo relies on it)
+    assert 'nothing to do' in capsys.readouterr().out
+    with pytest.raises(ValueError, match='--vocab=64 --cvae=8 --vae_ch=32 --vae_ch_mult=1_1_2'):
+        train_vae.main(vae_argv(data, tmp_path / 'bad', ep=1, vocab=128, vae_init=tmp_path / 'official_like.pth'))

@@ -1,0 +1,383 @@
+# Trains the multi-scale VQVAE tokenizer of VAR (arXiv 2404.02905, section 3.2), on train.py's spine.
+"""Train VAR's tokenizer on an ImageNet-style folder, in one process or under torchrun (NCCL on GPU, gloo on CPU).
+
+    torchrun --nproc_per_node=8 train_vae.py --data_path=/path/to/imagenet --bs=256 --ep=100 --fp16=2
+    python train_vae.py --data_path=DATA --vae_ch=32 --vae_ch_mult=1_2_4 --vocab=512 --pn=1_2_3_4_6_8 --lp=0 ...
+    python train_vae.py --data_path=DATA --vae_init=vae_ch160v4096z32.pth ...     # fine-tune the official VQVAE
+
+Losses: L1/L2 reconstruction, the quantiser's codebook + beta*commitment term, LPIPS (VGG16; --lp=0 turns it off and
+needs no weights) and a patch discriminator with VQGAN's adaptive weight from --disc_start on. Per-scale codebook usage
+is logged (collapse at the coarse scales is the known failure); --vq_reinit revives dead codes.
+The checkpoint (`vae-ckpt-last.pth`, `vae-ckpt-best.pth` by validation PSNR) carries `vae_config`, so
+`train.py --vae_ckpt=.../vae-ckpt-best.pth` and `sample.py` need no architecture flags. Re-running the same command
+resumes at the exact iteration.
+"""
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+import dist
+from train import rank_generator, seed_everything, set_tf32
+from trainer_vae import LossConfig, ReinitConfig, VQVAETrainer
+from utils import vae_arg_util
+from utils.amp_sc import AmpOptimizer, NonFiniteError
+from utils.arg_util import REPO_ROOT
+from utils.ckpt import CheckpointError, atomic_copy, atomic_save, auto_resume, remove_stale_tmp, rng_state, set_rng_state
+from utils.data import build_dataset
+from utils.data_sampler import DistInfiniteBatchSampler, EvalDistributedSampler
+from utils.logging import Console, LogTxt, MetricLogger, TensorboardLogger, format_seconds, git_info, log_iters
+from utils.lr_control import build_param_groups, lr_wd_annealing
+
+LAST_NAME = 'vae-ckpt-last.pth'
+BEST_NAME = 'vae-ckpt-best.pth'
+CKPT_GLOB = 'vae-ckpt*.pth'
+VGG16_FILE = 'vgg16-397923af.pth'  # torchvision's ImageNet VGG16 weights, as named in the torch hub cache
+
+
+# ------------------------------------------------------------------------------------------------------------- models
+def build_vqvae(args, cfg: vae_arg_util.VAEDerived, device: torch.device):
+    """The trainable VQVAE (from the flags, or from --vae_init whose architecture must match them)."""
+    import models
+    from models.vae_losses import phi_indices_used
+    kw = dict(vocab_size=args.vocab, z_channels=args.cvae, ch=args.vae_ch, ch_mult=cfg.ch_mult, beta=args.beta,
+              share_quant_resi=args.share_qresi, v_patch_nums=cfg.patch_nums)
+    init_sd = None
+    if args.vae_init:
+        init = models.load_vae_checkpoint(args.vae_init, device='cpu', patch_nums=cfg.patch_nums)
+        theirs = {k: init.config[k] for k in ('vocab_size', 'z_channels', 'ch', 'ch_mult', 'share_quant_resi')}
+        mine = {'vocab_size': args.vocab, 'z_channels': args.cvae, 'ch': args.vae_ch, 'ch_mult': list(cfg.ch_mult),
+                'share_quant_resi': args.share_qresi}
+        if theirs != mine:
+            flags = (f"--vocab={theirs['vocab_size']} --cvae={theirs['z_channels']} --vae_ch={theirs['ch']} "
+                     f"--vae_ch_mult={'_'.join(map(str, theirs['ch_mult']))} --share_qresi={theirs['share_quant_resi']}")
+            raise ValueError(f'--vae_init {args.vae_init} has another architecture than the flags; pass {flags}')
+        init_sd = init.state_dict()
+    with torch.device(device):
+        vae = models.VQVAE(test_mode=False, **kw)
+    if init_sd is not None:
+        vae.load_state_dict(init_sd, strict=True)
+    vae.train()
+    # Phi convolutions that no scale selects get no gradient; freezing them keeps DDP's "every parameter is used"
+    if args.share_qresi >= 2:
+        used = set(phi_indices_used(cfg.patch_nums, args.share_qresi))
+        for k, phi in enumerate(vae.quantize.quant_resi.qresi_ls):
+            phi.requires_grad_(k in used)
+    return vae
+
+
+def resolve_vgg16(spec: str) -> Dict[str, torch.Tensor]:
+    """torchvision's ImageNet VGG16 state dict: from a path, or ('auto') the torch hub cache, else a download."""
+    if spec and spec != 'auto':
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f'--lpips_vgg {spec} does not exist')
+        return torch.load(spec, map_location='cpu', weights_only=True)
+    cached = os.path.join(torch.hub.get_dir(), 'checkpoints', VGG16_FILE)
+    if os.path.isfile(cached):
+        return torch.load(cached, map_location='cpu', weights_only=True)
+    try:
+        from torchvision.models import VGG16_Weights
+        return VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=dist.is_local_master())
+    except Exception as e:
+        raise RuntimeError(
+            f'the LPIPS perceptual loss needs torchvision\'s VGG16 ImageNet weights and could not get them '
+            f'({type(e).__name__}: {e}). Offline, fetch https://download.pytorch.org/models/{VGG16_FILE} on another '
+            f'machine and pass --lpips_vgg=PATH (or copy it to {cached}); or train without it: --lp=0.') from e
+
+
+def build_lpips(args, device: torch.device):
+    from models.vae_losses import LPIPS
+    lpips = LPIPS()
+    lpips.load_vgg16(resolve_vgg16(args.lpips_vgg))
+    if args.lpips_lin:
+        lpips.load_lin(torch.load(args.lpips_lin, map_location='cpu', weights_only=True))
+    return lpips.to(device)
+
+
+def make_opt(module: torch.nn.Module, lr: float, args, device: torch.device) -> AmpOptimizer:
+    """AdamW over the trainable parameters; no weight decay on 1-d tensors, biases and the codebook (decay would
+    drag rarely chosen codes towards zero, away from the latents they should match)."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(build_param_groups(named, no_wd_keys=('embedding',)), lr=lr,
+                            betas=(args.abeta1, args.abeta2), weight_decay=0.0,
+                            fused=args.afuse and device.type in ('cuda', 'cpu'))
+    return AmpOptimizer(opt, [p for _, p in named], device.type, fp16=args.fp16, grad_clip=args.tclip,
+                        n_gradient_accumulation=args.ac, max_nonfinite=args.max_nonfinite)
+
+
+def step_scalars(out: Dict[str, Any]) -> Dict[str, float]:
+    """The scalar results of a train step as floats, with one host sync for all the tensors."""
+    keys = [k for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1]
+    values = torch.stack([out[k].float().reshape(()) for k in keys]).tolist() if keys else []
+    scalars = dict(zip(keys, values))
+    scalars.update({k: out[k] for k in ('grad_norm', 'd_grad_norm') if out.get(k) is not None})
+    return scalars
+
+
+class VAERun:
+    """One tokenizer training run: configuration, data, models, trainer, logs; `fit()` runs the epochs."""
+
+    def __init__(self, args):
+        self.args = args
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.cfg = cfg = vae_arg_util.derive_vae(args, self.world_size)
+        self.device = torch.device(args.device) if args.device else dist.get_device()
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        self.console = Console(cfg.out_dir, enabled=dist.is_master())
+        seed_everything(args.seed, self.rank, self.world_size, benchmark=True)
+        set_tf32(args.tf32)
+
+        # data (the class labels are not used)
+        _, train_set, val_set = build_dataset(args.data_path, cfg.image_size, args.hflip, args.mid_reso)
+        self.train_set, self.val_set = train_set, val_set
+        self.iters_train = math.ceil(len(train_set) / cfg.glb_batch_size)
+        self.max_it = args.ep * self.iters_train
+
+        # resume point
+        if dist.is_local_master():
+            remove_stale_tmp(cfg.out_dir)
+        ckpt, ckpt_path, notes = auto_resume(cfg.out_dir, CKPT_GLOB)
+        for note in notes:
+            self.console.warn(f'[auto-resume] skipped a broken checkpoint: {note}')
+        self.start_ep, self.start_it = (ckpt['epoch'], ckpt['iter']) if ckpt else (0, 0)
+        if self.start_it >= self.iters_train:
+            self.start_ep, self.start_it = self.start_ep + 1, 0
+
+        sampler = DistInfiniteBatchSampler(self.world_size, self.rank, len(train_set), cfg.glb_batch_size,
+                                           same_seed_for_all_ranks=args.same_seed_for_all_ranks, fill_last=True,
+                                           shuffle=True, start_ep=self.start_ep, start_it=self.start_it,
+                                           aug_seed=args.seed)
+        pin = self.device.type == 'cuda'
+        self.ld_train = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=pin,
+                                   generator=rank_generator(args.seed, self.rank, self.world_size))
+        self.ld_val = DataLoader(val_set, batch_size=cfg.val_batch_size, num_workers=0, pin_memory=pin,
+                                 drop_last=False, sampler=EvalDistributedSampler(val_set, self.world_size, self.rank))
+
+        # models and optimizers
+        self.vae_wo_ddp = build_vqvae(args, cfg, self.device)
+        self.disc_wo_ddp = None
+        if args.dw > 0:
+            from models.vae_losses import PatchDiscriminator
+            with torch.device(self.device):
+                self.disc_wo_ddp = PatchDiscriminator(3, ch=args.disc_ch, n_layers=args.disc_layers)
+        vae, disc = self.vae_wo_ddp, self.disc_wo_ddp
+        if dist.is_initialized():
+            ids = [self.device.index] if self.device.type == 'cuda' else None
+            vae = DDP(vae, device_ids=ids, find_unused_parameters=False, broadcast_buffers=False)
+            if disc is not None:
+                disc = DDP(disc, device_ids=ids, find_unused_parameters=False, broadcast_buffers=False)
+        lpips = build_lpips(args, self.device) if args.lp > 0 else None
+        self.vae_opt = make_opt(self.vae_wo_ddp, cfg.tlr, args, self.device)
+        self.disc_opt = make_opt(self.disc_wo_ddp, cfg.dlr, args, self.device) if disc is not None else None
+        margin = self.world_size * cfg.batch_size * cfg.patch_nums[-1] ** 2 / args.vocab * 0.08  # the usage margin
+        loss = LossConfig(l1=args.l1, l2=args.l2, vq=args.vq, lp=args.lp, dw=args.dw, adaptive=args.adaptive,
+                          d_loss=args.d_loss, disc_start_it=round(cfg.disc_start * self.iters_train))
+        reinit = ReinitConfig(every=args.vq_reinit, until=round(args.vq_reinit_until * self.max_it),
+                              threshold=args.vq_dead or margin)
+        self.trainer = VQVAETrainer(self.device, self.vae_wo_ddp, vae, self.disc_wo_ddp, disc, self.vae_opt,
+                                    self.disc_opt, lpips, loss, reinit, seed=args.seed or 0)
+        self.best = {'psnr': -math.inf, 'ssim': -math.inf}
+        self.last_val: Dict[str, Any] = {}
+        if ckpt:
+            self._restore(ckpt, ckpt_path)
+
+        # logs
+        self.tb = TensorboardLogger(os.path.join(cfg.out_dir, cfg.tb_dir_name), enabled=dist.is_master(),
+                                    purge_step=self.start_ep * self.iters_train + self.start_it if ckpt else None)
+        self.log_txt = LogTxt(os.path.join(cfg.out_dir, 'log.txt'), enabled=dist.is_master())
+        self.header = {'is_master': dist.is_master(), 'name': args.exp_name, 'cmd': ' '.join(sys.argv),
+                       **{k: v for k, v in git_info(str(REPO_ROOT)).items() if k != 'commit_msg'},
+                       'tb_log_dir_path': self.tb.log_dir}
+        self.log_txt.write(self.header)
+        self.steps_file = open(os.path.join(cfg.out_dir, 'steps.jsonl'), 'a') if args.log_steps and dist.is_master() \
+            else None
+        n_vae = sum(p.numel() for p in self.vae_wo_ddp.parameters())
+        n_disc = sum(p.numel() for p in disc.parameters()) if disc is not None else 0
+        self.console.info(f'[init] world_size={self.world_size} device={self.device} train={len(train_set)} '
+                          f'val={len(val_set)} iters/ep={self.iters_train} VQVAE params={n_vae / 1e6:.2f}M '
+                          f'disc params={n_disc / 1e6:.2f}M lpips={"on" if lpips is not None else "off"} '
+                          f'GAN from iteration {loss.disc_start_it} {json.dumps(dataclasses.asdict(cfg))}')
+
+    # ------------------------------------------------------------------ checkpoints
+    def _restore(self, ckpt: Dict[str, Any], path: str) -> None:
+        notes = self.trainer.load_state_dict(ckpt['trainer'])
+        rngs = ckpt.get('rng')
+        if rngs is not None and len(rngs) == self.world_size:
+            set_rng_state(rngs[self.rank])
+        else:
+            notes.append('the checkpoint was written with another number of processes: RNG states not restored')
+        self.best.update(ckpt.get('best', {}))
+        self.last_val = ckpt.get('metrics', {})
+        old_args = ckpt.get('args', {})
+        changed = {k: (old_args[k], v) for k, v in vars(self.args).items() if k in old_args and old_args[k] != v}
+        if changed:
+            notes.append(f'arguments changed since the checkpoint (old, new): {changed}')
+        for note in notes:
+            self.console.warn(f'[auto-resume] {note}')
+        self.console.info(f'[auto-resume] loaded {path}: epoch {self.start_ep}, iteration {self.start_it}')
+
+    def save(self, epoch: int, it: int, best_updated: bool = False) -> None:
+        """vae-ckpt-last.pth (copied to vae-ckpt-best.pth on a better val PSNR) on every node's local master."""
+        rngs = dist.allgather_object(rng_state())
+        if not dist.is_local_master():
+            return
+        state = {'epoch': epoch, 'iter': it, 'trainer': self.trainer.state_dict(), 'args': vars(self.args),
+                 'derived': dataclasses.asdict(self.cfg), 'rng': rngs, 'best': dict(self.best),
+                 'metrics': dict(self.last_val), 'vae_config': dict(self.vae_wo_ddp.config),
+                 'image_size': self.cfg.image_size}
+        last = os.path.join(self.cfg.out_dir, LAST_NAME)
+        atomic_save(state, last)
+        if best_updated:
+            atomic_copy(last, os.path.join(self.cfg.out_dir, BEST_NAME))
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> None:
+        args = self.args
+        if self.start_ep >= args.ep:
+            self.console.info(f'[fit] nothing to do: the checkpoint is at epoch {self.start_ep} of {args.ep}')
+            return
+        ld_iter = iter(self.ld_train)
+        t_start, it_start = time.time(), self.start_ep * self.iters_train + self.start_it
+        for ep in range(self.start_ep, args.ep):
+            first_it = self.start_it if ep == self.start_ep else 0
+            stats = self.train_one_ep(ep, first_it, ld_iter)
+            done_its = (ep + 1) * self.iters_train - it_start
+            remain = (time.time() - t_start) / max(done_its, 1) * (args.ep - ep - 1) * self.iters_train
+            record = {'ep': ep + 1, 'it': (ep + 1) * self.iters_train, **stats,
+                      'remain_time': format_seconds(remain),
+                      'finish_time': time.strftime('%Y-%m-%d %H:%M', time.localtime(time.time() + remain))}
+            best_updated = False
+            if (ep + 1) % args.val_every_ep == 0 or ep + 1 == args.ep:
+                best_updated = self.validate(ep + 1)
+                record.update({f'v{k}': v for k, v in self.last_val.items() if k != 'seconds'})
+            self.tb.scalars(ep + 1, 'VAE_ep_loss', **{k: v for k, v in stats.items() if isinstance(v, float)})
+            self.console.info(f'[ep{ep}] (training) ' + ', '.join(f'{k}: {v:.4g}' for k, v in stats.items()
+                                                                    if isinstance(v, float))
+                              + f', Remain: {record["remain_time"]}, Finish: {record["finish_time"]}')
+            self.save(ep + 1, 0, best_updated)
+            self.log_txt.write(self.header, record)
+            self.tb.flush()
+        self.console.info(f'[fit] done: {args.ep} epochs, best val PSNR {self.best["psnr"]:.2f} dB, '
+                          f'{self.vae_opt.num_skipped} skipped step(s), {self.trainer.num_reinit} code(s) '
+                          f're-initialised, {self.train_set.num_skipped} unreadable image(s) skipped by this rank')
+
+    def train_one_ep(self, ep: int, first_it: int, ld_iter) -> Dict[str, float]:
+        from tqdm import tqdm
+        args, cfg, trainer = self.args, self.cfg, self.trainer
+        iters = self.iters_train
+        wp_it = round(cfg.wp * iters)
+        me = MetricLogger()
+        log_its = log_iters(iters, first_it)
+        bar = tqdm(total=iters, initial=first_it, desc=f'[VAE Ep {ep}/{args.ep}]', disable=not dist.is_master(),
+                   mininterval=1.0 if sys.stderr.isatty() else 60.0, dynamic_ncols=True, leave=False)
+        t0 = time.time()
+        for it in range(first_it, iters):
+            g_it = ep * iters + it
+            inp_B3HW, _ = next(ld_iter)
+            inp_B3HW = inp_B3HW.to(self.device, non_blocking=True)
+            stepping = (g_it + 1) % args.ac == 0
+            lr_wd = lr_wd_annealing(args.sche, self.vae_opt.optimizer, cfg.tlr, args.twd, cfg.twde, g_it, wp_it,
+                                    self.max_it, wp0=args.wp0, wpe=args.wpe)
+            if self.disc_opt is not None:
+                lr_wd_annealing(args.sche, self.disc_opt.optimizer, cfg.dlr, args.twd, cfg.twde, g_it, wp_it,
+                                self.max_it, wp0=args.wp0, wpe=args.wpe)
+            tb_now = g_it == 0 or (g_it + 1) % args.tb_every_iters == 0
+            skipped_before = self.vae_opt.num_skipped
+            out = trainer.train_step(g_it, stepping, inp_B3HW, metrics=tb_now or it in log_its)
+            me.update(**step_scalars(out))
+            if it in log_its:
+                eta = (time.time() - t0) / (it - first_it + 1) * (iters - it - 1)
+                usage = '/'.join(f'{u:.0f}' for u in out['usages']) if out['usages'] else ''
+                self.console.info(f'[VAE Ep]: [{ep:4d}/{args.ep}]  [{it:4d}/{iters}]  eta: {format_seconds(eta)}  '
+                                  f'lr: {lr_wd[1]:.3g}  usage%/scale: {usage}  {me}')
+            if out.get('reinit'):
+                self.console.info(f'[step {g_it}] re-initialised {out["reinit"]} dead code(s)')
+            if self.vae_opt.num_skipped > skipped_before:
+                self.console.warn(f'[step {g_it}] non-finite loss or gradient: step skipped '
+                                  f'({self.vae_opt.consecutive_skipped} in a row)')
+            if tb_now:
+                self.log_tb_iter(g_it, out, lr_wd)
+            if self.steps_file is not None:
+                self.steps_file.write(json.dumps({'g_it': g_it, 'ep': ep, 'it': it, 'loss': out['loss'].item(),
+                                                  'grad_norm': out['grad_norm'], 'lr': lr_wd[1]}) + '\n')
+                self.steps_file.flush()
+            bar.update(1)
+            every = args.ckpt_every_iters
+            if every > 0 and (g_it + 1) % every == 0 and stepping and it + 1 < iters:
+                self.save(ep, it + 1)
+        bar.close()
+        me.synchronize_between_processes(self.device)
+        return {k: float(v) for k, v in me.global_avgs().items()}
+
+    def log_tb_iter(self, g_it: int, out: Dict[str, Any], lr_wd) -> None:
+        self.tb.scalars(g_it, 'VAE_opt', lr=lr_wd[1], wd=lr_wd[3], grad_norm=out['grad_norm'],
+                        scale_log2=out['scale_log2'], d_grad_norm=out.get('d_grad_norm'),
+                        skipped_total=self.vae_opt.num_skipped)
+        self.tb.scalars(g_it, 'VAE_iter_loss', **{k: out.get(k) for k in (
+            'loss', 'rec_l1', 'rec_l2', 'vq', 'lpips', 'g_loss', 'd_weight', 'd_loss', 'logits_real', 'logits_fake')})
+        if out['usages']:
+            self.tb.scalars(g_it, 'VAE_usage_ema', **{f'pn{pn}': u for pn, u in zip(self.cfg.patch_nums, out['usages'])})
+        self.tb.scalars(g_it, 'VAE_usage_ema', reinit_total=self.trainer.num_reinit)
+
+    def validate(self, step: int) -> bool:
+        """Reconstruction metrics and per-scale usage on the validation split; True if the PSNR is the best so far."""
+        m = self.trainer.eval_ep(self.ld_val, max_images=self.args.val_max)
+        self.last_val = {k: m[k] for k in ('psnr', 'ssim', 'l1', 'l2', 'usage', 'n', 'seconds')}
+        best_updated = m['psnr'] > self.best['psnr']
+        self.best.update(psnr=max(self.best['psnr'], m['psnr']), ssim=max(self.best['ssim'], m['ssim']))
+        self.tb.scalars(step, 'VAE_val', psnr=m['psnr'], ssim=m['ssim'], l1=m['l1'], l2=m['l2'])
+        self.tb.scalars(step, 'VAE_val_usage', **{f'pn{pn}': u for pn, u in zip(self.cfg.patch_nums, m['usage'])})
+        usage = ', '.join(f'{pn}x{pn}: {u:.1f}%' for pn, u in zip(self.cfg.patch_nums, m['usage']))
+        self.console.info(f'[val ep{step - 1}] ({m["n"]} images, {m["seconds"]:.1f}s) PSNR: {m["psnr"]:.2f} dB, '
+                          f'SSIM: {m["ssim"]:.4f}, L1: {m["l1"]:.4f}, best PSNR: {self.best["psnr"]:.2f}; '
+                          f'codebook usage per scale: {usage}')
+        self.visualize(step)
+        return best_updated
+
+    def visualize(self, step: int) -> None:
+        """Fixed validation images and their reconstructions from the first 1..SN scales, in TensorBoard."""
+        if not dist.is_master() or self.args.n_vis <= 0:
+            return
+        from torchvision.utils import make_grid
+        n = min(self.args.n_vis, len(self.val_set))
+        picks = torch.linspace(0, len(self.val_set) - 1, n).round().long().tolist()
+        img_B3HW = torch.stack([self.val_set[i][0] for i in picks])
+        grid = self.trainer.visual_grid(img_B3HW)
+        self.tb.image('VAE_rec/rows_input_then_scales_1_to_SN', make_grid(grid, nrow=n, padding=1), step)
+
+    def close(self) -> None:
+        if self.steps_file is not None:
+            self.steps_file.close()
+        self.tb.close()
+
+
+def main(argv=None) -> int:
+    args = vae_arg_util.parse_vae_args(argv)
+    dist.initialize()
+    run: Optional[VAERun] = None
+    try:
+        run = VAERun(args)
+        run.fit()
+        dist.barrier()
+        return 0
+    except NonFiniteError as e:
+        print(f'[rank {dist.get_rank()}] {e}', file=sys.stderr, flush=True)
+        return 3
+    except CheckpointError as e:
+        print(f'[rank {dist.get_rank()}] {e}', file=sys.stderr, flush=True)
+        return 4
+    finally:
+        if run is not None:
+            run.close()
+        dist.finalize()
+
+
+if __name__ == '__main__':
+    sys.exit(main())
