@@ -47,16 +47,60 @@ def parse_patch_nums(pn: str) -> Tuple[int, ...]:
     return PN_PRESETS[pn] if pn in PN_PRESETS else parse_int_tuple(pn)
 
 
+def flag(group, names: Sequence[str], **kw) -> None:
+    group.add_argument(*names, **kw)
+
+
+def bool_flag(group, names: Sequence[str], default: bool, help: str) -> None:
+    # `--hflip` alone means true; `--hflip=0` and `--hflip false` are explicit.
+    group.add_argument(*names, type=str2bool, nargs='?', const=True, default=default, help=help)
+
+
+def add_schedule_flags(o, *, bs: int, ep: int, tblr: float, twd: float, wpe: float, sche: str) -> None:
+    """Batch, epochs, lr/wd schedule and clipping flags shared by train.py and train_vae.py (official names)."""
+    flag(o, ['--bs', '--global_batch_size'], dest='bs', type=int, default=bs, help='global batch size (all ranks)')
+    flag(o, ['--ac', '--grad_accum'], dest='ac', type=int, default=1, help='gradient accumulation steps')
+    flag(o, ['--ep', '--epochs'], dest='ep', type=int, default=ep, help='epochs')
+    flag(o, ['--tblr', '--base_lr'], dest='tblr', type=float, default=tblr, help='base lr for a batch of 256')
+    flag(o, ['--twd', '--weight_decay'], dest='twd', type=float, default=twd, help='weight decay (none on 1-d/bias)')
+    flag(o, ['--twde', '--weight_decay_end'], dest='twde', type=float, default=0.0, help='final wd (0: = twd)')
+    flag(o, ['--tclip', '--grad_clip'], dest='tclip', type=float, default=2.0, help='grad-norm clip (<=0: off)')
+    flag(o, ['--wp', '--warmup_epochs'], dest='wp', type=float, default=0.0, help='warm-up epochs (0: ep/50)')
+    flag(o, ['--wp0', '--warmup_start_ratio'], dest='wp0', type=float, default=0.005, help='lr ratio at it 0')
+    flag(o, ['--wpe', '--final_lr_ratio'], dest='wpe', type=float, default=wpe, help='lr ratio at the end')
+    flag(o, ['--sche', '--lr_schedule'], dest='sche', default=sche,
+         help='cos, lin, lin0, lin00, linX, exp (train.py forces lin{pg} with --pg)')
+
+
+def add_precision_flags(o) -> None:
+    bool_flag(o, ['--afuse', '--fused_adamw'], True, 'fused AdamW')
+    flag(o, ['--fp16', '--precision'], dest='fp16', type=int, default=0, choices=[0, 1, 2],
+         help='0 fp32, 1 fp16 autocast + GradScaler, 2 bf16 autocast')
+    bool_flag(o, ['--tf32'], True, 'allow TF32 matmuls and convolutions')
+    flag(o, ['--max_nonfinite'], type=int, default=100,
+         help='stop after this many consecutive steps skipped for a non-finite loss or gradient')
+
+
+def add_run_flags(p, *, out_dir: str, last_name: str, val_every_ep: int, tb_every_iters: int):
+    """Seeds, output folder, checkpoint interval, validation and logging cadence; returns the group."""
+    r = p.add_argument_group('run')
+    flag(r, ['--seed'], type=int, default=None, help='seed (per rank: seed*world_size+rank); None: non-deterministic')
+    flag(r, ['--same_seed_for_all_ranks'], type=int, default=0, help='added to the sampler seed')
+    flag(r, ['--local_out_dir_path', '--out_dir'], dest='local_out_dir_path', default=None,
+         help=f'checkpoints, log.txt, TensorBoard (default: {out_dir})')
+    flag(r, ['--ckpt_every_iters'], type=int, default=0, help=f'also save {last_name} every N iterations (0: off)')
+    flag(r, ['--val_every_ep'], type=int, default=val_every_ep,
+         help='validate (and save best) every N epochs and at the end')
+    flag(r, ['--tb_every_iters'], type=int, default=tb_every_iters,
+         help='iteration-wise TensorBoard scalars every N iterations')
+    bool_flag(r, ['--log_steps'], False, 'append every step loss to steps.jsonl (reproducibility checks)')
+    flag(r, ['--device'], default='', help="'' picks cuda:LOCAL_RANK when available, else cpu")
+    return r
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description='Train VAR (next-scale prediction) on an ImageNet-style folder.',
                                 allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-
-    def flag(group, names: Sequence[str], **kw) -> None:
-        group.add_argument(*names, **kw)
-
-    def bool_flag(group, names: Sequence[str], default: bool, help: str) -> None:
-        # `--hflip` alone means true; `--hflip=0` and `--hflip false` are explicit.
-        group.add_argument(*names, type=str2bool, nargs='?', const=True, default=default, help=help)
 
     d = p.add_argument_group('data')
     flag(d, ['--data_path'], default='/path/to/imagenet', help='folder with train/ and val/, one sub-folder per class')
@@ -91,43 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
               'from the file); empty: fetch vae_ch160v4096z32.pth from the Hugging Face Hub')
 
     o = p.add_argument_group('optimisation')
-    flag(o, ['--bs', '--global_batch_size'], dest='bs', type=int, default=768, help='global batch size (all ranks)')
-    flag(o, ['--ac', '--grad_accum'], dest='ac', type=int, default=1, help='gradient accumulation steps')
-    flag(o, ['--ep', '--epochs'], dest='ep', type=int, default=250, help='epochs')
-    flag(o, ['--tblr', '--base_lr'], dest='tblr', type=float, default=1e-4, help='base lr for a batch of 256')
+    add_schedule_flags(o, bs=768, ep=250, tblr=1e-4, twd=0.05, wpe=0.01, sche='lin0')
     flag(o, ['--tlr'], type=float, default=None, help='ignored: always recomputed as ac*tblr*bs/256 (official)')
-    flag(o, ['--twd', '--weight_decay'], dest='twd', type=float, default=0.05, help='weight decay')
-    flag(o, ['--twde', '--weight_decay_end'], dest='twde', type=float, default=0.0, help='final wd (0: = twd)')
-    flag(o, ['--tclip', '--grad_clip'], dest='tclip', type=float, default=2.0, help='grad-norm clip (<=0: off)')
     flag(o, ['--ls', '--label_smooth'], dest='ls', type=float, default=0.0, help='label smoothing')
-    flag(o, ['--wp', '--warmup_epochs'], dest='wp', type=float, default=0.0, help='warm-up epochs (0: ep/50)')
-    flag(o, ['--wp0', '--warmup_start_ratio'], dest='wp0', type=float, default=0.005, help='lr ratio at it 0')
-    flag(o, ['--wpe', '--final_lr_ratio'], dest='wpe', type=float, default=0.01, help='lr ratio at the end')
-    flag(o, ['--sche', '--lr_schedule'], dest='sche', default='lin0',
-         help='cos, lin, lin0, lin00, linX, exp (forced to lin{pg} with --pg)')
     flag(o, ['--opt', '--optimizer'], dest='opt', default='adamw', choices=['adam', 'adamw'], help='both are AdamW')
-    bool_flag(o, ['--afuse', '--fused_adamw'], True, 'fused AdamW')
-    flag(o, ['--fp16', '--precision'], dest='fp16', type=int, default=0, choices=[0, 1, 2],
-         help='0 fp32, 1 fp16 autocast + GradScaler, 2 bf16 autocast')
-    bool_flag(o, ['--tf32'], True, 'allow TF32 matmuls and convolutions')
-    flag(o, ['--max_nonfinite'], type=int, default=100,
-         help='stop after this many consecutive steps skipped for a non-finite loss or gradient')
+    add_precision_flags(o)
 
     g = p.add_argument_group('progressive training')
     flag(g, ['--pg', '--progressive'], dest='pg', type=float, default=0.0, help='fraction of training that grows')
     flag(g, ['--pg0'], type=int, default=4, help='first progressive scale index')
     flag(g, ['--pgwp'], type=float, default=0.0, help='per-stage warm-up epochs (0: ep/300)')
 
-    r = p.add_argument_group('run')
-    flag(r, ['--seed'], type=int, default=None, help='seed (per rank: seed*world_size+rank); None: non-deterministic')
-    flag(r, ['--same_seed_for_all_ranks'], type=int, default=0, help='added to the sampler seed')
-    flag(r, ['--local_out_dir_path', '--out_dir'], dest='local_out_dir_path', default=None,
-         help='checkpoints, log.txt, TensorBoard (default: <repo>/local_output)')
-    flag(r, ['--ckpt_every_iters'], type=int, default=0, help='also save ar-ckpt-last.pth every N iterations (0: off)')
-    flag(r, ['--val_every_ep'], type=int, default=10, help='validate (and save best) every N epochs and at the end')
-    flag(r, ['--tb_every_iters'], type=int, default=500, help='iteration-wise TensorBoard scalars every N iterations')
-    bool_flag(r, ['--log_steps'], False, 'append every step loss to steps.jsonl (reproducibility checks)')
-    flag(r, ['--device'], default='', help="'' picks cuda:LOCAL_RANK when available, else cpu")
+    add_run_flags(p, out_dir='<repo>/local_output', last_name='ar-ckpt-last.pth', val_every_ep=10, tb_every_iters=500)
     return p
 
 

@@ -11,7 +11,8 @@ import re
 import warnings
 from typing import Optional, Sequence, Tuple
 
-from utils.arg_util import REPO_ROOT, parse_int_tuple, parse_patch_nums, str2bool
+from utils.arg_util import (REPO_ROOT, add_precision_flags, add_run_flags, add_schedule_flags, bool_flag, flag,
+                            parse_int_tuple, parse_patch_nums)
 
 OFFICIAL_CH_MULT = '1_1_2_2_4'
 
@@ -19,12 +20,6 @@ OFFICIAL_CH_MULT = '1_1_2_2_4'
 def build_vae_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description='Train the multi-scale VQVAE tokenizer of VAR on an ImageNet-style folder.',
                                 allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-
-    def flag(group, names: Sequence[str], **kw) -> None:
-        group.add_argument(*names, **kw)
-
-    def bool_flag(group, names: Sequence[str], default: bool, help: str) -> None:
-        group.add_argument(*names, type=str2bool, nargs='?', const=True, default=default, help=help)
 
     d = p.add_argument_group('data')
     flag(d, ['--data_path'], default='/path/to/imagenet', help='folder with train/ and val/, one sub-folder per class')
@@ -74,37 +69,15 @@ def build_vae_parser() -> argparse.ArgumentParser:
          help="a code is dead when its EMA hits summed over scales fall below this (0: the usage margin)")
 
     o = p.add_argument_group('optimisation')
-    flag(o, ['--bs', '--global_batch_size'], dest='bs', type=int, default=256, help='global batch size (all ranks)')
-    flag(o, ['--ac', '--grad_accum'], dest='ac', type=int, default=1, help='gradient accumulation steps')
-    flag(o, ['--ep', '--epochs'], dest='ep', type=int, default=100, help='epochs')
-    flag(o, ['--tblr', '--base_lr'], dest='tblr', type=float, default=2e-4, help='base lr for a batch of 256')
-    flag(o, ['--twd', '--weight_decay'], dest='twd', type=float, default=0.0, help='weight decay (no wd on 1-d/bias)')
-    flag(o, ['--twde', '--weight_decay_end'], dest='twde', type=float, default=0.0, help='final wd (0: = twd)')
-    flag(o, ['--tclip', '--grad_clip'], dest='tclip', type=float, default=2.0, help='grad-norm clip (<=0: off)')
-    flag(o, ['--wp', '--warmup_epochs'], dest='wp', type=float, default=0.0, help='warm-up epochs (0: ep/50)')
-    flag(o, ['--wp0', '--warmup_start_ratio'], dest='wp0', type=float, default=0.005, help='lr ratio at it 0')
-    flag(o, ['--wpe', '--final_lr_ratio'], dest='wpe', type=float, default=0.1, help='lr ratio at the end')
-    flag(o, ['--sche', '--lr_schedule'], dest='sche', default='cos', help='cos, lin, lin0, lin00, linX, exp')
+    add_schedule_flags(o, bs=256, ep=100, tblr=2e-4, twd=0.0, wpe=0.1, sche='cos')
     flag(o, ['--abeta1'], type=float, default=0.5, help='AdamW beta1 (GAN-style 0.5)')
     flag(o, ['--abeta2'], type=float, default=0.9, help='AdamW beta2')
-    bool_flag(o, ['--afuse', '--fused_adamw'], True, 'fused AdamW')
-    flag(o, ['--fp16', '--precision'], dest='fp16', type=int, default=0, choices=[0, 1, 2],
-         help='0 fp32, 1 fp16 autocast + GradScaler, 2 bf16 autocast')
-    bool_flag(o, ['--tf32'], True, 'allow TF32 matmuls and convolutions')
-    flag(o, ['--max_nonfinite'], type=int, default=100, help='stop after this many consecutive skipped steps')
+    add_precision_flags(o)
 
-    r = p.add_argument_group('run')
-    flag(r, ['--seed'], type=int, default=None, help='seed (per rank: seed*world_size+rank); None: non-deterministic')
-    flag(r, ['--same_seed_for_all_ranks'], type=int, default=0, help='added to the sampler seed')
-    flag(r, ['--local_out_dir_path', '--out_dir'], dest='local_out_dir_path', default=None,
-         help='checkpoints, log.txt, TensorBoard (default: <repo>/local_output/vae)')
-    flag(r, ['--ckpt_every_iters'], type=int, default=0, help='also save vae-ckpt-last.pth every N iterations')
-    flag(r, ['--val_every_ep'], type=int, default=1, help='validate (and save best) every N epochs and at the end')
+    r = add_run_flags(p, out_dir='<repo>/local_output/vae', last_name='vae-ckpt-last.pth', val_every_ep=1,
+                      tb_every_iters=100)
     flag(r, ['--val_max'], type=int, default=0, help='validate on at most this many images (0: all)')
-    flag(r, ['--tb_every_iters'], type=int, default=100, help='iteration-wise TensorBoard scalars every N iterations')
     flag(r, ['--n_vis'], type=int, default=8, help='fixed validation images shown reconstructed in TensorBoard')
-    bool_flag(r, ['--log_steps'], False, 'append every step loss to steps.jsonl (reproducibility checks)')
-    flag(r, ['--device'], default='', help="'' picks cuda:LOCAL_RANK when available, else cpu")
     return p
 
 
