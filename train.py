@@ -29,8 +29,8 @@ from models.loading import VAE_FILENAME
 from trainer import VARTrainer
 from utils import arg_util
 from utils.amp_sc import AmpOptimizer, NonFiniteError
-from utils.ckpt import (BEST_NAME, LAST_NAME, CheckpointError, atomic_copy, atomic_save, auto_resume, remove_stale_tmp,
-                        rng_state, set_rng_state)
+from utils.ckpt import (BEST_NAME, LAST_NAME, CheckpointError, auto_resume, remove_stale_tmp, save_run_checkpoint,
+                        set_rng_state)
 from utils.data import build_dataset
 from utils.data_sampler import DistInfiniteBatchSampler, EvalDistributedSampler
 from utils.logging import (Console, LogTxt, MetricLogger, SmoothedValue, TensorboardLogger, format_seconds, git_info,
@@ -203,19 +203,13 @@ class Run:
 
     def save(self, epoch: int, it: int, best_updated: bool = False) -> None:
         """Write ar-ckpt-last.pth (and copy it to ar-ckpt-best.pth) on every node's local master, atomically."""
-        rngs = dist.allgather_object(rng_state())  # a collective: every rank takes part
-        if not dist.is_local_master():
-            return
         state = {'epoch': epoch, 'iter': it, 'trainer': self.trainer.state_dict(), 'args': vars(self.args),
-                 'derived': dataclasses.asdict(self.cfg), 'rng': rngs, 'best': dict(self.best),
+                 'derived': dataclasses.asdict(self.cfg), 'best': dict(self.best),
                  'model_config': dict(getattr(self.var_wo_ddp, 'build_config', {})), 'vae_config': self.vae_cfg}
-        last = os.path.join(self.cfg.out_dir, LAST_NAME)
-        atomic_save(state, last)
-        if best_updated:
-            atomic_copy(last, os.path.join(self.cfg.out_dir, BEST_NAME))
+        save_run_checkpoint(state, self.cfg.out_dir, LAST_NAME, BEST_NAME, best_updated)
 
     def fit(self) -> None:
-        args, cfg = self.args, self.cfg
+        args = self.args
         if self.start_ep >= args.ep:
             self.console.info(f'[fit] nothing to do: the checkpoint is at epoch {self.start_ep} of {args.ep}')
             return

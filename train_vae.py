@@ -30,7 +30,7 @@ from trainer_vae import LossConfig, ReinitConfig, VQVAETrainer
 from utils import vae_arg_util
 from utils.amp_sc import AmpOptimizer, NonFiniteError
 from utils.arg_util import REPO_ROOT
-from utils.ckpt import CheckpointError, atomic_copy, atomic_save, auto_resume, remove_stale_tmp, rng_state, set_rng_state
+from utils.ckpt import CheckpointError, auto_resume, remove_stale_tmp, save_run_checkpoint, set_rng_state
 from utils.data import build_dataset
 from utils.data_sampler import DistInfiniteBatchSampler, EvalDistributedSampler
 from utils.logging import Console, LogTxt, MetricLogger, TensorboardLogger, format_seconds, git_info, log_iters
@@ -225,17 +225,11 @@ class VAERun:
 
     def save(self, epoch: int, it: int, best_updated: bool = False) -> None:
         """vae-ckpt-last.pth (copied to vae-ckpt-best.pth on a better val PSNR) on every node's local master."""
-        rngs = dist.allgather_object(rng_state())
-        if not dist.is_local_master():
-            return
         state = {'epoch': epoch, 'iter': it, 'trainer': self.trainer.state_dict(), 'args': vars(self.args),
-                 'derived': dataclasses.asdict(self.cfg), 'rng': rngs, 'best': dict(self.best),
+                 'derived': dataclasses.asdict(self.cfg), 'best': dict(self.best),
                  'metrics': dict(self.last_val), 'vae_config': dict(self.vae_wo_ddp.config),
                  'image_size': self.cfg.image_size}
-        last = os.path.join(self.cfg.out_dir, LAST_NAME)
-        atomic_save(state, last)
-        if best_updated:
-            atomic_copy(last, os.path.join(self.cfg.out_dir, BEST_NAME))
+        save_run_checkpoint(state, self.cfg.out_dir, LAST_NAME, BEST_NAME, best_updated)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> None:

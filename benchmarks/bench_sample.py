@@ -45,9 +45,6 @@ def bench_one(depth: int, B: int, dtype: torch.dtype, repeats: int):
     ref, fast = rows
     fast['speedup'] = fast['img_per_s'] / ref['img_per_s']
     fast['mem_ratio'] = fast['peak_gib'] / ref['peak_gib']
-    del vae, var
-    gc.collect()
-    torch.cuda.empty_cache()
     return rows
 
 
@@ -71,6 +68,8 @@ def main(argv=None):
         configs += [(36, min(int(b) for b in args.batches.split(',')), DTYPES[t]) for t in args.dtypes.split(',')]
     for depth, B, dtype in configs:
         rows += bench_one(depth, B, dtype, args.repeats)
+        gc.collect()  # the models of bench_one are garbage now
+        torch.cuda.empty_cache()
         print_table('VAR sampling (cfg 1.5, top-k 900, top-p 0.96, VQVAE decode included)', rows[-2:],
                     ['model', 'batch', 'dtype', 'path', 'img_per_s', 'sec_per_batch', 'peak_gib', 'speedup', 'mem_ratio'])
     print_table('VAR sampling, all configurations', rows,

@@ -7,7 +7,7 @@ Shape legend: B batch, l tokens of one scale, V vocabulary.
 batch) or a sequence of B generators (one stream per batch row, so that a row's sample does not depend
 on which other rows share its batch; used by the distributed FID export).
 """
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 import torch.nn as nn

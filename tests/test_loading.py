@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from conftest import TINY, shared_path
-from models import build_vae_var, hub_download, infer_vae_config, infer_var_config, load_checkpoint_models, \
+from conftest import shared_path
+from models import hub_download, infer_vae_config, infer_var_config, load_checkpoint_models, \
     load_pretrained, load_vae_checkpoint
 
 

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from conftest import shared_path
 from models import PRESETS, build_vae_var

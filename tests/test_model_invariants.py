@@ -1,5 +1,4 @@
 """Behavioural invariants of the models beyond the golden vectors (tiny configs, CPU)."""
-import math
 
 import pytest
 import torch

@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+import dist
+
 LAST_NAME = 'ar-ckpt-last.pth'
 BEST_NAME = 'ar-ckpt-best.pth'
 CKPT_GLOB = 'ar-ckpt*.pth'
@@ -134,3 +136,16 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state['cpu'])
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state['cuda'])
+
+
+def save_run_checkpoint(state: Dict[str, Any], out_dir: str, last_name: str, best_name: str,
+                        best_updated: bool) -> None:
+    """Every rank's RNG state is gathered into `state['rng']` (a collective: all ranks call this); then each node's
+    local master writes `last_name` atomically and, when `best_updated`, copies it to `best_name`."""
+    rngs = dist.allgather_object(rng_state())
+    if not dist.is_local_master():
+        return
+    last = os.path.join(out_dir, last_name)
+    atomic_save({**state, 'rng': rngs}, last)
+    if best_updated:
+        atomic_copy(last, os.path.join(out_dir, best_name))
