@@ -11,12 +11,10 @@ import dataclasses
 import json
 import math
 import os
-import random
 import sys
 import time
 from typing import Any, Dict, Optional, Tuple
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
@@ -36,46 +34,10 @@ from utils.data_sampler import DistInfiniteBatchSampler, EvalDistributedSampler
 from utils.logging import (Console, LogTxt, MetricLogger, SmoothedValue, TensorboardLogger, format_seconds, git_info,
                            log_iters)
 from utils.lr_control import build_param_groups, lr_wd_annealing, progressive_si
+from utils.runtime import rank_generator, resolve_device, seed_everything, set_tf32
 
 COMPILE_MODES = {1: 'reduce-overhead', 2: 'max-autotune', 3: 'default'}
 VIS_SAMPLES = 8  # class-conditional samples written to TensorBoard at each validation
-
-
-def seed_everything(seed: Optional[int], rank: int, world_size: int, benchmark: bool) -> None:
-    """Seed python, numpy and torch with seed*world_size + rank (nothing without a seed); cudnn as officially."""
-    torch.backends.cudnn.enabled = True
-    torch.backends.cudnn.benchmark = benchmark
-    if seed is None:
-        torch.backends.cudnn.deterministic = False
-        return
-    torch.backends.cudnn.deterministic = True
-    s = seed * world_size + rank
-    random.seed(s)
-    np.random.seed(s)
-    torch.manual_seed(s)
-    torch.cuda.manual_seed_all(s)
-
-
-def set_tf32(enabled: bool) -> None:
-    torch.backends.cudnn.allow_tf32 = enabled
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.set_float32_matmul_precision('high' if enabled else 'highest')
-
-
-def resolve_device(name: str) -> torch.device:
-    """'' -> this rank's CUDA device or the CPU; 'cuda' without an index -> this rank's CUDA device."""
-    device = torch.device(name) if name else dist.get_device()
-    if device.type == 'cuda' and device.index is None:
-        device = dist.get_device()
-    return device
-
-
-def rank_generator(seed: Optional[int], rank: int, world_size: int) -> Optional[torch.Generator]:
-    if seed is None:
-        return None
-    g = torch.Generator()
-    g.manual_seed(seed * world_size + rank)
-    return g
 
 
 def build_models(args, cfg: arg_util.Derived, num_classes: int, device: torch.device):

@@ -25,7 +25,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import dist
-from train import rank_generator, seed_everything, set_tf32
 from trainer_vae import LossConfig, ReinitConfig, VQVAETrainer
 from utils import vae_arg_util
 from utils.amp_sc import AmpOptimizer, NonFiniteError
@@ -35,6 +34,7 @@ from utils.data import build_dataset
 from utils.data_sampler import DistInfiniteBatchSampler, EvalDistributedSampler
 from utils.logging import Console, LogTxt, MetricLogger, TensorboardLogger, format_seconds, git_info, log_iters
 from utils.lr_control import build_param_groups, lr_wd_annealing
+from utils.runtime import rank_generator, resolve_device, seed_everything, set_tf32
 
 LAST_NAME = 'vae-ckpt-last.pth'
 BEST_NAME = 'vae-ckpt-best.pth'
@@ -128,7 +128,7 @@ class VAERun:
         self.args = args
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.cfg = cfg = vae_arg_util.derive_vae(args, self.world_size)
-        self.device = torch.device(args.device) if args.device else dist.get_device()
+        self.device = resolve_device(args.device)
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.console = Console(cfg.out_dir, enabled=dist.is_master())
         seed_everything(args.seed, self.rank, self.world_size, benchmark=True)
