@@ -3,16 +3,14 @@ kill-and-resume, DDP under torchrun, fine-tuning from an official-format file, a
 train.py (--vae_ckpt with no architecture flags)."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from train_fixtures import ROOT, cpu_env, free_port, make_image_folder, run_train, train_args
+from train_fixtures import ROOT, cpu_env, free_port, kill_after_step, make_image_folder, run_train, train_args
 
 # A x4 tokenizer on 16x16 images: 3 scales (1, 2, 4), the 4th Phi unused (checks the DDP freezing of unused Phis).
 TINY_VAE_FLAGS = dict(vae_ch=32, vae_ch_mult='1_1_2', vocab=64, cvae=8, pn='1_2_4', mid_reso=1.0, lp=0, dw=0.5,
@@ -177,29 +175,6 @@ def test_train_steps_checkpoint_logs_and_train_py_round_trip(data, tmp_path):
     assert all(torch.equal(v, vae2.state_dict()[k]) for k, v in best.state_dict().items() if 'ema_vocab' not in k)
 
 
-def kill_after_step(argv, out: Path, step: int, timeout: float = 120) -> int:
-    """SIGKILL train_vae.py once steps.jsonl shows global step `step` (a real kill: no handler runs)."""
-    log = open(out.parent / 'killed.log', 'w')
-    proc = subprocess.Popen(vae_cmd(argv), cwd=ROOT, env=cpu_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    steps, deadline = out / 'steps.jsonl', time.time() + timeout
-    try:
-        while True:
-            lines = steps.read_text().splitlines() if steps.exists() else []
-            last = json.loads(lines[-1])['g_it'] if lines and lines[-1].endswith('}') else -1
-            if last >= step:
-                os.killpg(proc.pid, signal.SIGKILL)
-                return last
-            if proc.poll() is not None or time.time() > deadline:
-                raise AssertionError('train_vae.py ended before the kill: ' + (out.parent / 'killed.log').read_text())
-            time.sleep(0.01)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        log.close()
-
-
 def test_sigkill_and_rerun_gives_the_uninterrupted_losses(data, tmp_path):
     # 24 images, batch 4: 6 iterations per epoch, 12 in all; the GAN starts at iteration 2, dead codes are re-drawn
     # every 2 iterations, checkpoints every 4 iterations and at epoch ends.
@@ -212,7 +187,7 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_losses(data, tmp_path):
 
     out = tmp_path / 'interrupted'
     argv = vae_argv(data, out, **flags)
-    killed_at = kill_after_step(argv, out, step=9)
+    killed_at = kill_after_step(argv, out, step=9, cmd=vae_cmd(argv))
     assert killed_at < 11, 'the kill came too late to test anything'
     resumed = run_vae(argv)  # the very same command
     assert resumed.returncode == 0, resumed.stderr[-3000:]

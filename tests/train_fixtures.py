@@ -4,7 +4,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -89,14 +89,16 @@ def run_train(argv: Sequence[str], nproc: int = 1, timeout: float = 150) -> subp
                           timeout=timeout)
 
 
-def kill_after_step(argv: Sequence[str], out: Path, step: int, nproc: int = 1, timeout: float = 150) -> int:
-    """Start train.py, SIGKILL its whole process group once steps.jsonl shows global step `step`; returns the last
-    step logged before the kill (the kill is real: no handler runs, a save in progress is cut short)."""
+def kill_after_step(argv: Sequence[str], out: Path, step: int, nproc: int = 1, timeout: float = 150,
+                    cmd: Optional[List[str]] = None) -> int:
+    """Start train.py (or `cmd`, e.g. train_vae.py), SIGKILL its whole process group once steps.jsonl shows global
+    step `step`; returns the last step logged before the kill (the kill is real: no handler runs, a save in progress
+    is cut short)."""
     import json
     import signal
     import time
     log = open(out.parent / f'{out.name}.killed.log', 'w')
-    proc = subprocess.Popen(train_cmd(argv, nproc), cwd=ROOT, env=cpu_env(), stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd or train_cmd(argv, nproc), cwd=ROOT, env=cpu_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     steps_file, deadline = out / 'steps.jsonl', time.time() + timeout
     try:
@@ -107,7 +109,7 @@ def kill_after_step(argv: Sequence[str], out: Path, step: int, nproc: int = 1, t
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
             if proc.poll() is not None or time.time() > deadline:
-                raise AssertionError(f'train.py ended (rc={proc.returncode}) or timed out before step {step}: '
+                raise AssertionError(f'the trainer ended (rc={proc.returncode}) or timed out before step {step}: '
                                      + (out.parent / f'{out.name}.killed.log').read_text()[-3000:])
             time.sleep(0.01)
     finally:
