@@ -31,7 +31,7 @@ from utils.ckpt import (BEST_NAME, LAST_NAME, CheckpointError, auto_resume, remo
                         set_rng_state)
 from utils.data import build_dataset
 from utils.data_sampler import DistInfiniteBatchSampler, EvalDistributedSampler
-from utils.logging import (Console, LogTxt, MetricLogger, SmoothedValue, TensorboardLogger, format_seconds, git_info,
+from utils.logging import (epoch_record, Console, LogTxt, MetricLogger, SmoothedValue, TensorboardLogger, format_seconds, git_info,
                            log_iters)
 from utils.lr_control import build_param_groups, lr_wd_annealing, progressive_si
 from utils.runtime import rank_generator, resolve_device, seed_everything, set_tf32
@@ -180,11 +180,7 @@ class Run:
         for ep in range(self.start_ep, args.ep):
             first_it = self.start_it if ep == self.start_ep else 0
             stats = self.train_one_ep(ep, first_it, ld_iter)
-            done_its = (ep + 1) * self.iters_train - it_start
-            remain = (time.time() - t_start) / max(done_its, 1) * (args.ep - ep - 1) * self.iters_train
-            record = {'ep': ep + 1, 'it': (ep + 1) * self.iters_train, **stats,
-                      'remain_time': format_seconds(remain),
-                      'finish_time': time.strftime('%Y-%m-%d %H:%M', time.localtime(time.time() + remain))}
+            record, remain = epoch_record(ep, args.ep, self.iters_train, stats, t_start, it_start)
             best_updated = False
             if (ep + 1) % args.val_every_ep == 0 or ep + 1 == args.ep:
                 vL_mean, vL_tail, vacc_mean, vacc_tail, tot, secs = self.trainer.eval_ep(self.ld_val)

@@ -32,7 +32,7 @@ from utils.arg_util import REPO_ROOT
 from utils.ckpt import CheckpointError, auto_resume, remove_stale_tmp, save_run_checkpoint, set_rng_state
 from utils.data import build_dataset
 from utils.data_sampler import DistInfiniteBatchSampler, EvalDistributedSampler
-from utils.logging import Console, LogTxt, MetricLogger, TensorboardLogger, format_seconds, git_info, log_iters
+from utils.logging import epoch_record, Console, LogTxt, MetricLogger, TensorboardLogger, format_seconds, git_info, log_iters
 from utils.lr_control import build_param_groups, lr_wd_annealing
 from utils.runtime import rank_generator, resolve_device, seed_everything, set_tf32
 
@@ -242,11 +242,7 @@ class VAERun:
         for ep in range(self.start_ep, args.ep):
             first_it = self.start_it if ep == self.start_ep else 0
             stats = self.train_one_ep(ep, first_it, ld_iter)
-            done_its = (ep + 1) * self.iters_train - it_start
-            remain = (time.time() - t_start) / max(done_its, 1) * (args.ep - ep - 1) * self.iters_train
-            record = {'ep': ep + 1, 'it': (ep + 1) * self.iters_train, **stats,
-                      'remain_time': format_seconds(remain),
-                      'finish_time': time.strftime('%Y-%m-%d %H:%M', time.localtime(time.time() + remain))}
+            record, _ = epoch_record(ep, args.ep, self.iters_train, stats, t_start, it_start)
             best_updated = False
             if (ep + 1) % args.val_every_ep == 0 or ep + 1 == args.ep:
                 best_updated = self.validate(ep + 1)

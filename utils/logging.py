@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 
@@ -29,6 +29,17 @@ def print0(*args, **kwargs) -> None:
 
 def format_seconds(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+def epoch_record(ep: int, ep_total: int, iters_train: int, stats: Dict[str, Any], t_start: float,
+                 it_start: int) -> Tuple[Dict[str, Any], float]:
+    """The log.txt record of finished epoch `ep` (0-based) with the remaining time and finish time, and the remaining
+    seconds, extrapolated from the iterations done since this process started (at global iteration it_start)."""
+    done_its = (ep + 1) * iters_train - it_start
+    remain = (time.time() - t_start) / max(done_its, 1) * (ep_total - ep - 1) * iters_train
+    record = {'ep': ep + 1, 'it': (ep + 1) * iters_train, **stats, 'remain_time': format_seconds(remain),
+              'finish_time': time.strftime('%Y-%m-%d %H:%M', time.localtime(time.time() + remain))}
+    return record, remain
 
 
 def git_info(repo_dir: str) -> Dict[str, str]:
