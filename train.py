@@ -4,6 +4,7 @@
     torchrun --nproc_per_node=8 train.py --depth=16 --bs=768 --ep=200 --fp16=1 --alng=1e-3 --wpe=0.1 \
         --data_path=/path/to/imagenet [--vae_ckpt=vae_ch160v4096z32.pth]
     python train.py ...          # the same, in a single process
+    python train.py ... --pretok=/path/to/tokens   # from a set written by pretokenize.py (fixed crops, faster)
 
 Re-running the same command resumes from the newest checkpoint in the output folder at the exact iteration.
 """
@@ -34,6 +35,7 @@ from utils.data_sampler import DistInfiniteBatchSampler, EvalDistributedSampler
 from utils.logging import (epoch_record, Console, LogTxt, MetricLogger, SmoothedValue, TensorboardLogger, format_seconds, git_info,
                            log_iters)
 from utils.lr_control import build_param_groups, lr_wd_annealing, progressive_si
+from utils.pretok import build_pretok_dataset, check_compatible, vae_fingerprint
 from utils.runtime import rank_generator, resolve_device, seed_everything, set_tf32
 
 COMPILE_MODES = {1: 'reduce-overhead', 2: 'max-autotune', 3: 'default'}
@@ -78,9 +80,15 @@ class Run:
         seed_everything(args.seed, self.rank, self.world_size, benchmark=args.pg == 0)
         set_tf32(args.tf32)
 
-        # data
-        self.num_classes, train_set, val_set = build_dataset(args.data_path, cfg.data_load_reso, args.hflip,
-                                                             args.mid_reso)
+        # data: images (official), or the token ids of a pre-tokenised dataset (--pretok)
+        self.pretok_meta = None
+        if args.pretok:
+            self.num_classes, train_set, val_set, self.pretok_meta = build_pretok_dataset(args.pretok, args.hflip)
+            self.console.info(f'[data] pre-tokenised dataset {args.pretok}: fixed crops '
+                              f'(mid_reso {self.pretok_meta["mid_reso"]}), variants {self.pretok_meta["variants"]}')
+        else:
+            self.num_classes, train_set, val_set = build_dataset(args.data_path, cfg.data_load_reso, args.hflip,
+                                                                 args.mid_reso)
         self.train_set = train_set
         self.iters_train = math.ceil(len(train_set) / cfg.glb_batch_size)
 
@@ -110,6 +118,9 @@ class Run:
 
         # models, optimizer, trainer
         self.vae_local, self.var_wo_ddp, self.vae_cfg = build_models(args, cfg, self.num_classes, self.device)
+        if self.pretok_meta is not None:
+            check_compatible(self.pretok_meta, args.pretok, cfg.patch_nums, self.vae_local.vocab_size,
+                             vae_fingerprint(self.vae_local.state_dict()), cfg.data_load_reso)
         var = self.var_wo_ddp
         if dist.is_initialized():
             var = DDP(var, device_ids=[self.device.index] if self.device.type == 'cuda' else None,
@@ -226,8 +237,8 @@ class Run:
         lr_wd = grad_norm = None
         for it in range(first_it, iters):
             g_it = ep * iters + it
-            inp_B3HW, label_B = next(ld_iter)
-            inp_B3HW = inp_B3HW.to(self.device, non_blocking=True)
+            inp, label_B = next(ld_iter)  # images, or token ids with --pretok
+            inp = inp.to(self.device, non_blocking=True)
             label_B = label_B.to(self.device, non_blocking=True)
             stepping = (g_it + 1) % args.ac == 0
             lr_wd = lr_wd_annealing(cfg.sche, self.var_opt.optimizer, cfg.tlr, args.twd, cfg.twde, g_it, wp_it,
@@ -235,7 +246,7 @@ class Run:
             prog_si = progressive_si(g_it, wp_it, max_it, args.pg, args.pg0, len(cfg.patch_nums))
             tb_now = g_it == 0 or (g_it + 1) % args.tb_every_iters == 0
             skipped_before = self.var_opt.num_skipped
-            out = trainer.train_step(stepping, inp_B3HW, label_B, prog_si=prog_si, prog_wp_it=cfg.pgwp * iters,
+            out = trainer.train_step(stepping, inp, label_B, prog_si=prog_si, prog_wp_it=cfg.pgwp * iters,
                                      metrics=it in log_its, details=tb_now)
             if out['grad_norm'] is not None:
                 grad_norm = out['grad_norm']

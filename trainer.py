@@ -74,20 +74,34 @@ class VARTrainer:
         return prog_si, prog_wp
 
     @torch.no_grad()
-    def tokenize(self, inp_B3HW: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Images -> (ground-truth ids gt_BL, teacher-forcing input x_BLCv_wo_first_l), in fp32 outside autocast."""
-        gt_idx_Bl: List[torch.Tensor] = self.vae_local.img_to_idxBl(inp_B3HW)
-        gt_BL = torch.cat(gt_idx_Bl, dim=1)
+    def tokenize(self, inp: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """A batch -> (ground-truth ids gt_BL, teacher-forcing input x_BLCv_wo_first_l).
+
+        `inp` is either images inp_B3HW in [-1, 1], encoded by the frozen VQVAE in fp32 outside autocast (official),
+        or integer ids gt_BL from a pre-tokenised dataset (utils/pretok.py), which skip the encoder.
+        """
+        if inp.is_floating_point():
+            gt_idx_Bl: List[torch.Tensor] = self.vae_local.img_to_idxBl(inp)
+            gt_BL = torch.cat(gt_idx_Bl, dim=1)
+        else:
+            if inp.dim() != 2 or inp.shape[1] != self.L:
+                raise ValueError(f'token batches must be (B, {self.L}) for patch_nums {self.patch_nums}, '
+                                 f'got {tuple(inp.shape)}')
+            prog_si = self.quantize_local.prog_si  # in progressive training, the scales up to prog_si only,
+            n_scales = prog_si + 1 if prog_si >= 0 else len(self.begin_ends)  # like img_to_idxBl
+            gt_BL = inp[:, :self.begin_ends[n_scales - 1][1]].long()
+            gt_idx_Bl = [gt_BL[:, bg:ed] for bg, ed in self.begin_ends[:n_scales]]
         x_BLCv_wo_first_l = self.quantize_local.idxBl_to_var_input(gt_idx_Bl)
         return gt_BL, x_BLCv_wo_first_l
 
-    def train_step(self, stepping: bool, inp_B3HW: torch.Tensor, label_B: torch.Tensor, prog_si: int = -1,
+    def train_step(self, stepping: bool, inp: torch.Tensor, label_B: torch.Tensor, prog_si: int = -1,
                    prog_wp_it: float = 1.0, metrics: bool = False, details: bool = False) -> Dict[str, Any]:
         """One forward/backward (and optimizer step when `stepping`).
 
         Args:
             stepping: whether this iteration ends an accumulation cycle (steps and syncs gradients).
-            inp_B3HW: images in [-1, 1]; label_B: class ids.
+            inp: images (B, 3, H, W) in [-1, 1], or token ids (B, L) of a pre-tokenised dataset.
+            label_B: class ids.
             prog_si: progressive stage (-1: all scales); prog_wp_it: iterations of a stage's warm-up.
             metrics: also measure Lm, Lt, Accm, Acct (console meters).
             details: also measure per-scale accuracy/loss and vocabulary usage (a collective: every rank must pass
@@ -99,7 +113,7 @@ class VARTrainer:
         prog_si, prog_wp = self._progressive_stage(prog_si, prog_wp_it)
         try:
             B, V = label_B.shape[0], self.V
-            gt_BL, x_BLCv_wo_first_l = self.tokenize(inp_B3HW)
+            gt_BL, x_BLCv_wo_first_l = self.tokenize(inp)
             ddp = getattr(self.var, '_orig_mod', self.var)  # under torch.compile, DDP is the wrapped module
             no_sync = isinstance(ddp, DDP) and not stepping
             with ddp.no_sync() if no_sync else contextlib.nullcontext():
@@ -166,11 +180,11 @@ class VARTrainer:
         var.eval()
         V, last_l = self.V, self.last_l
         sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # L_mean, L_tail, acc_mean, acc_tail, tot
-        for inp_B3HW, label_B in ld_val:
-            inp_B3HW = inp_B3HW.to(self.device, non_blocking=True)
+        for inp, label_B in ld_val:  # images or token ids
+            inp = inp.to(self.device, non_blocking=True)
             label_B = label_B.to(self.device, non_blocking=True)
             B = label_B.shape[0]
-            gt_BL, x_BLCv_wo_first_l = self.tokenize(inp_B3HW)
+            gt_BL, x_BLCv_wo_first_l = self.tokenize(inp)
             logits_BLV = var(label_B, x_BLCv_wo_first_l)
             tail_BlV, tail_Bl = logits_BLV[:, -last_l:], gt_BL[:, -last_l:]
             sums[0] += self.val_loss(logits_BLV.reshape(-1, V), gt_BL.reshape(-1)).double() * B

@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
          help='data-loading worker processes per rank; 0 loads in the main process')
     flag(d, ['--mid_reso'], type=float, default=1.125, help='resize the shorter edge to round(mid_reso*reso) first')
     flag(d, ['--patch_size'], type=int, default=16, help='image pixels per token side (the VAE downsampling)')
+    flag(d, ['--pretok'], default='',
+         help='read a pre-tokenised dataset written by pretokenize.py instead of the images of --data_path '
+              '(fixed crops; faster; not the official augmentation)')
 
     m = p.add_argument_group('model')
     flag(m, ['--depth'], type=int, default=16, help='VAR depth; width = 64*depth, heads = depth')

@@ -1,0 +1,283 @@
+# Tokenises an ImageFolder once with VAR's multi-scale VQVAE (arXiv 2404.02905) for `train.py --pretok`.
+"""Write a pre-tokenised dataset (format: utils/pretok.py), in one process or under torchrun.
+
+    python pretokenize.py --data_path=/path/to/imagenet --out=/path/to/imagenet_tokens --hflip=1
+    torchrun --nproc_per_node=8 pretokenize.py --data_path=... --out=... --hflip=1 [--vae_ckpt=...] [--pn=256]
+    python train.py --depth=16 --bs=768 --ep=200 --fp16=1 --alng=1e-3 --wpe=0.1 --pretok=/path/to/imagenet_tokens
+
+Each image is encoded once in float32 (as train.py encodes on the fly) at a fixed crop: flip first (variant 1),
+resize the shorter edge to round(mid_reso * reso) with LANCZOS, centre crop. Training then skips the tokenizer
+encoder and image decoding, but sees the same crop of an image every epoch (the official recipe draws a new random
+crop each time), which is why this is an option and never the default.
+
+Work is split into chunks of --chunk images, dealt round-robin to the processes; every finished chunk is written
+atomically under OUT/parts/, so re-running the same command after a crash or kill only encodes what is missing.
+Unreadable images are skipped with a warning naming the file and listed in meta.json.
+"""
+import argparse
+import io
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+from tqdm import tqdm
+
+import dist
+import models
+from models.loading import VAE_FILENAME
+from utils import pretok
+from utils.arg_util import bool_flag, parse_patch_nums, str2bool
+from utils.data import build_dataset, normalize_01_into_pm1, pil_rgb_loader
+from utils.runtime import resolve_device, set_tf32
+
+SPLITS = ('train', 'val')
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description='Tokenise an ImageFolder once for train.py --pretok.',
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    p.add_argument('--data_path', required=True, help='folder with train/ and val/, one sub-folder per class')
+    p.add_argument('--out', required=True, help='output folder (the value of train.py --pretok)')
+    p.add_argument('--vae_ckpt', default='',
+                   help='local VQVAE checkpoint (as train.py --vae_ckpt); empty: vae_ch160v4096z32.pth from the Hub')
+    p.add_argument('--pn', '--patch_nums', dest='pn', default='1_2_3_4_5_6_8_10_13_16',
+                   help="scales: a preset '256', '512', '1024' or sides joined by '_' (as train.py --pn)")
+    p.add_argument('--patch_size', type=int, default=16, help='image pixels per token side (as train.py)')
+    p.add_argument('--mid_reso', type=float, default=1.125, help='resize the shorter edge to round(mid_reso*reso)')
+    bool_flag(p, ['--hflip'], False, 'also store the horizontally flipped variant (for train.py --hflip=1)')
+    p.add_argument('--bs', type=int, default=64, help='images per encoder batch and process')
+    p.add_argument('--workers', type=int, default=4, help='image-decoding worker processes per process')
+    p.add_argument('--chunk', type=int, default=1024, help='images per resumable chunk')
+    p.add_argument('--splits', default='train,val', help='which splits to tokenise')
+    p.add_argument('--tf32', type=str2bool, default=True, help='allow TF32 (train.py encodes with its --tf32=1)')
+    p.add_argument('--device', default='', help="'' picks cuda:LOCAL_RANK when available, else cpu")
+    return p
+
+
+class FixedCrop(Dataset):
+    """(images (n_variants, 3, reso, reso) in [-1, 1], class id, readable) for the samples of an ImageFolder."""
+
+    def __init__(self, samples: Sequence[Tuple[str, int]], final_reso: int, mid_px: int, hflip: bool):
+        self.samples, self.final_reso, self.mid_px, self.hflip = list(samples), final_reso, mid_px, hflip
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _crop(self, img) -> torch.Tensor:
+        img = TF.resize(img, self.mid_px, interpolation=InterpolationMode.LANCZOS)
+        img = TF.center_crop(img, [self.final_reso, self.final_reso])
+        return normalize_01_into_pm1(TF.to_tensor(img))
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        n_var = 2 if self.hflip else 1
+        try:
+            img = pil_rgb_loader(path)
+        except Exception as e:  # PIL raises many types for truncated or non-image files
+            warnings.warn(f'skipping unreadable image {path}: {type(e).__name__}: {e}', stacklevel=2)
+            return torch.zeros(n_var, 3, self.final_reso, self.final_reso), target, False
+        variants = [self._crop(img)]
+        if self.hflip:
+            variants.append(self._crop(TF.hflip(img)))  # flipped before the resize, as utils.data.TrainTransform
+        return torch.stack(variants), target, True
+
+
+def chunk_batches(chunks: Sequence[int], n: int, chunk: int, bs: int) -> List[List[int]]:
+    """Batches of indices that never straddle two chunks, in chunk order."""
+    batches = []
+    for k in chunks:
+        lo, hi = k * chunk, min(n, (k + 1) * chunk)
+        batches += [list(range(i, min(hi, i + bs))) for i in range(lo, hi, bs)]
+    return batches
+
+
+def part_path(out: str, split: str, k: int) -> str:
+    return os.path.join(out, 'parts', f'{split}_{k:06d}.npz')
+
+
+def save_npz_atomic(path: str, **arrays) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        f.write(buf.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_npy_atomic(path: str, arr: np.ndarray) -> None:
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        np.save(f, arr)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def encode_split(args, vae, device, split: str, samples, settings: Dict) -> None:
+    """Encode the chunks of `split` that this rank owns and that are not on disk yet."""
+    n, chunk = len(samples), args.chunk
+    rank, world = dist.get_rank(), dist.get_world_size()
+    n_chunks = (n + chunk - 1) // chunk
+    mine = [k for k in range(n_chunks) if k % world == rank]
+    todo = [k for k in mine if not os.path.isfile(part_path(args.out, split, k))]
+    done_all = dist.allgather_object(len(mine) - len(todo))
+    if dist.is_master():
+        print(f'[pretokenize] {split}: {n} images in {n_chunks} chunks; {sum(done_all)} already on disk', flush=True)
+    if not todo:
+        return
+    V = vae.vocab_size
+    dtype = pretok.token_dtype(V)
+    data = FixedCrop(samples, settings['final_reso'], settings['mid_px'], args.hflip)
+    batches = chunk_batches(todo, n, chunk, args.bs)
+    loader = DataLoader(data, batch_sampler=batches, num_workers=args.workers,
+                        pin_memory=device.type == 'cuda', persistent_workers=False)
+    n_mine = sum(len(b) for b in batches)
+    bar = tqdm(total=n_mine * (world if rank == 0 else 1), unit='img', desc=f'tokenising {split}',
+               disable=not dist.is_master(), dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    pending: Dict[str, list] = {'tokens': [], 'labels': [], 'index': [], 'skipped': []}
+    for idx, (img_BV3HW, label_B, ok_B) in zip(batches, loader):  # the loader keeps the batch-sampler order
+        k = idx[0] // chunk
+        B, n_var = img_BV3HW.shape[:2]
+        img = img_BV3HW.to(device, non_blocking=True).flatten(0, 1)
+        ids_BVL = torch.cat(vae.img_to_idxBl(img), dim=1).view(B, n_var, -1).cpu().numpy().astype(dtype)
+        ok = ok_B.numpy().astype(bool)
+        pending['tokens'].append(ids_BVL[ok])
+        pending['labels'].append(label_B.numpy()[ok].astype(np.int64))
+        pending['index'].append(np.asarray(idx, dtype=np.int64)[ok])
+        pending['skipped'] += [samples[i][0] for i, good in zip(idx, ok) if not good]
+        bar.update(B * (world if rank == 0 else 1))
+        if idx[-1] + 1 == min(n, (k + 1) * chunk):  # the chunk is complete: write it
+            save_npz_atomic(part_path(args.out, split, k), tokens=np.concatenate(pending['tokens']),
+                            labels=np.concatenate(pending['labels']), index=np.concatenate(pending['index']),
+                            skipped=np.asarray(pending['skipped'], dtype=str))
+            pending = {key: [] for key in pending}
+    bar.close()
+
+
+def merge_split(out: str, split: str, samples, split_root: str, chunk: int, n_variants: int, L: int) -> Dict:
+    """Concatenate the parts of a split into the final arrays; returns the split's meta entry."""
+    n_chunks = (len(samples) + chunk - 1) // chunk
+    missing = [part_path(out, split, k) for k in range(n_chunks) if not os.path.isfile(part_path(out, split, k))]
+    if missing:
+        raise FileNotFoundError(f'{len(missing)} chunk(s) of {split} are missing, e.g. {missing[0]}: re-run the command')
+    tokens, labels, index, skipped = [], [], [], []
+    for k in range(n_chunks):
+        with np.load(part_path(out, split, k)) as z:
+            tokens.append(z['tokens'])
+            labels.append(z['labels'])
+            index.append(z['index'])
+            skipped += z['skipped'].tolist()
+    tokens_NVL = np.concatenate(tokens) if tokens else np.zeros((0, n_variants, L), np.uint16)
+    index_N = np.concatenate(index) if index else np.zeros(0, np.int64)
+    paths = pretok.split_paths(out, split)
+    save_npy_atomic(paths['tokens'], tokens_NVL)
+    save_npy_atomic(paths['labels'], np.concatenate(labels) if labels else np.zeros(0, np.int64))
+    rel = [os.path.relpath(samples[i][0], split_root) for i in index_N.tolist()]
+    tmp = paths['files'] + '.tmp'
+    with open(tmp, 'w') as f:
+        f.write('\n'.join(rel) + ('\n' if rel else ''))
+    os.replace(tmp, paths['files'])
+    return {'n': int(tokens_NVL.shape[0]), 'skipped': skipped}
+
+
+def run(args) -> int:
+    patch_nums = parse_patch_nums(args.pn)
+    final_reso = patch_nums[-1] * args.patch_size
+    device = resolve_device(args.device)
+    set_tf32(args.tf32)
+    splits = [s.strip() for s in args.splits.split(',') if s.strip()]
+    if not splits or any(s not in SPLITS for s in splits):
+        raise ValueError(f'--splits must list some of {SPLITS}, got {args.splits!r}')
+    if min(args.bs, args.chunk) < 1:
+        raise ValueError('--bs and --chunk must be positive')
+
+    vae_path = args.vae_ckpt or models.hub_download(VAE_FILENAME)
+    vae = models.load_vae_checkpoint(vae_path, device=device, patch_nums=patch_nums)
+    downsample = 2 ** (len(vae.config['ch_mult']) - 1)
+    if downsample != args.patch_size:
+        raise ValueError(f'the tokenizer {vae_path} downsamples by {downsample} but --patch_size={args.patch_size}')
+    _, train_set, val_set = build_dataset(args.data_path, final_reso, False, args.mid_reso)
+    sets = {'train': train_set, 'val': val_set}
+
+    settings = {'format': pretok.FORMAT, 'patch_nums': list(patch_nums), 'vocab_size': vae.vocab_size,
+                'final_reso': final_reso, 'mid_reso': args.mid_reso, 'mid_px': round(args.mid_reso * final_reso),
+                'variants': list(pretok.VARIANTS[:2 if args.hflip else 1]), 'classes': list(train_set.classes),
+                'vae_fingerprint': pretok.vae_fingerprint(vae.state_dict()), 'chunk': args.chunk,
+                'sizes': {s: len(sets[s]) for s in splits}}
+    meta_path = os.path.join(args.out, pretok.META_NAME)
+    if os.path.isfile(meta_path):
+        meta = pretok.read_meta(args.out)
+        same = all(meta.get(k) == v for k, v in settings.items() if k not in ('chunk', 'sizes'))
+        if same and sorted(meta['splits']) == sorted(splits):
+            if dist.is_master():
+                print(f'[pretokenize] {args.out} is complete already; nothing to do', flush=True)
+            return 0
+        raise FileExistsError(f'{args.out} already holds a token set made with other settings: pick another --out '
+                              f'or remove it')
+    parts = os.path.join(args.out, 'parts')
+    cfg_path = os.path.join(parts, 'settings.json')
+    if os.path.isfile(cfg_path):  # every rank checks, so that all of them stop with the same error
+        with open(cfg_path) as f:
+            old = json.load(f)
+        if old != settings:
+            diff = sorted(k for k in settings if old.get(k) != settings[k])
+            raise FileExistsError(f'{parts} holds an unfinished token set made with other settings ({diff}): '
+                                  f're-run with the same flags, or remove {parts}')
+    dist.barrier()
+    if dist.is_master() and not os.path.isfile(cfg_path):
+        os.makedirs(parts, exist_ok=True)
+        with open(cfg_path + '.tmp', 'w') as f:
+            json.dump(settings, f, indent=1)
+        os.replace(cfg_path + '.tmp', cfg_path)
+    dist.barrier()
+
+    t0 = time.time()
+    for split in splits:
+        encode_split(args, vae, device, split, sets[split].samples, settings)
+    dist.barrier()
+    if dist.is_master():
+        L = sum(p * p for p in patch_nums)
+        meta = {k: v for k, v in settings.items() if k not in ('sizes',)}
+        meta['splits'] = {s: merge_split(args.out, s, sets[s].samples, sets[s].root, args.chunk,
+                                       len(settings['variants']), L)
+                          for s in splits}
+        meta['vae_ckpt'] = os.path.abspath(vae_path)
+        meta['vae_config'] = vae.config
+        meta['data_path'] = os.path.abspath(args.data_path)
+        pretok.write_meta(args.out, meta)
+        shutil.rmtree(parts)
+        for s in splits:
+            sk = meta['splits'][s]['skipped']
+            print(f'[pretokenize] {s}: {meta["splits"][s]["n"]} images written'
+                  + (f', {len(sk)} unreadable skipped (listed in meta.json)' if sk else ''), flush=True)
+        print(f'[pretokenize] done in {time.time() - t0:.1f}s: {args.out}', flush=True)
+    dist.barrier()
+    return 0
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    dist.initialize(backend='gloo' if args.device == 'cpu' else None)
+    try:
+        return run(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f'[rank {dist.get_rank()}] error: {e}', file=sys.stderr, flush=True)
+        return 2
+    finally:
+        dist.finalize()
+
+
+if __name__ == '__main__':
+    sys.exit(main())
