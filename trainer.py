@@ -89,7 +89,7 @@ class VARTrainer:
                                  f'got {tuple(inp.shape)}')
             prog_si = self.quantize_local.prog_si  # in progressive training, the scales up to prog_si only,
             n_scales = prog_si + 1 if prog_si >= 0 else len(self.begin_ends)  # like img_to_idxBl
-            gt_BL = inp[:, :self.begin_ends[n_scales - 1][1]].long()
+            gt_BL = inp[:, :self.begin_ends[n_scales - 1][1]].long().contiguous()
             gt_idx_Bl = [gt_BL[:, bg:ed] for bg, ed in self.begin_ends[:n_scales]]
         x_BLCv_wo_first_l = self.quantize_local.idxBl_to_var_input(gt_idx_Bl)
         return gt_BL, x_BLCv_wo_first_l

@@ -1,0 +1,207 @@
+"""The pre-tokenised dataset: pretokenize.py (real processes, torchrun, SIGKILL) and train.py --pretok."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+import models
+from train_fixtures import (ROOT, TINY_PN, cpu_env, free_port, make_image_folder, make_tiny_vae_ckpt, read_steps,
+                            run_train, train_args)
+from utils import pretok
+from utils.data import normalize_01_into_pm1
+
+
+def pretok_cmd(data: Path, vae: Path, out: Path, nproc: int = 1, **extra):
+    flags = dict(data_path=data, vae_ckpt=vae, out=out, pn=TINY_PN, bs=4, chunk=5, workers=0, tf32=0, device='cpu')
+    flags.update(extra)
+    cmd = [sys.executable]
+    if nproc > 1:
+        cmd += ['-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', f'--master_port={free_port()}']
+    return cmd + [str(ROOT / 'pretokenize.py')] + [f'--{k}={v}' for k, v in flags.items()]
+
+
+def run_pretok(*args, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run(pretok_cmd(*args, **kw), cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=150)
+    return r
+
+
+def set_files(out: Path):
+    """The bytes of every file of a finished set (meta.json without its absolute paths)."""
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != 'meta.json'}
+    meta = json.loads((out / 'meta.json').read_text())
+    for k in ('vae_ckpt', 'data_path'):
+        meta.pop(k)
+    return files, meta
+
+
+@pytest.fixture(scope='module')
+def tokset(tmp_path_factory):
+    """A folder of real image files (one of them unreadable), a tiny tokenizer and its token set with flips."""
+    root = tmp_path_factory.mktemp('pretok')
+    data = make_image_folder(root / 'data', n_train=7, n_val=3)
+    (data / 'train' / 'class_01' / 'broken.jpg').write_bytes(b'not a jpeg at all')
+    vae = make_tiny_vae_ckpt(root / 'vae.pth')
+    out = root / 'tokens'
+    r = run_pretok(data, vae, out, hflip=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return data, vae, out, r
+
+
+def test_tokens_are_the_tokenizer_ids_of_the_fixed_crop(tokset):
+    data, vae_path, out, run = tokset
+    meta = pretok.read_meta(str(out))
+    assert meta['variants'] == ['orig', 'hflip'] and meta['patch_nums'] == [1, 2, 3, 4]
+    assert meta['splits']['train']['n'] == 21 and meta['splits']['val']['n'] == 9
+    broken = str(data / 'train' / 'class_01' / 'broken.jpg')
+    assert meta['splits']['train']['skipped'] == [broken]
+    assert 'broken.jpg' in run.stderr and '1 unreadable skipped' in run.stdout
+    vae = models.load_vae_checkpoint(vae_path, patch_nums=(1, 2, 3, 4))
+    assert meta['vae_fingerprint'] == pretok.vae_fingerprint(vae.state_dict())
+
+    tokens = np.load(out / 'train_tokens.npy')
+    labels = np.load(out / 'train_labels.npy')
+    files = (out / 'train_files.txt').read_text().splitlines()
+    assert tokens.shape == (21, 2, 1 + 4 + 9 + 16) and tokens.dtype == np.uint16 and len(files) == 21
+    assert 'class_01/broken.jpg' not in files
+    for i in (0, 8, 20):
+        img = Image.open(data / 'train' / files[i]).convert('RGB')
+        assert labels[i] == int(files[i].split('/')[0].split('_')[1])
+        for variant, src in enumerate((img, TF.hflip(img))):
+            crop = TF.center_crop(TF.resize(src, 72, interpolation=InterpolationMode.LANCZOS), [64, 64])
+            with torch.no_grad():
+                ids = torch.cat(vae.img_to_idxBl(normalize_01_into_pm1(TF.to_tensor(crop))[None]), 1)[0]
+            assert torch.equal(ids, torch.from_numpy(tokens[i, variant].astype(np.int64))), (i, variant)
+    assert not (out / 'parts').exists()
+
+
+def test_dataset_draws_flips_like_the_image_transform(tokset):
+    _, _, out, _ = tokset
+    n, train, val, _ = pretok.build_pretok_dataset(str(out), hflip=True)
+    assert n == 3 and len(train) == 21 and len(val) == 9
+    tokens = np.load(out / 'train_tokens.npy')
+    seen = set()
+    for seed in range(40):
+        ids, label = train[(5, seed)]
+        g = torch.Generator()
+        g.manual_seed(seed)
+        flip = int(torch.rand(1, generator=g).item() < 0.5)  # utils.data.TrainTransform's draw
+        assert torch.equal(ids, torch.from_numpy(tokens[5, flip].astype(np.int64)))
+        seen.add(flip)
+    assert seen == {0, 1}
+    assert torch.equal(val[2][0], torch.from_numpy(np.load(out / 'val_tokens.npy')[2, 0].astype(np.int64)))
+    plain = pretok.PretokenizedDataset(str(out), 'train', hflip=False)
+    assert all(torch.equal(plain[(3, s)][0], plain[3][0]) for s in range(5))
+
+
+def test_second_run_finds_the_set_complete(tokset):
+    data, vae, out, _ = tokset
+    before = set_files(out)
+    r = run_pretok(data, vae, out, hflip=1)
+    assert r.returncode == 0 and 'complete already' in r.stdout
+    assert set_files(out) == before
+    r = run_pretok(data, vae, out, hflip=0)
+    assert r.returncode == 2 and 'other settings' in r.stderr
+
+
+def test_two_processes_write_the_same_set(tokset, tmp_path):
+    data, vae, out, _ = tokset
+    r = run_pretok(data, vae, tmp_path / 'tok2', nproc=2, hflip=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert set_files(tmp_path / 'tok2') == set_files(out)
+
+
+def test_sigkill_then_rerun_completes_the_same_set(tmp_path):
+    data = make_image_folder(tmp_path / 'data', n_train=40, n_val=2)
+    vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth')
+    ref = tmp_path / 'ref'
+    assert run_pretok(data, vae, ref, chunk=2, bs=2).returncode == 0
+
+    out = tmp_path / 'killed'
+    log = open(tmp_path / 'killed.log', 'w')
+    proc = subprocess.Popen(pretok_cmd(data, vae, out, chunk=2, bs=2), cwd=ROOT, env=cpu_env(), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    try:
+        while not (out / 'parts').is_dir() or len(list((out / 'parts').glob('train_*.npz'))) < 3:
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / 'killed.log').read_text()[-3000:]
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        log.close()
+    assert proc.returncode == -signal.SIGKILL and not (out / 'meta.json').exists()
+    n_parts = len(list((out / 'parts').glob('train_*.npz')))
+    assert 3 <= n_parts < 60
+    r = run_pretok(data, vae, out, chunk=2, bs=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f'{n_parts} already on disk' in r.stdout or f'{n_parts + 1} already on disk' in r.stdout
+    assert set_files(out) == set_files(ref)
+
+
+def write_square_folder(root: Path, n_classes: int = 3, n_train: int = 8, n_val: int = 3) -> Path:
+    """Square images: with --mid_reso=1 the official random crop has a single position, so it equals the centre crop."""
+    rng = np.random.default_rng(0)
+    for split, n in (('train', n_train), ('val', n_val)):
+        for c in range(n_classes):
+            d = root / split / f'c{c}'
+            d.mkdir(parents=True)
+            for k in range(n):
+                arr = rng.integers(0, 256, (5, 5, 3)).astype(np.uint8)
+                img = Image.fromarray(arr).resize((80, 80), Image.BICUBIC)
+                img.save(d / f'{k}.png')
+    return root
+
+
+def test_training_from_tokens_equals_training_from_images(tmp_path):
+    """Same flips (per-sample seeds), same crops, progressive stages included: bit-identical losses and validation."""
+    data = write_square_folder(tmp_path / 'data')
+    vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth')
+    tok = tmp_path / 'tok'
+    r = run_pretok(data, vae, tok, hflip=1, mid_reso=1.0, bs=8)
+    assert r.returncode == 0, r.stderr[-3000:]
+    common = dict(hflip=1, mid_reso=1.0, ep=3, pg=0.6, pg0=1, log_steps=1)
+    r_img = run_train(train_args(data, vae, tmp_path / 'img', **common))
+    assert r_img.returncode == 0, r_img.stderr[-3000:]
+    r_tok = run_train(train_args(data, vae, tmp_path / 'tok_run', pretok=tok, **common))
+    assert r_tok.returncode == 0, r_tok.stderr[-3000:]
+    assert 'pre-tokenised dataset' in r_tok.stdout + r_tok.stderr
+    steps_img, steps_tok = read_steps(tmp_path / 'img'), read_steps(tmp_path / 'tok_run')
+    assert len(steps_img) == 9 and steps_img == steps_tok
+    epochs = [[{k: v for k, v in json.loads(line).items() if not k.endswith('_time')}
+               for line in (tmp_path / d / 'log.txt').read_text().splitlines()[1:]] for d in ('img', 'tok_run')]
+    assert len(epochs[0]) == 3 and epochs[0] == epochs[1] and 'vL_tail' in epochs[0][-1]
+
+
+def test_train_refuses_a_set_it_cannot_use(tokset, tmp_path):
+    import train
+    data, vae, out, _ = tokset
+    other_vae = tmp_path / 'other.pth'
+    torch.manual_seed(123)
+    vae_b, _ = models.build_vae_var(device='cpu', ch_mult=(1, 1, 2, 2, 4), patch_nums=(1, 2, 3, 4), V=64, Cvae=8, ch=32,
+                                    share_quant_resi=4, depth=2, num_classes=3)
+    torch.save(vae_b.state_dict(), other_vae)
+    with pytest.raises(ValueError, match='made by another tokenizer'):
+        train.main(train_args(data, other_vae, tmp_path / 'a', pretok=out, ep=1))
+    with pytest.raises(ValueError, match=r'patch_nums \(1, 2, 3, 4\) in the set, \(1, 2, 4\) in this run'):
+        train.main(train_args(data, vae, tmp_path / 'b', pretok=out, pn='1_2_4', ep=1))
+    with pytest.raises(FileNotFoundError, match='written by pretokenize.py'):
+        train.main(train_args(data, vae, tmp_path / 'c', pretok=tmp_path / 'nothing', ep=1))
+    no_flip = tmp_path / 'noflip'
+    no_flip.mkdir()
+    meta = pretok.read_meta(str(out))
+    meta['variants'] = ['orig']
+    pretok.write_meta(str(no_flip), meta)
+    with pytest.raises(ValueError, match='re-run pretokenize.py with --hflip=1'):
+        train.main(train_args(data, vae, tmp_path / 'd', pretok=no_flip, hflip=1, ep=1))
