@@ -1,4 +1,5 @@
-# issue 3 GPU check: a short d16 train.py run at 256 px with bf16 and fp16 on random-weight tokenizer + synthetic photos-like data
+# GPU check of train.py: a short d16 run at 256 px with bf16 and fp16 on a random-weight tokenizer + synthetic photo-like
+# data, then the same bf16 run from a pre-tokenised set (pretokenize.py + --pretok; fixed crops, no encoder in the step).
 set -u
 export PYTHONUNBUFFERED=1
 python3 - <<'PY'
@@ -19,3 +20,8 @@ for fp in 2 1; do
     --local_out_dir_path=/tmp/out_fp$fp --workers=8 --val_every_ep=1 --seed=0 > $OUT/train_fp$fp.log 2>&1
   echo "== fp16=$fp rc=$?"; grep -iE "img/s|images/s|peak|ep ?1|Lm|error" $OUT/train_fp$fp.log | tail -6
 done
+python3 pretokenize.py --data_path=/tmp/data --out=/tmp/tokens --vae_ckpt=/tmp/vae.pth --workers=8 > $OUT/pretok.log 2>&1
+echo "== pretokenize rc=$?"; grep -E "pretokenize|done" $OUT/pretok.log | tail -4
+python3 train.py --depth=16 --bs=64 --ep=1 --fp16=2 --alng=1e-3 --wpe=0.1 --pretok=/tmp/tokens --vae_ckpt=/tmp/vae.pth \
+  --local_out_dir_path=/tmp/out_pretok --workers=2 --val_every_ep=1 --seed=0 > $OUT/train_pretok.log 2>&1
+echo "== pretok fp16=2 rc=$?"; grep -iE "img/s|images/s|peak|ep ?1|Lm|error" $OUT/train_pretok.log | tail -6

@@ -94,6 +94,10 @@ def main(argv=None):
         print(f'{"decode compiled NCHW":40s} {time_cuda(lambda: dec(vae.post_quant_conv(f_hat)), 1, 5) * 1000:8.1f} ms')
         vae.to(memory_format=torch.channels_last)
         print(f'{"decode channels_last":40s} {time_cuda(lambda: vae.fhat_to_img(f_hat), 1, 5) * 1000:8.1f} ms')
+        dec_cl = torch.compile(vae.decoder)  # a candidate for the fast path: NHWC feeds the tensor cores directly
+        f_cl = f_hat.contiguous(memory_format=torch.channels_last)
+        dec_cl(vae.post_quant_conv(f_cl))
+        print(f'{"decode compiled channels_last":40s} {time_cuda(lambda: dec_cl(vae.post_quant_conv(f_cl)), 1, 5) * 1000:8.1f} ms')
 
     vae.to(memory_format=torch.contiguous_format)
     print(f'{"decode NCHW fp32 (no autocast)":40s} {time_cuda(lambda: vae.fhat_to_img(f_hat), 1, 3) * 1000:8.1f} ms')
