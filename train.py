@@ -86,6 +86,8 @@ class Run:
             self.num_classes, train_set, val_set, self.pretok_meta = build_pretok_dataset(args.pretok, args.hflip)
             self.console.info(f'[data] pre-tokenised dataset {args.pretok}: fixed crops '
                               f'(mid_reso {self.pretok_meta["mid_reso"]}), variants {self.pretok_meta["variants"]}')
+            if args.data_path != arg_util.build_parser().get_default('data_path'):
+                self.console.warn(f'--data_path {args.data_path} is not read: the images come from --pretok')
         else:
             self.num_classes, train_set, val_set = build_dataset(args.data_path, cfg.data_load_reso, args.hflip,
                                                                  args.mid_reso)

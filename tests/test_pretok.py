@@ -177,6 +177,7 @@ def test_training_from_tokens_equals_training_from_images(tmp_path):
     r_tok = run_train(train_args(data, vae, tmp_path / 'tok_run', pretok=tok, **common))
     assert r_tok.returncode == 0, r_tok.stderr[-3000:]
     assert 'pre-tokenised dataset' in r_tok.stdout + r_tok.stderr
+    assert 'is not read: the images come from --pretok' in r_tok.stdout + r_tok.stderr
     steps_img, steps_tok = read_steps(tmp_path / 'img'), read_steps(tmp_path / 'tok_run')
     assert len(steps_img) == 9 and steps_img == steps_tok
     epochs = [[{k: v for k, v in json.loads(line).items() if not k.endswith('_time')}
