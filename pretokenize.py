@@ -166,30 +166,43 @@ def encode_split(args, vae, device, split: str, samples, settings: Dict) -> None
     bar.close()
 
 
-def merge_split(out: str, split: str, samples, split_root: str, chunk: int, n_variants: int, L: int) -> Dict:
-    """Concatenate the parts of a split into the final arrays; returns the split's meta entry."""
+def merge_split(out: str, split: str, samples, split_root: str, chunk: int, n_variants: int, L: int,
+                dtype: np.dtype) -> Dict:
+    """Copy the parts of a split, in order, into the final arrays (through a memory map: the whole token array of
+    ImageNet is never in memory at once); returns the split's meta entry."""
     n_chunks = (len(samples) + chunk - 1) // chunk
-    missing = [part_path(out, split, k) for k in range(n_chunks) if not os.path.isfile(part_path(out, split, k))]
+    parts = [part_path(out, split, k) for k in range(n_chunks)]
+    missing = [p for p in parts if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f'{len(missing)} chunk(s) of {split} are missing, e.g. {missing[0]}: re-run the command')
-    tokens, labels, index, skipped = [], [], [], []
-    for k in range(n_chunks):
-        with np.load(part_path(out, split, k)) as z:
-            tokens.append(z['tokens'])
+    labels, index, skipped = [], [], []
+    for p in parts:
+        with np.load(p) as z:
             labels.append(z['labels'])
             index.append(z['index'])
             skipped += z['skipped'].tolist()
-    tokens_NVL = np.concatenate(tokens) if tokens else np.zeros((0, n_variants, L), np.uint16)
-    index_N = np.concatenate(index) if index else np.zeros(0, np.int64)
+    labels_N, index_N = np.concatenate(labels), np.concatenate(index)
     paths = pretok.split_paths(out, split)
-    save_npy_atomic(paths['tokens'], tokens_NVL)
-    save_npy_atomic(paths['labels'], np.concatenate(labels) if labels else np.zeros(0, np.int64))
+    tmp = paths['tokens'] + '.tmp'
+    tokens_NVL = np.lib.format.open_memmap(tmp, mode='w+', dtype=dtype, shape=(len(index_N), n_variants, L))
+    row = 0
+    for p in parts:
+        with np.load(p) as z:
+            t = z['tokens']
+            tokens_NVL[row:row + len(t)] = t
+            row += len(t)
+    tokens_NVL.flush()
+    del tokens_NVL
+    with open(tmp, 'rb+') as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, paths['tokens'])
+    save_npy_atomic(paths['labels'], labels_N)
     rel = [os.path.relpath(samples[i][0], split_root) for i in index_N.tolist()]
     tmp = paths['files'] + '.tmp'
     with open(tmp, 'w') as f:
         f.write('\n'.join(rel) + ('\n' if rel else ''))
     os.replace(tmp, paths['files'])
-    return {'n': int(tokens_NVL.shape[0]), 'skipped': skipped}
+    return {'n': int(len(index_N)), 'skipped': skipped}
 
 
 def run(args) -> int:
@@ -251,7 +264,7 @@ def run(args) -> int:
         L = sum(p * p for p in patch_nums)
         meta = {k: v for k, v in settings.items() if k not in ('sizes',)}
         meta['splits'] = {s: merge_split(args.out, s, sets[s].samples, sets[s].root, args.chunk,
-                                       len(settings['variants']), L)
+                                       len(settings['variants']), L, pretok.token_dtype(vae.vocab_size))
                           for s in splits}
         meta['vae_ckpt'] = os.path.abspath(vae_path)
         meta['vae_config'] = vae.config
