@@ -7,7 +7,7 @@ fast      = preallocated KV cache written in place, top-p over the top-k survivo
 Both run under the same autocast dtype, with CFG (2B rows), top-k 900, top-p 0.96, including the VQVAE decode.
 Random weights: speed does not depend on them.
 
-    python -m benchmarks.bench_sample --depths 16,20,24,30 --batches 16,64,256 --dtypes bf16,fp16 --d36
+    python -m benchmarks.bench_sample --depths 16,20,24,30 --batches 16,64,256 --dtypes bf16,fp16 --d36 --d36_batches 16
 """
 import argparse
 import gc
@@ -18,6 +18,7 @@ from benchmarks.common import peak_gib, print_table, time_cuda, write_json
 from models import PRESETS, build_vae_var
 
 DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+COLUMNS = ['model', 'batch', 'dtype', 'path', 'img_per_s', 'sec_per_batch', 'peak_gib', 'speedup', 'mem_ratio', 'note']
 PATHS = {
     'reference': dict(kv_cache='concat', partial_sort=False, cuda_graph=False),
     'fast': dict(kv_cache='prealloc', partial_sort=True, cuda_graph=True, compiled=True),
@@ -35,16 +36,23 @@ def bench_one(depth: int, B: int, dtype: torch.dtype, repeats: int):
             with torch.inference_mode(), torch.autocast('cuda', dtype=dtype):
                 var.autoregressive_infer_cfg(B=B, label_B=labels, g_seed=0, cfg=1.5, top_k=900, top_p=0.96, **kw)
 
-        run()  # compile/capture and allocator warm-up, untimed
-        mem = peak_gib(run)
-        sec = time_cuda(run, warmup=1, repeats=repeats)
-        rows.append(dict(model=f'd{depth}', batch=B, dtype=str(dtype).split('.')[-1], path=name,
-                         img_per_s=B / sec, sec_per_batch=sec, peak_gib=mem))
+        row = dict(model=f'd{depth}', batch=B, dtype=str(dtype).split('.')[-1], path=name)
+        try:
+            run()  # compile/capture and allocator warm-up, untimed
+            mem = peak_gib(run)
+            sec = time_cuda(run, warmup=1, repeats=repeats)
+            row.update(img_per_s=B / sec, sec_per_batch=sec, peak_gib=mem)
+        except torch.cuda.OutOfMemoryError:
+            row.update(note='out of memory')  # a row, not a crash: the other path and configurations still run
+            var.release_cuda_graphs()
+            torch.cuda.empty_cache()
+        rows.append(row)
     var.release_cuda_graphs()
     torch._dynamo.reset()  # compiled code holds references to this model's parameters
     ref, fast = rows
-    fast['speedup'] = fast['img_per_s'] / ref['img_per_s']
-    fast['mem_ratio'] = fast['peak_gib'] / ref['peak_gib']
+    if 'img_per_s' in ref and 'img_per_s' in fast:
+        fast['speedup'] = fast['img_per_s'] / ref['img_per_s']
+        fast['mem_ratio'] = fast['peak_gib'] / ref['peak_gib']
     return rows
 
 
@@ -53,7 +61,8 @@ def main(argv=None):
     p.add_argument('--depths', default='16')
     p.add_argument('--batches', default='64')
     p.add_argument('--dtypes', default='bf16')
-    p.add_argument('--d36', action='store_true', help='also d36 at 512 px (batch = the smallest of --batches)')
+    p.add_argument('--d36', action='store_true', help='also d36 at 512 px, at the batches of --d36_batches')
+    p.add_argument('--d36_batches', default='16', help='d36 batches (512 px: the reference path needs ~4x the memory)')
     p.add_argument('--repeats', type=int, default=5)
     p.add_argument('--tf32', type=int, default=1)
     p.add_argument('--json', default='bench_sample.json')
@@ -65,16 +74,14 @@ def main(argv=None):
     configs = [(int(d), int(b), DTYPES[t]) for d in args.depths.split(',') for b in args.batches.split(',')
                for t in args.dtypes.split(',')]
     if args.d36:
-        configs += [(36, min(int(b) for b in args.batches.split(',')), DTYPES[t]) for t in args.dtypes.split(',')]
+        configs += [(36, int(b), DTYPES[t]) for b in args.d36_batches.split(',') for t in args.dtypes.split(',')]
     for depth, B, dtype in configs:
         rows += bench_one(depth, B, dtype, args.repeats)
         gc.collect()  # the models of bench_one are garbage now
         torch.cuda.empty_cache()
-        print_table('VAR sampling (cfg 1.5, top-k 900, top-p 0.96, VQVAE decode included)', rows[-2:],
-                    ['model', 'batch', 'dtype', 'path', 'img_per_s', 'sec_per_batch', 'peak_gib', 'speedup', 'mem_ratio'])
-    print_table('VAR sampling, all configurations', rows,
-                ['model', 'batch', 'dtype', 'path', 'img_per_s', 'sec_per_batch', 'peak_gib', 'speedup', 'mem_ratio'])
-    write_json(args.json, {'benchmark': 'sample', 'rows': rows})
+        print_table('VAR sampling (cfg 1.5, top-k 900, top-p 0.96, VQVAE decode included)', rows[-2:], COLUMNS)
+        write_json(args.json, {'benchmark': 'sample', 'rows': rows})  # after every configuration: a cut run keeps its rows
+    print_table('VAR sampling, all configurations', rows, COLUMNS)
 
 
 if __name__ == '__main__':

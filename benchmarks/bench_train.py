@@ -69,23 +69,30 @@ def bench_one(depth, dtype, B, repeats):
             var.flex_block_mask(var.L)  # built eagerly, outside the compiled region
             model = torch.compile(var)
         for with_encode in (True, False):
-            step = make_step(vae, var, model, opt, scaler, dtype, B, with_encode)
-            t0 = time.time()
-            step()
-            first = time.time() - t0
-            mem = peak_gib(step)
-            sec = time_cuda(step, warmup=2, repeats=repeats)
-            rows.append(dict(model=f'd{depth}', batch=B, dtype=str(dtype).split('.')[-1], path=path,
-                             encode='with' if with_encode else 'without', img_per_s=B / sec, sec_per_step=sec,
-                             peak_gib=mem, first_step_s=first))
+            row = dict(model=f'd{depth}', batch=B, dtype=str(dtype).split('.')[-1], path=path,
+                       encode='with' if with_encode else 'without')
+            try:
+                step = make_step(vae, var, model, opt, scaler, dtype, B, with_encode)
+                t0 = time.time()
+                step()
+                first = time.time() - t0
+                mem = peak_gib(step)
+                sec = time_cuda(step, warmup=2, repeats=repeats)
+                row.update(img_per_s=B / sec, sec_per_step=sec, peak_gib=mem, first_step_s=first)
+            except torch.cuda.OutOfMemoryError:
+                row.update(note='out of memory')  # a row, not a crash: try a smaller --batch
+                opt.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+            rows.append(row)
         del vae, var, model, opt
         torch._dynamo.reset()  # compiled code holds references to this model's parameters
         gc.collect()
         torch.cuda.empty_cache()
     for r in rows[2:]:
         ref = next(x for x in rows[:2] if x['encode'] == r['encode'])
-        r['speedup'] = r['img_per_s'] / ref['img_per_s']
-        r['mem_ratio'] = r['peak_gib'] / ref['peak_gib']
+        if 'img_per_s' in r and 'img_per_s' in ref:
+            r['speedup'] = r['img_per_s'] / ref['img_per_s']
+            r['mem_ratio'] = r['peak_gib'] / ref['peak_gib']
     return rows
 
 
@@ -101,14 +108,14 @@ def main(argv=None):
         raise SystemExit('bench_train needs a CUDA GPU')
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # official tf32=True
     cols = ['model', 'batch', 'dtype', 'path', 'encode', 'img_per_s', 'sec_per_step', 'peak_gib', 'first_step_s',
-            'speedup', 'mem_ratio']
+            'speedup', 'mem_ratio', 'note']
     rows = []
     for d in args.depths.split(','):
         for t in args.dtypes.split(','):
             rows += bench_one(int(d), DTYPES[t], args.batch, args.repeats)
             print_table('VAR training step per GPU (256 px)', rows[-4:], cols)
+            write_json(args.json, {'benchmark': 'train', 'rows': rows})  # after every configuration
     print_table('VAR training step per GPU (256 px), all configurations', rows, cols)
-    write_json(args.json, {'benchmark': 'train', 'rows': rows})
 
 
 if __name__ == '__main__':
