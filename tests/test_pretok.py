@@ -206,3 +206,20 @@ def test_train_refuses_a_set_it_cannot_use(tokset, tmp_path):
     pretok.write_meta(str(no_flip), meta)
     with pytest.raises(ValueError, match='re-run pretokenize.py with --hflip=1'):
         train.main(train_args(data, vae, tmp_path / 'd', pretok=no_flip, hflip=1, ep=1))
+
+
+def test_loader_workers_read_the_same_batches(tokset):
+    from torch.utils.data import DataLoader
+
+    from utils.data_sampler import DistInfiniteBatchSampler
+    _, _, out, _ = tokset
+    _, train, _, _ = pretok.build_pretok_dataset(str(out), hflip=True)
+    train.tokens  # the parent has a memory map open: workers must open their own
+    batches = {}
+    for workers in (0, 2):
+        sampler = DistInfiniteBatchSampler(1, 0, len(train), 8, fill_last=True, shuffle=True, aug_seed=3)
+        it = iter(DataLoader(train, batch_sampler=sampler, num_workers=workers))
+        batches[workers] = [next(it) for _ in range(3)]
+    for (ids_a, lab_a), (ids_b, lab_b) in zip(batches[0], batches[2]):
+        assert ids_a.shape == (8, 30) and ids_a.dtype == torch.int64
+        assert torch.equal(ids_a, ids_b) and torch.equal(lab_a, lab_b)
