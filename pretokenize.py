@@ -5,8 +5,11 @@
     torchrun --nproc_per_node=8 pretokenize.py --data_path=... --out=... --hflip=1 [--vae_ckpt=...] [--pn=256]
     python train.py --depth=16 --bs=768 --ep=200 --fp16=1 --alng=1e-3 --wpe=0.1 --pretok=/path/to/imagenet_tokens
 
-Each image is encoded once in float32 (as train.py encodes on the fly) at a fixed crop: flip first (variant 1),
-resize the shorter edge to round(mid_reso * reso) with LANCZOS, centre crop. Training then skips the tokenizer
+Each image is encoded once, in float32 outside autocast like train.py's on-the-fly encode (with TF32 allowed on GPUs
+unless --tf32=0, as train.py's default), at a fixed crop: flip first (variant 1, training split only), resize the
+shorter edge to round(mid_reso * reso) with LANCZOS, centre crop. On the CPU the ids equal train.py's for the same
+crop (tested); on a GPU the convolution algorithms chosen for another batch size may differ in the last bits, which
+can flip an id at a near-tie. Training then skips the tokenizer
 encoder and image decoding, but sees the same crop of an image every epoch (the official recipe draws a new random
 crop each time), which is why this is an option and never the default.
 
@@ -57,8 +60,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--bs', type=int, default=64, help='images per encoder batch and process')
     p.add_argument('--workers', type=int, default=4, help='image-decoding worker processes per process')
     p.add_argument('--chunk', type=int, default=1024, help='images per resumable chunk')
-    p.add_argument('--splits', default='train,val', help='which splits to tokenise')
-    p.add_argument('--tf32', type=str2bool, default=True, help='allow TF32 (train.py encodes with its --tf32=1)')
+    p.add_argument('--tf32', type=str2bool, default=True,
+                   help="allow TF32 in the encoder's float32 convolutions and matmuls (as train.py's default --tf32=1)")
     p.add_argument('--device', default='', help="'' picks cuda:LOCAL_RANK when available, else cpu")
     return p
 
@@ -125,7 +128,7 @@ def save_npy_atomic(path: str, arr: np.ndarray) -> None:
 
 
 @torch.no_grad()
-def encode_split(args, vae, device, split: str, samples, settings: Dict) -> None:
+def encode_split(args, vae, device, split: str, samples, settings: Dict, n_variants: int) -> None:
     """Encode the chunks of `split` that this rank owns and that are not on disk yet."""
     n, chunk = len(samples), args.chunk
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -139,7 +142,7 @@ def encode_split(args, vae, device, split: str, samples, settings: Dict) -> None
         return
     V = vae.vocab_size
     dtype = pretok.token_dtype(V)
-    data = FixedCrop(samples, settings['final_reso'], settings['mid_px'], args.hflip)
+    data = FixedCrop(samples, settings['final_reso'], settings['mid_px'], hflip=n_variants == 2)
     batches = chunk_batches(todo, n, chunk, args.bs)
     loader = DataLoader(data, batch_sampler=batches, num_workers=args.workers,
                         pin_memory=device.type == 'cuda', persistent_workers=False)
@@ -203,7 +206,22 @@ def merge_split(out: str, split: str, samples, split_root: str, chunk: int, n_va
     with open(tmp, 'w') as f:
         f.write('\n'.join(rel) + ('\n' if rel else ''))
     os.replace(tmp, paths['files'])
-    return {'n': int(len(index_N)), 'skipped': skipped}
+    return {'n': int(len(index_N)), 'n_variants': n_variants, 'skipped': skipped}
+
+
+def check_parts_settings(parts: str, settings: Dict) -> str:
+    """'' when parts/settings.json exists and equals `settings`, else what is wrong (every rank asks)."""
+    cfg_path = os.path.join(parts, 'settings.json')
+    if not os.path.isfile(cfg_path):
+        return (f'{cfg_path} is not visible to this process: with several nodes, --out must be one folder that '
+                f'every node can read and write')
+    with open(cfg_path) as f:
+        old = json.load(f)
+    if old != settings:
+        diff = sorted(k for k in set(settings) | set(old) if old.get(k) != settings.get(k))
+        return (f'{parts} holds an unfinished token set made with other settings ({", ".join(diff)}): re-run with '
+                f'the same flags, or remove {parts}')
+    return ''
 
 
 def run(args) -> int:
@@ -211,9 +229,6 @@ def run(args) -> int:
     final_reso = patch_nums[-1] * args.patch_size
     device = resolve_device(args.device)
     set_tf32(args.tf32)
-    splits = [s.strip() for s in args.splits.split(',') if s.strip()]
-    if not splits or any(s not in SPLITS for s in splits):
-        raise ValueError(f'--splits must list some of {SPLITS}, got {args.splits!r}')
     if min(args.bs, args.chunk) < 1:
         raise ValueError('--bs and --chunk must be positive')
 
@@ -224,60 +239,55 @@ def run(args) -> int:
         raise ValueError(f'the tokenizer {vae_path} downsamples by {downsample} but --patch_size={args.patch_size}')
     _, train_set, val_set = build_dataset(args.data_path, final_reso, False, args.mid_reso)
     sets = {'train': train_set, 'val': val_set}
+    n_variants = {'train': 2 if args.hflip else 1, 'val': 1}  # validation reads the unflipped crop only
 
     settings = {'format': pretok.FORMAT, 'patch_nums': list(patch_nums), 'vocab_size': vae.vocab_size,
                 'final_reso': final_reso, 'mid_reso': args.mid_reso, 'mid_px': round(args.mid_reso * final_reso),
-                'variants': list(pretok.VARIANTS[:2 if args.hflip else 1]), 'classes': list(train_set.classes),
-                'vae_fingerprint': pretok.vae_fingerprint(vae.state_dict()), 'chunk': args.chunk,
-                'sizes': {s: len(sets[s]) for s in splits}}
-    meta_path = os.path.join(args.out, pretok.META_NAME)
-    if os.path.isfile(meta_path):
-        meta = pretok.read_meta(args.out)
-        same = all(meta.get(k) == v for k, v in settings.items() if k not in ('chunk', 'sizes'))
-        if same and sorted(meta['splits']) == sorted(splits):
-            if dist.is_master():
-                print(f'[pretokenize] {args.out} is complete already; nothing to do', flush=True)
-            return 0
-        raise FileExistsError(f'{args.out} already holds a token set made with other settings: pick another --out '
-                              f'or remove it')
+                'variants': list(pretok.VARIANTS[:n_variants['train']]), 'classes': list(train_set.classes),
+                'vae_fingerprint': pretok.vae_fingerprint(vae), 'encode': {'dtype': 'float32', 'tf32': args.tf32,
+                                                                           'device': device.type},
+                'chunk': args.chunk, 'sizes': {s: len(sets[s]) for s in SPLITS}}
     parts = os.path.join(args.out, 'parts')
+    if os.path.isfile(os.path.join(args.out, pretok.META_NAME)):
+        meta = pretok.read_meta(args.out)
+        differ = sorted(k for k, v in settings.items() if k not in ('chunk', 'sizes', 'encode') and meta.get(k) != v)
+        if differ:
+            raise FileExistsError(f'{args.out} already holds a token set made with other settings '
+                                  f'({", ".join(differ)}): pick another --out, or remove it')
+        if dist.is_master():
+            shutil.rmtree(parts, ignore_errors=True)  # left behind by a kill between meta.json and the clean-up
+            print(f'[pretokenize] {args.out} is complete already; nothing to do', flush=True)
+        return 0
+    os.makedirs(parts, exist_ok=True)
     cfg_path = os.path.join(parts, 'settings.json')
-    if os.path.isfile(cfg_path):  # every rank checks, so that all of them stop with the same error
-        with open(cfg_path) as f:
-            old = json.load(f)
-        if old != settings:
-            diff = sorted(k for k in settings if old.get(k) != settings[k])
-            raise FileExistsError(f'{parts} holds an unfinished token set made with other settings ({diff}): '
-                                  f're-run with the same flags, or remove {parts}')
-    dist.barrier()
     if dist.is_master() and not os.path.isfile(cfg_path):
-        os.makedirs(parts, exist_ok=True)
         with open(cfg_path + '.tmp', 'w') as f:
             json.dump(settings, f, indent=1)
         os.replace(cfg_path + '.tmp', cfg_path)
     dist.barrier()
+    problems = [p for p in dist.allgather_object(check_parts_settings(parts, settings)) if p]
+    if problems:  # raised by every rank together: none is left waiting in a collective
+        raise FileExistsError(problems[0])
 
     t0 = time.time()
-    for split in splits:
-        encode_split(args, vae, device, split, sets[split].samples, settings)
+    for split in SPLITS:
+        encode_split(args, vae, device, split, sets[split].samples, settings, n_variants[split])
     dist.barrier()
-    if dist.is_master():
+    if dist.is_master():  # the other ranks are done: they exit without waiting for the merge
         L = sum(p * p for p in patch_nums)
         meta = {k: v for k, v in settings.items() if k not in ('sizes',)}
-        meta['splits'] = {s: merge_split(args.out, s, sets[s].samples, sets[s].root, args.chunk,
-                                       len(settings['variants']), L, pretok.token_dtype(vae.vocab_size))
-                          for s in splits}
+        meta['splits'] = {s: merge_split(args.out, s, sets[s].samples, sets[s].root, args.chunk, n_variants[s], L,
+                                         pretok.token_dtype(vae.vocab_size)) for s in SPLITS}
         meta['vae_ckpt'] = os.path.abspath(vae_path)
         meta['vae_config'] = vae.config
         meta['data_path'] = os.path.abspath(args.data_path)
         pretok.write_meta(args.out, meta)
         shutil.rmtree(parts)
-        for s in splits:
+        for s in SPLITS:
             sk = meta['splits'][s]['skipped']
             print(f'[pretokenize] {s}: {meta["splits"][s]["n"]} images written'
                   + (f', {len(sk)} unreadable skipped (listed in meta.json)' if sk else ''), flush=True)
         print(f'[pretokenize] done in {time.time() - t0:.1f}s: {args.out}', flush=True)
-    dist.barrier()
     return 0
 
 

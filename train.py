@@ -35,7 +35,7 @@ from utils.data_sampler import DistInfiniteBatchSampler, EvalDistributedSampler
 from utils.logging import (epoch_record, Console, LogTxt, MetricLogger, SmoothedValue, TensorboardLogger, format_seconds, git_info,
                            log_iters)
 from utils.lr_control import build_param_groups, lr_wd_annealing, progressive_si
-from utils.pretok import build_pretok_dataset, check_compatible, vae_fingerprint
+from utils.pretok import TOKEN_CONFIG_KEYS, build_pretok_dataset, check_compatible, vae_fingerprint
 from utils.runtime import rank_generator, resolve_device, seed_everything, set_tf32
 
 COMPILE_MODES = {1: 'reduce-overhead', 2: 'max-autotune', 3: 'default'}
@@ -45,7 +45,8 @@ VIS_SAMPLES = 8  # class-conditional samples written to TensorBoard at each vali
 def build_models(args, cfg: arg_util.Derived, num_classes: int, device: torch.device):
     """(vae_local, var_wo_ddp, vae_config): the tokenizer's architecture comes from its checkpoint."""
     vae_path = args.vae_ckpt or models.hub_download(VAE_FILENAME)
-    vae_sd = models.load_vae_checkpoint(vae_path, device='cpu', patch_nums=cfg.patch_nums).state_dict()
+    vae_file = models.load_vae_checkpoint(vae_path, device='cpu', patch_nums=cfg.patch_nums)
+    vae_sd = vae_file.state_dict()
     vae_cfg = models.infer_vae_config(vae_sd, v_patch_nums=cfg.patch_nums)
     downsample = 2 ** (len(vae_cfg['ch_mult']) - 1)
     if downsample != args.patch_size:
@@ -58,6 +59,13 @@ def build_models(args, cfg: arg_util.Derived, num_classes: int, device: torch.de
         ch_mult=vae_cfg['ch_mult'], embed_dim=args.width or None)
     vae_local.load_state_dict(vae_sd, strict=True)
     vae_local.eval()
+    # build_vae_var fixes the official quantiser settings; a checkpoint whose config says otherwise would tokenise
+    # differently here than in sample.py or pretokenize.py
+    differ = {k: (vae_file.config[k], vae_local.config[k]) for k in TOKEN_CONFIG_KEYS
+              if vae_file.config[k] != vae_local.config[k]}
+    if differ:
+        raise ValueError(f'the tokenizer {vae_path} has settings that train.py does not build (checkpoint, train.py): '
+                         f'{differ}')
     if args.flex:
         var_wo_ddp.attn_impl = 'flex'
         for _, ed in var_wo_ddp.begin_ends:  # build the block masks eagerly, outside any compiled region
@@ -122,7 +130,7 @@ class Run:
         self.vae_local, self.var_wo_ddp, self.vae_cfg = build_models(args, cfg, self.num_classes, self.device)
         if self.pretok_meta is not None:
             check_compatible(self.pretok_meta, args.pretok, cfg.patch_nums, self.vae_local.vocab_size,
-                             vae_fingerprint(self.vae_local.state_dict()), cfg.data_load_reso)
+                             vae_fingerprint(self.vae_local), cfg.data_load_reso)
         var = self.var_wo_ddp
         if dist.is_initialized():
             var = DDP(var, device_ids=[self.device.index] if self.device.type == 'cuda' else None,

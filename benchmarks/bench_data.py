@@ -56,7 +56,8 @@ def write_token_set(root: str, n: int, hflip: bool) -> None:
     open(paths['files'], 'w').close()
     pretok.write_meta(root, {'format': pretok.FORMAT, 'patch_nums': list(PN_256), 'vocab_size': 4096,
                              'final_reso': 256, 'mid_reso': 1.125, 'variants': list(pretok.VARIANTS[:n_var]),
-                             'classes': ['c0', 'c1'], 'vae_fingerprint': 'synthetic', 'splits': {'train': {'n': n}}})
+                             'classes': ['c0', 'c1'], 'vae_fingerprint': 'synthetic',
+                             'splits': {'train': {'n': n, 'n_variants': n_var}}})
 
 
 def images_per_second(dataset, workers: int, batch: int, epochs: int) -> float:

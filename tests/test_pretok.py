@@ -16,9 +16,9 @@ from torchvision.transforms import functional as TF
 
 import models
 from train_fixtures import (ROOT, TINY_PN, cpu_env, free_port, make_image_folder, make_tiny_vae_ckpt, read_steps,
-                            run_train, train_args)
+                            run_train, train_args, write_image)
 from utils import pretok
-from utils.data import normalize_01_into_pm1
+from utils.data import ValTransform
 
 
 def pretok_cmd(data: Path, vae: Path, out: Path, nproc: int = 1, **extra):
@@ -50,6 +50,7 @@ def tokset(tmp_path_factory):
     root = tmp_path_factory.mktemp('pretok')
     data = make_image_folder(root / 'data', n_train=7, n_val=3)
     (data / 'train' / 'class_01' / 'broken.jpg').write_bytes(b'not a jpeg at all')
+    write_image(data / 'train' / 'class_02' / 'odd_margin.png', 2, 99, size=(97, 80))  # 97x80 -> 87x72: odd margin
     vae = make_tiny_vae_ckpt(root / 'vae.pth')
     out = root / 'tokens'
     r = run_pretok(data, vae, out, hflip=1)
@@ -61,33 +62,43 @@ def test_tokens_are_the_tokenizer_ids_of_the_fixed_crop(tokset):
     data, vae_path, out, run = tokset
     meta = pretok.read_meta(str(out))
     assert meta['variants'] == ['orig', 'hflip'] and meta['patch_nums'] == [1, 2, 3, 4]
-    assert meta['splits']['train']['n'] == 21 and meta['splits']['val']['n'] == 9
+    assert meta['splits']['train']['n'] == 22 and meta['splits']['val']['n'] == 9
     broken = str(data / 'train' / 'class_01' / 'broken.jpg')
     assert meta['splits']['train']['skipped'] == [broken]
     assert 'broken.jpg' in run.stderr and '1 unreadable skipped' in run.stdout
     vae = models.load_vae_checkpoint(vae_path, patch_nums=(1, 2, 3, 4))
-    assert meta['vae_fingerprint'] == pretok.vae_fingerprint(vae.state_dict())
+    assert meta['vae_fingerprint'] == pretok.vae_fingerprint(vae)
 
     tokens = np.load(out / 'train_tokens.npy')
     labels = np.load(out / 'train_labels.npy')
     files = (out / 'train_files.txt').read_text().splitlines()
-    assert tokens.shape == (21, 2, 1 + 4 + 9 + 16) and tokens.dtype == np.uint16 and len(files) == 21
+    assert tokens.shape == (22, 2, 1 + 4 + 9 + 16) and tokens.dtype == np.uint16 and len(files) == 22
     assert 'class_01/broken.jpg' not in files
-    for i in (0, 8, 20):
+    val_crop = ValTransform(64, 72)  # the fixed crop is the official validation crop, of the flipped image for variant 1
+    odd = files.index('class_02/odd_margin.png')
+    img = Image.open(data / 'train' / files[odd]).convert('RGB')
+    assert not torch.equal(val_crop(TF.hflip(img)), val_crop(img).flip(-1))  # flip-then-crop is not crop-then-flip here
+    for i in (0, 8, odd, 21):
         img = Image.open(data / 'train' / files[i]).convert('RGB')
         assert labels[i] == int(files[i].split('/')[0].split('_')[1])
         for variant, src in enumerate((img, TF.hflip(img))):
-            crop = TF.center_crop(TF.resize(src, 72, interpolation=InterpolationMode.LANCZOS), [64, 64])
             with torch.no_grad():
-                ids = torch.cat(vae.img_to_idxBl(normalize_01_into_pm1(TF.to_tensor(crop))[None]), 1)[0]
+                ids = torch.cat(vae.img_to_idxBl(val_crop(src)[None]), 1)[0]
             assert torch.equal(ids, torch.from_numpy(tokens[i, variant].astype(np.int64))), (i, variant)
+    val_tokens = np.load(out / 'val_tokens.npy')
+    assert val_tokens.shape == (9, 1, 30) and meta['splits']['val']['n_variants'] == 1  # validation reads variant 0
+    val_files = (out / 'val_files.txt').read_text().splitlines()
+    img = Image.open(data / 'val' / val_files[4]).convert('RGB')
+    with torch.no_grad():
+        ids = torch.cat(vae.img_to_idxBl(val_crop(img)[None]), 1)[0]
+    assert torch.equal(ids, torch.from_numpy(val_tokens[4, 0].astype(np.int64)))
     assert not (out / 'parts').exists()
 
 
 def test_dataset_draws_flips_like_the_image_transform(tokset):
     _, _, out, _ = tokset
     n, train, val, _ = pretok.build_pretok_dataset(str(out), hflip=True)
-    assert n == 3 and len(train) == 21 and len(val) == 9
+    assert n == 3 and len(train) == 22 and len(val) == 9
     tokens = np.load(out / 'train_tokens.npy')
     seen = set()
     for seed in range(40):
@@ -103,14 +114,24 @@ def test_dataset_draws_flips_like_the_image_transform(tokset):
     assert all(torch.equal(plain[(3, s)][0], plain[3][0]) for s in range(5))
 
 
-def test_second_run_finds_the_set_complete(tokset):
+def test_second_run_finds_the_set_complete_and_other_settings_are_refused(tokset, tmp_path):
     data, vae, out, _ = tokset
     before = set_files(out)
+    (out / 'parts').mkdir()  # as if killed between writing meta.json and removing the parts
     r = run_pretok(data, vae, out, hflip=1)
     assert r.returncode == 0 and 'complete already' in r.stdout
-    assert set_files(out) == before
+    assert set_files(out) == before and not (out / 'parts').exists()
     r = run_pretok(data, vae, out, hflip=0)
-    assert r.returncode == 2 and 'other settings' in r.stderr
+    assert r.returncode == 2 and 'other settings (variants)' in r.stderr
+
+    unfinished = tmp_path / 'unfinished'
+    (unfinished / 'parts').mkdir(parents=True)
+    settings = json.loads(json.dumps(pretok.read_meta(str(out))))
+    settings.update(mid_reso=1.5, sizes={})
+    (unfinished / 'parts' / 'settings.json').write_text(json.dumps(settings))
+    r = run_pretok(data, vae, unfinished, hflip=1)
+    assert r.returncode == 2 and 'unfinished token set made with other settings' in r.stderr
+    assert 'mid_reso' in r.stderr and not (unfinished / 'meta.json').exists()
 
 
 def test_two_processes_write_the_same_set(tokset, tmp_path):
@@ -195,6 +216,13 @@ def test_train_refuses_a_set_it_cannot_use(tokset, tmp_path):
     torch.save(vae_b.state_dict(), other_vae)
     with pytest.raises(ValueError, match='made by another tokenizer'):
         train.main(train_args(data, other_vae, tmp_path / 'a', pretok=out, ep=1))
+    znorm = tmp_path / 'znorm.pth'  # same weights, another quantiser setting: other ids, so another fingerprint
+    vae_a = models.load_vae_checkpoint(vae, patch_nums=(1, 2, 3, 4))
+    torch.save({'vae': vae_a.state_dict(), 'vae_config': dict(vae_a.config, using_znorm=True)}, znorm)
+    vae_z = models.load_vae_checkpoint(znorm, patch_nums=(1, 2, 3, 4))
+    assert vae_z.quantize.using_znorm and pretok.vae_fingerprint(vae_z) != pretok.vae_fingerprint(vae_a)
+    with pytest.raises(ValueError, match=r"settings that train.py does not build .*'using_znorm': \(True, False\)"):
+        train.main(train_args(data, znorm, tmp_path / 'z', ep=1))
     with pytest.raises(ValueError, match=r'patch_nums \(1, 2, 3, 4\) in the set, \(1, 2, 4\) in this run'):
         train.main(train_args(data, vae, tmp_path / 'b', pretok=out, pn='1_2_4', ep=1))
     with pytest.raises(FileNotFoundError, match='written by pretokenize.py'):
@@ -202,23 +230,28 @@ def test_train_refuses_a_set_it_cannot_use(tokset, tmp_path):
     no_flip = tmp_path / 'noflip'
     no_flip.mkdir()
     meta = pretok.read_meta(str(out))
-    meta['variants'] = ['orig']
+    meta['splits']['train']['n_variants'] = 1
     pretok.write_meta(str(no_flip), meta)
     with pytest.raises(ValueError, match='re-run pretokenize.py with --hflip=1'):
         train.main(train_args(data, vae, tmp_path / 'd', pretok=no_flip, hflip=1, ep=1))
 
 
 def test_loader_workers_read_the_same_batches(tokset):
+    """Spawned workers (the default start method from Python 3.14) get the dataset pickled: without its memory map."""
+    import pickle
+
     from torch.utils.data import DataLoader
 
     from utils.data_sampler import DistInfiniteBatchSampler
     _, _, out, _ = tokset
     _, train, _, _ = pretok.build_pretok_dataset(str(out), hflip=True)
-    train.tokens  # the parent has a memory map open: workers must open their own
+    assert train.tokens.shape[0] == 22  # the parent has the memory map open
+    assert len(pickle.dumps(train)) < 4096 + 40 * len(train)  # labels only, not the token array
     batches = {}
     for workers in (0, 2):
         sampler = DistInfiniteBatchSampler(1, 0, len(train), 8, fill_last=True, shuffle=True, aug_seed=3)
-        it = iter(DataLoader(train, batch_sampler=sampler, num_workers=workers))
+        ctx = 'spawn' if workers else None
+        it = iter(DataLoader(train, batch_sampler=sampler, num_workers=workers, multiprocessing_context=ctx))
         batches[workers] = [next(it) for _ in range(3)]
     for (ids_a, lab_a), (ids_b, lab_b) in zip(batches[0], batches[2]):
         assert ids_a.shape == (8, 30) and ids_a.dtype == torch.int64

@@ -4,7 +4,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -17,10 +17,12 @@ X16 = (1, 1, 2, 2, 4)  # the official x16 tokenizer layout: 64x64 images for the
 X4 = (1, 1, 2)         # a 3-level x4 tokenizer (16x16 images, --patch_size=4): fast enough for multi-run tests
 
 
-def write_image(path: Path, cls: int, k: int) -> None:
-    """A real picture file: a class-coloured gradient with shapes and noise, of varying size and format."""
+def write_image(path: Path, cls: int, k: int, size: Optional[Tuple[int, int]] = None) -> None:
+    """A real picture file: a class-coloured gradient with shapes and noise, of varying (or the given (w, h)) size
+    and format."""
     rng = np.random.default_rng(1000 * cls + k)
     w, h = int(rng.integers(66, 110)), int(rng.integers(66, 110))
+    w, h = size or (w, h)
     base = np.array([(60 + 90 * cls) % 256, (200 - 70 * cls) % 256, (30 + 50 * k) % 256], dtype=np.float32)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     arr = base + 60 * np.stack([np.sin(xx / (5 + k)), np.cos(yy / (4 + cls)), np.sin((xx + yy) / 9)], -1)

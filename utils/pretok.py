@@ -8,9 +8,10 @@ centre crop), optionally with its horizontally flipped variant. It is never the 
 Layout of DIR (everything but meta.json is written before it; meta.json is written last, atomically, so its
 presence means the set is complete):
 
-    meta.json            format, patch_nums, vocab_size, final_reso, mid_reso, variants, classes, splits, the
-                         tokenizer's fingerprint and config, skipped files
+    meta.json            format, patch_nums, vocab_size, final_reso, mid_reso, variants, classes, splits (size,
+                         variants, skipped files), the tokenizer's fingerprint and config, the encode precision
     {split}_tokens.npy   (N, n_variants, L) uint16 (int32 when vocab_size > 65536); variant 0 = as is, 1 = flipped
+                         (train only: validation reads variant 0, so val stores that one alone)
     {split}_labels.npy   (N,) int64 class ids
     {split}_files.txt    the N source files, relative to the split folder (provenance)
 
@@ -40,12 +41,22 @@ def split_paths(root: str, split: str) -> Dict[str, str]:
             for k, ext in (('tokens', 'npy'), ('labels', 'npy'), ('files', 'txt'))}
 
 
-def vae_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over the tokenizer's parameter and buffer names, shapes, dtypes and bytes (ema statistics excluded).
+# the tokenizer settings that change token ids besides the weights (dropout and beta only matter in training;
+# default_qresi_counts is the number of Phi layers, which the state dict's keys already fix)
+TOKEN_CONFIG_KEYS = ('vocab_size', 'z_channels', 'ch', 'ch_mult', 'using_znorm', 'quant_conv_ks', 'quant_resi',
+                     'share_quant_resi')
+
+
+def vae_fingerprint(vae: torch.nn.Module) -> str:
+    """sha256 over the tokenizer's id-relevant settings and its parameters and buffers (names, shapes, dtypes, bytes;
+    the ema usage statistics excluded).
 
     Two tokenizers with the same fingerprint give the same tokens; train.py refuses a token set made by another one.
     """
     h = hashlib.sha256()
+    config = {k: vae.config[k] for k in TOKEN_CONFIG_KEYS}
+    h.update(json.dumps(config, sort_keys=True).encode())
+    state_dict = vae.state_dict()
     for k in sorted(state_dict):
         if 'ema_vocab_hit' in k:  # usage statistics: change during training, never affect the ids
             continue
@@ -111,7 +122,7 @@ class PretokenizedDataset(Dataset):
         if split not in self.meta['splits']:
             raise ValueError(f'the token set {root} has no {split!r} split (it has {sorted(self.meta["splits"])})')
         self.paths = split_paths(root, split)
-        self.n_variants = len(self.meta['variants'])
+        self.n_variants = self.meta['splits'][split]['n_variants']
         if hflip and self.n_variants < 2:
             raise ValueError(f'--hflip needs flipped variants, but the token set {root} was written without them: '
                              f're-run pretokenize.py with --hflip=1, or train with --hflip=0')
