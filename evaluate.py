@@ -11,10 +11,13 @@ Samples are an `.npz` (`arr_0`, uint8 N x H x W x 3) or a folder of PNGs; the re
   TF graph's weights), whose 2048-d pool features feed FID and precision/recall and whose bias-free 1008-way logits
   feed the Inception Score, as in OpenAI's evaluator;
 * the metric math is here, in float64, with the evaluator's conventions: FID of (mean, covariance with N-1) over the
-  pool features; IS over consecutive splits of 5,000 samples, no shuffling; precision/recall with k=3 neighbourhoods.
+  pool features; IS over consecutive splits of 5,000 samples in file order; precision/recall with k=3 neighbourhoods.
 
-The reference statistics are recomputed from the reference images with this network (the `mu`/`sigma` stored in the
-OpenAI files came from the TF graph; recomputing keeps both sides on one implementation). The Inception weights come
+FID compares the samples with the reference file's stored `mu`/`sigma` when it has them, as OpenAI's evaluator does
+(the published VAR numbers were computed that way); `--recompute_ref_stats` recomputes them from its images with this
+network instead, and a reference without stored statistics is always recomputed. Precision and recall always use the
+reference images. The IS splits follow the file order: sample.py packs its `.npz` (and reads PNG folders) in a fixed
+shuffled order so that each split mixes the classes, as the official unsorted glob does. The Inception weights come
 from `--inception_weights PATH` or torch-fidelity's download into the torch hub cache on first use.
 
 Legend: N images, D feature width, K classifier logits; arrays are numpy unless the name says tensor.
@@ -23,7 +26,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -170,16 +173,32 @@ def check_image_sets(samples: str, ref: str) -> None:
                             f'{ref_shape[1]}x{ref_shape[2]}: compare samples with the reference of their resolution')
 
 
+def stored_statistics(ref: str) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """The `mu` (D,) and `sigma` (D, D) stored in an OpenAI reference `.npz`, or None (a folder, or none stored)."""
+    if os.path.isdir(ref):
+        return None
+    with np.load(ref) as z:
+        if 'mu' not in z.files or 'sigma' not in z.files:
+            return None
+        return z['mu'].astype(np.float64), z['sigma'].astype(np.float64)
+
+
 def evaluate(samples: str, ref: str, net: FeatureNet, batch_size: int = 100, device: str = 'cpu',
-             progress: bool = False) -> Dict[str, float]:
-    """All four metrics of a sample set against a reference batch; both are read with the same `net`."""
+             progress: bool = False, recompute_ref_stats: bool = False) -> Dict[str, Any]:
+    """All four metrics of a sample set against a reference batch; both sets of images are read with `net`."""
     check_image_sets(samples, ref)
     ref_feats, _ = extract_features(ref, net, batch_size, device, progress)
     fake_feats, fake_logits = extract_features(samples, net, batch_size, device, progress)
-    fid = frechet_distance(*feature_statistics(fake_feats), *feature_statistics(ref_feats))
+    ref_stats = None if recompute_ref_stats else stored_statistics(ref)
+    if ref_stats is not None and ref_stats[0].shape != (fake_feats.shape[1],):
+        raise ValueError(f'{ref} stores mu of shape {ref_stats[0].shape}, but the features have '
+                         f'{fake_feats.shape[1]} dimensions: pass --recompute_ref_stats')
+    fid_ref = 'stored' if ref_stats is not None else 'recomputed'
+    ref_stats = ref_stats if ref_stats is not None else feature_statistics(ref_feats)
+    fid = frechet_distance(*feature_statistics(fake_feats), *ref_stats)
     precision, recall = precision_recall(ref_feats, fake_feats, device=device)
     return {'fid': fid, 'inception_score': inception_score(fake_logits), 'precision': precision, 'recall': recall,
-            'num_samples': len(fake_feats), 'num_ref': len(ref_feats)}
+            'num_samples': len(fake_feats), 'num_ref': len(ref_feats), 'fid_reference_statistics': fid_ref}
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -190,6 +209,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help=f'local copy of {INCEPTION_URL} (default: torch-fidelity downloads it on first use)')
     p.add_argument('--batch_size', type=int, default=100)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--recompute_ref_stats', action='store_true',
+                   help="recompute the reference's FID statistics from its images instead of using its stored mu/sigma")
     p.add_argument('--out', default=None, help='also write the metrics to this JSON file')
     return p
 
@@ -203,7 +224,11 @@ def main(args: argparse.Namespace) -> Dict[str, float]:
         net = InceptionFeatures(args.inception_weights).to(args.device)
     except (ImageSetError, RuntimeError, FileNotFoundError) as e:
         raise SystemExit(f'error: {e}') from e
-    metrics = evaluate(args.samples, args.ref, net, args.batch_size, args.device, progress=True)
+    metrics = evaluate(args.samples, args.ref, net, args.batch_size, args.device, progress=True,
+                       recompute_ref_stats=args.recompute_ref_stats)
+    stored = metrics['fid_reference_statistics'] == 'stored'
+    print(f'FID reference statistics: {"the mu/sigma stored in" if stored else "recomputed from the images of"} '
+          f'{args.ref}')
     if metrics['num_samples'] != 50000:
         print(f'note: {metrics["num_samples"]} samples; the published numbers use 50,000 (50 per class)')
     for name in ('fid', 'inception_score', 'precision', 'recall'):

@@ -15,12 +15,21 @@ import numpy as np
 from PIL import Image
 
 NPZ_KEY = 'arr_0'
+EVAL_ORDER_SEED = 0
 # A fixed timestamp for the zip member, so that the same images always give the same bytes (np.savez stamps "now").
 _ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 
 
 class ImageSetError(ValueError):
     """An image set that is missing, unreadable or not uint8 (N, H, W, 3)."""
+
+
+class UnreadablePNG(ImageSetError):
+    """One image file of a set cannot be decoded; `path` names it."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(message)
+        self.path = path
 
 
 def _check_shape_NHW3(shape: Tuple[int, ...], dtype: np.dtype, where: str) -> None:
@@ -83,13 +92,18 @@ def iter_npz_images(path: str, batch_size: int) -> Iterator[np.ndarray]:
             yield np.frombuffer(bytearray(buf), dtype=np.uint8).reshape(b, H, W, 3)  # writable, for torch
 
 
+def npz_tmp_path(path: str) -> str:
+    """Where `write_npz_images` writes before its rename (one fixed name: a killed writer's leftover can be found)."""
+    return path + '.tmp'
+
+
 def write_npz_images(path: str, batches_NHW3: Iterable[np.ndarray], shape_NHW3: Tuple[int, int, int, int]) -> None:
     """Write batches as `arr_0` of an uncompressed `.npz`, atomically (a temporary file, then a rename).
 
     The batches must add up to `shape_NHW3`; the same images always give the same bytes.
     """
     _check_shape_NHW3(shape_NHW3, np.dtype(np.uint8), f'writing {path}')
-    tmp = f'{path}.tmp{os.getpid()}'
+    tmp = npz_tmp_path(path)
     written = 0
     try:
         with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
@@ -112,12 +126,24 @@ def write_npz_images(path: str, batches_NHW3: Iterable[np.ndarray], shape_NHW3: 
             os.remove(tmp)
 
 
+def evaluation_order(files: Iterable[str]) -> List[str]:
+    """The files sorted by name, then shuffled by a fixed permutation (seed EVAL_ORDER_SEED).
+
+    The Inception Score is averaged over consecutive splits of 5,000 images. The official export globs its PNG folder
+    unsorted, so its splits mix the classes; sample.py's names sort by class, and sorted splits would hold 100 classes
+    each, which caps the score far below the published values. The same files always come in the same order.
+    """
+    files = sorted(set(files))
+    perm = np.random.default_rng(EVAL_ORDER_SEED).permutation(len(files))
+    return [files[i] for i in perm]
+
+
 def list_png_files(folder: str) -> List[str]:
-    """The `.png` files of a folder, sorted by name (the sample writer's names sort in class order)."""
+    """The `.png` files of a folder, in `evaluation_order`."""
     if not os.path.isdir(folder):
         raise ImageSetError(f'{folder} is not a folder')
     files = glob.glob(os.path.join(folder, '*.png')) + glob.glob(os.path.join(folder, '*.PNG'))
-    return sorted(set(files))
+    return evaluation_order(files)
 
 
 def read_png(path: str) -> np.ndarray:
@@ -126,7 +152,7 @@ def read_png(path: str) -> np.ndarray:
         with Image.open(path) as im:
             return np.asarray(im.convert('RGB'), dtype=np.uint8)
     except OSError as e:
-        raise ImageSetError(f'cannot read image {path}: {e}') from e
+        raise UnreadablePNG(path, f'cannot read image {path}: {e}') from e
 
 
 def save_png(img_HW3: np.ndarray, path: str) -> None:

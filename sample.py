@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 import dist
 import models
-from image_batches import ImageSetError, iter_png_images, npz_image_shape, save_png, write_npz_images
+from image_batches import (ImageSetError, UnreadablePNG, evaluation_order, iter_png_images, npz_image_shape,
+                           npz_tmp_path, save_png, write_npz_images)
 from models.loading import HUB_REPO_ID, VAE_FILENAME
 from rejection import load_classifier, sample_best_of
 
@@ -52,7 +53,8 @@ def png_name(cls: int, index: int) -> str:
 
 
 def to_uint8_BHW3(img_B3HW: torch.Tensor) -> np.ndarray:
-    """[0, 1] images -> uint8 HWC with x*255 truncated, as the official demo converts them."""
+    """[0, 1] images -> uint8 HWC: x*255 in float32, truncated (the demo's rule; it multiplies in the tensor's own
+    dtype, which under fp16 autocast moves ~4% of pixels by one level)."""
     return img_B3HW.float().permute(0, 2, 3, 1).mul(255).to(torch.uint8).cpu().numpy()
 
 
@@ -187,15 +189,22 @@ def prepare_out_dir(out_dir: str, npz_path: str, manifest: dict, expected_pngs: 
     for n in names:
         if '.tmp' in n:  # half-written files of a killed run
             os.remove(os.path.join(out_dir, n))
+    if MANIFEST in names and os.path.exists(npz_tmp_path(npz_path)):  # a killed npz write of this run
+        os.remove(npz_tmp_path(npz_path))
     os.makedirs(out_dir, exist_ok=True)
     with open(path + '.tmp', 'w') as f:
         json.dump(manifest, f, indent=1)
     os.replace(path + '.tmp', path)
 
 
+def _png_written(path: str) -> bool:
+    # an empty file is what a machine crash (not a kill: writes are renamed into place) can leave: draw it again
+    return os.path.exists(path) and os.path.getsize(path) > 0
+
+
 def plan_chunks(items: List[Tuple[int, int]], bs: int, out_dir: str) -> Tuple[List[List[Tuple[int, int]]], int]:
     """Fixed chunks of `bs` consecutive items, keeping those with an image missing on disk; and the images on disk."""
-    on_disk = {it for it in items if os.path.exists(os.path.join(out_dir, png_name(*it)))}
+    on_disk = {it for it in items if _png_written(os.path.join(out_dir, png_name(*it)))}
     chunks = [items[s:s + bs] for s in range(0, len(items), bs)]
     return [ch for ch in chunks if not on_disk.issuperset(ch)], len(on_disk)
 
@@ -226,21 +235,25 @@ def run_fid(args: argparse.Namespace, var: models.VAR, classifier: Optional[torc
         imgs = sample_items(var, chunk, args, classifier)
         for (c, i), img in zip(chunk, imgs):
             path = os.path.join(args.out, png_name(c, i))
-            if not os.path.exists(path):
+            if not _png_written(path):
                 save_png(img, path)
         bar.update(len(chunk))
     bar.close()
     dist.barrier()
     if rank == 0:
-        files = [os.path.join(args.out, png_name(*it)) for it in items]
-        missing = [f for f in files if not os.path.exists(f)]
+        files = evaluation_order(os.path.join(args.out, png_name(*it)) for it in items)  # classes mixed for IS
+        missing = [f for f in files if not _png_written(f)]
         if missing:
             raise SystemExit(f'error: {len(missing)} images are missing after sampling, e.g. {missing[0]}')
         shape = (len(files), image_size(var), image_size(var), 3)
         if not plan and os.path.exists(npz_path) and _npz_shape_or_none(npz_path) == shape:
             print(f'nothing to do: {args.out} and {npz_path} are complete')
             return
-        write_npz_images(npz_path, iter_png_images(files, 100), shape)
+        try:
+            write_npz_images(npz_path, iter_png_images(files, 100), shape)
+        except UnreadablePNG as e:  # e.g. cut short by a machine crash: remove it so that a re-run draws it again
+            os.remove(e.path)
+            raise SystemExit(f'error: {e}; it was deleted: re-run the same command to draw it again') from e
         print(f'wrote {len(files)} PNGs to {args.out} and {npz_path}')
 
 
@@ -314,7 +327,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> None:
     check_args(args)
-    dist.initialize()
+    dist.initialize(timeout_minutes=180)  # ranks meet at the end; --fast compiles on each rank first
     device = dist.get_device()
     if device.type == 'cuda':  # process-wide switches belong to the script, not to an import
         torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import evaluate
-from image_batches import ImageSetError, iter_npz_images, npz_image_shape, save_png, write_npz_images
+from image_batches import (ImageSetError, evaluation_order, iter_npz_images, npz_image_shape, save_png,
+                           write_npz_images)
 
 
 # ----------------------------------------------------------------------------------------------------- Frechet distance
@@ -157,8 +158,65 @@ def test_pipeline_npz_and_folder(tmp_path):
     m_dir = evaluate.evaluate(str(tmp_path / 'fake'), str(tmp_path / 'ref.npz'), net, batch_size=7)
     assert m_npz['fid'] > 0.1 and 1.0 <= m_npz['inception_score'] <= 5.0
     assert m_npz['num_samples'] == 25 and m_npz['num_ref'] == 30
-    for key in m_npz:
+    assert m_npz['fid_reference_statistics'] == 'recomputed'  # np.savez(arr_0=...) stores no mu/sigma
+    for key in ('fid', 'inception_score', 'precision', 'recall', 'num_samples', 'num_ref'):
         assert m_dir[key] == pytest.approx(m_npz[key], rel=1e-6), key  # batch sizes 7 and 8: float32 round-off only
+
+
+def test_fid_uses_the_stored_reference_statistics(tmp_path):
+    """OpenAI's evaluator scores FID against the mu/sigma stored in the reference file, not against its 10k images."""
+    ref, fake = _images(30, 0), _images(25, 1, offset=40)
+    net = StandInFeatures()
+    np.savez(tmp_path / 'fake.npz', arr_0=fake)
+    rng = np.random.default_rng(0)
+    mu, a = rng.normal(size=6), rng.normal(size=(6, 6))
+    np.savez(tmp_path / 'ref.npz', arr_0=ref, mu=mu, sigma=a @ a.T, mu_s=mu[:2], sigma_s=np.eye(2))
+    fake_feats, _ = evaluate.extract_features(str(tmp_path / 'fake.npz'), net)
+    ref_feats, _ = evaluate.extract_features(str(tmp_path / 'ref.npz'), net)
+    stored = evaluate.evaluate(str(tmp_path / 'fake.npz'), str(tmp_path / 'ref.npz'), net)
+    assert stored['fid_reference_statistics'] == 'stored'
+    assert stored['fid'] == pytest.approx(evaluate.frechet_distance(*evaluate.feature_statistics(fake_feats), mu,
+                                                                    a @ a.T), rel=1e-9)
+    assert stored['precision'] == pytest.approx(evaluate.precision_recall(ref_feats, fake_feats)[0])  # images
+    again = evaluate.evaluate(str(tmp_path / 'fake.npz'), str(tmp_path / 'ref.npz'), net, recompute_ref_stats=True)
+    assert again['fid_reference_statistics'] == 'recomputed'
+    assert again['fid'] == pytest.approx(evaluate.frechet_distance(*evaluate.feature_statistics(fake_feats),
+                                                                   *evaluate.feature_statistics(ref_feats)), rel=1e-9)
+    assert again['fid'] != pytest.approx(stored['fid'])
+    np.savez(tmp_path / 'ref2048.npz', arr_0=ref, mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(ValueError, match='--recompute_ref_stats'):
+        evaluate.evaluate(str(tmp_path / 'fake.npz'), str(tmp_path / 'ref2048.npz'), net)
+
+
+def test_feature_covariance_is_normalised_by_n_minus_1():
+    feats = np.array([[0.0, 1.0], [2.0, 1.0], [4.0, 4.0]])
+    mu, sigma = evaluate.feature_statistics(feats)
+    centred = feats - feats.mean(0)
+    assert np.allclose(mu, [2.0, 2.0]) and np.allclose(sigma, centred.T @ centred / 2)
+
+
+def test_a_point_on_a_knn_radius_is_inside():
+    real = np.array([[0.0], [1.0], [2.0], [3.0]])  # 3rd-neighbour radii: 3, 2, 2, 3
+    on_radius, outside = np.array([[-3.0], [-3.0], [6.0], [6.0]]), np.array([[-3.5], [-3.5], [6.5], [6.5]])
+    assert evaluate.precision_recall(real, on_radius)[0] == 1.0  # distance 3 to the point 0 (or 3): on its ball
+    assert evaluate.precision_recall(real, outside)[0] == 0.0
+
+
+def test_inception_score_default_splits_of_5000():
+    logits = np.random.default_rng(0).normal(size=(10001, 7)) * 3
+    parts = (logits[:5000], logits[5000:10000], logits[10000:])
+    expected = np.mean([evaluate.inception_score(p, split_size=len(p)) for p in parts])
+    assert evaluate.inception_score(logits) == pytest.approx(expected, rel=1e-12)
+
+
+def test_evaluation_order_mixes_the_classes_of_every_is_split():
+    """sample.py's names sort by class; the evaluation order must give every 5,000-image split most classes."""
+    names = [f'/s/{c:04d}_{i:05d}.png' for c in range(1000) for i in range(50)]
+    order = evaluation_order(reversed(names))
+    assert order == evaluation_order(names) and sorted(order) == names  # a fixed order of the same files
+    for s in range(0, 50000, 5000):
+        classes = {n.split('/')[-1][:4] for n in order[s:s + 5000]}
+        assert len(classes) > 950, len(classes)  # sorted by name, each split would hold 100
 
 
 def test_main_with_stand_in(tmp_path, monkeypatch, capsys):
