@@ -177,8 +177,8 @@ def merge_split(out: str, split: str, samples, split_root: str, chunk: int, n_va
     parts = [part_path(out, split, k) for k in range(n_chunks)]
     missing = [p for p in parts if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(f'{len(missing)} chunk(s) of {split} are missing, e.g. {missing[0]}: re-run the command '
-                                f'(with several nodes, --out must be one folder that every node can write)')
+        raise FileNotFoundError(f'{len(missing)} chunk(s) of {split} are missing, e.g. {missing[0]}: re-run the '
+                                f'command (with several nodes, --out must be one folder that every node can write)')
     labels, index, skipped = [], [], []
     for p in parts:
         with np.load(p) as z:

@@ -28,15 +28,15 @@ from models.loading import VAE_FILENAME
 from trainer import VARTrainer
 from utils import arg_util
 from utils.amp_sc import AmpOptimizer, NonFiniteError
-from utils.ckpt import (BEST_NAME, LAST_NAME, CheckpointError, auto_resume, remove_stale_tmp, save_run_checkpoint,
-                        set_rng_state)
+from utils.ckpt import (BEST_NAME, LAST_NAME, CheckpointError, auto_resume, remove_stale_tmp, rng_state,
+                        save_run_checkpoint, set_rng_state)
 from utils.data import build_dataset
 from utils.data_sampler import DistInfiniteBatchSampler, EvalDistributedSampler
-from utils.logging import (epoch_record, Console, LogTxt, MetricLogger, SmoothedValue, TensorboardLogger, format_seconds, git_info,
-                           log_iters)
+from utils.logging import (Console, LogTxt, MetricLogger, SmoothedValue, TensorboardLogger, epoch_record,
+                           format_seconds, git_info, log_iters)
 from utils.lr_control import build_param_groups, lr_wd_annealing, progressive_si
 from utils.pretok import TOKEN_CONFIG_KEYS, build_pretok_dataset, check_compatible, vae_fingerprint
-from utils.runtime import rank_generator, resolve_device, seed_everything, set_tf32
+from utils.runtime import check_ranks_agree, rank_generator, resolve_device, seed_everything, set_tf32
 
 COMPILE_MODES = {1: 'reduce-overhead', 2: 'max-autotune', 3: 'default'}
 VIS_SAMPLES = 8  # class-conditional samples written to TensorBoard at each validation
@@ -100,6 +100,9 @@ class Run:
             self.num_classes, train_set, val_set = build_dataset(args.data_path, cfg.data_load_reso, args.hflip,
                                                                  args.mid_reso)
         self.train_set = train_set
+        if cfg.workers == 0 and not args.pretok and len(train_set) > 50_000:
+            self.console.warn(f'--workers=0 (the official default): {len(train_set)} images will be decoded and '
+                              f'resized in the training process itself; pass e.g. --workers=8 (per process)')
         self.iters_train = math.ceil(len(train_set) / cfg.glb_batch_size)
 
         # resume point (every rank reads the checkpoint of its node's output folder)
@@ -148,6 +151,7 @@ class Run:
         self.trainer = VARTrainer(self.device, cfg.patch_nums, cfg.resos, self.vae_local, self.var_wo_ddp, var,
                                   self.var_opt, label_smooth=args.ls)
         self.best = {'vL_mean': math.inf, 'vL_tail': math.inf, 'vacc_mean': -1.0, 'vacc_tail': -1.0}
+        self.cycle_start = None  # (epoch, it, RNG, progressive state) of an accumulation cycle that spans an epoch end
         if ckpt:
             self._restore(ckpt, ckpt_path)
 
@@ -185,11 +189,22 @@ class Run:
         self.console.info(f'[auto-resume] loaded {path}: epoch {self.start_ep}, iteration {self.start_it}')
 
     def save(self, epoch: int, it: int, best_updated: bool = False) -> None:
-        """Write ar-ckpt-last.pth (and copy it to ar-ckpt-best.pth) on every node's local master, atomically."""
-        state = {'epoch': epoch, 'iter': it, 'trainer': self.trainer.state_dict(), 'args': vars(self.args),
+        """Write ar-ckpt-last.pth (and ar-ckpt-best.pth) on every node's local master, atomically.
+
+        Inside an accumulation cycle (an epoch that ends before the cycle's optimizer step, with --ac > 1) the
+        gradients gathered so far live only in each rank's memory. The checkpoint then points at the cycle's first
+        iteration instead, with the RNG and progressive-training state of that moment: the weights, optimizer and
+        scaler have not changed since, so a resumed run recomputes the same gradients and continues exactly.
+        """
+        check_ranks_agree(self.var_wo_ddp)
+        trainer_state, rng = self.trainer.state_dict(), None
+        if self.cycle_start is not None:
+            epoch, it, rng, prog = self.cycle_start
+            trainer_state['config'].update(prog)
+        state = {'epoch': epoch, 'iter': it, 'trainer': trainer_state, 'args': vars(self.args),
                  'derived': dataclasses.asdict(self.cfg), 'best': dict(self.best),
                  'model_config': dict(getattr(self.var_wo_ddp, 'build_config', {})), 'vae_config': self.vae_cfg}
-        save_run_checkpoint(state, self.cfg.out_dir, LAST_NAME, BEST_NAME, best_updated)
+        save_run_checkpoint(state, self.cfg.out_dir, LAST_NAME, BEST_NAME, best_updated, rng=rng)
 
     def fit(self) -> None:
         args = self.args
@@ -221,6 +236,8 @@ class Run:
             self.console.info(f'[ep{ep}] (training) Lm: {stats["L_mean"]:.4f}, Lt: {stats["L_tail"]:.4f}, '
                               f'Accm: {stats["acc_mean"]:.2f}, Acct: {stats["acc_tail"]:.2f}, '
                               f'Remain: {record["remain_time"]}, Finish: {record["finish_time"]}')
+            if ep + 1 == args.ep:  # the run is over: a last unfinished cycle is dropped, as officially
+                self.cycle_start = None
             self.save(ep + 1, 0, best_updated)
             self.log_txt.write(self.header, record)
             self.tb.flush()
@@ -247,6 +264,8 @@ class Run:
         lr_wd = grad_norm = None
         for it in range(first_it, iters):
             g_it = ep * iters + it
+            if g_it % args.ac == 0 and g_it + args.ac > (ep + 1) * iters:  # a cycle that the epoch end cuts
+                self.cycle_start = (ep, it, rng_state(), self.trainer.progressive_state())
             inp, label_B = next(ld_iter)  # images, or token ids with --pretok
             inp = inp.to(self.device, non_blocking=True)
             label_B = label_B.to(self.device, non_blocking=True)
@@ -258,6 +277,8 @@ class Run:
             skipped_before = self.var_opt.num_skipped
             out = trainer.train_step(stepping, inp, label_B, prog_si=prog_si, prog_wp_it=cfg.pgwp * iters,
                                      metrics=it in log_its, details=tb_now)
+            if stepping:
+                self.cycle_start = None
             if out['grad_norm'] is not None:
                 grad_norm = out['grad_norm']
             me.update(tlr=lr_wd[1])
@@ -273,7 +294,8 @@ class Run:
                 self.log_tb_iter(g_it, out, lr_wd)
             if self.steps_file is not None:
                 self.steps_file.write(json.dumps({'g_it': g_it, 'ep': ep, 'it': it, 'loss': out['loss'].item(),
-                                                  'grad_norm': out['grad_norm'], 'lr': lr_wd[1]}) + '\n')
+                                                  'grad_norm': out['grad_norm'], 'lr': lr_wd[1],
+                                                  'wd': lr_wd[3]}) + '\n')
                 self.steps_file.flush()
             bar.update(1)
             if it == first_it:

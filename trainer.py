@@ -215,11 +215,14 @@ class VARTrainer:
             var.train(was_training)
 
     # ------------------------------------------------------------------ state
+    def progressive_state(self) -> Dict[str, Any]:
+        return {'prog_it': self.prog_it, 'last_prog_si': self.last_prog_si, 'first_prog': self.first_prog}
+
     def state_dict(self) -> Dict[str, Any]:
         """The official layout: config, var_wo_ddp, vae_local, var_opt (optimizer [+ scaler])."""
         return {
             'config': {'patch_nums': self.patch_nums, 'resos': self.resos, 'label_smooth': self.label_smooth,
-                       'prog_it': self.prog_it, 'last_prog_si': self.last_prog_si, 'first_prog': self.first_prog},
+                       **self.progressive_state()},
             'var_wo_ddp': unwrap(self.var_wo_ddp).state_dict(),
             'vae_local': unwrap(self.vae_local).state_dict(),
             'var_opt': self.var_opt.state_dict(),

@@ -74,7 +74,7 @@ def test_tokens_are_the_tokenizer_ids_of_the_fixed_crop(tokset):
     files = (out / 'train_files.txt').read_text().splitlines()
     assert tokens.shape == (22, 2, 1 + 4 + 9 + 16) and tokens.dtype == np.uint16 and len(files) == 22
     assert 'class_01/broken.jpg' not in files
-    val_crop = ValTransform(64, 72)  # the fixed crop is the official validation crop, of the flipped image for variant 1
+    val_crop = ValTransform(64, 72)  # the official validation crop (of the flipped image for variant 1)
     odd = files.index('class_02/odd_margin.png')
     img = Image.open(data / 'train' / files[odd]).convert('RGB')
     assert not torch.equal(val_crop(TF.hflip(img)), val_crop(img).flip(-1))  # flip-then-crop is not crop-then-flip here

@@ -27,3 +27,55 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_losses(tmp_path):
     after = read_steps(out)
     assert after == reference  # bit-identical per-step losses
     assert all(after[k] == v for k, v in before.items())  # steps replayed after the checkpoint agree too
+
+
+def test_resume_inside_an_accumulation_cycle_cut_by_the_epoch_end(tmp_path):
+    """--ac=2 with 7 iterations per epoch: the epoch ends after the first half of a cycle, whose gradients exist only
+    in memory. The epoch-end checkpoint points at the cycle's start; a run killed after it recomputes that half."""
+    data = make_image_folder(tmp_path / 'data', n_classes=3, n_train=7, n_val=2)
+    vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth', X4)
+    flags = dict(patch_size=4, bs=6, ac=2, ep=2, fp16=1, hflip=1, log_steps=1)  # 3 per step, 7 iterations/epoch
+
+    ref_out = tmp_path / 'reference'
+    ref = run_train(train_args(data, vae, ref_out, **flags))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    reference = read_steps(ref_out)
+    assert sorted(reference) == list(range(14))
+
+    out = tmp_path / 'interrupted'
+    argv = train_args(data, vae, out, **flags)
+    killed_at = kill_after_step(argv, out, step=8)  # after the epoch-0 checkpoint, before the next one
+    assert killed_at < 13, 'the kill came too late to test anything'
+    resumed = run_train(argv)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert 'ar-ckpt-last.pth: epoch 0, iteration 6' in resumed.stdout  # the cut cycle's first iteration
+    assert read_steps(out) == reference
+
+
+def test_train_py_feeds_the_official_schedule_to_the_optimizer(tmp_path):
+    """The lr and wd that train.py sets at every step are those of lr_wd_annealing with the derived values."""
+    import json
+
+    import torch
+
+    from utils import arg_util
+    from utils.lr_control import build_param_groups, lr_wd_annealing
+    data = make_image_folder(tmp_path / 'data', n_classes=3, n_train=8, n_val=2)
+    vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth', X4)
+    argv = train_args(data, vae, tmp_path / 'out', patch_size=4, bs=4, ep=2, log_steps=1, wp=0.5)
+    r = run_train(argv)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = arg_util.derive(arg_util.parse_args(argv), world_size=1)
+    args = arg_util.parse_args(argv)
+    iters = 6
+    layer = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(build_param_groups(layer.named_parameters()), lr=cfg.tlr)
+    logged = [json.loads(line) for line in (tmp_path / 'out' / 'steps.jsonl').read_text().splitlines()]
+    assert [s['g_it'] for s in logged] == list(range(12))
+    wds = set()
+    for s in logged:
+        _, max_lr, _, max_wd = lr_wd_annealing(cfg.sche, opt, cfg.tlr, args.twd, cfg.twde, s['g_it'],
+                                               round(cfg.wp * iters), args.ep * iters, wp0=args.wp0, wpe=args.wpe)
+        assert (s['lr'], s['wd']) == (max_lr, max_wd), s
+        wds.add(max_wd)
+    assert wds == {0.05}  # the official default --twde=0 means a constant wd (twde = twd)

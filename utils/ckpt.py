@@ -89,7 +89,7 @@ def remove_stale_tmp(folder: str) -> List[str]:
 def load_checkpoint(path: str) -> Dict[str, Any]:
     """Load a training checkpoint on the CPU; raise CheckpointError with the reason if it is unusable."""
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)  # ranks share the page cache
     except Exception as e:
         raise CheckpointError(f'cannot load checkpoint {path} ({type(e).__name__}: {e}); it is probably truncated '
                               f'or corrupt (e.g. an interrupted copy). Delete it to resume from another '
@@ -139,13 +139,20 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def save_run_checkpoint(state: Dict[str, Any], out_dir: str, last_name: str, best_name: str,
-                        best_updated: bool) -> None:
-    """Every rank's RNG state is gathered into `state['rng']` (a collective: all ranks call this); then each node's
-    local master writes `last_name` atomically and, when `best_updated`, copies it to `best_name`."""
-    rngs = dist.allgather_object(rng_state())
+                        best_updated: bool, rng: Optional[Dict[str, Any]] = None) -> None:
+    """Every rank's RNG state (`rng`, or its current one) is gathered into `state['rng']` (a collective: all ranks
+    call this); then each node's local master writes `best_name` when `best_updated`, and `last_name`, atomically.
+
+    The best copy is written first: a kill between the two leaves the new state in `best_name`, which auto-resume
+    finds too, rather than a best copy that no later run would refresh.
+    """
+    rngs = dist.allgather_object(rng if rng is not None else rng_state())
     if not dist.is_local_master():
         return
     last = os.path.join(out_dir, last_name)
-    atomic_save({**state, 'rng': rngs}, last)
     if best_updated:
-        atomic_copy(last, os.path.join(out_dir, best_name))
+        best = os.path.join(out_dir, best_name)
+        atomic_save({**state, 'rng': rngs}, best)
+        atomic_copy(best, last)
+    else:
+        atomic_save({**state, 'rng': rngs}, last)

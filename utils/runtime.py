@@ -43,3 +43,23 @@ def rank_generator(seed: Optional[int], rank: int, world_size: int) -> Optional[
     g = torch.Generator()
     g.manual_seed(seed * world_size + rank)
     return g
+
+
+@torch.no_grad()
+def check_ranks_agree(module: torch.nn.Module) -> None:
+    """Raise RuntimeError when the ranks hold different weights of `module`.
+
+    DDP keeps the replicas bit-identical (same start, same averaged gradients, same optimizer step), so a difference
+    means that gradient synchronisation was lost. A collective: every rank calls it, and every rank raises together.
+    Nothing is checked in a single process.
+    """
+    if dist.get_world_size() == 1:
+        return
+    sums = torch.zeros(2, dtype=torch.float64)
+    for p in module.parameters():
+        p64 = p.detach().double()
+        sums += torch.stack([p64.sum(), p64.square().sum()]).cpu()
+    per_rank = dist.allgather_object(sums.tolist())
+    if any(s != per_rank[0] for s in per_rank):
+        raise RuntimeError(f'the ranks hold different weights (sum, sum of squares per rank: {per_rank}): gradient '
+                           f'synchronisation was lost; the last checkpoint on disk is untouched')
