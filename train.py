@@ -28,7 +28,7 @@ from models.loading import VAE_FILENAME
 from trainer import VARTrainer
 from utils import arg_util
 from utils.amp_sc import AmpOptimizer, NonFiniteError
-from utils.ckpt import (BEST_NAME, LAST_NAME, CheckpointError, auto_resume, remove_stale_tmp, rng_state,
+from utils.ckpt import (BEST_NAME, LAST_NAME, CheckpointError, CutCycle, auto_resume, remove_stale_tmp,
                         save_run_checkpoint, set_rng_state)
 from utils.data import build_dataset
 from utils.data_sampler import DistInfiniteBatchSampler, EvalDistributedSampler
@@ -151,7 +151,7 @@ class Run:
         self.trainer = VARTrainer(self.device, cfg.patch_nums, cfg.resos, self.vae_local, self.var_wo_ddp, var,
                                   self.var_opt, label_smooth=args.ls)
         self.best = {'vL_mean': math.inf, 'vL_tail': math.inf, 'vacc_mean': -1.0, 'vacc_tail': -1.0}
-        self.cycle_start = None  # (epoch, it, RNG, progressive state) of an accumulation cycle that spans an epoch end
+        self.cut_cycle = CutCycle()  # an accumulation cycle that an epoch end cuts: checkpoints point at its start
         if ckpt:
             self._restore(ckpt, ckpt_path)
 
@@ -191,15 +191,13 @@ class Run:
     def save(self, epoch: int, it: int, best_updated: bool = False) -> None:
         """Write ar-ckpt-last.pth (and ar-ckpt-best.pth) on every node's local master, atomically.
 
-        Inside an accumulation cycle (an epoch that ends before the cycle's optimizer step, with --ac > 1) the
-        gradients gathered so far live only in each rank's memory. The checkpoint then points at the cycle's first
-        iteration instead, with the RNG and progressive-training state of that moment: the weights, optimizer and
-        scaler have not changed since, so a resumed run recomputes the same gradients and continues exactly.
+        When an epoch ends inside an accumulation cycle (--ac > 1), the checkpoint points at the cycle's first
+        iteration, with the RNG and progressive-training state of that moment (see utils.ckpt.CutCycle).
         """
         check_ranks_agree(self.var_wo_ddp)
         trainer_state, rng = self.trainer.state_dict(), None
-        if self.cycle_start is not None:
-            epoch, it, rng, prog = self.cycle_start
+        if self.cut_cycle.start is not None:
+            epoch, it, rng, prog = self.cut_cycle.start
             trainer_state['config'].update(prog)
         state = {'epoch': epoch, 'iter': it, 'trainer': trainer_state, 'args': vars(self.args),
                  'derived': dataclasses.asdict(self.cfg), 'best': dict(self.best),
@@ -237,7 +235,7 @@ class Run:
                               f'Accm: {stats["acc_mean"]:.2f}, Acct: {stats["acc_tail"]:.2f}, '
                               f'Remain: {record["remain_time"]}, Finish: {record["finish_time"]}')
             if ep + 1 == args.ep:  # the run is over: a last unfinished cycle is dropped, as officially
-                self.cycle_start = None
+                self.cut_cycle.start = None
             self.save(ep + 1, 0, best_updated)
             self.log_txt.write(self.header, record)
             self.tb.flush()
@@ -264,8 +262,7 @@ class Run:
         lr_wd = grad_norm = None
         for it in range(first_it, iters):
             g_it = ep * iters + it
-            if g_it % args.ac == 0 and g_it + args.ac > (ep + 1) * iters:  # a cycle that the epoch end cuts
-                self.cycle_start = (ep, it, rng_state(), self.trainer.progressive_state())
+            self.cut_cycle.begin_iteration(ep, it, iters, args.ac, self.trainer.progressive_state)
             inp, label_B = next(ld_iter)  # images, or token ids with --pretok
             inp = inp.to(self.device, non_blocking=True)
             label_B = label_B.to(self.device, non_blocking=True)
@@ -277,8 +274,7 @@ class Run:
             skipped_before = self.var_opt.num_skipped
             out = trainer.train_step(stepping, inp, label_B, prog_si=prog_si, prog_wp_it=cfg.pgwp * iters,
                                      metrics=it in log_its, details=tb_now)
-            if stepping:
-                self.cycle_start = None
+            self.cut_cycle.end_iteration(stepping)
             if out['grad_norm'] is not None:
                 grad_norm = out['grad_norm']
             me.update(tlr=lr_wd[1])

@@ -29,12 +29,13 @@ from trainer_vae import LossConfig, ReinitConfig, VQVAETrainer
 from utils import vae_arg_util
 from utils.amp_sc import AmpOptimizer, NonFiniteError
 from utils.arg_util import REPO_ROOT
-from utils.ckpt import CheckpointError, auto_resume, remove_stale_tmp, save_run_checkpoint, set_rng_state
+from utils.ckpt import CheckpointError, CutCycle, auto_resume, remove_stale_tmp, save_run_checkpoint, set_rng_state
 from utils.data import build_dataset
 from utils.data_sampler import DistInfiniteBatchSampler, EvalDistributedSampler
-from utils.logging import epoch_record, Console, LogTxt, MetricLogger, TensorboardLogger, format_seconds, git_info, log_iters
+from utils.logging import (Console, LogTxt, MetricLogger, TensorboardLogger, epoch_record, format_seconds, git_info,
+                           log_iters)
 from utils.lr_control import build_param_groups, lr_wd_annealing
-from utils.runtime import rank_generator, resolve_device, seed_everything, set_tf32
+from utils.runtime import check_ranks_agree, rank_generator, resolve_device, seed_everything, set_tf32
 
 LAST_NAME = 'vae-ckpt-last.pth'
 BEST_NAME = 'vae-ckpt-best.pth'
@@ -184,6 +185,7 @@ class VAERun:
         self.trainer = VQVAETrainer(self.device, self.vae_wo_ddp, vae, self.disc_wo_ddp, disc, self.vae_opt,
                                     self.disc_opt, lpips, loss, reinit, seed=args.seed or 0)
         self.best = {'psnr': -math.inf, 'ssim': -math.inf}
+        self.cut_cycle = CutCycle()  # an accumulation cycle that an epoch end cuts: checkpoints point at its start
         self.last_val: Dict[str, Any] = {}
         if ckpt:
             self._restore(ckpt, ckpt_path)
@@ -224,12 +226,24 @@ class VAERun:
         self.console.info(f'[auto-resume] loaded {path}: epoch {self.start_ep}, iteration {self.start_it}')
 
     def save(self, epoch: int, it: int, best_updated: bool = False) -> None:
-        """vae-ckpt-last.pth (copied to vae-ckpt-best.pth on a better val PSNR) on every node's local master."""
-        state = {'epoch': epoch, 'iter': it, 'trainer': self.trainer.state_dict(), 'args': vars(self.args),
+        """vae-ckpt-last.pth (and vae-ckpt-best.pth on a better val PSNR) on every node's local master.
+
+        When an epoch ends inside an accumulation cycle (--ac > 1), the checkpoint points at the cycle's first
+        iteration, with the RNG states and codebook-usage statistics of that moment (see utils.ckpt.CutCycle).
+        """
+        for module in (self.vae_wo_ddp, self.disc_wo_ddp):
+            if module is not None:
+                check_ranks_agree(module)
+        trainer_state, rng = self.trainer.state_dict(), None
+        if self.cut_cycle.start is not None:
+            epoch, it, rng, usage = self.cut_cycle.start
+            trainer_state['config']['record_hit'] = usage['record_hit']
+            trainer_state['vae_wo_ddp']['quantize.ema_vocab_hit_SV'] = usage['ema_vocab_hit_SV']
+        state = {'epoch': epoch, 'iter': it, 'trainer': trainer_state, 'args': vars(self.args),
                  'derived': dataclasses.asdict(self.cfg), 'best': dict(self.best),
                  'metrics': dict(self.last_val), 'vae_config': dict(self.vae_wo_ddp.config),
                  'image_size': self.cfg.image_size}
-        save_run_checkpoint(state, self.cfg.out_dir, LAST_NAME, BEST_NAME, best_updated)
+        save_run_checkpoint(state, self.cfg.out_dir, LAST_NAME, BEST_NAME, best_updated, rng=rng)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> None:
@@ -251,6 +265,8 @@ class VAERun:
             self.console.info(f'[ep{ep}] (training) ' + ', '.join(f'{k}: {v:.4g}' for k, v in stats.items()
                                                                     if isinstance(v, float))
                               + f', Remain: {record["remain_time"]}, Finish: {record["finish_time"]}')
+            if ep + 1 == args.ep:  # the run is over: a last unfinished cycle is dropped
+                self.cut_cycle.start = None
             self.save(ep + 1, 0, best_updated)
             self.log_txt.write(self.header, record)
             self.tb.flush()
@@ -270,6 +286,7 @@ class VAERun:
         t0 = time.time()
         for it in range(first_it, iters):
             g_it = ep * iters + it
+            self.cut_cycle.begin_iteration(ep, it, iters, args.ac, trainer.usage_state)
             inp_B3HW, _ = next(ld_iter)
             inp_B3HW = inp_B3HW.to(self.device, non_blocking=True)
             stepping = (g_it + 1) % args.ac == 0
@@ -281,6 +298,7 @@ class VAERun:
             tb_now = g_it == 0 or (g_it + 1) % args.tb_every_iters == 0
             skipped_before = self.vae_opt.num_skipped
             out = trainer.train_step(g_it, stepping, inp_B3HW, metrics=tb_now or it in log_its)
+            self.cut_cycle.end_iteration(stepping)
             me.update(**step_scalars(out))
             if it in log_its:
                 eta = (time.time() - t0) / (it - first_it + 1) * (iters - it - 1)
@@ -313,7 +331,8 @@ class VAERun:
         self.tb.scalars(g_it, 'VAE_iter_loss', **{k: out.get(k) for k in (
             'loss', 'rec_l1', 'rec_l2', 'vq', 'lpips', 'g_loss', 'd_weight', 'd_loss', 'logits_real', 'logits_fake')})
         if out['usages']:
-            self.tb.scalars(g_it, 'VAE_usage_ema', **{f'pn{pn}': u for pn, u in zip(self.cfg.patch_nums, out['usages'])})
+            usage = {f'pn{pn}': u for pn, u in zip(self.cfg.patch_nums, out['usages'])}
+            self.tb.scalars(g_it, 'VAE_usage_ema', **usage)
         self.tb.scalars(g_it, 'VAE_usage_ema', reinit_total=self.trainer.num_reinit)
 
     def validate(self, step: int) -> bool:

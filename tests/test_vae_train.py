@@ -195,6 +195,23 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_losses(data, tmp_path):
     assert read_losses(out) == reference  # bit-identical per-step losses, GAN and codebook upkeep included
 
 
+def test_resume_inside_an_accumulation_cycle_cut_by_the_epoch_end(tmp_path):
+    # 21 images, 3 per step with --ac=2: 7 iterations per epoch, so epoch 0 ends inside a cycle; the kill comes after
+    # that epoch's checkpoint, which points at the cycle's start (with the codebook-usage EMA of that moment)
+    data = make_image_folder(tmp_path / 'data', n_classes=3, n_train=7, n_val=2)
+    flags = dict(ep=2, bs=6, ac=2, log_steps=1, hflip=1, vq_reinit_until=1.0)
+    reference = run_vae(vae_argv(data, tmp_path / 'reference', **flags))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    out = tmp_path / 'interrupted'
+    argv = vae_argv(data, out, **flags)
+    killed_at = kill_after_step(argv, out, step=8, cmd=vae_cmd(argv))
+    assert killed_at < 13, 'the kill came too late to test anything'
+    resumed = run_vae(argv)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert 'epoch 0, iteration 6' in resumed.stdout
+    assert read_losses(out) == read_losses(tmp_path / 'reference') and len(read_losses(out)) == 14
+
+
 def test_torchrun_two_processes_with_gan_and_adaptive_weight(data, tmp_path):
     out = tmp_path / 'ddp'
     done = run_vae(vae_argv(data, out, ep=1, bs=8, disc_start=0), nproc=2)

@@ -10,7 +10,7 @@ import glob
 import os
 import shutil
 import socket
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -136,6 +136,28 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state['cpu'])
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state['cuda'])
+
+
+class CutCycle:
+    """The resume point of a gradient-accumulation cycle that an epoch end cuts (--ac > 1).
+
+    The gradients gathered inside a cycle live only in each rank's memory, so a checkpoint written at the epoch end
+    must point back at the cycle's first iteration, with the RNG states and trainer state of that moment; the
+    weights, optimizer and scaler do not change before the cycle's optimizer step, so a resumed run recomputes the
+    same gradients. `start` holds (epoch, it, rng_state, trainer_state) while such a cycle is open, else None.
+    """
+
+    def __init__(self):
+        self.start: Optional[Tuple[int, int, Dict[str, Any], Any]] = None
+
+    def begin_iteration(self, ep: int, it: int, iters: int, ac: int, trainer_state: Callable[[], Any]) -> None:
+        g_it = ep * iters + it
+        if g_it % ac == 0 and g_it + ac > (ep + 1) * iters:
+            self.start = (ep, it, rng_state(), trainer_state())
+
+    def end_iteration(self, stepping: bool) -> None:
+        if stepping:
+            self.start = None
 
 
 def save_run_checkpoint(state: Dict[str, Any], out_dir: str, last_name: str, best_name: str,
