@@ -3,17 +3,21 @@ per-step losses as an uninterrupted run (single process, CPU, fixed seed, fp16 a
 from train_fixtures import X4, kill_after_step, make_image_folder, make_tiny_vae_ckpt, read_steps, run_train, train_args
 
 
+def uninterrupted_losses(data, vae, out, flags, n_steps):
+    ref = run_train(train_args(data, vae, out, **flags))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    losses = read_steps(out)
+    assert sorted(losses) == list(range(n_steps))
+    return losses
+
+
 def test_sigkill_and_rerun_gives_the_uninterrupted_losses(tmp_path):
     data = make_image_folder(tmp_path / 'data', n_classes=3, n_train=8, n_val=2)
     vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth', X4)
     # 24 images, batch 4: 6 iterations per epoch, 12 in all; checkpoints every 4 iterations and at epoch ends
     flags = dict(patch_size=4, bs=4, ep=2, fp16=1, hflip=1, ckpt_every_iters=4, log_steps=1)
 
-    ref_out = tmp_path / 'reference'
-    ref = run_train(train_args(data, vae, ref_out, **flags))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    reference = read_steps(ref_out)
-    assert sorted(reference) == list(range(12))
+    reference = uninterrupted_losses(data, vae, tmp_path / 'reference', flags, n_steps=12)
 
     out = tmp_path / 'interrupted'
     argv = train_args(data, vae, out, **flags)
@@ -36,11 +40,7 @@ def test_resume_inside_an_accumulation_cycle_cut_by_the_epoch_end(tmp_path):
     vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth', X4)
     flags = dict(patch_size=4, bs=6, ac=2, ep=2, fp16=1, hflip=1, log_steps=1)  # 3 per step, 7 iterations/epoch
 
-    ref_out = tmp_path / 'reference'
-    ref = run_train(train_args(data, vae, ref_out, **flags))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    reference = read_steps(ref_out)
-    assert sorted(reference) == list(range(14))
+    reference = uninterrupted_losses(data, vae, tmp_path / 'reference', flags, n_steps=14)
 
     out = tmp_path / 'interrupted'
     argv = train_args(data, vae, out, **flags)
