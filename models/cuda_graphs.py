@@ -6,7 +6,8 @@ graphs share one memory pool and are replayed in capture order; the KV caches ar
 here, written in place at fixed offsets. CFG, filtering and sampling stay outside the graphs (they draw from
 the caller's generator).
 """
-from typing import List
+import contextlib
+from typing import List, Optional
 
 import torch
 
@@ -14,7 +15,8 @@ import torch
 class ScaleStepGraphs:
     """Captured `VAR.scale_step` for each scale, for one batch size (2B rows) and autocast dtype."""
 
-    def __init__(self, var, cond_BD: torch.Tensor, first_x: torch.Tensor, step=None):
+    def __init__(self, var, cond_BD: torch.Tensor, first_x: torch.Tensor, step=None,
+                 amp_dtype: Optional[torch.dtype] = None):
         self.var = var
         step = step or var.scale_step
         B2, C = cond_BD.shape
@@ -24,7 +26,19 @@ class ScaleStepGraphs:
             torch.randn(B2, pn * pn, C, device=device, dtype=first_x.dtype) for pn in var.patch_nums]
         self.static_logits: List[torch.Tensor] = []
         self.graphs: List[torch.cuda.CUDAGraph] = []
+        # Autocast's weight-cast cache lives only as long as the caller's autocast context: graphs that read cached
+        # casts would read freed memory on a later replay. Capture with the cache off (the same numbers).
+        torch.clear_autocast_cache()
+        amp = torch.autocast('cuda', dtype=amp_dtype, cache_enabled=False) if amp_dtype is not None \
+            else contextlib.nullcontext()
+        try:
+            with amp:
+                self._capture(var, step, device, B2)
+        except BaseException:
+            var._kv_caching(False)  # a failed capture (e.g. out of memory) leaves no cache switched on
+            raise
 
+    def _capture(self, var, step, device: torch.device, B2: int) -> None:
         # warm up on a side stream (allocates the persistent caches, picks kernels), then capture in order
         var._kv_caching(True, var.L)
         side = torch.cuda.Stream(device=device)

@@ -40,19 +40,24 @@ def filter_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float =
 
 
 def filter_top_k_top_p_partial_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
-    """Fast path of `filter_top_k_top_p_` for top_k > 0: the top-p sort runs over the k survivors only.
+    """Fast path of `filter_top_k_top_p_` for top_k > 0: the top-p sort runs over the top-k survivors only.
 
-    After top-k every other logit is -inf (probability 0), so the ascending cumulative sum over the whole
-    vocabulary equals the one over the k survivors up to float32 summation order. Use the reference
-    function where bit-exactness matters; both agree except on ties at the top-p boundary.
+    After top-k every other logit is -inf (probability 0), so the ascending cumulative sum over the whole vocabulary
+    equals the one over the survivors up to float32 summation order. The survivors are every logit >= the k-th
+    largest, so ties there keep more than k (common with fp16/bf16 logits): the sort then takes that many, one
+    host sync per call. Both functions keep the same tokens, except where equal logits straddle the top-p cut (the
+    reference's order among equal values is itself unspecified).
     """
     V = logits_BlV.shape[-1]
     if top_k <= 0 or top_k >= V:
         return filter_top_k_top_p_(logits_BlV, top_k, top_p)
     vals_Blk, idx_Blk = logits_BlV.topk(top_k, largest=True, sorted=True, dim=-1)
-    kth_Bl1 = vals_Blk[..., -1:]
-    logits_BlV.masked_fill_(logits_BlV < kth_Bl1, -torch.inf)
+    keep_BlV = logits_BlV >= vals_Blk[..., -1:]
+    logits_BlV.masked_fill_(~keep_BlV, -torch.inf)
     if top_p > 0:
+        n_keep = int(keep_BlV.sum(dim=-1).max())
+        if n_keep > top_k:  # ties at the k-th value: sort all survivors (rows with fewer get -inf, probability 0)
+            vals_Blk, idx_Blk = logits_BlV.topk(n_keep, largest=True, sorted=True, dim=-1)
         # ascending order over the survivors: flip the descending top-k
         asc_vals_Blk, asc_idx_Blk = vals_Blk.flip(-1), idx_Blk.flip(-1)
         remove_Blk = asc_vals_Blk.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)

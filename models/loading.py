@@ -65,9 +65,8 @@ def hub_download(filename: str, repo_id: str = HUB_REPO_ID, cache_dir: Optional[
 def _strip_prefixes(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     out = {}
     for k, v in sd.items():
-        for prefix in ('_orig_mod.', 'module.'):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
+        while k.startswith(('_orig_mod.', 'module.')):  # DDP and torch.compile wrappers, in either nesting order
+            k = k.split('.', 1)[1]
         out[k.replace('._orig_mod.', '.')] = v
     return out
 
@@ -127,8 +126,10 @@ def load_vae_checkpoint(path: Union[str, os.PathLike], device: Union[str, torch.
     if patch_nums is not None:
         cfg['v_patch_nums'] = list(patch_nums)
     vae = build_vae(cfg, device='meta')
+    hits = sd.get('quantize.ema_vocab_hit_SV')
+    other_scales = hits is not None and hits.shape[0] != len(cfg['v_patch_nums'])
     _materialise(vae, sd, device)
-    if vae.quantize.ema_vocab_hit_SV.shape[0] != len(cfg['v_patch_nums']):
+    if other_scales:  # the usage statistics of other scales are dropped: start them from zero, not from to_empty
         vae.quantize.ema_vocab_hit_SV.zero_()
     return vae.eval()
 

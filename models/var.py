@@ -13,6 +13,7 @@ Sampling fast paths (all numerically equal to the plain path in float32, see tes
 CUDA graphs of the per-scale transformer steps (static shapes per scale).
 """
 import math
+import numbers
 from functools import partial
 from typing import List, Optional, Sequence, Union
 
@@ -100,6 +101,7 @@ class VAR(nn.Module):
         self._block_masks = {}
         self._graph_cache = {}
         self._compiled_step = None
+        self._rng: Optional[torch.Generator] = None
 
         self.vae_proxy = (vae_local,)
         self.vae_quant_proxy = (vae_local.quantize,)
@@ -271,12 +273,29 @@ class VAR(nn.Module):
         return self._block_masks[key]
 
     # ------------------------------------------------------------------ sampling
+    @property
+    def rng(self) -> torch.Generator:
+        """The official attribute: a generator on the model's device, re-seeded by sampling with an int g_seed."""
+        device = self.class_emb.weight.device
+        if self._rng is None or self._rng.device != device:
+            self._rng = torch.Generator(device=device)
+        return self._rng
+
+    @property
+    def uniform_prob(self) -> torch.Tensor:
+        """The official attribute: (1, num_classes) of 1/num_classes on the model's device (not a buffer)."""
+        return torch.full((1, self.num_classes), 1.0 / self.num_classes, dtype=torch.float32,
+                          device=self.class_emb.weight.device)
+
     def _make_rng(self, g_seed, B: int, device: torch.device):
-        """None (global RNG), one generator seeded with g_seed, or one per row when g_seed is a sequence."""
+        """None (global RNG), `self.rng` seeded with g_seed (as official), or one generator per row when g_seed is
+        a sequence."""
         if g_seed is None:
             return None
-        if isinstance(g_seed, int):
-            return torch.Generator(device=device).manual_seed(g_seed)
+        if isinstance(g_seed, numbers.Integral) or (isinstance(g_seed, torch.Tensor) and g_seed.dim() == 0):
+            rng = self.rng
+            rng.manual_seed(int(g_seed))
+            return rng
         seeds = [int(s) for s in g_seed]
         if len(seeds) != B:
             raise ValueError(f'g_seed has {len(seeds)} seeds for a batch of {B}')
@@ -321,7 +340,7 @@ class VAR(nn.Module):
             raise ValueError('cuda_graph=True needs the model on a CUDA device')
         rng = self._make_rng(g_seed, B, device)
         if label_B is None:
-            uniform_prob = torch.full((1, self.num_classes), 1.0 / self.num_classes, dtype=torch.float32, device=device)
+            uniform_prob = self.uniform_prob
             if isinstance(rng, list):
                 label_B = torch.cat([torch.multinomial(uniform_prob, 1, replacement=True, generator=g).view(1) for g in rng])
             else:
@@ -341,7 +360,7 @@ class VAR(nn.Module):
         graphs = None
         step = self.compiled_scale_step() if compiled else self.scale_step
         if cuda_graph:
-            graphs = self._scale_graphs(2 * B, cond_BD, next_token_map, step)
+            graphs = self._scale_graphs(2 * B, cond_BD, next_token_map, step, compiled)
         else:
             self._kv_caching(True, self.L if kv_cache == 'prealloc' else 0)
         quant = self.vae_quant_proxy[0]
@@ -398,13 +417,15 @@ class VAR(nn.Module):
             self._compiled_step = torch.compile(self.scale_step, dynamic=True)
         return self._compiled_step
 
-    def _scale_graphs(self, B2: int, cond_BD: torch.Tensor, first_x: torch.Tensor, step):
-        """The captured per-scale steps for this batch size and autocast dtype (captured on first use)."""
+    def _scale_graphs(self, B2: int, cond_BD: torch.Tensor, first_x: torch.Tensor, step, compiled: bool):
+        """The captured per-scale steps for this batch size, autocast dtype, compile switch and grad mode (captured
+        on first use; the static input buffers of a capture under inference_mode cannot be written outside it)."""
         from .cuda_graphs import ScaleStepGraphs
-        key = (B2, _autocast_dtype('cuda'), str(cond_BD.device), step is self.scale_step)
+        amp_dtype = _autocast_dtype('cuda')
+        key = (B2, amp_dtype, str(cond_BD.device), compiled, torch.is_inference_mode_enabled())
         if key not in self._graph_cache:
             self._graph_cache.clear()  # one captured batch size at a time: graphs pin their memory
-            self._graph_cache[key] = ScaleStepGraphs(self, cond_BD, first_x, step)
+            self._graph_cache[key] = ScaleStepGraphs(self, cond_BD, first_x, step, amp_dtype)
         graphs = self._graph_cache[key]
         graphs.set_condition(cond_BD)
         return graphs

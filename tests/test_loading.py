@@ -50,3 +50,16 @@ def test_offline_hub_gives_a_clear_error(tmp_path):
         hub_download('var_d16.pth', cache_dir=str(tmp_path), local_files_only=True)
     with pytest.raises(ValueError, match='released depths'):
         load_pretrained(17)
+
+
+def test_wrapped_keys_and_other_scales_load_cleanly(tiny_models, tmp_path):
+    """DDP(torch.compile(m)) saves 'module._orig_mod.' keys; a tokenizer saved for other scales carries usage
+    statistics of another shape, which start from zero instead of whatever memory the buffer had."""
+    vae, _ = tiny_models
+    sd = {f'module._orig_mod.{k}': v for k, v in vae.state_dict().items()}
+    sd['module._orig_mod.quantize.ema_vocab_hit_SV'] = torch.ones(7, vae.vocab_size)  # 7 scales, not 4
+    torch.save(sd, tmp_path / 'wrapped.pth')
+    loaded = load_vae_checkpoint(tmp_path / 'wrapped.pth', patch_nums=(1, 2, 3, 4))
+    assert torch.equal(loaded.quantize.embedding.weight, vae.quantize.embedding.weight)
+    assert loaded.quantize.ema_vocab_hit_SV.shape == (4, vae.vocab_size)
+    assert not loaded.quantize.ema_vocab_hit_SV.any()

@@ -27,6 +27,20 @@ def test_partial_sort_filter_equals_full_sort(top_k, top_p):
     assert torch.equal(ref[torch.isfinite(ref)], fast[torch.isfinite(fast)])
 
 
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_partial_sort_filter_with_ties_keeps_the_same_logits(dtype):
+    """Half-precision logits tie often, at the k-th value too: every tie there survives top-k and counts for top-p.
+    Where equal logits straddle the top-p cut, which of them stay is unspecified (the reference's sort order among
+    equal values); the kept values themselves must agree, row by row."""
+    tie = torch.tensor([[5.0, 4.0, 1.0, 1.0, 1.0, 0.0]])
+    assert torch.equal(filter_top_k_top_p_partial_(tie.clone(), 3, 0.9), filter_top_k_top_p_(tie.clone(), 3, 0.9))
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 64, 4096, generator=g) * 3).to(dtype).float()
+    ref = filter_top_k_top_p_(logits.clone(), 900, 0.96)
+    fast = filter_top_k_top_p_partial_(logits.clone(), 900, 0.96)
+    assert torch.equal(ref.sort(dim=-1).values, fast.sort(dim=-1).values)
+
+
 def test_partial_sort_sampling_matches(tiny_models):
     _, var = tiny_models
     kw = dict(B=2, label_B=torch.tensor([3, 7]), g_seed=11, cfg=2.0, top_k=8, top_p=0.9)
@@ -140,3 +154,31 @@ def test_cuda_graph_sampling_equals_plain_path():
         out16 = var.autoregressive_infer_cfg(**kw, cuda_graph=True, kv_cache='prealloc')
     assert (out16.float() - ref16.float()).abs().mean() < 2e-2
     var.release_cuda_graphs()
+
+
+def test_sampling_state_after_an_error_and_official_attributes(tiny_models, monkeypatch):
+    """An exception mid-sampling leaves no KV cache switched on; `rng` and `uniform_prob` exist as officially; an
+    integer-like seed (numpy, 0-d tensor) is a seed; with label_B=None and a seed list each row draws its own label."""
+    import numpy as np
+    _, var = tiny_models
+    calls = []
+
+    def failing_step(x_BlC, cond_BD):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError('boom')
+        return type(var).scale_step(var, x_BlC, cond_BD)
+    monkeypatch.setattr(var, 'scale_step', failing_step)
+    with pytest.raises(RuntimeError, match='boom'):
+        var.autoregressive_infer_cfg(B=2, label_B=torch.tensor([1, 2]), g_seed=0, top_k=5)
+    assert not any(b.attn.caching or b.attn.cached_k is not None for b in var.blocks)
+    monkeypatch.undo()
+
+    assert isinstance(var.rng, torch.Generator) and var.uniform_prob.shape == (1, var.num_classes)
+    kw = dict(B=2, label_B=torch.tensor([1, 2]), cfg=1.5, top_k=5)
+    ref = var.autoregressive_infer_cfg(g_seed=5, **kw)
+    assert torch.equal(var.autoregressive_infer_cfg(g_seed=np.int64(5), **kw), ref)
+    assert torch.equal(var.autoregressive_infer_cfg(g_seed=torch.tensor(5), **kw), ref)
+    batch = var.autoregressive_infer_cfg(B=3, label_B=None, g_seed=[7, 8, 9], top_k=5)
+    alone = var.autoregressive_infer_cfg(B=1, label_B=None, g_seed=[8], top_k=5)
+    torch.testing.assert_close(batch[1:2], alone, atol=1e-4, rtol=0)  # row 1's label and tokens from seed 8 alone
