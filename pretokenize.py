@@ -296,7 +296,7 @@ def main(argv=None) -> int:
     dist.initialize(backend='gloo' if args.device == 'cpu' else None)
     try:
         return run(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, models.HubDownloadError) as e:
         print(f'[rank {dist.get_rank()}] error: {e}', file=sys.stderr, flush=True)
         return 2
     finally:

@@ -370,6 +370,9 @@ def main(argv=None) -> int:
     except CheckpointError as e:
         report_error(run, e)
         return 4
+    except models.HubDownloadError as e:  # offline without --vae_ckpt: the message says what to pass
+        report_error(run, e)
+        return 2
     finally:
         if run is not None:
             run.close()

@@ -1,6 +1,8 @@
 # GPU check of train.py: a short d16 run at 256 px with bf16 and fp16 on a random-weight tokenizer + synthetic photo-like
 # data, then the same bf16 run from a pre-tokenised set (pretokenize.py + --pretok; fixed crops, no encoder in the step).
 set -u
+OUT=${OUT:-/tmp/gpu_train_check}  # the device tool sets OUT; elsewhere the logs go here
+mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 - <<'PY'
 import os, numpy as np, torch

@@ -67,9 +67,9 @@ def preset_config(name_or_depth: Union[str, int]) -> Dict[str, Any]:
     return dict(PRESETS[name])
 
 
-from .loading import (hub_download, load_checkpoint_models, load_pretrained, load_vae_checkpoint,  # noqa: E402
+from .loading import (HubDownloadError, hub_download, load_checkpoint_models, load_pretrained, load_vae_checkpoint,  # noqa: E402
                       read_checkpoint)
 
 __all__ = ['VQVAE', 'VectorQuantizer2', 'VAR', 'build_vae_var', 'PRESETS', 'PATCH_NUMS', 'preset_config',
-           'infer_var_config', 'infer_vae_config', 'hub_download', 'load_pretrained', 'load_vae_checkpoint',
-           'load_checkpoint_models', 'read_checkpoint']
+           'infer_var_config', 'infer_vae_config', 'HubDownloadError', 'hub_download', 'load_pretrained',
+           'load_vae_checkpoint', 'load_checkpoint_models', 'read_checkpoint']

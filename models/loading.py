@@ -44,18 +44,22 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
                            'download it again or use an earlier checkpoint') from e
 
 
+class HubDownloadError(RuntimeError):
+    """A file could not be fetched from the Hugging Face Hub; the message says how to pass a local copy."""
+
+
 def hub_download(filename: str, repo_id: str = HUB_REPO_ID, cache_dir: Optional[str] = None,
                  local_files_only: bool = False) -> str:
     """Fetch one file from the Hub with huggingface_hub (its cache, its offline mode) -> local path."""
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as e:
-        raise RuntimeError('downloading weights needs huggingface_hub (pip install huggingface_hub); '
-                           f'or pass a local path to {filename}') from e
+        raise HubDownloadError('downloading weights needs huggingface_hub (pip install huggingface_hub); '
+                               f'or pass a local path to {filename}') from e
     try:
         return hf_hub_download(repo_id=repo_id, filename=filename, cache_dir=cache_dir, local_files_only=local_files_only)
     except Exception as e:
-        raise RuntimeError(
+        raise HubDownloadError(
             f'could not get {filename} from the Hugging Face Hub repo {repo_id} ({type(e).__name__}: {e}).\n'
             f'If this machine is offline, download it elsewhere (https://huggingface.co/{repo_id}) and pass its '
             f'local path (e.g. --vae_ckpt /path/to/{VAE_FILENAME}), or warm the Hub cache and set HF_HUB_OFFLINE=1.'

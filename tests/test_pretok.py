@@ -256,3 +256,14 @@ def test_loader_workers_read_the_same_batches(tokset):
     for (ids_a, lab_a), (ids_b, lab_b) in zip(batches[0], batches[2]):
         assert ids_a.shape == (8, 30) and ids_a.dtype == torch.int64
         assert torch.equal(ids_a, ids_b) and torch.equal(lab_a, lab_b)
+
+
+def test_offline_without_a_tokenizer_path_is_a_clean_error(tokset, tmp_path):
+    """No --vae_ckpt and no network: train.py and pretokenize.py end with a message naming the flag, no traceback."""
+    data, _, _, _ = tokset
+    env = dict(cpu_env(), HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf'))
+    for cmd in (pretok_cmd(data, '', tmp_path / 'tok'), [sys.executable, str(ROOT / 'train.py'),
+                                                          *train_args(data, '', tmp_path / 'run', ep=1)]):
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and '--vae_ckpt' in r.stdout + r.stderr, r.stderr[-2000:]
+        assert 'Traceback' not in r.stderr
