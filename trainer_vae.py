@@ -118,8 +118,10 @@ class VQVAETrainer:
                 total = nll + lc.vq * vq_loss
                 if gan:
                     g_loss = g_loss_fn(self.disc_wo_ddp(rec_B3HW))
-                    d_weight = adaptive_gan_weight(nll, g_loss, self.last_layer) if lc.adaptive \
-                        else torch.ones((), device=rec_B3HW.device)
+                    scaler = self.vae_opt.scaler
+                    d_weight = adaptive_gan_weight(nll, g_loss, self.last_layer,
+                                                   loss_scale=scaler.get_scale() if scaler is not None else 1.0) \
+                        if lc.adaptive else torch.ones((), device=rec_B3HW.device)
                     total = total + lc.dw * d_weight * g_loss
                     out.update(g_loss=g_loss.detach(), d_weight=d_weight)
             grad_norm, scale_log2 = self.vae_opt.backward_clip_step(total, stepping)

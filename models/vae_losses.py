@@ -75,15 +75,17 @@ def g_loss_fn(logits_fake: torch.Tensor) -> torch.Tensor:
 
 
 def adaptive_gan_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
-                        max_weight: float = 1e4) -> torch.Tensor:
+                        max_weight: float = 1e4, loss_scale: float = 1.0) -> torch.Tensor:
     """||d nll / d W|| / (||d g / d W|| + 1e-4) at the decoder's last weight W, clamped to [0, max_weight], detached.
 
-    It balances the adversarial gradient against the reconstruction gradient where both enter the decoder. A
-    non-finite ratio (e.g. an fp16 overflow) gives 0: the step then ignores the GAN term instead of diverging.
+    It balances the adversarial gradient against the reconstruction gradient where both enter the decoder. Under fp16
+    autocast pass the GradScaler's scale as `loss_scale`: both gradients are taken of the scaled losses (small
+    reconstruction gradients would otherwise underflow to 0 in fp16) and unscaled before the ratio. A non-finite
+    ratio (e.g. an fp16 overflow) gives 0: the step then ignores the GAN term instead of diverging.
     """
-    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    w = nll_grad.float().norm() / (g_grad.float().norm() + 1e-4)
+    nll_grad = torch.autograd.grad(nll_loss * loss_scale, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss * loss_scale, last_layer, retain_graph=True)[0]
+    w = (nll_grad.float().norm() / loss_scale) / (g_grad.float().norm() / loss_scale + 1e-4)
     w = torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0)
     return w.clamp(0.0, max_weight).detach()
 

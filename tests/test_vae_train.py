@@ -66,6 +66,26 @@ def test_discriminator_losses_and_adaptive_weight():
     assert adaptive_gan_weight((w * a).sum(), (w * 0).sum(), w, max_weight=7.0).item() == 7.0  # clamped
 
 
+def test_adaptive_weight_survives_fp16_with_the_loss_scale():
+    """A small reconstruction gradient underflows in fp16: with the GradScaler's scale the weight matches fp32."""
+    from models.vae_losses import adaptive_gan_weight
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 3, 3, padding=1)
+    x = torch.randn(32, 4, 256, 256)  # d nll / d rec ~ 2 * 0.01 / (32 * 3 * 256 * 256) = 3e-9: below fp16's range
+    target = torch.randn(32, 3, 256, 256)
+
+    def weight(dtype, scale):
+        with torch.autocast('cpu', dtype=dtype, enabled=dtype is not None):
+            rec = conv(x)
+            nll = (rec.float() - (rec.detach().float() + 0.01 * target)).square().mean()
+            g_loss = -rec.float().mean()
+        return adaptive_gan_weight(nll, g_loss, conv.weight, loss_scale=scale).item()
+
+    ref = weight(None, 1.0)
+    assert ref > 0 and weight(torch.float16, 1.0) == 0.0  # the underflow the scale is for
+    assert weight(torch.float16, 2.0 ** 16) == pytest.approx(ref, rel=0.05)
+
+
 def test_lpips_loads_torchvision_vgg16_and_measures_distances():
     import torchvision
     from models.vae_losses import LPIPS
