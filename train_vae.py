@@ -178,8 +178,10 @@ class VAERun:
         self.vae_opt = make_opt(self.vae_wo_ddp, cfg.tlr, args, self.device)
         self.disc_opt = make_opt(self.disc_wo_ddp, cfg.dlr, args, self.device) if disc is not None else None
         margin = self.world_size * cfg.batch_size * cfg.patch_nums[-1] ** 2 / args.vocab * 0.08  # the usage margin
+        # the GAN starts at an accumulation-cycle boundary, so its first step averages --ac whole micro-batches
+        disc_start_it = -(-round(cfg.disc_start * self.iters_train) // args.ac) * args.ac
         loss = LossConfig(l1=args.l1, l2=args.l2, vq=args.vq, lp=args.lp, dw=args.dw, adaptive=args.adaptive,
-                          d_loss=args.d_loss, disc_start_it=round(cfg.disc_start * self.iters_train))
+                          d_loss=args.d_loss, disc_start_it=disc_start_it)
         reinit = ReinitConfig(every=args.vq_reinit, until=round(args.vq_reinit_until * self.max_it),
                               threshold=args.vq_dead or margin)
         self.trainer = VQVAETrainer(self.device, self.vae_wo_ddp, vae, self.disc_wo_ddp, disc, self.vae_opt,
