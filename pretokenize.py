@@ -18,7 +18,6 @@ atomically under OUT/parts/, so re-running the same command after a crash or kil
 Unreadable images are skipped with a warning naming the file and listed in meta.json.
 """
 import argparse
-import io
 import json
 import os
 import shutil
@@ -30,7 +29,6 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
@@ -39,7 +37,8 @@ import models
 from models.loading import VAE_FILENAME
 from utils import pretok
 from utils.arg_util import bool_flag, parse_patch_nums, str2bool
-from utils.data import build_dataset, normalize_01_into_pm1, pil_rgb_loader
+from utils.ckpt import atomic_write
+from utils.data import ValTransform, build_dataset, pil_rgb_loader
 from utils.runtime import resolve_device, set_tf32
 
 SPLITS = ('train', 'val')
@@ -67,18 +66,15 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 class FixedCrop(Dataset):
-    """(images (n_variants, 3, reso, reso) in [-1, 1], class id, readable) for the samples of an ImageFolder."""
+    """(images (n_variants, 3, reso, reso) in [-1, 1], class id, readable) for the samples of an ImageFolder: the
+    official validation crop, of the flipped image too with `hflip` (flipped before the resize, as TrainTransform)."""
 
     def __init__(self, samples: Sequence[Tuple[str, int]], final_reso: int, mid_px: int, hflip: bool):
-        self.samples, self.final_reso, self.mid_px, self.hflip = list(samples), final_reso, mid_px, hflip
+        self.samples, self.final_reso, self.hflip = list(samples), final_reso, hflip
+        self.crop = ValTransform(final_reso, mid_px)
 
     def __len__(self) -> int:
         return len(self.samples)
-
-    def _crop(self, img) -> torch.Tensor:
-        img = TF.resize(img, self.mid_px, interpolation=InterpolationMode.LANCZOS)
-        img = TF.center_crop(img, [self.final_reso, self.final_reso])
-        return normalize_01_into_pm1(TF.to_tensor(img))
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
@@ -88,9 +84,7 @@ class FixedCrop(Dataset):
         except Exception as e:  # PIL raises many types for truncated or non-image files
             warnings.warn(f'skipping unreadable image {path}: {type(e).__name__}: {e}', stacklevel=2)
             return torch.zeros(n_var, 3, self.final_reso, self.final_reso), target, False
-        variants = [self._crop(img)]
-        if self.hflip:
-            variants.append(self._crop(TF.hflip(img)))  # flipped before the resize, as utils.data.TrainTransform
+        variants = [self.crop(img)] + ([self.crop(TF.hflip(img))] if self.hflip else [])
         return torch.stack(variants), target, True
 
 
@@ -105,26 +99,6 @@ def chunk_batches(chunks: Sequence[int], n: int, chunk: int, bs: int) -> List[Li
 
 def part_path(out: str, split: str, k: int) -> str:
     return os.path.join(out, 'parts', f'{split}_{k:06d}.npz')
-
-
-def save_npz_atomic(path: str, **arrays) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_npy_atomic(path: str, arr: np.ndarray) -> None:
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        np.save(f, arr)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -162,9 +136,9 @@ def encode_split(args, vae, device, split: str, samples, settings: Dict, n_varia
         pending['skipped'] += [samples[i][0] for i, good in zip(idx, ok) if not good]
         bar.update(B * (world if rank == 0 else 1))
         if idx[-1] + 1 == min(n, (k + 1) * chunk):  # the chunk is complete: write it
-            save_npz_atomic(part_path(args.out, split, k), tokens=np.concatenate(pending['tokens']),
-                            labels=np.concatenate(pending['labels']), index=np.concatenate(pending['index']),
-                            skipped=np.asarray(pending['skipped'], dtype=str))
+            arrays = dict(tokens=np.concatenate(pending['tokens']), labels=np.concatenate(pending['labels']),
+                          index=np.concatenate(pending['index']), skipped=np.asarray(pending['skipped'], dtype=str))
+            atomic_write(part_path(args.out, split, k), lambda f: np.savez(f, **arrays))
             pending = {key: [] for key in pending}
     bar.close()
 
@@ -200,12 +174,9 @@ def merge_split(out: str, split: str, samples, split_root: str, chunk: int, n_va
     with open(tmp, 'rb+') as f:
         os.fsync(f.fileno())
     os.replace(tmp, paths['tokens'])
-    save_npy_atomic(paths['labels'], labels_N)
+    atomic_write(paths['labels'], lambda f: np.save(f, labels_N))
     rel = [os.path.relpath(samples[i][0], split_root) for i in index_N.tolist()]
-    tmp = paths['files'] + '.tmp'
-    with open(tmp, 'w') as f:
-        f.write('\n'.join(rel) + ('\n' if rel else ''))
-    os.replace(tmp, paths['files'])
+    atomic_write(paths['files'], lambda f: f.write(''.join(r + '\n' for r in rel)), mode='w')
     return {'n': int(len(index_N)), 'n_variants': n_variants, 'skipped': skipped}
 
 
@@ -261,9 +232,7 @@ def run(args) -> int:
     os.makedirs(parts, exist_ok=True)
     cfg_path = os.path.join(parts, 'settings.json')
     if dist.is_master() and not os.path.isfile(cfg_path):
-        with open(cfg_path + '.tmp', 'w') as f:
-            json.dump(settings, f, indent=1)
-        os.replace(cfg_path + '.tmp', cfg_path)
+        atomic_write(cfg_path, lambda f: json.dump(settings, f, indent=1), mode='w')
     dist.barrier()
     problems = [p for p in dist.allgather_object(check_parts_settings(parts, settings)) if p]
     if problems:  # raised by every rank together: none is left waiting in a collective

@@ -48,19 +48,24 @@ def _replace_durably(tmp: str, path: str) -> None:
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to `path` so that readers see either the old file or the complete new one."""
+def atomic_write(path: str, write: Callable[[Any], None], mode: str = 'wb') -> None:
+    """Write `path` through `write(file)` so that readers see either the old file or the complete new one."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = _tmp_path(path)
     try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         _replace_durably(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save to `path` atomically (see `atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_copy(src: str, dst: str) -> None:

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from utils.ckpt import atomic_write
+
 FORMAT = 'var-pretok-v1'
 META_NAME = 'meta.json'
 VARIANTS = ('orig', 'hflip')
@@ -80,13 +82,7 @@ def read_meta(root: str) -> Dict[str, Any]:
 
 
 def write_meta(root: str, meta: Mapping[str, Any]) -> None:
-    path = os.path.join(root, META_NAME)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(meta, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(os.path.join(root, META_NAME), lambda f: json.dump(meta, f, indent=1), mode='w')
 
 
 def check_compatible(meta: Mapping[str, Any], root: str, patch_nums: Sequence[int], vocab_size: int,
