@@ -195,10 +195,8 @@ class Run:
         iteration, with the RNG and progressive-training state of that moment (see utils.ckpt.CutCycle).
         """
         check_ranks_agree(self.var_wo_ddp)
-        trainer_state, rng = self.trainer.state_dict(), None
-        if self.cut_cycle.start is not None:
-            epoch, it, rng, prog = self.cut_cycle.start
-            trainer_state['config'].update(prog)
+        trainer_state = self.trainer.state_dict()
+        epoch, it, rng = self.cut_cycle.resume_point(epoch, it, trainer_state)
         state = {'epoch': epoch, 'iter': it, 'trainer': trainer_state, 'args': vars(self.args),
                  'derived': dataclasses.asdict(self.cfg), 'best': dict(self.best),
                  'model_config': dict(getattr(self.var_wo_ddp, 'build_config', {})), 'vae_config': self.vae_cfg}
@@ -262,7 +260,7 @@ class Run:
         lr_wd = grad_norm = None
         for it in range(first_it, iters):
             g_it = ep * iters + it
-            self.cut_cycle.begin_iteration(ep, it, iters, args.ac, self.trainer.progressive_state)
+            self.cut_cycle.begin_iteration(ep, it, iters, args.ac, lambda: {'config': self.trainer.progressive_state()})
             inp, label_B = next(ld_iter)  # images, or token ids with --pretok
             inp = inp.to(self.device, non_blocking=True)
             label_B = label_B.to(self.device, non_blocking=True)

@@ -236,11 +236,8 @@ class VAERun:
         for module in (self.vae_wo_ddp, self.disc_wo_ddp):
             if module is not None:
                 check_ranks_agree(module)
-        trainer_state, rng = self.trainer.state_dict(), None
-        if self.cut_cycle.start is not None:
-            epoch, it, rng, usage = self.cut_cycle.start
-            trainer_state['config']['record_hit'] = usage['record_hit']
-            trainer_state['vae_wo_ddp']['quantize.ema_vocab_hit_SV'] = usage['ema_vocab_hit_SV']
+        trainer_state = self.trainer.state_dict()
+        epoch, it, rng = self.cut_cycle.resume_point(epoch, it, trainer_state)
         state = {'epoch': epoch, 'iter': it, 'trainer': trainer_state, 'args': vars(self.args),
                  'derived': dataclasses.asdict(self.cfg), 'best': dict(self.best),
                  'metrics': dict(self.last_val), 'vae_config': dict(self.vae_wo_ddp.config),

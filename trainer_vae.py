@@ -237,10 +237,12 @@ class VQVAETrainer:
         return torch.cat(rows, dim=0).add(1).mul(0.5).clamp(0, 1).float().cpu()
 
     # ------------------------------------------------------------------ state
-    def usage_state(self) -> Dict[str, Any]:
-        """The codebook-usage statistics, the only state that a forward pass changes (between optimizer steps)."""
+    def usage_state(self) -> Dict[str, Dict[str, Any]]:
+        """The codebook-usage statistics, the only state that a forward pass changes (between optimizer steps), laid
+        out as a patch of `state_dict()`."""
         quantize = unwrap(self.vae_wo_ddp).quantize
-        return {'record_hit': quantize.record_hit, 'ema_vocab_hit_SV': quantize.ema_vocab_hit_SV.detach().cpu().clone()}
+        return {'config': {'record_hit': quantize.record_hit},
+                'vae_wo_ddp': {'quantize.ema_vocab_hit_SV': quantize.ema_vocab_hit_SV.detach().cpu().clone()}}
 
     def state_dict(self) -> Dict[str, Any]:
         vae = unwrap(self.vae_wo_ddp)

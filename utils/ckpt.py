@@ -149,20 +149,32 @@ class CutCycle:
     The gradients gathered inside a cycle live only in each rank's memory, so a checkpoint written at the epoch end
     must point back at the cycle's first iteration, with the RNG states and trainer state of that moment; the
     weights, optimizer and scaler do not change before the cycle's optimizer step, so a resumed run recomputes the
-    same gradients. `start` holds (epoch, it, rng_state, trainer_state) while such a cycle is open, else None.
+    same gradients. `start` holds (epoch, it, rng_state, patch) while such a cycle is open, else None; `patch` is
+    what the trainer's forward passes change, laid out as its state dict ({section: {key: value}}).
     """
 
     def __init__(self):
-        self.start: Optional[Tuple[int, int, Dict[str, Any], Any]] = None
+        self.start: Optional[Tuple[int, int, Dict[str, Any], Dict[str, Dict[str, Any]]]] = None
 
-    def begin_iteration(self, ep: int, it: int, iters: int, ac: int, trainer_state: Callable[[], Any]) -> None:
+    def begin_iteration(self, ep: int, it: int, iters: int, ac: int,
+                        trainer_patch: Callable[[], Dict[str, Dict[str, Any]]]) -> None:
         g_it = ep * iters + it
         if g_it % ac == 0 and g_it + ac > (ep + 1) * iters:
-            self.start = (ep, it, rng_state(), trainer_state())
+            self.start = (ep, it, rng_state(), trainer_patch())
 
     def end_iteration(self, stepping: bool) -> None:
         if stepping:
             self.start = None
+
+    def resume_point(self, epoch: int, it: int, trainer_state: Dict[str, Any]
+                     ) -> Tuple[int, int, Optional[Dict[str, Any]]]:
+        """(epoch, it, RNG state or None) to checkpoint; inside a cut cycle, `trainer_state` is patched in place."""
+        if self.start is None:
+            return epoch, it, None
+        epoch, it, rng, patch = self.start
+        for section, values in patch.items():
+            trainer_state[section].update(values)
+        return epoch, it, rng
 
 
 def save_run_checkpoint(state: Dict[str, Any], out_dir: str, last_name: str, best_name: str,
