@@ -120,8 +120,10 @@ class LPIPS(nn.Module):
     """Perceptual distance between two image batches in [-1, 1] -> (B,), as in the LPIPS paper.
 
     Each tapped VGG16 activation is unit-normalised over its channels; the squared differences are weighted per
-    channel (the paper's learned `lin` weights once `load_lin` is called, else a uniform 1/C: the "baseline" variant),
-    averaged over positions and summed over the taps. Every parameter is frozen; the module stays in eval mode.
+    channel, averaged over positions and summed over the taps. The weights are the paper's learned `lin` weights once
+    `load_lin` is called, else 1 for every channel: the paper's "baseline" variant, a sum over the taps of the
+    per-position cosine distance 2 - 2 cos(a, b); it is larger than learned LPIPS, whose weights lie mostly below 1. Every parameter is frozen; the
+    module stays in eval mode.
     """
 
     def __init__(self):
@@ -130,7 +132,7 @@ class LPIPS(nn.Module):
         self.register_buffer('shift_1311', torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('scale_1311', torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
         widths = [self.features[i - 1].out_channels for i in VGG16_TAPS]
-        self.lin = nn.ParameterList([nn.Parameter(torch.full((c,), 1.0 / c)) for c in widths])
+        self.lin = nn.ParameterList([nn.Parameter(torch.ones(c)) for c in widths])  # the baseline's weights
         self.has_learned_lin = False
         self.requires_grad_(False)
         self.eval()

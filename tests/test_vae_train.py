@@ -96,8 +96,15 @@ def test_lpips_loads_torchvision_vgg16_and_measures_distances():
     assert lp(x, x).abs().max().item() < 1e-6
     d_small, d_big = lp(x, x + 0.05 * torch.randn_like(x)), lp(x, torch.rand_like(x) * 2 - 1)
     assert (d_small > 0).all() and (d_big > d_small).all()
-    lin = {f'lin{k}.model.1.weight': torch.rand(1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))}
-    lp.load_lin(lin)
+    # without learned weights: the paper's baseline, the per-position cosine distance summed over the taps
+    cos = torch.nn.functional.cosine_similarity
+    baseline = sum((2 - 2 * cos(fa, fb, dim=1)).mean((1, 2)) for fa, fb in zip(lp.taps(x), lp.taps(-x)))
+    torch.testing.assert_close(lp(x, -x), baseline, rtol=1e-4, atol=1e-6)
+    widths = (64, 128, 256, 512, 512)
+    lp.load_lin({f'lin{k}.model.1.weight': torch.full((1, c, 1, 1), 0.5 * k) for k, c in enumerate(widths)})
+    per_tap = [(2 - 2 * cos(fa, fb, dim=1)).mean((1, 2)) for fa, fb in zip(lp.taps(x), lp.taps(-x))]
+    torch.testing.assert_close(lp(x, -x), sum(0.5 * k * d for k, d in enumerate(per_tap)), rtol=1e-4, atol=1e-6)
+    lp.load_lin({f'lin{k}.model.1.weight': torch.rand(1, c, 1, 1) for k, c in enumerate(widths)})
     assert lp.has_learned_lin and not any(p.requires_grad for p in lp.parameters())
     with pytest.raises(ValueError, match='VGG16'):
         lp.load_vgg16({'classifier.0.weight': torch.zeros(1)})

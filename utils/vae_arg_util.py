@@ -49,7 +49,8 @@ def build_vae_parser() -> argparse.ArgumentParser:
     flag(loss, ['--lpips_vgg'], default='auto',
          help="torchvision VGG16 ImageNet weights (.pth); 'auto': the torch hub cache, else torchvision's download")
     flag(loss, ['--lpips_lin'], default='',
-         help="LPIPS per-channel weights (the paper's vgg.pth); empty: uniform weights over the channels")
+         help="LPIPS per-channel weights (the paper's vgg.pth, recommended); empty: weight 1 per channel, the paper's "
+              "'baseline' (a cosine distance, larger than learned LPIPS)")
     flag(loss, ['--dw', '--disc_weight'], dest='dw', type=float, default=0.5,
          help='weight of the adversarial loss (0: no discriminator)')
     flag(loss, ['--disc_start'], type=float, default=-1.0,
