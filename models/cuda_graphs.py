@@ -4,12 +4,61 @@ Every scale has static shapes (2B rows, pn*pn tokens, a KV cache that ends at th
 transformer step of each scale -- all blocks and the head -- is captured once and replayed. The captured
 graphs share one memory pool and are replayed in capture order; the KV caches are persistent buffers owned
 here, written in place at fixed offsets. CFG, filtering and sampling stay outside the graphs (they draw from
-the caller's generator).
+the caller's generator). Under autocast the graphs read copies of the Linear weights made once in the autocast
+dtype (`CastLinearWeights`) instead of casting every weight again at every replay.
 """
 import contextlib
-from typing import List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import torch
+import torch.nn as nn
+
+
+class CastLinearWeights:
+    """Copies of a model's nn.Linear weights and biases in one dtype, swapped in while a graph is captured.
+
+    Autocast casts a float32 weight to its dtype at every matmul, and a captured graph cannot keep autocast's cast
+    cache, so each replay would repeat every cast. Swapping in copies already in the autocast dtype gives the same
+    numbers (autocast leaves a tensor of its dtype as it is) without the casts. `refresh` re-copies the weights
+    that changed since (an optimiser step or `load_state_dict` bumps a tensor's version), into the same memory.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        self.entries: List[Tuple[nn.Module, str, nn.Parameter, nn.Parameter]] = []
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                for name in ('weight', 'bias'):
+                    p = m._parameters.get(name)
+                    if p is not None:
+                        self.entries.append((m, name, p, nn.Parameter(p.detach().to(dtype), requires_grad=False)))
+        self.versions = self._versions()
+
+    def _versions(self) -> List[Tuple[int, int]]:
+        return [(id(m._parameters[name]), m._parameters[name]._version) for m, name, _, _ in self.entries]
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Re-copy every weight that was updated in place or replaced since the last copy."""
+        now = self._versions()
+        if now == self.versions:
+            return
+        for i, ((m, name, _, copy), old, new) in enumerate(zip(self.entries, self.versions, now)):
+            if old != new:
+                p = m._parameters[name]
+                copy.copy_(p)
+                self.entries[i] = (m, name, p, copy)
+        self.versions = now
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """Within: the modules hold the copies as their parameters; after: their own parameters again."""
+        try:
+            for m, name, _, copy in self.entries:
+                m._parameters[name] = copy
+            yield
+        finally:
+            for m, name, p, _ in self.entries:
+                m._parameters[name] = p
 
 
 class ScaleStepGraphs:
@@ -31,8 +80,9 @@ class ScaleStepGraphs:
         torch.clear_autocast_cache()
         amp = torch.autocast('cuda', dtype=amp_dtype, cache_enabled=False) if amp_dtype is not None \
             else contextlib.nullcontext()
+        self.cast = CastLinearWeights(var, amp_dtype) if amp_dtype is not None else None
         try:
-            with amp:
+            with amp, (self.cast.swapped_in() if self.cast is not None else contextlib.nullcontext()):
                 self._capture(var, step, device, B2)
         except BaseException:
             var._kv_caching(False)  # a failed capture (e.g. out of memory) leaves no cache switched on
@@ -67,7 +117,10 @@ class ScaleStepGraphs:
             b.attn.cached_k, b.attn.cached_v, b.attn.cached_len = k, v, 0
 
     def set_condition(self, cond_BD: torch.Tensor) -> None:
+        """The condition of the next sampling run; also brings the cast weights up to date with the model."""
         self.static_cond.copy_(cond_BD)
+        if self.cast is not None:
+            self.cast.refresh()
 
     def run(self, si: int, x_BlC: torch.Tensor) -> torch.Tensor:
         """Replay scale `si` on `x_BlC` -> its float32 logits (a static buffer, valid until the next replay)."""

@@ -1,4 +1,6 @@
 """Fast paths agree with the plain (official-equivalent) paths they replace."""
+import contextlib
+
 import pytest
 import torch
 
@@ -182,3 +184,42 @@ def test_sampling_state_after_an_error_and_official_attributes(tiny_models, monk
     batch = var.autoregressive_infer_cfg(B=3, label_B=None, g_seed=[7, 8, 9], top_k=5)
     alone = var.autoregressive_infer_cfg(B=1, label_B=None, g_seed=[8], top_k=5)
     torch.testing.assert_close(batch[1:2], alone, atol=1e-4, rtol=0)  # row 1's label and tokens from seed 8 alone
+
+
+def test_cast_linear_weights_give_the_autocast_numbers_and_follow_updates(tiny_models):
+    """The CUDA-graph path reads Linear weights pre-cast to the autocast dtype: bit-identical logits to autocast's own
+    casts (checked on CPU autocast), the model's parameters back afterwards, and in-place updates or replaced
+    parameters copied over on `refresh`."""
+    from models.cuda_graphs import CastLinearWeights
+    _, var = tiny_models
+    own = {n: p for n, p in var.named_parameters()}
+    torch.manual_seed(0)
+    x_BlC, cond_BD = torch.randn(4, 9, var.C), var.class_emb(torch.tensor([0, 1, 2, 3]))
+
+    def logits(cast=None):
+        var._kv_caching(True, var.L)
+        try:
+            with torch.autocast('cpu', dtype=torch.bfloat16), (cast.swapped_in() if cast else contextlib.nullcontext()):
+                return var.scale_step(x_BlC, cond_BD)
+        finally:
+            var._kv_caching(False)
+
+    with torch.no_grad():
+        cast = CastLinearWeights(var, torch.bfloat16)
+        assert {p.dtype for *_, p in cast.entries} == {torch.bfloat16} and len(cast.entries) > 4 * var.depth
+        with cast.swapped_in():
+            assert var.head.weight.dtype == var.blocks[0].attn.mat_qkv.weight.dtype == torch.bfloat16
+        assert torch.equal(logits(cast), logits())
+        assert all(p is own[n] for n, p in var.named_parameters())  # swapped back
+
+        saved = {k: v.clone() for k, v in var.state_dict().items()}
+        try:
+            var.head.weight.mul_(1.5)  # an in-place update (as an optimiser step)
+            var.blocks[0].ffn.fc1.bias.add_(0.1)
+            cast.refresh()
+            assert torch.equal(logits(cast), logits())
+            var.load_state_dict(saved, assign=True)  # replaced parameter objects
+            cast.refresh()
+            assert torch.equal(logits(cast), logits())
+        finally:
+            var.load_state_dict(saved)
