@@ -1,0 +1,122 @@
+"""Where the tokenizer's gradients go: the quantiser's straight-through estimator and its codebook / commitment terms,
+the generator and discriminator steps of the trainer (each loss reaches only its own network), and the layer the
+adaptive GAN weight measures. Each expectation is computed independently of the code under test."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import VQVAE
+from models.quant import VectorQuantizer2
+
+PATCH_NUMS = (1, 2, 4)
+
+
+def _quantiser(beta: float = 0.25) -> VectorQuantizer2:
+    torch.manual_seed(0)
+    q = VectorQuantizer2(vocab_size=32, Cvae=4, using_znorm=False, beta=beta, v_patch_nums=PATCH_NUMS,
+                         quant_resi=0.5, share_quant_resi=4)
+    q.embedding.weight.data.normal_()
+    return q.train()
+
+
+def test_f_hat_passes_gradients_straight_through_to_the_encoder_and_none_to_the_codebook():
+    q = _quantiser()
+    f = torch.randn(2, 4, 4, 4, requires_grad=True)
+    f_hat, _, _ = q(f)
+    g = torch.randn_like(f_hat)
+    (f_hat * g).sum().backward()
+    assert torch.equal(f.grad, g)  # identity Jacobian
+    assert all(p.grad is None or not p.grad.any() for p in q.parameters())  # the codebook and Phis learn only from vq
+    # the value is the quantised latent: the cumulative f_hat of the last scale
+    torch.testing.assert_close(f_hat, q.f_to_idxBl_or_fhat(f.detach(), to_fhat=True)[-1])
+
+
+@pytest.mark.parametrize('beta', [0.25, 1.0])
+def test_vq_loss_sends_only_the_commitment_term_to_the_encoder(beta):
+    """L_vq = mean over scales s of ||sg(f) - f_hat_s||^2 + beta ||f - sg(f_hat_s)||^2: the encoder gets the beta term's
+    gradient, the codebook and the Phis only the first term's."""
+    q = _quantiser(beta)
+    f = torch.randn(2, 4, 4, 4, requires_grad=True)
+    _, _, vq_loss = q(f)
+    vq_loss.backward()
+
+    f_hats = q.f_to_idxBl_or_fhat(f.detach(), to_fhat=True)  # the cumulative f_hat after each scale
+    SN, N = len(PATCH_NUMS), f.numel()
+    expected = sum(beta * 2 * (f.detach() - fh) / N for fh in f_hats) / SN
+    torch.testing.assert_close(f.grad, expected)
+
+    # the codebook term alone, differentiated with the encoder output held fixed
+    q2 = _quantiser(beta)
+    f_hats_with_grad, f_hat = [], torch.zeros_like(f)
+    f_rest = f.detach().clone()
+    for si, pn in enumerate(PATCH_NUMS):
+        z = f_rest if si == SN - 1 else F.interpolate(f_rest, size=(pn, pn), mode='area')
+        idx = q2.nearest_idx(z.permute(0, 2, 3, 1).reshape(-1, 4)).view(2, pn, pn)
+        h = q2.embedding(idx).permute(0, 3, 1, 2)
+        h = h if si == SN - 1 else F.interpolate(h, size=(4, 4), mode='bicubic')
+        h = q2.phi(si, SN)(h)
+        f_hat = f_hat + h
+        f_rest = f_rest - h.detach()
+        f_hats_with_grad.append(f_hat)
+    (sum(F.mse_loss(fh, f.detach()) for fh in f_hats_with_grad) / SN).backward()
+    for (name, p), p2 in zip(q.named_parameters(), q2.parameters()):
+        torch.testing.assert_close(p.grad, p2.grad, msg=name)
+    assert q.embedding.weight.grad.abs().sum(1).gt(0).sum() <= sum(pn * pn * 2 for pn in PATCH_NUMS)  # used codes only
+
+
+# ----------------------------------------------------------------------------------------- the trainer's two steps
+def _trainer(adaptive: bool):
+    from models.vae_losses import PatchDiscriminator
+    from trainer_vae import LossConfig, VQVAETrainer
+    from utils.amp_sc import AmpOptimizer
+    torch.manual_seed(0)
+    vae = VQVAE(vocab_size=32, z_channels=4, ch=32, v_patch_nums=PATCH_NUMS, test_mode=False, ch_mult=(1, 1, 2)).train()
+    disc = PatchDiscriminator(3, ch=8, n_layers=2)
+    vae_opt = AmpOptimizer(torch.optim.SGD(vae.parameters(), lr=0.0), list(vae.parameters()), 'cpu')
+    disc_opt = AmpOptimizer(torch.optim.SGD(disc.parameters(), lr=0.0), list(disc.parameters()), 'cpu')
+    loss = LossConfig(l1=0.5, l2=1.0, vq=1.0, dw=0.3, adaptive=adaptive, d_loss='hinge', disc_start_it=0)
+    return VQVAETrainer(torch.device('cpu'), vae, vae, disc, disc, vae_opt, disc_opt, None, loss), vae, disc
+
+
+@pytest.mark.parametrize('adaptive', [False, True])
+def test_generator_loss_trains_only_the_vae_and_discriminator_loss_only_the_discriminator(adaptive):
+    trainer, vae, disc = _trainer(adaptive)
+    inp = torch.rand(2, 3, 16, 16) * 2 - 1
+    # the expected gradients, from a copy of the networks (forward passes update the usage EMA, not the outputs)
+    vae_sd = {k: v.clone() for k, v in vae.state_dict().items()}
+    rec, _, vq_loss = vae(inp)
+    nll = 0.5 * (rec - inp).abs().mean() + (rec - inp).square().mean()
+    g_loss = -disc(rec).mean()
+    last = vae.decoder.conv_out.weight
+    if adaptive:
+        gn = torch.autograd.grad(nll, last, retain_graph=True)[0].norm()
+        gg = torch.autograd.grad(g_loss, last, retain_graph=True)[0].norm()
+        w = (gn / (gg + 1e-4)).clamp(0, 1e4).detach()
+    else:
+        w = 1.0
+    total = nll + vq_loss + 0.3 * w * g_loss
+    exp_vae = torch.autograd.grad(total, list(vae.parameters()), retain_graph=True, allow_unused=True)
+    d_loss = 0.5 * (F.relu(1 - disc(inp)).mean() + F.relu(1 + disc(rec.detach())).mean())
+    exp_disc = torch.autograd.grad(d_loss, list(disc.parameters()))
+    vae.load_state_dict(vae_sd)
+
+    out = trainer.train_step(g_it=0, stepping=False, inp_B3HW=inp)  # accumulate only: the grads stay in .grad
+    assert 'd_loss' in out and 'g_loss' in out
+    torch.testing.assert_close(out['d_loss'], d_loss.detach())
+    for (name, p), e in zip(vae.named_parameters(), exp_vae):
+        if e is None:
+            assert p.grad is None or not p.grad.any(), name
+        else:
+            torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-7, msg=name)
+    for (name, p), e in zip(disc.named_parameters(), exp_disc):
+        torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-7, msg=name)  # no generator-loss gradient in here
+    assert all(p.requires_grad for p in disc.parameters())
+
+
+def test_before_the_gan_starts_the_discriminator_is_untouched():
+    trainer, vae, disc = _trainer(adaptive=True)
+    trainer.loss = type(trainer.loss)(**{**trainer.loss.__dict__, 'disc_start_it': 5})
+    out = trainer.train_step(g_it=4, stepping=False, inp_B3HW=torch.rand(2, 3, 16, 16) * 2 - 1)
+    assert 'd_loss' not in out and 'g_loss' not in out
+    assert all(p.grad is None for p in disc.parameters())
+    assert trainer.last_layer is vae.decoder.conv_out.weight  # the adaptive weight's layer: the decoder's output conv
