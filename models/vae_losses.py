@@ -81,7 +81,9 @@ def adaptive_gan_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer
     It balances the adversarial gradient against the reconstruction gradient where both enter the decoder. Under fp16
     autocast pass the GradScaler's scale as `loss_scale`: both gradients are taken of the scaled losses (small
     reconstruction gradients would otherwise underflow to 0 in fp16) and unscaled before the ratio. A non-finite
-    ratio (e.g. an fp16 overflow) gives 0: the step then ignores the GAN term instead of diverging.
+    ratio (e.g. an fp16 overflow) gives 0: the step then ignores the GAN term instead of diverging. Under DDP each
+    rank takes the ratio of its own batch's gradients (as VQGAN's code does): the weights differ a little between
+    ranks, and the averaged gradient is that of the mean of the ranks' weighted losses.
     """
     nll_grad = torch.autograd.grad(nll_loss * loss_scale, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss * loss_scale, last_layer, retain_graph=True)[0]
