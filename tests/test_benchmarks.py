@@ -20,6 +20,19 @@ def test_bench_data_runs_on_real_photos_and_writes_json(tmp_path):
     assert 'Input pipeline, 256 px' in r.stdout
 
 
+def test_bench_encode_compares_candidates_with_the_official_encode(tmp_path):
+    out = tmp_path / 'encode.json'
+    r = subprocess.run([sys.executable, '-m', 'benchmarks.bench_encode', '--device', 'cpu', '--reso', '64', '--batch',
+                        '2', '--ch', '32', '--repeats', '1', '--variants', 'channels_last', '--json', str(out)],
+                       cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())['rows']
+    assert [row['variant'] for row in rows] == ['eager', 'channels_last']  # the official path always runs first
+    assert rows[0]['ids_equal_%'] == 100 and rows[0]['speedup'] == 1
+    assert rows[1]['img_per_s'] > 0 and 0 <= rows[1]['ids_equal_%'] <= 100
+    assert 'Tokenizer encode' in r.stdout
+
+
 def test_table_leaves_cells_of_failed_rows_empty(capsys):
     print_table('t', [{'model': 'd36', 'path': 'reference', 'note': 'out of memory'},
                       {'model': 'd36', 'path': 'fast', 'img_per_s': 12.345, 'peak_gib': 150.2}],
