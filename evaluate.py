@@ -96,9 +96,16 @@ def feature_statistics(feats_ND: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return feats_ND.mean(0), np.cov(feats_ND, rowvar=False)
 
 
+def _clean_eigvals(eigval_D: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a symmetric PSD matrix, with those below round-off (numpy's matrix_rank threshold) set to 0:
+    a square root would otherwise turn a 1e-16 of noise into a 1e-8 of error."""
+    tol = max(eigval_D.max(initial=0.0), 0.0) * eigval_D.shape[0] * np.finfo(np.float64).eps
+    return np.where(eigval_D > tol, eigval_D, 0.0)
+
+
 def _sqrt_psd(mat_DD: np.ndarray) -> np.ndarray:
     eigval_D, eigvec_DD = np.linalg.eigh(mat_DD)
-    return (eigvec_DD * np.sqrt(np.clip(eigval_D, 0, None))) @ eigvec_DD.T
+    return (eigvec_DD * np.sqrt(_clean_eigvals(eigval_D))) @ eigvec_DD.T
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
@@ -115,7 +122,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     root1 = _sqrt_psd(sigma1)
     middle = root1 @ sigma2 @ root1
     eigval = np.linalg.eigvalsh((middle + middle.T) / 2)
-    tr_covmean = np.sqrt(np.clip(eigval, 0, None)).sum()
+    tr_covmean = np.sqrt(_clean_eigvals(eigval)).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
