@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import dist
 import models
-from models.loading import VAE_FILENAME
+from models.loading import official_vae_path
 from utils import pretok
 from utils.arg_util import bool_flag, parse_patch_nums, str2bool
 from utils.ckpt import atomic_write
@@ -50,7 +50,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--data_path', required=True, help='folder with train/ and val/, one sub-folder per class')
     p.add_argument('--out', required=True, help='output folder (the value of train.py --pretok)')
     p.add_argument('--vae_ckpt', default='',
-                   help='local VQVAE checkpoint (as train.py --vae_ckpt); empty: vae_ch160v4096z32.pth from the Hub')
+                   help='local VQVAE checkpoint (as train.py --vae_ckpt); empty: vae_ch160v4096z32.pth in the working '
+                        'directory, else from the Hub')
     p.add_argument('--pn', '--patch_nums', dest='pn', default='1_2_3_4_5_6_8_10_13_16',
                    help="scales: a preset '256', '512', '1024' or sides joined by '_' (as train.py --pn)")
     p.add_argument('--patch_size', type=int, default=16, help='image pixels per token side (as train.py)')
@@ -203,7 +204,7 @@ def run(args) -> int:
     if min(args.bs, args.chunk) < 1:
         raise ValueError('--bs and --chunk must be positive')
 
-    vae_path = args.vae_ckpt or models.hub_download(VAE_FILENAME)
+    vae_path = official_vae_path(args.vae_ckpt)
     vae = models.load_vae_checkpoint(vae_path, device=device, patch_nums=patch_nums)
     downsample = 2 ** (len(vae.config['ch_mult']) - 1)
     if downsample != args.patch_size:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import dist
 import models
-from models.loading import VAE_FILENAME
+from models.loading import official_vae_path
 from trainer import VARTrainer
 from utils import arg_util
 from utils.amp_sc import AmpOptimizer, NonFiniteError
@@ -44,7 +44,7 @@ VIS_SAMPLES = 8  # class-conditional samples written to TensorBoard at each vali
 
 def build_models(args, cfg: arg_util.Derived, num_classes: int, device: torch.device):
     """(vae_local, var_wo_ddp, vae_config): the tokenizer's architecture comes from its checkpoint."""
-    vae_path = args.vae_ckpt or models.hub_download(VAE_FILENAME)
+    vae_path = official_vae_path(args.vae_ckpt)
     vae_file = models.load_vae_checkpoint(vae_path, device='cpu', patch_nums=cfg.patch_nums)
     vae_sd = vae_file.state_dict()
     vae_cfg = models.infer_vae_config(vae_sd, v_patch_nums=cfg.patch_nums)
@@ -83,6 +83,8 @@ class Run:
         self.device = resolve_device(args.device)
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.console = Console(cfg.out_dir, enabled=dist.is_master())
+        if getattr(args, 'unknown_args', None):
+            self.console.warn(f'ignoring unknown arguments (typos?): {args.unknown_args}')
         if args.tlr is not None:
             self.console.warn(f'--tlr={args.tlr} is ignored: the peak lr is ac*tblr*bs/256 = {cfg.tlr:g} (official)')
         seed_everything(args.seed, self.rank, self.world_size, benchmark=args.pg == 0)
@@ -311,7 +313,9 @@ class Run:
             self.tb.scalars(ep + 1, 'AR_speed', img_per_s_per_process=img_per_s)
         me.synchronize_between_processes(self.device)
         avg = me.global_avgs()
-        return {'lr': lr_wd[1] if lr_wd else None, 'wd': lr_wd[3] if lr_wd else None, 'grad_norm': grad_norm,
+        # the epoch's grad norm is the meter's average over the logged stepping iterations (official `tnm`)
+        tnm = avg['tnm'] if me.meters['tnm'].count else grad_norm
+        return {'lr': lr_wd[1] if lr_wd else None, 'wd': lr_wd[3] if lr_wd else None, 'grad_norm': tnm,
                 'L_mean': avg.get('Lm', -1.0), 'L_tail': avg.get('Lt', -1.0), 'acc_mean': avg.get('Accm', -1.0),
                 'acc_tail': avg.get('Acct', -1.0)}
 

@@ -132,6 +132,8 @@ class VAERun:
         self.device = resolve_device(args.device)
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.console = Console(cfg.out_dir, enabled=dist.is_master())
+        if getattr(args, 'unknown_args', None):
+            self.console.warn(f'ignoring unknown arguments (typos?): {args.unknown_args}')
         seed_everything(args.seed, self.rank, self.world_size, benchmark=True)
         set_tf32(args.tf32)
 

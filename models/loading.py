@@ -66,6 +66,16 @@ def hub_download(filename: str, repo_id: str = HUB_REPO_ID, cache_dir: Optional[
         ) from e
 
 
+def official_vae_path(explicit: Optional[str] = None) -> str:
+    """The tokenizer file for training: `explicit` if given, else the official `vae_ch160v4096z32.pth` in the working
+    directory (where the official train.py looks), else the Hub's copy."""
+    if explicit:
+        return explicit
+    if os.path.isfile(VAE_FILENAME):
+        return VAE_FILENAME
+    return hub_download(VAE_FILENAME)
+
+
 def _strip_prefixes(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     out = {}
     for k, v in sd.items():

@@ -81,7 +81,14 @@ def test_bare_boolean_flag_and_bad_boolean():
 def test_unknown_flags_are_tolerated_with_a_warning():
     with pytest.warns(UserWarning, match='unknown'):
         a = parse_args(['--depth=12', '--not_a_flag=3'])
-    assert a.depth == 12
+    assert a.depth == 12 and a.unknown_args == ['--not_a_flag=3']  # train.py also writes them to its log
+
+
+@pytest.mark.parametrize('flag', ['--val_every_ep=0', '--tb_every_iters=0', '--val_every_ep=-2'])
+def test_intervals_must_be_positive(flag, capsys):
+    with pytest.raises(SystemExit):
+        parse_args([flag])
+    assert 'must be >= 1' in capsys.readouterr().err
 
 
 def test_derive_is_pure_and_official_rules():

@@ -49,7 +49,8 @@ def test_groups_lr_and_wd_are_set_and_reported():
     mn, mx, wmn, wmx = lr_wd_annealing('cos', opt, 1e-3, 0.05, 0.05, 50, 10, 100, 0.005, 0.01)
     assert opt.param_groups[0]['weight_decay'] == 0 and opt.param_groups[1]['weight_decay'] == pytest.approx(0.05)
     assert mn == mx == opt.param_groups[0]['lr'] and wmn == wmx == pytest.approx(0.05)
-    assert lr_wd_annealing('cos', two_group_optimizer([0.0]), 1e-3, 0.05, 0.05, 50, 10, 100)[2:] == (-1, -1)
+    assert lr_wd_annealing('cos', two_group_optimizer([0.0]), 1e-3, 0.05, 0.05, 50, 10, 100)[2:] == (-1, 0)
+    assert lr_wd_annealing('cos', two_group_optimizer([0.0, 1.0]), 1e-3, 0.0, 0.0, 50, 10, 100)[2:] == (-1, 0)
 
 
 def test_parameter_groups_of_var(tiny_models):

@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -267,3 +268,13 @@ def test_offline_without_a_tokenizer_path_is_a_clean_error(tokset, tmp_path):
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and '--vae_ckpt' in r.stdout + r.stderr, r.stderr[-2000:]
         assert 'Traceback' not in r.stderr
+
+    # as officially, vae_ch160v4096z32.pth in the working directory is used without any flag (and without the Hub)
+    data, vae, out, _ = tokset
+    cwd = tmp_path / 'cwd'
+    cwd.mkdir()
+    shutil.copy(vae, cwd / 'vae_ch160v4096z32.pth')
+    r = subprocess.run(pretok_cmd(data, '', tmp_path / 'tok_cwd', hflip=1), cwd=cwd, env=env, capture_output=True,
+                       text=True, timeout=150)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert set_files(tmp_path / 'tok_cwd') == set_files(out)

@@ -33,6 +33,14 @@ def str2bool(v: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f'expected a boolean (0/1/true/false), got {v!r}')
 
 
+def positive_int(s: str) -> int:
+    """An argparse type: an integer >= 1 (an interval; the last epoch is always validated)."""
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f'must be >= 1, got {v}')
+    return v
+
+
 def parse_int_tuple(s: str) -> Tuple[int, ...]:
     """'1_2_3', '1-2-3', '1,2,3' or '1 2 3' -> (1, 2, 3)."""
     try:
@@ -89,9 +97,9 @@ def add_run_flags(p, *, out_dir: str, last_name: str, val_every_ep: int, tb_ever
     flag(r, ['--local_out_dir_path', '--out_dir'], dest='local_out_dir_path', default=None,
          help=f'checkpoints, log.txt, TensorBoard (default: {out_dir})')
     flag(r, ['--ckpt_every_iters'], type=int, default=0, help=f'also save {last_name} every N iterations (0: off)')
-    flag(r, ['--val_every_ep'], type=int, default=val_every_ep,
+    flag(r, ['--val_every_ep'], type=positive_int, default=val_every_ep,
          help='validate (and save best) every N epochs and at the end')
-    flag(r, ['--tb_every_iters'], type=int, default=tb_every_iters,
+    flag(r, ['--tb_every_iters'], type=positive_int, default=tb_every_iters,
          help='iteration-wise TensorBoard scalars every N iterations')
     bool_flag(r, ['--log_steps'], False, 'append every step loss to steps.jsonl (reproducibility checks)')
     flag(r, ['--device'], default='', help="'' picks cuda:LOCAL_RANK when available, else cpu")
@@ -135,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group('tokenizer')
     flag(t, ['--vae_ckpt'], default='',
          help='local VQVAE checkpoint: the official state dict or one carrying its config (its architecture is read '
-              'from the file); empty: fetch vae_ch160v4096z32.pth from the Hugging Face Hub')
+              'from the file); empty: vae_ch160v4096z32.pth in the working directory (official), else from the Hugging Face Hub')
 
     o = p.add_argument_group('optimisation')
     add_schedule_flags(o, bs=768, ep=250, tblr=1e-4, twd=0.05, wpe=0.01, sche='lin0')
@@ -158,6 +166,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:
         warnings.warn(f'ignoring unknown arguments: {unknown}', stacklevel=2)
+    args.unknown_args = unknown  # the run also writes them to its log
     return args
 
 

@@ -48,8 +48,8 @@ def lr_wd_annealing(sche: str, optimizer: torch.optim.Optimizer, peak_lr: float,
                     ) -> Tuple[float, float, float, float]:
     """Set lr = rho*peak_lr*lr_sc and weight_decay = wd_cur*wd_sc in every group of `optimizer`.
 
-    Returns (min_lr, max_lr, min_wd, max_wd); the wd extremes only look at groups with a positive wd, and -1 stands for
-    an empty set.
+    Returns (min_lr, max_lr, min_wd, max_wd), as officially: min_wd over the groups with a positive wd, max_wd over all
+    groups; -1 stands for an empty set.
     """
     rho = lr_ratio(sche, cur_it, wp_it, max_it, wp0, wpe)
     peak_lr *= rho
@@ -59,9 +59,9 @@ def lr_wd_annealing(sche: str, optimizer: torch.optim.Optimizer, peak_lr: float,
         group['lr'] = peak_lr * group.get('lr_sc', 1)
         group['weight_decay'] = wd_cur * group.get('wd_sc', 1)
         lrs.append(group['lr'])
-        if group['weight_decay'] > 0:
-            wds.append(group['weight_decay'])
-    return (min(lrs, default=-1), max(lrs, default=-1), min(wds, default=-1), max(wds, default=-1))
+        wds.append(group['weight_decay'])
+    positive_wds = [w for w in wds if w > 0]
+    return (min(lrs, default=-1), max(lrs, default=-1), min(positive_wds, default=-1), max(wds, default=-1))
 
 
 def is_no_wd(name: str, param: torch.Tensor, no_wd_keys: Sequence[str] = NO_WD_KEYS) -> bool:

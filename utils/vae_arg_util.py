@@ -87,6 +87,7 @@ def parse_vae_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args, unknown = build_vae_parser().parse_known_args(argv)
     if unknown:
         warnings.warn(f'ignoring unknown arguments: {unknown}', stacklevel=2)
+    args.unknown_args = unknown  # the run also writes them to its log
     return args
 
 
