@@ -196,7 +196,7 @@ def test_train_steps_checkpoint_logs_and_train_py_round_trip(data, tmp_path):
     done = run_train(train_args(data, out / 'vae-ckpt-best.pth', var_out, pn='1_2_4', patch_size=4, ep=1,
                                 mid_reso=1.0) + ['--alng_typo=1e-3'])
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "ignoring unknown arguments (typos?): ['--alng_typo=1e-3']" in (var_out / 'stdout.txt').read_text()
+    assert "ignoring unknown arguments (typos?): ['--alng_typo=1e-3']" in (var_out / 'stderr.txt').read_text()
     vae2, var = models.load_checkpoint_models(var_out / 'ar-ckpt-last.pth')
     assert vae2.ch_mult == (1, 1, 2) and var.patch_nums == (1, 2, 4)
     best = models.load_vae_checkpoint(out / 'vae-ckpt-best.pth')
