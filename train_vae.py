@@ -170,6 +170,10 @@ class VAERun:
             from models.vae_losses import PatchDiscriminator
             with torch.device(self.device):
                 self.disc_wo_ddp = PatchDiscriminator(3, ch=args.disc_ch, n_layers=args.disc_layers)
+            if cfg.image_size < self.disc_wo_ddp.min_image_size:  # say so now, not when the GAN starts hours later
+                raise ValueError(f'--disc_layers={args.disc_layers} needs images of at least '
+                                 f'{self.disc_wo_ddp.min_image_size} px but they are {cfg.image_size} px: lower '
+                                 f'--disc_layers (or --dw=0 for no discriminator)')
         vae, disc = self.vae_wo_ddp, self.disc_wo_ddp
         if dist.is_initialized():
             ids = [self.device.index] if self.device.type == 'cuda' else None

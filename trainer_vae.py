@@ -106,7 +106,7 @@ class VQVAETrainer:
             self.disc_wo_ddp.requires_grad_(False)  # the generator loss must not leave gradients in the discriminator
         with self._no_sync(vae_ddp, stepping):
             with self.vae_opt.autocast():
-                rec_B3HW, usages, vq_loss = self.vae(inp_B3HW, ret_usages=metrics)
+                rec_B3HW, _, vq_loss = self.vae(inp_B3HW, ret_usages=False)
                 rec_B3HW = rec_B3HW.float()
                 rec_l1 = (rec_B3HW - inp_B3HW).abs().mean()
                 rec_l2 = (rec_B3HW - inp_B3HW).square().mean()
@@ -117,7 +117,8 @@ class VQVAETrainer:
                     out['lpips'] = lp_loss.detach()
                 total = nll + lc.vq * vq_loss
                 if gan:
-                    g_loss = g_loss_fn(self.disc_wo_ddp(rec_B3HW))
+                    # float32: under fp16 the scaled gradient into a half scalar (dw*w*scale) would overflow
+                    g_loss = g_loss_fn(self.disc_wo_ddp(rec_B3HW).float())
                     scaler = self.vae_opt.scaler
                     d_weight = adaptive_gan_weight(nll, g_loss, self.last_layer,
                                                    loss_scale=scaler.get_scale() if scaler is not None else 1.0) \
@@ -126,7 +127,8 @@ class VQVAETrainer:
                     out.update(g_loss=g_loss.detach(), d_weight=d_weight)
             grad_norm, scale_log2 = self.vae_opt.backward_clip_step(total, stepping)
         out.update(loss=total.detach(), rec_l1=rec_l1.detach(), rec_l2=rec_l2.detach(), vq=vq_loss.detach(),
-                   grad_norm=grad_norm, scale_log2=scale_log2, usages=usages)
+                   grad_norm=grad_norm, scale_log2=scale_log2,
+                   usages=self.usage_percent(inp_B3HW.shape[0]) if metrics else None)
 
         # 2) discriminator: real images vs detached reconstructions
         if gan:
@@ -146,6 +148,20 @@ class VQVAETrainer:
         if stepping and rc.every > 0 and g_it < rc.until and (g_it + 1) % rc.every == 0:
             out['reinit'] = self.reinit_dead_codes(inp_B3HW)
         return out
+
+    def usage_percent(self, batch_per_rank: int) -> List[float]:
+        """Per-scale codebook usage (%) of the training EMA: the share of codes whose EMA hit count reaches 8% of what
+        a uniform use of the codebook gives at that scale (world * batch * pn^2 / V hits per step).
+
+        The official `ret_usages` measures every scale against the last scale's margin, so coarse scales, which see
+        pn^2 / last^2 as many tokens, read ~0% however evenly their codes are used; this one reads 100% then.
+        """
+        quant = unwrap(self.vae_wo_ddp).quantize
+        tokens = torch.tensor([pn * pn if isinstance(pn, int) else pn[0] * pn[1] for pn in self.patch_nums],
+                              dtype=torch.float32, device=quant.ema_vocab_hit_SV.device)
+        margin_S1 = (0.08 * dist.get_world_size() * batch_per_rank / quant.vocab_size * tokens).unsqueeze(1)
+        ema_SV = quant.ema_vocab_hit_SV[:len(self.patch_nums)]
+        return (ema_SV >= margin_S1).float().mean(1).mul(100).tolist()
 
     @staticmethod
     def _ddp(module: Optional[nn.Module]) -> Optional[DDP]:

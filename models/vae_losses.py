@@ -27,7 +27,8 @@ class PatchDiscriminator(nn.Module):
     Args:
         in_channels: image channels.
         ch: width of the first layer (doubles per layer, capped at 8x).
-        n_layers: number of stride-2 layers after the first (the receptive field grows with it).
+        n_layers: number of stride-2 convolutions, the first included (pix2pix's 3 give 30x30 logits at 256 px); two
+            stride-1 convolutions follow, so images need at least 2**n_layers * 3 pixels a side (`min_image_size`).
     GroupNorm instead of BatchNorm: no running statistics, so the same numbers under DDP and at any batch size.
     """
 
@@ -55,6 +56,15 @@ class PatchDiscriminator(nn.Module):
             elif isinstance(m, nn.GroupNorm):
                 nn.init.normal_(m.weight, 1.0, std)
                 nn.init.zeros_(m.bias)
+
+    @property
+    def min_image_size(self) -> int:
+        """The smallest image side that still gives one logit (each 4x4 stride-1 convolution with padding 1 loses a
+        pixel, each stride-2 one halves)."""
+        side = 1
+        for m in reversed([m for m in self.main if isinstance(m, nn.Conv2d)]):
+            side = side * 2 if m.stride[0] == 2 else side + 1
+        return side
 
     def forward(self, img_B3HW: torch.Tensor) -> torch.Tensor:
         return self.main(img_B3HW)
@@ -115,7 +125,8 @@ def _vgg16_features() -> nn.Sequential:
 
 
 def _unit_channels(x_BChw: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    return x_BChw / (x_BChw.square().sum(dim=1, keepdim=True).sqrt() + eps)
+    # vector_norm's gradient at a zero vector is 0, where sqrt(sum of squares) gives NaN (an all-zero ReLU position)
+    return x_BChw / (torch.linalg.vector_norm(x_BChw, dim=1, keepdim=True) + eps)
 
 
 class LPIPS(nn.Module):

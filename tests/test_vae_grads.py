@@ -65,16 +65,16 @@ def test_vq_loss_sends_only_the_commitment_term_to_the_encoder(beta):
 
 
 # ----------------------------------------------------------------------------------------- the trainer's two steps
-def _trainer(adaptive: bool):
+def _trainer(adaptive: bool, fp16: int = 0, dw: float = 0.3):
     from models.vae_losses import PatchDiscriminator
     from trainer_vae import LossConfig, VQVAETrainer
     from utils.amp_sc import AmpOptimizer
     torch.manual_seed(0)
     vae = VQVAE(vocab_size=32, z_channels=4, ch=32, v_patch_nums=PATCH_NUMS, test_mode=False, ch_mult=(1, 1, 2)).train()
     disc = PatchDiscriminator(3, ch=8, n_layers=2)
-    vae_opt = AmpOptimizer(torch.optim.SGD(vae.parameters(), lr=0.0), list(vae.parameters()), 'cpu')
-    disc_opt = AmpOptimizer(torch.optim.SGD(disc.parameters(), lr=0.0), list(disc.parameters()), 'cpu')
-    loss = LossConfig(l1=0.5, l2=1.0, vq=1.0, dw=0.3, adaptive=adaptive, d_loss='hinge', disc_start_it=0)
+    vae_opt = AmpOptimizer(torch.optim.SGD(vae.parameters(), lr=0.0), list(vae.parameters()), 'cpu', fp16=fp16)
+    disc_opt = AmpOptimizer(torch.optim.SGD(disc.parameters(), lr=0.0), list(disc.parameters()), 'cpu', fp16=fp16)
+    loss = LossConfig(l1=0.5, l2=1.0, vq=1.0, dw=dw, adaptive=adaptive, d_loss='hinge', disc_start_it=0)
     return VQVAETrainer(torch.device('cpu'), vae, vae, disc, disc, vae_opt, disc_opt, None, loss), vae, disc
 
 
@@ -120,3 +120,54 @@ def test_before_the_gan_starts_the_discriminator_is_untouched():
     assert 'd_loss' not in out and 'g_loss' not in out
     assert all(p.grad is None for p in disc.parameters())
     assert trainer.last_layer is vae.decoder.conv_out.weight  # the adaptive weight's layer: the decoder's output conv
+
+
+def test_fp16_generator_loss_is_float32_so_a_high_loss_scale_does_not_skip_the_step():
+    """The gradient entering the GAN term is dw * weight * scale: from 65504 on, a half-precision scalar overflows and
+    the whole VQVAE step (reconstruction included) would be skipped, holding the loss scale down. (A one-convolution
+    discriminator keeps every other gradient small.)"""
+    import math
+    from utils.amp_sc import AmpOptimizer
+    trainer, vae, _ = _trainer(adaptive=False, fp16=1, dw=1.0)
+    torch.manual_seed(0)
+    disc = torch.nn.Conv2d(3, 1, 4, stride=2, padding=1)
+    trainer.disc = trainer.disc_wo_ddp = disc
+    trainer.disc_opt = AmpOptimizer(torch.optim.SGD(disc.parameters(), lr=0.0), list(disc.parameters()), 'cpu', fp16=1)
+    trainer.vae_opt.scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 16)  # the scaler's cap, reached by growth
+    out = trainer.train_step(g_it=0, stepping=True, inp_B3HW=torch.rand(2, 3, 16, 16) * 2 - 1)
+    assert out['g_loss'].dtype == torch.float32
+    assert trainer.vae_opt.num_skipped == 0 and math.isfinite(out['grad_norm'])
+
+
+def test_training_usage_measures_each_scale_against_its_own_token_count():
+    """A codebook used uniformly (the EMA's fixed point: B * pn^2 / V hits per code and step) reads 100% at every scale;
+    the official `ret_usages` (the last scale's margin everywhere) reads 0% at the coarse ones."""
+    trainer, vae, _ = _trainer(adaptive=False)
+    q, B = vae.quantize, 8
+    for si, pn in enumerate(PATCH_NUMS):
+        q.ema_vocab_hit_SV[si] = B * pn * pn / q.vocab_size
+    assert trainer.usage_percent(B) == [100.0] * len(PATCH_NUMS)
+    official = q(torch.randn(B, 4, 4, 4), ret_usages=True)[1]  # one more (uniform-ish) update of the EMA
+    assert official[0] < 10
+    q.ema_vocab_hit_SV.zero_()
+    q.ema_vocab_hit_SV[:, 0] = B * 16  # every token of every scale on one code: collapse
+    assert trainer.usage_percent(B) == [100 / q.vocab_size] * len(PATCH_NUMS)
+
+
+def test_lpips_normalisation_has_a_finite_gradient_at_an_all_zero_feature():
+    from models.vae_losses import _unit_channels
+    x = torch.zeros(1, 8, 2, 2)
+    x[0, :, 0, 0] = 1.0  # one position with features, three where every channel of the ReLU output is 0
+    x.requires_grad_(True)
+    _unit_channels(torch.relu(x)).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_discriminator_minimum_image_size():
+    from models.vae_losses import PatchDiscriminator
+    for n_layers, side in ((2, 12), (3, 24)):
+        disc = PatchDiscriminator(3, ch=8, n_layers=n_layers)
+        assert disc.min_image_size == side
+        assert disc(torch.zeros(1, 3, side, side)).shape[-1] == 1
+        with pytest.raises((RuntimeError, ValueError)):  # a kernel larger than its input, or a 1-value GroupNorm
+            disc(torch.zeros(1, 3, side - 1, side - 1))
