@@ -141,7 +141,14 @@ class Run:
             var = DDP(var, device_ids=[self.device.index] if self.device.type == 'cuda' else None,
                       find_unused_parameters=False, broadcast_buffers=False)
         if args.tfast:
-            var = torch.compile(var, mode=COMPILE_MODES[args.tfast])
+            mode = COMPILE_MODES[args.tfast]
+            if mode == 'reduce-overhead' and args.ac > 1:
+                # CUDA-graph trees hand back gradients in graph memory that the next micro-batch overwrites, which
+                # breaks their accumulation into .grad
+                self.console.warn('--tfast=1 (reduce-overhead: CUDA graphs) cannot accumulate gradients over --ac '
+                                  'micro-batches; compiling VAR in the default mode instead')
+                mode = 'default'
+            var = torch.compile(var, mode=mode)
         if args.vfast:  # the tokenizer runs through img_to_idxBl, not forward: compile that method
             self.vae_local.img_to_idxBl = torch.compile(self.vae_local.img_to_idxBl, mode=COMPILE_MODES[args.vfast])
         groups = build_param_groups(self.var_wo_ddp.named_parameters())

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import machine, print_table, write_json
+from benchmarks.common import peak_gib, print_table, write_json
 from models import PATCH_NUMS, VQVAE, load_vae_checkpoint
 
 VARIANTS = ('eager', 'channels_last', 'compiled', 'compiled_cl')
@@ -109,13 +109,11 @@ def main(argv=None):
             t0 = time.perf_counter()
             ids = run(img)
             first = time.perf_counter() - t0
-            if device.type == 'cuda':
-                torch.cuda.reset_peak_memory_stats()
             sec = timer(device, lambda: run(img), warmup=1, repeats=args.repeats)
             row = dict(variant=variant, batch=args.batch, reso=args.reso, img_per_s=args.batch / sec,
                        ms_per_batch=sec * 1000, first_call_s=first)
             if device.type == 'cuda':
-                row['peak_gib'] = torch.cuda.max_memory_allocated() / 2 ** 30
+                row['peak_gib'] = peak_gib(lambda: run(img))
             if ref_ids is None:
                 ref_ids, ref_sec = ids, sec
             row['ids_equal_%'] = (ids == ref_ids).double().mean().item() * 100

@@ -19,8 +19,9 @@ class CastLinearWeights:
 
     Autocast casts a float32 weight to its dtype at every matmul, and a captured graph cannot keep autocast's cast
     cache, so each replay would repeat every cast. Swapping in copies already in the autocast dtype gives the same
-    numbers (autocast leaves a tensor of its dtype as it is) without the casts. `refresh` re-copies the weights
-    that changed since (an optimiser step or `load_state_dict` bumps a tensor's version), into the same memory.
+    numbers (autocast leaves a tensor of its dtype as it is) without the casts. `refresh` copies the model's current
+    weights into the same memory: once per sampling call instead of once per scale, and it sees every kind of update
+    (optimiser steps, `load_state_dict`, writes through `.data`).
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype):
@@ -31,23 +32,14 @@ class CastLinearWeights:
                     p = m._parameters.get(name)
                     if p is not None:
                         self.entries.append((m, name, p, nn.Parameter(p.detach().to(dtype), requires_grad=False)))
-        self.versions = self._versions()
-
-    def _versions(self) -> List[Tuple[int, int]]:
-        return [(id(m._parameters[name]), m._parameters[name]._version) for m, name, _, _ in self.entries]
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Re-copy every weight that was updated in place or replaced since the last copy."""
-        now = self._versions()
-        if now == self.versions:
-            return
-        for i, ((m, name, _, copy), old, new) in enumerate(zip(self.entries, self.versions, now)):
-            if old != new:
-                p = m._parameters[name]
-                copy.copy_(p)
-                self.entries[i] = (m, name, p, copy)
-        self.versions = now
+        """Copy every weight (or the parameter now in its place) into its low-precision copy."""
+        for i, (m, name, _, copy) in enumerate(self.entries):
+            p = m._parameters[name]
+            copy.copy_(p)
+            self.entries[i] = (m, name, p, copy)
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
@@ -61,6 +53,11 @@ class CastLinearWeights:
                 m._parameters[name] = p
 
 
+def tensor_addresses(model: nn.Module) -> List[int]:
+    """Where every parameter and buffer lives: a captured graph reads them there, so any change means a recapture."""
+    return [t.data_ptr() for t in list(model.parameters()) + list(model.buffers())]
+
+
 class ScaleStepGraphs:
     """Captured `VAR.scale_step` for each scale, for one batch size (2B rows) and autocast dtype."""
 
@@ -71,8 +68,8 @@ class ScaleStepGraphs:
         B2, C = cond_BD.shape
         device = cond_BD.device
         self.static_cond = cond_BD.detach().clone()
-        self.static_x: List[torch.Tensor] = [
-            torch.randn(B2, pn * pn, C, device=device, dtype=first_x.dtype) for pn in var.patch_nums]
+        self.static_x: List[torch.Tensor] = [  # zeros: capturing must not draw from the caller's CUDA RNG
+            torch.zeros(B2, pn * pn, C, device=device, dtype=first_x.dtype) for pn in var.patch_nums]
         self.static_logits: List[torch.Tensor] = []
         self.graphs: List[torch.cuda.CUDAGraph] = []
         # Autocast's weight-cast cache lives only as long as the caller's autocast context: graphs that read cached
@@ -81,8 +78,11 @@ class ScaleStepGraphs:
         amp = torch.autocast('cuda', dtype=amp_dtype, cache_enabled=False) if amp_dtype is not None \
             else contextlib.nullcontext()
         self.cast = CastLinearWeights(var, amp_dtype) if amp_dtype is not None else None
+        self.addresses = tensor_addresses(var)
         try:
-            with amp, (self.cast.swapped_in() if self.cast is not None else contextlib.nullcontext()):
+            # the graph and its streams belong to the model's GPU, whichever is current
+            with torch.cuda.device(device), amp, \
+                    (self.cast.swapped_in() if self.cast is not None else contextlib.nullcontext()):
                 self._capture(var, step, device, B2)
         except BaseException:
             var._kv_caching(False)  # a failed capture (e.g. out of memory) leaves no cache switched on
@@ -115,6 +115,10 @@ class ScaleStepGraphs:
     def _rewind(self) -> None:
         for b, (k, v) in zip(self.var.blocks, self.kv):
             b.attn.cached_k, b.attn.cached_v, b.attn.cached_len = k, v, 0
+
+    def still_valid(self) -> bool:
+        """False once any parameter or buffer of the model has moved (e.g. `load_state_dict(assign=True)`, `.to()`)."""
+        return tensor_addresses(self.var) == self.addresses
 
     def set_condition(self, cond_BD: torch.Tensor) -> None:
         """The condition of the next sampling run; also brings the cast weights up to date with the model."""

@@ -418,12 +418,13 @@ class VAR(nn.Module):
         return self._compiled_step
 
     def _scale_graphs(self, B2: int, cond_BD: torch.Tensor, first_x: torch.Tensor, step, compiled: bool):
-        """The captured per-scale steps for this batch size, autocast dtype, compile switch and grad mode (captured
-        on first use; the static input buffers of a capture under inference_mode cannot be written outside it)."""
+        """The captured per-scale steps for this batch size, autocast dtype, compile switch, grad mode and train/eval
+        mode (captured on first use, and again when the model's tensors have moved; the static input buffers of a
+        capture under inference_mode cannot be written outside it)."""
         from .cuda_graphs import ScaleStepGraphs
         amp_dtype = _autocast_dtype('cuda')
-        key = (B2, amp_dtype, str(cond_BD.device), compiled, torch.is_inference_mode_enabled())
-        if key not in self._graph_cache:
+        key = (B2, amp_dtype, str(cond_BD.device), compiled, torch.is_inference_mode_enabled(), self.training)
+        if key not in self._graph_cache or not self._graph_cache[key].still_valid():
             self._graph_cache.clear()  # one captured batch size at a time: graphs pin their memory
             self._graph_cache[key] = ScaleStepGraphs(self, cond_BD, first_x, step, amp_dtype)
         graphs = self._graph_cache[key]

@@ -141,21 +141,55 @@ def test_flex_attention_gradients_match_on_cuda():
 @requires_cuda()
 def test_cuda_graph_sampling_equals_plain_path():
     from models import build_vae_var
+    from models.var import GRAPH_DECODE_CHUNK
+    torch.manual_seed(0)
+    vae, var = build_vae_var(device='cuda', V=512, Cvae=16, ch=32, depth=4, num_classes=10)
+    var.init_weights(init_adaln_gamma=0.5, init_head=1.0)
+    var.eval()
+    B = GRAPH_DECODE_CHUNK + 4  # the graph path decodes in chunks
+    kw = dict(B=B, label_B=torch.arange(B, device='cuda') % 10, g_seed=3, cfg=1.5, top_k=1)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ref = var.autoregressive_infer_cfg(**kw)
+        for _ in range(2):  # capture, then replay
+            out = var.autoregressive_infer_cfg(**kw, cuda_graph=True)
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            # the graphs read Linear weights cast once to bf16: the same numbers as autocast's casts
+            ref16 = var.autoregressive_infer_cfg(**kw, kv_cache='prealloc')
+            out16 = var.autoregressive_infer_cfg(**kw, cuda_graph=True)
+            var.blocks[0].ffn.fc1.weight.data.mul_(1.5)  # a write the version counters do not see
+            ref16b = var.autoregressive_infer_cfg(**kw, kv_cache='prealloc')
+            out16b = var.autoregressive_infer_cfg(**kw, cuda_graph=True)
+            with torch.inference_mode():
+                out16c = var.autoregressive_infer_cfg(**kw, cuda_graph=True)  # a capture of its own
+        # The graphs follow the weight change: whatever the graph path differs from the plain one by (chunked decode:
+        # other conv algorithms, bf16 rounding) is far below what the change moves. Stale weights give out16b = out16.
+        change = (ref16b.float() - ref16.float()).abs().mean()
+        assert change > 0
+        for graph_out, plain in ((out16, ref16), (out16b, ref16b), (out16c, ref16b)):
+            assert (graph_out.float() - plain.float()).abs().mean() < 0.1 * change
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        var.release_cuda_graphs()
+
+
+@requires_cuda()
+def test_compiled_cuda_graph_sampling_equals_plain_path():
+    from models import build_vae_var
     torch.manual_seed(0)
     vae, var = build_vae_var(device='cuda', V=512, Cvae=16, ch=32, depth=4, num_classes=10)
     var.init_weights(init_adaln_gamma=0.5, init_head=1.0)
     var.eval()
     kw = dict(B=4, label_B=torch.tensor([0, 1, 2, 3], device='cuda'), g_seed=3, cfg=1.5, top_k=1)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    ref = var.autoregressive_infer_cfg(**kw)
-    for _ in range(2):  # capture, then replay
-        out = var.autoregressive_infer_cfg(**kw, cuda_graph=True)
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    with torch.autocast('cuda', dtype=torch.bfloat16):
-        ref16 = var.autoregressive_infer_cfg(**kw, kv_cache='prealloc')
-        out16 = var.autoregressive_infer_cfg(**kw, cuda_graph=True, kv_cache='prealloc')
-    assert (out16.float() - ref16.float()).abs().mean() < 2e-2
-    var.release_cuda_graphs()
+    try:
+        with torch.inference_mode(), torch.autocast('cuda', dtype=torch.bfloat16):
+            ref = var.autoregressive_infer_cfg(**kw, kv_cache='prealloc')
+            out = var.autoregressive_infer_cfg(**kw, cuda_graph=True, compiled=True, partial_sort=True)
+        assert (out.float() - ref.float()).abs().mean() < 2e-2  # compiled kernels round differently
+    finally:
+        var.release_cuda_graphs()
 
 
 def test_sampling_state_after_an_error_and_official_attributes(tiny_models, monkeypatch):
@@ -188,9 +222,10 @@ def test_sampling_state_after_an_error_and_official_attributes(tiny_models, monk
 
 def test_cast_linear_weights_give_the_autocast_numbers_and_follow_updates(tiny_models):
     """The CUDA-graph path reads Linear weights pre-cast to the autocast dtype: bit-identical logits to autocast's own
-    casts (checked on CPU autocast), the model's parameters back afterwards, and in-place updates or replaced
-    parameters copied over on `refresh`."""
-    from models.cuda_graphs import CastLinearWeights
+    casts (checked on CPU autocast), the model's parameters back afterwards, and in-place updates (also through
+    `.data`, which no version counter sees) or replaced parameters copied over on `refresh`. A replaced tensor
+    changes the addresses the graphs were captured with (they are then captured again)."""
+    from models.cuda_graphs import CastLinearWeights, tensor_addresses
     _, var = tiny_models
     own = {n: p for n, p in var.named_parameters()}
     torch.manual_seed(0)
@@ -214,11 +249,17 @@ def test_cast_linear_weights_give_the_autocast_numbers_and_follow_updates(tiny_m
 
         saved = {k: v.clone() for k, v in var.state_dict().items()}
         try:
+            before = logits()
             var.head.weight.mul_(1.5)  # an in-place update (as an optimiser step)
-            var.blocks[0].ffn.fc1.bias.add_(0.1)
+            var.blocks[0].ffn.fc1.weight.data.mul_(0.5)  # a write through .data
+            assert not torch.equal(logits(), before)
             cast.refresh()
             assert torch.equal(logits(cast), logits())
+            addresses = tensor_addresses(var)
+            var.load_state_dict(saved)  # in place: same addresses
+            assert tensor_addresses(var) == addresses
             var.load_state_dict(saved, assign=True)  # replaced parameter objects
+            assert tensor_addresses(var) != addresses
             cast.refresh()
             assert torch.equal(logits(cast), logits())
         finally:
