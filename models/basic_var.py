@@ -41,7 +41,12 @@ def optional_kernels() -> dict:
 
 @functools.lru_cache(maxsize=None)
 def compiled_flex_attention() -> Callable:
-    """FlexAttention compiled once (eager FlexAttention is a slow reference implementation on GPU)."""
+    """FlexAttention compiled once (eager FlexAttention is a slow reference implementation on GPU).
+
+    Static shapes: one kernel per (batch, length, dtype, grad mode). Progressive training (`--pg`) with its
+    validation passes can reach ~9 of them, past dynamo's recompile limit (8), after which the remaining shapes run
+    eagerly (slow). Not yet measured on a GPU: whether `dynamic=None` kernels are as fast.
+    """
     return torch.compile(flex_attention, dynamic=False)
 
 
