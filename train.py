@@ -33,10 +33,11 @@ from utils.ckpt import (BEST_NAME, LAST_NAME, CheckpointError, CutCycle, auto_re
 from utils.data import build_dataset
 from utils.data_sampler import DistInfiniteBatchSampler, EvalDistributedSampler
 from utils.logging import (Console, LogTxt, MetricLogger, SmoothedValue, TensorboardLogger, epoch_record,
-                           format_seconds, git_info, log_iters)
+                           format_seconds, git_info, log_iters, open_steps_log)
 from utils.lr_control import build_param_groups, lr_wd_annealing, progressive_si
 from utils.pretok import TOKEN_CONFIG_KEYS, build_pretok_dataset, check_compatible, vae_fingerprint
-from utils.runtime import check_ranks_agree, rank_generator, resolve_device, seed_everything, set_tf32
+from utils.runtime import (GracefulStop, StopTraining, check_ranks_agree, rank_generator, resolve_device,
+                           seed_everything, set_tf32)
 
 COMPILE_MODES = {1: 'reduce-overhead', 2: 'max-autotune', 3: 'default'}
 VIS_SAMPLES = 8  # class-conditional samples written to TensorBoard at each validation
@@ -83,6 +84,7 @@ class Run:
         self.device = resolve_device(args.device)
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.console = Console(cfg.out_dir, enabled=dist.is_master())
+        self.stop, self.stop_at_epoch_end = GracefulStop(self.device), False
         if getattr(args, 'unknown_args', None):
             self.console.warn(f'ignoring unknown arguments (typos?): {args.unknown_args}')
         if args.tlr is not None:
@@ -172,8 +174,9 @@ class Run:
         self.header = {'is_master': dist.is_master(), 'name': args.exp_name, 'cmd': ' '.join(sys.argv),
                        'commit': git['commit'], 'branch': git['branch'], 'tb_log_dir_path': self.tb.log_dir}
         self.log_txt.write(self.header)
-        self.steps_file = open(os.path.join(cfg.out_dir, 'steps.jsonl'), 'a') if args.log_steps and dist.is_master() \
-            else None
+        self.steps_file = open_steps_log(os.path.join(cfg.out_dir, 'steps.jsonl'),
+                                         self.start_ep * self.iters_train + self.start_it) \
+            if args.log_steps and dist.is_master() else None
         n_params = sum(p.numel() for p in self.var_wo_ddp.parameters())
         self.console.info(f'[init] world_size={self.world_size} device={self.device} classes={self.num_classes} '
                           f'train={len(train_set)} val={len(val_set)} iters/ep={self.iters_train} '
@@ -216,6 +219,11 @@ class Run:
         if self.start_ep >= args.ep:
             self.console.info(f'[fit] nothing to do: the checkpoint is at epoch {self.start_ep} of {args.ep}')
             return
+        with self.stop:
+            self.fit_epochs()
+
+    def fit_epochs(self) -> None:
+        args = self.args
         ld_iter = iter(self.ld_train)
         t_start, it_start = time.time(), self.start_ep * self.iters_train + self.start_it
         for ep in range(self.start_ep, args.ep):
@@ -246,6 +254,9 @@ class Run:
             self.save(ep + 1, 0, best_updated)
             self.log_txt.write(self.header, record)
             self.tb.flush()
+            if self.stop_at_epoch_end and ep + 1 < args.ep:
+                raise StopTraining(f'stopped on request after epoch {ep}: checkpoint written; re-run the same command '
+                                   f'to resume')
         self.console.info(f'[fit] done: {args.ep} epochs, best val Lt {self.best["vL_tail"]:.4f}, '
                           f'{self.var_opt.num_skipped} skipped step(s), '
                           f'{self.train_set.num_skipped} unreadable image read(s) skipped by this rank')
@@ -303,6 +314,12 @@ class Run:
             bar.update(1)
             if it == first_it:
                 t_after_first = time.time()  # throughput excludes the first (warm-up / compile) iteration
+            if stepping and self.stop.requested():  # SIGINT / SIGTERM on any rank: save at this cycle boundary
+                if it + 1 < iters:
+                    self.save(ep, it + 1)
+                    raise StopTraining(f'stopped on request at epoch {ep}, iteration {it + 1}: checkpoint written; '
+                                       f're-run the same command to resume')
+                self.stop_at_epoch_end = True  # the epoch-end checkpoint comes next
             every = args.ckpt_every_iters
             # Only at the end of an accumulation cycle and outside a streak of skipped steps; the end-of-epoch
             # checkpoint covers it + 1 == iters.
@@ -373,6 +390,10 @@ def main(argv=None) -> int:
         run.fit()
         dist.barrier()
         return 0
+    except StopTraining as e:  # SIGINT / SIGTERM: the checkpoint is written
+        if run is not None and dist.is_master():
+            run.console.info(f'[stop] {e}')
+        return 130
     except NonFiniteError as e:  # raised on every rank at the same step: gradients are synchronised
         report_error(run, e)
         return 3

@@ -33,9 +33,10 @@ from utils.ckpt import CheckpointError, CutCycle, auto_resume, remove_stale_tmp,
 from utils.data import build_dataset
 from utils.data_sampler import DistInfiniteBatchSampler, EvalDistributedSampler
 from utils.logging import (Console, LogTxt, MetricLogger, TensorboardLogger, epoch_record, format_seconds, git_info,
-                           log_iters)
+                           log_iters, open_steps_log)
 from utils.lr_control import build_param_groups, lr_wd_annealing
-from utils.runtime import check_ranks_agree, rank_generator, resolve_device, seed_everything, set_tf32
+from utils.runtime import (GracefulStop, StopTraining, check_ranks_agree, rank_generator, resolve_device,
+                           seed_everything, set_tf32)
 
 LAST_NAME = 'vae-ckpt-last.pth'
 BEST_NAME = 'vae-ckpt-best.pth'
@@ -132,6 +133,7 @@ class VAERun:
         self.device = resolve_device(args.device)
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.console = Console(cfg.out_dir, enabled=dist.is_master())
+        self.stop, self.stop_at_epoch_end = GracefulStop(self.device), False
         if getattr(args, 'unknown_args', None):
             self.console.warn(f'ignoring unknown arguments (typos?): {args.unknown_args}')
         seed_everything(args.seed, self.rank, self.world_size, benchmark=True)
@@ -206,8 +208,9 @@ class VAERun:
                        **{k: v for k, v in git_info(str(REPO_ROOT)).items() if k != 'commit_msg'},
                        'tb_log_dir_path': self.tb.log_dir}
         self.log_txt.write(self.header)
-        self.steps_file = open(os.path.join(cfg.out_dir, 'steps.jsonl'), 'a') if args.log_steps and dist.is_master() \
-            else None
+        self.steps_file = open_steps_log(os.path.join(cfg.out_dir, 'steps.jsonl'),
+                                         self.start_ep * self.iters_train + self.start_it) \
+            if args.log_steps and dist.is_master() else None
         n_vae = sum(p.numel() for p in self.vae_wo_ddp.parameters())
         n_disc = sum(p.numel() for p in disc.parameters()) if disc is not None else 0
         self.console.info(f'[init] world_size={self.world_size} device={self.device} train={len(train_set)} '
@@ -256,6 +259,11 @@ class VAERun:
         if self.start_ep >= args.ep:
             self.console.info(f'[fit] nothing to do: the checkpoint is at epoch {self.start_ep} of {args.ep}')
             return
+        with self.stop:
+            self.fit_epochs()
+
+    def fit_epochs(self) -> None:
+        args = self.args
         ld_iter = iter(self.ld_train)
         t_start, it_start = time.time(), self.start_ep * self.iters_train + self.start_it
         for ep in range(self.start_ep, args.ep):
@@ -275,6 +283,9 @@ class VAERun:
             self.save(ep + 1, 0, best_updated)
             self.log_txt.write(self.header, record)
             self.tb.flush()
+            if self.stop_at_epoch_end and ep + 1 < args.ep:
+                raise StopTraining(f'stopped on request after epoch {ep}: checkpoint written; re-run the same command '
+                                   f'to resume')
         self.console.info(f'[fit] done: {args.ep} epochs, best val PSNR {self.best["psnr"]:.2f} dB, '
                           f'{self.vae_opt.num_skipped} skipped step(s), {self.trainer.num_reinit} code(s) '
                           f're-initialised, {self.train_set.num_skipped} unreadable image(s) skipped by this rank')
@@ -322,6 +333,12 @@ class VAERun:
                                                   'grad_norm': out['grad_norm'], 'lr': lr_wd[1]}) + '\n')
                 self.steps_file.flush()
             bar.update(1)
+            if stepping and self.stop.requested():  # SIGINT / SIGTERM on any rank: save at this cycle boundary
+                if it + 1 < iters:
+                    self.save(ep, it + 1)
+                    raise StopTraining(f'stopped on request at epoch {ep}, iteration {it + 1}: checkpoint written; '
+                                       f're-run the same command to resume')
+                self.stop_at_epoch_end = True  # the epoch-end checkpoint comes next
             every = args.ckpt_every_iters
             if every > 0 and (g_it + 1) % every == 0 and stepping and it + 1 < iters:
                 self.save(ep, it + 1)
@@ -381,6 +398,10 @@ def main(argv=None) -> int:
         run.fit()
         dist.barrier()
         return 0
+    except StopTraining as e:  # SIGINT / SIGTERM: the checkpoint is written
+        if run is not None and dist.is_master():
+            run.console.info(f'[stop] {e}')
+        return 130
     except NonFiniteError as e:
         print(f'[rank {dist.get_rank()}] {e}', file=sys.stderr, flush=True)
         return 3

@@ -1,5 +1,8 @@
 """Kill-and-resume equivalence: a run SIGKILLed at an arbitrary step and re-run with the same command gives the same
-per-step losses as an uninterrupted run (single process, CPU, fixed seed, fp16 autocast with its GradScaler)."""
+per-step losses as an uninterrupted run (single process, CPU, fixed seed, fp16 autocast with its GradScaler); Ctrl-C
+and SIGTERM (also to one rank of a torchrun job) write a checkpoint at the next iteration before stopping."""
+import os
+
 from train_fixtures import X4, kill_after_step, make_image_folder, make_tiny_vae_ckpt, read_steps, run_train, train_args
 
 
@@ -79,3 +82,88 @@ def test_train_py_feeds_the_official_schedule_to_the_optimizer(tmp_path):
         assert (s['lr'], s['wd']) == (max_lr, max_wd), s
         wds.add(max_wd)
     assert wds == {0.05}  # the official default --twde=0 means a constant wd (twde = twd)
+
+
+def signal_after_step(cmd, out, step: int, send, timeout: float = 150):
+    """Start `cmd`, call `send(proc)` once steps.jsonl shows global step `step`, wait for the exit -> (proc, log)."""
+    import json
+    import subprocess
+    import time
+
+    from train_fixtures import ROOT, cpu_env
+    log_path = out.parent / f'{out.name}.signalled.log'
+    with open(log_path, 'w') as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=cpu_env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        steps_file, deadline = out / 'steps.jsonl', time.time() + timeout
+        while True:
+            lines = steps_file.read_text().splitlines() if steps_file.exists() else []
+            if lines and lines[-1].endswith('}') and json.loads(lines[-1])['g_it'] >= step:
+                send(proc)
+                break
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.01)
+        proc.wait(timeout=timeout)
+    return proc, log_path.read_text()
+
+
+def test_ctrl_c_writes_a_checkpoint_and_rerun_gives_the_uninterrupted_losses(tmp_path):
+    """SIGINT (Ctrl-C) mid-epoch, with no --ckpt_every_iters: the run saves at the next iteration, exits with 130, and
+    the same command resumes there; steps.jsonl ends with one record per step."""
+    import os
+    import signal
+
+    from train_fixtures import train_cmd
+    data = make_image_folder(tmp_path / 'data', n_classes=3, n_train=8, n_val=2)
+    vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth', X4)
+    flags = dict(patch_size=4, bs=4, ep=2, fp16=1, hflip=1, log_steps=1)  # 6 iterations per epoch
+    reference = uninterrupted_losses(data, vae, tmp_path / 'reference', flags, n_steps=12)
+
+    out = tmp_path / 'interrupted'
+    argv = train_args(data, vae, out, **flags)
+    proc, log = signal_after_step(train_cmd(argv), out, step=2, send=lambda p: os.killpg(p.pid, signal.SIGINT))
+    assert proc.returncode == 130, log[-3000:]
+    assert 'SIGINT: saving a checkpoint' in log and 'Traceback' not in log
+    assert '[stop] stopped on request at epoch 0, iteration' in log and 're-run the same command' in log
+    resumed = run_train(argv)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert '[auto-resume] loaded' in resumed.stdout and 'epoch 0, iteration' in resumed.stdout
+    assert read_steps(out) == reference
+    assert len((out / 'steps.jsonl').read_text().splitlines()) == 12  # the replayed steps replace their records
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_iteration(tmp_path):
+    """torchrun, 2 processes: SIGTERM (a preemption notice) reaches only rank 1; both ranks agree to save at the same
+    iteration (the checkpoint holds both ranks' RNG states) and the same command resumes."""
+    import signal
+
+    import torch
+
+    from train_fixtures import train_cmd
+    data = make_image_folder(tmp_path / 'data', n_classes=3, n_train=8, n_val=2)
+    vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth', X4)
+    out = tmp_path / 'ddp'
+    argv = train_args(data, vae, out, patch_size=4, bs=4, ep=2, log_steps=1)  # 2 per rank: 6 iterations per epoch
+
+    def to_rank1(proc):
+        children = [int(p) for p in os.listdir('/proc') if p.isdigit() and _parent(int(p)) == proc.pid]
+        workers = sorted(children)
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGTERM)  # the second worker started: rank 1
+
+    proc, log = signal_after_step(train_cmd(argv, nproc=2), out, step=1, send=to_rank1)
+    assert 'SIGTERM: saving a checkpoint' in log, log[-3000:]
+    assert '[stop] stopped on request at epoch 0, iteration' in log, log[-3000:]
+    ckpt = torch.load(out / 'ar-ckpt-last.pth', map_location='cpu', weights_only=False)
+    assert 0 < ckpt['iter'] < 6 and len(ckpt['rng']) == 2
+    resumed = run_train(argv, nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(read_steps(out)) == list(range(12))
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return int(f.read().rsplit(')', 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1

@@ -97,6 +97,27 @@ class LogTxt:
                 f.write(json.dumps(record) + '\n')
 
 
+def open_steps_log(path: str, resume_g_it: int):
+    """`steps.jsonl` for appending, without the records of global steps >= `resume_g_it` that an interrupted run
+    wrote after its last checkpoint (the resumed run writes them again): one record per step, as TensorBoard's purge."""
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = f.read().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line)['g_it'] < resume_g_it:
+                    kept.append(line + '\n')
+            except (ValueError, KeyError):  # a line cut short by a kill
+                continue
+        if len(kept) != len(lines):
+            tmp = path + '.tmp'
+            with open(tmp, 'w') as f:
+                f.writelines(kept)
+            os.replace(tmp, path)
+    return open(path, 'a')
+
+
 class TensorboardLogger:
     """SummaryWriter wrapper: active only when `enabled` (the master); the writer is created on first use.
 

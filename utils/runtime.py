@@ -1,5 +1,9 @@
-"""Process-level run set-up shared by the trainers: seeds, TF32, the device of this rank, per-rank generators."""
+"""Process-level run set-up shared by the trainers: seeds, TF32, the device of this rank, per-rank generators, and
+the graceful stop on SIGINT / SIGTERM."""
 import random
+import signal
+import sys
+import threading
 from typing import Optional
 
 import numpy as np
@@ -63,3 +67,50 @@ def check_ranks_agree(module: torch.nn.Module) -> None:
     if any(s != per_rank[0] for s in per_rank):
         raise RuntimeError(f'the ranks hold different weights (sum, sum of squares per rank: {per_rank}): gradient '
                            f'synchronisation was lost; the last checkpoint on disk is untouched')
+
+
+class GracefulStop:
+    """SIGINT / SIGTERM ask the run to checkpoint and stop at the next safe iteration instead of dying mid-epoch.
+
+    The first signal only sets a flag (a second SIGINT interrupts at once, as usual). `requested()` is asked at the
+    end of accumulation cycles; under torch.distributed it takes the flag's maximum over the ranks, so every rank
+    stops at the same iteration even though the signals (torchrun forwards them) arrive at different moments. A
+    cluster's SIGTERM before preemption is handled the same way.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.flag = False
+        self.previous = {}
+
+    def __enter__(self) -> 'GracefulStop':
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.flag and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: stop now
+        self.flag = True
+        print(f'[rank {dist.get_rank()}] {signal.Signals(signum).name}: saving a checkpoint at the next iteration '
+              f'boundary, then stopping (press Ctrl-C again to stop at once, without saving)', file=sys.stderr,
+              flush=True)
+
+    def requested(self) -> bool:
+        """Whether any rank was signalled (a collective under torch.distributed: call it on every rank)."""
+        if not dist.is_initialized():
+            return self.flag
+        t = torch.tensor([1.0 if self.flag else 0.0], device=self.device)
+        return dist.allreduce(t, op='max').item() > 0
+
+
+class StopTraining(Exception):
+    """Raised after the checkpoint of a requested stop was written; `main` turns it into exit code 130."""
