@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import dist
 import models
+from models.inspect_ckpt import describe_mismatch
 from models.loading import official_vae_path
 from trainer import VARTrainer
 from utils import arg_util
@@ -36,8 +37,8 @@ from utils.logging import (Console, LogTxt, MetricLogger, SmoothedValue, Tensorb
                            format_seconds, git_info, log_iters, open_steps_log)
 from utils.lr_control import build_param_groups, lr_wd_annealing, progressive_si
 from utils.pretok import TOKEN_CONFIG_KEYS, build_pretok_dataset, check_compatible, vae_fingerprint
-from utils.runtime import (GracefulStop, StopTraining, check_ranks_agree, rank_generator, resolve_device,
-                           seed_everything, set_tf32)
+from utils.runtime import (ConfigError, GracefulStop, StopTraining, check_ranks_agree, rank_generator,
+                           resolve_device, seed_everything, set_tf32, user_errors)
 
 COMPILE_MODES = {1: 'reduce-overhead', 2: 'max-autotune', 3: 'default'}
 VIS_SAMPLES = 8  # class-conditional samples written to TensorBoard at each validation
@@ -45,13 +46,17 @@ VIS_SAMPLES = 8  # class-conditional samples written to TensorBoard at each vali
 
 def build_models(args, cfg: arg_util.Derived, num_classes: int, device: torch.device):
     """(vae_local, var_wo_ddp, vae_config): the tokenizer's architecture comes from its checkpoint."""
+    width = args.width or 64 * args.depth
+    if width % args.depth:
+        raise ConfigError(f'--width={width} must be a multiple of the number of attention heads, which is --depth '
+                          f'({args.depth})')
     vae_path = official_vae_path(args.vae_ckpt)
     vae_file = models.load_vae_checkpoint(vae_path, device='cpu', patch_nums=cfg.patch_nums)
     vae_sd = vae_file.state_dict()
     vae_cfg = models.infer_vae_config(vae_sd, v_patch_nums=cfg.patch_nums)
     downsample = 2 ** (len(vae_cfg['ch_mult']) - 1)
     if downsample != args.patch_size:
-        raise ValueError(f'the tokenizer {vae_path} downsamples by {downsample} but --patch_size={args.patch_size}')
+        raise ConfigError(f'the tokenizer {vae_path} downsamples by {downsample} but --patch_size={args.patch_size}')
     vae_local, var_wo_ddp = models.build_vae_var(
         device=device, patch_nums=cfg.patch_nums, V=vae_cfg['vocab_size'], Cvae=vae_cfg['z_channels'],
         ch=vae_cfg['ch'], share_quant_resi=vae_cfg['share_quant_resi'], num_classes=num_classes, depth=args.depth,
@@ -65,8 +70,8 @@ def build_models(args, cfg: arg_util.Derived, num_classes: int, device: torch.de
     differ = {k: (vae_file.config[k], vae_local.config[k]) for k in TOKEN_CONFIG_KEYS
               if vae_file.config[k] != vae_local.config[k]}
     if differ:
-        raise ValueError(f'the tokenizer {vae_path} has settings that train.py does not build (checkpoint, train.py): '
-                         f'{differ}')
+        raise ConfigError(f'the tokenizer {vae_path} has settings that train.py does not build (checkpoint, '
+                          f'train.py): {differ}')
     if args.flex:
         var_wo_ddp.attn_impl = 'flex'
         for _, ed in var_wo_ddp.begin_ends:  # build the block masks eagerly, outside any compiled region
@@ -94,15 +99,20 @@ class Run:
 
         # data: images (official), or the token ids of a pre-tokenised dataset (--pretok)
         self.pretok_meta = None
+        if args.flex and self.device.type != 'cuda':
+            raise ConfigError('--flex 1 needs a CUDA device (FlexAttention has no backward pass on the CPU); '
+                              'drop it to train with the dense mask through SDPA')
         if args.pretok:
-            self.num_classes, train_set, val_set, self.pretok_meta = build_pretok_dataset(args.pretok, args.hflip)
+            with user_errors(FileNotFoundError, ValueError):
+                self.num_classes, train_set, val_set, self.pretok_meta = build_pretok_dataset(args.pretok, args.hflip)
             self.console.info(f'[data] pre-tokenised dataset {args.pretok}: fixed crops '
                               f'(mid_reso {self.pretok_meta["mid_reso"]}), variants {self.pretok_meta["variants"]}')
             if args.data_path != arg_util.build_parser().get_default('data_path'):
                 self.console.warn(f'--data_path {args.data_path} is not read: the images come from --pretok')
         else:
-            self.num_classes, train_set, val_set = build_dataset(args.data_path, cfg.data_load_reso, args.hflip,
-                                                                 args.mid_reso)
+            with user_errors(FileNotFoundError, ValueError):
+                self.num_classes, train_set, val_set = build_dataset(args.data_path, cfg.data_load_reso, args.hflip,
+                                                                     args.mid_reso)
         self.train_set = train_set
         if cfg.workers == 0 and not args.pretok and len(train_set) > 50_000:
             self.console.warn(f'--workers=0 (the official default): {len(train_set)} images will be decoded and '
@@ -136,8 +146,9 @@ class Run:
         # models, optimizer, trainer
         self.vae_local, self.var_wo_ddp, self.vae_cfg = build_models(args, cfg, self.num_classes, self.device)
         if self.pretok_meta is not None:
-            check_compatible(self.pretok_meta, args.pretok, cfg.patch_nums, self.vae_local.vocab_size,
-                             vae_fingerprint(self.vae_local), cfg.data_load_reso)
+            with user_errors(ValueError):
+                check_compatible(self.pretok_meta, args.pretok, cfg.patch_nums, self.vae_local.vocab_size,
+                                 vae_fingerprint(self.vae_local), cfg.data_load_reso)
         var = self.var_wo_ddp
         if dist.is_initialized():
             var = DDP(var, device_ids=[self.device.index] if self.device.type == 'cuda' else None,
@@ -184,6 +195,14 @@ class Run:
 
     def _restore(self, ckpt: Dict[str, Any], path: str) -> None:
         """Auto-resume: weights, optimizer, scaler, progressive state, best metrics and every rank's RNG."""
+        mismatch = describe_mismatch(self.var_wo_ddp, ckpt['trainer']['var_wo_ddp'], 'VAR checkpoint')
+        if mismatch:
+            old_args = ckpt.get('args', {})
+            changed = {k: (old_args[k], v) for k, v in vars(self.args).items()
+                       if k in old_args and old_args[k] != v and k != 'unknown_args'}
+            raise ConfigError(f'{path} belongs to a run of another configuration, so this one cannot resume from it. '
+                              f'Flags that differ (that run, this one): {changed}. Pass that run\'s flags, or another '
+                              f'--local_out_dir_path for a new run.\n{mismatch}')
         notes = self.trainer.load_state_dict(ckpt['trainer'], strict=False, skip_vae=True)
         rngs = ckpt.get('rng')
         if rngs is not None and len(rngs) == self.world_size:
@@ -400,6 +419,9 @@ def main(argv=None) -> int:
     except CheckpointError as e:
         report_error(run, e)
         return 4
+    except ConfigError as e:  # a wrong path, flag or checkpoint: the message says what to change
+        report_error(run, e)
+        return 2
     except models.HubDownloadError as e:  # offline without --vae_ckpt: the message says what to pass
         report_error(run, e)
         return 2

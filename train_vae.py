@@ -35,8 +35,8 @@ from utils.data_sampler import DistInfiniteBatchSampler, EvalDistributedSampler
 from utils.logging import (Console, LogTxt, MetricLogger, TensorboardLogger, epoch_record, format_seconds, git_info,
                            log_iters, open_steps_log)
 from utils.lr_control import build_param_groups, lr_wd_annealing
-from utils.runtime import (GracefulStop, StopTraining, check_ranks_agree, rank_generator, resolve_device,
-                           seed_everything, set_tf32)
+from utils.runtime import (ConfigError, GracefulStop, StopTraining, check_ranks_agree, rank_generator,
+                           resolve_device, seed_everything, set_tf32, user_errors)
 
 LAST_NAME = 'vae-ckpt-last.pth'
 BEST_NAME = 'vae-ckpt-best.pth'
@@ -140,7 +140,8 @@ class VAERun:
         set_tf32(args.tf32)
 
         # data (the class labels are not used)
-        _, train_set, val_set = build_dataset(args.data_path, cfg.image_size, args.hflip, args.mid_reso)
+        with user_errors(FileNotFoundError, ValueError):
+            _, train_set, val_set = build_dataset(args.data_path, cfg.image_size, args.hflip, args.mid_reso)
         self.train_set, self.val_set = train_set, val_set
         self.iters_train = math.ceil(len(train_set) / cfg.glb_batch_size)
         self.max_it = args.ep * self.iters_train
@@ -166,14 +167,15 @@ class VAERun:
                                  drop_last=False, sampler=EvalDistributedSampler(val_set, self.world_size, self.rank))
 
         # models and optimizers
-        self.vae_wo_ddp = build_vqvae(args, cfg, self.device)
+        with user_errors(ValueError):  # --vae_init of another architecture
+            self.vae_wo_ddp = build_vqvae(args, cfg, self.device)
         self.disc_wo_ddp = None
         if args.dw > 0:
             from models.vae_losses import PatchDiscriminator
             with torch.device(self.device):
                 self.disc_wo_ddp = PatchDiscriminator(3, ch=args.disc_ch, n_layers=args.disc_layers)
             if cfg.image_size < self.disc_wo_ddp.min_image_size:  # say so now, not when the GAN starts hours later
-                raise ValueError(f'--disc_layers={args.disc_layers} needs images of at least '
+                raise ConfigError(f'--disc_layers={args.disc_layers} needs images of at least '
                                  f'{self.disc_wo_ddp.min_image_size} px but they are {cfg.image_size} px: lower '
                                  f'--disc_layers (or --dw=0 for no discriminator)')
         vae, disc = self.vae_wo_ddp, self.disc_wo_ddp
@@ -182,7 +184,8 @@ class VAERun:
             vae = DDP(vae, device_ids=ids, find_unused_parameters=False, broadcast_buffers=False)
             if disc is not None:
                 disc = DDP(disc, device_ids=ids, find_unused_parameters=False, broadcast_buffers=False)
-        lpips = build_lpips(args, self.device) if args.lp > 0 else None
+        with user_errors(RuntimeError, FileNotFoundError, ValueError):  # VGG16 weights missing (offline) or foreign
+            lpips = build_lpips(args, self.device) if args.lp > 0 else None
         self.vae_opt = make_opt(self.vae_wo_ddp, cfg.tlr, args, self.device)
         self.disc_opt = make_opt(self.disc_wo_ddp, cfg.dlr, args, self.device) if disc is not None else None
         margin = self.world_size * cfg.batch_size * cfg.patch_nums[-1] ** 2 / args.vocab * 0.08  # the usage margin
@@ -408,6 +411,9 @@ def main(argv=None) -> int:
     except CheckpointError as e:
         print(f'[rank {dist.get_rank()}] {e}', file=sys.stderr, flush=True)
         return 4
+    except ConfigError as e:  # a wrong path, flag or file: the message says what to change
+        print(f'[rank {dist.get_rank()}] error: {e}', file=sys.stderr, flush=True)
+        return 2
     finally:
         if run is not None:
             run.close()

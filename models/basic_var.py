@@ -86,7 +86,8 @@ class SelfAttention(nn.Module):
     def __init__(self, block_idx: int, embed_dim: int = 768, num_heads: int = 12, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, attn_l2_norm: bool = False, flash_if_available: bool = True):
         super().__init__()
-        assert embed_dim % num_heads == 0, f'embed_dim {embed_dim} must be divisible by num_heads {num_heads}'
+        if embed_dim % num_heads:
+            raise ValueError(f'embed_dim {embed_dim} must be divisible by num_heads {num_heads}')
         self.block_idx, self.num_heads, self.head_dim = block_idx, num_heads, embed_dim // num_heads
         self.attn_l2_norm = attn_l2_norm
         if self.attn_l2_norm:

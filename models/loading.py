@@ -48,6 +48,11 @@ class HubDownloadError(RuntimeError):
     """A file could not be fetched from the Hugging Face Hub; the message says how to pass a local copy."""
 
 
+def _path_flag(filename: str) -> str:
+    """The command-line flag that takes a local copy of this Hub file."""
+    return '--vae_ckpt' if filename == VAE_FILENAME else '--var_ckpt'
+
+
 def hub_download(filename: str, repo_id: str = HUB_REPO_ID, cache_dir: Optional[str] = None,
                  local_files_only: bool = False) -> str:
     """Fetch one file from the Hub with huggingface_hub (its cache, its offline mode) -> local path."""
@@ -62,7 +67,7 @@ def hub_download(filename: str, repo_id: str = HUB_REPO_ID, cache_dir: Optional[
         raise HubDownloadError(
             f'could not get {filename} from the Hugging Face Hub repo {repo_id} ({type(e).__name__}: {e}).\n'
             f'If this machine is offline, download it elsewhere (https://huggingface.co/{repo_id}) and pass its '
-            f'local path (e.g. --vae_ckpt /path/to/{VAE_FILENAME}), or warm the Hub cache and set HF_HUB_OFFLINE=1.'
+            f'local path ({_path_flag(filename)} /path/to/{filename}), or warm the Hub cache and set HF_HUB_OFFLINE=1.'
         ) from e
 
 

@@ -46,8 +46,10 @@ def test_official_golden_files_load_through_the_loaders(tmp_path):
 
 
 def test_offline_hub_gives_a_clear_error(tmp_path):
-    with pytest.raises(RuntimeError, match='local path'):
+    with pytest.raises(RuntimeError, match=r'local path \(--var_ckpt /path/to/var_d16.pth\)'):
         hub_download('var_d16.pth', cache_dir=str(tmp_path), local_files_only=True)
+    with pytest.raises(RuntimeError, match=r'local path \(--vae_ckpt /path/to/vae_ch160v4096z32.pth\)'):
+        hub_download('vae_ch160v4096z32.pth', cache_dir=str(tmp_path), local_files_only=True)
     with pytest.raises(ValueError, match='released depths'):
         load_pretrained(17)
 

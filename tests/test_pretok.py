@@ -207,34 +207,49 @@ def test_training_from_tokens_equals_training_from_images(tmp_path):
     assert len(epochs[0]) == 3 and epochs[0] == epochs[1] and 'vL_tail' in epochs[0][-1]
 
 
-def test_train_refuses_a_set_it_cannot_use(tokset, tmp_path):
+def test_train_refuses_a_set_it_cannot_use(tokset, tmp_path, capsys):
+    """Each refusal is one clean message (exit code 2, no traceback) that says what to change."""
+    import re
+
     import train
+
+    def refused(argv, match):
+        assert train.main(argv) == 2
+        err = capsys.readouterr().err
+        assert re.search(match, err), err[-2000:]
+
     data, vae, out, _ = tokset
     other_vae = tmp_path / 'other.pth'
     torch.manual_seed(123)
     vae_b, _ = models.build_vae_var(device='cpu', ch_mult=(1, 1, 2, 2, 4), patch_nums=(1, 2, 3, 4), V=64, Cvae=8, ch=32,
                                     share_quant_resi=4, depth=2, num_classes=3)
     torch.save(vae_b.state_dict(), other_vae)
-    with pytest.raises(ValueError, match='made by another tokenizer'):
-        train.main(train_args(data, other_vae, tmp_path / 'a', pretok=out, ep=1))
+    refused(train_args(data, other_vae, tmp_path / 'a', pretok=out, ep=1), 'made by another tokenizer')
     znorm = tmp_path / 'znorm.pth'  # same weights, another quantiser setting: other ids, so another fingerprint
     vae_a = models.load_vae_checkpoint(vae, patch_nums=(1, 2, 3, 4))
     torch.save({'vae': vae_a.state_dict(), 'vae_config': dict(vae_a.config, using_znorm=True)}, znorm)
     vae_z = models.load_vae_checkpoint(znorm, patch_nums=(1, 2, 3, 4))
     assert vae_z.quantize.using_znorm and pretok.vae_fingerprint(vae_z) != pretok.vae_fingerprint(vae_a)
-    with pytest.raises(ValueError, match=r"settings that train.py does not build .*'using_znorm': \(True, False\)"):
-        train.main(train_args(data, znorm, tmp_path / 'z', ep=1))
-    with pytest.raises(ValueError, match=r'patch_nums \(1, 2, 3, 4\) in the set, \(1, 2, 4\) in this run'):
-        train.main(train_args(data, vae, tmp_path / 'b', pretok=out, pn='1_2_4', ep=1))
-    with pytest.raises(FileNotFoundError, match='written by pretokenize.py'):
-        train.main(train_args(data, vae, tmp_path / 'c', pretok=tmp_path / 'nothing', ep=1))
+    refused(train_args(data, znorm, tmp_path / 'z', ep=1),
+            r"settings that train.py does not build .*'using_znorm': \(True, False\)")
+    refused(train_args(data, vae, tmp_path / 'b', pretok=out, pn='1_2_4', ep=1),
+            r'patch_nums \(1, 2, 3, 4\) in the set, \(1, 2, 4\) in this run')
+    refused(train_args(data, vae, tmp_path / 'c', pretok=tmp_path / 'nothing', ep=1), 'written by pretokenize.py')
     no_flip = tmp_path / 'noflip'
     no_flip.mkdir()
     meta = pretok.read_meta(str(out))
     meta['splits']['train']['n_variants'] = 1
     pretok.write_meta(str(no_flip), meta)
-    with pytest.raises(ValueError, match='re-run pretokenize.py with --hflip=1'):
-        train.main(train_args(data, vae, tmp_path / 'd', pretok=no_flip, hflip=1, ep=1))
+    refused(train_args(data, vae, tmp_path / 'd', pretok=no_flip, hflip=1, ep=1),
+            're-run pretokenize.py with --hflip=1')
+    refused(train_args(tmp_path / 'no_such_folder', vae, tmp_path / 'e', ep=1), 'no_such_folder does not exist')
+    refused(train_args(data, vae, tmp_path / 'f', ep=1, depth=3, width=64), r'--width=64 must be a multiple')
+    refused(train_args(data, vae, tmp_path / 'g', ep=1, flex=1), r'--flex 1 needs a CUDA device')
+    # resuming in the folder of a run of another configuration names the differing flags
+    assert train.main(train_args(data, vae, tmp_path / 'h', ep=1)) == 0
+    capsys.readouterr()
+    refused(train_args(data, vae, tmp_path / 'h', ep=2, width=128),
+            r"belongs to a run of another configuration.*'width': \(64, 128\)")
 
 
 def test_loader_workers_read_the_same_batches(tokset):

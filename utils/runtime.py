@@ -1,10 +1,11 @@
 """Process-level run set-up shared by the trainers: seeds, TF32, the device of this rank, per-rank generators, and
 the graceful stop on SIGINT / SIGTERM."""
+import contextlib
 import random
 import signal
 import sys
 import threading
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -110,6 +111,20 @@ class GracefulStop:
             return self.flag
         t = torch.tensor([1.0 if self.flag else 0.0], device=self.device)
         return dist.allreduce(t, op='max').item() > 0
+
+
+class ConfigError(Exception):
+    """The run's set-up is wrong (a path, a flag, a checkpoint of another run): `main` prints the message alone, with
+    no traceback, and exits with code 2."""
+
+
+@contextlib.contextmanager
+def user_errors(*types: type) -> Iterator[None]:
+    """Errors of these types raised inside come from the user's set-up: re-raised as ConfigError."""
+    try:
+        yield
+    except types as e:
+        raise ConfigError(str(e)) from e
 
 
 class StopTraining(Exception):
