@@ -114,6 +114,10 @@ class Run:
                 self.num_classes, train_set, val_set = build_dataset(args.data_path, cfg.data_load_reso, args.hflip,
                                                                      args.mid_reso)
         self.train_set = train_set
+        names = ', '.join(f'{i}: {c}' for i, c in enumerate(train_set.classes[:5]))
+        self.console.info(f'[data] {len(train_set.classes)} classes, ids in sorted folder order ({names}'
+                          f'{", ..." if len(train_set.classes) > 5 else ""}); the checkpoint keeps the list as '
+                          f"'class_names'")
         if cfg.workers == 0 and not args.pretok and len(train_set) > 50_000:
             self.console.warn(f'--workers=0 (the official default): {len(train_set)} images will be decoded and '
                               f'resized in the training process itself; pass e.g. --workers=8 (per process)')
@@ -230,7 +234,8 @@ class Run:
         epoch, it, rng = self.cut_cycle.resume_point(epoch, it, trainer_state)
         state = {'epoch': epoch, 'iter': it, 'trainer': trainer_state, 'args': vars(self.args),
                  'derived': dataclasses.asdict(self.cfg), 'best': dict(self.best),
-                 'model_config': dict(getattr(self.var_wo_ddp, 'build_config', {})), 'vae_config': self.vae_cfg}
+                 'model_config': dict(getattr(self.var_wo_ddp, 'build_config', {})), 'vae_config': self.vae_cfg,
+                 'class_names': list(self.train_set.classes)}  # class id i is folder class_names[i]
         save_run_checkpoint(state, self.cfg.out_dir, LAST_NAME, BEST_NAME, best_updated, rng=rng)
 
     def fit(self) -> None:

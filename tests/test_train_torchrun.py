@@ -20,6 +20,8 @@ def test_torchrun_two_processes_train_checkpoint_log_and_resume(tmp_path):
     ckpt = load_checkpoint(str(ref_out / 'ar-ckpt-last.pth'))
     assert (ckpt['epoch'], ckpt['iter']) == (3, 0) and len(ckpt['rng']) == 2  # one RNG state per rank
     assert ckpt['derived']['batch_size'] == 4 and ckpt['derived']['world_size'] == 2
+    assert ckpt['class_names'] == sorted(p.name for p in (data / 'train').iterdir())  # id i = i-th sorted folder
+    assert '3 classes, ids in sorted folder order (0: ' in ref.stdout
     assert (ref_out / 'ar-ckpt-best.pth').exists()
     records = [json.loads(line) for line in (ref_out / 'log.txt').read_text().splitlines()]
     assert records[0]['is_master'] and [r['ep'] for r in records[1:]] == [1, 2, 3] and 'vL_tail' in records[-1]
