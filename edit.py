@@ -23,6 +23,7 @@ from typing import List
 import torch
 
 import editing
+from models.helpers import check_sampling_settings
 
 
 def parse_box(text: str) -> List[float]:
@@ -40,20 +41,21 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--image', required=True, help='input image file (any format PIL reads)')
     p.add_argument('--mode', choices=editing.MODES, default='inpaint',
                    help='inpaint: regenerate the region; outpaint: keep it, regenerate around it; '
-                        'class-edit: regenerate it conditioned on --class_label')
+                        'class-edit: regenerate it conditioned on --class_label (default: %(default)s)')
     region = p.add_mutually_exclusive_group()
     region.add_argument('--box', type=parse_box, default=None,
-                        help='y0,x0,y1,x1 in [0,1] of the centre-cropped square (default 0.1,0.1,0.8,0.8)')
+                        help='y0,x0,y1,x1 in [0,1] of the centre-cropped square (default: 0.1,0.1,0.8,0.8)')
     region.add_argument('--mask', default=None, help='mask image, white = the region; the size of the input image '
                                                      'or of the model resolution')
     p.add_argument('--mask_threshold', type=float, default=editing.DEFAULT_MASK_THRESHOLD,
-                   help='a token is in a --mask region when this fraction of its pixels are')
+                   help='a token is in a --mask region when this fraction of its pixels are (default: %(default)s)')
     p.add_argument('--class_label', type=int, default=None,
                    help='class to condition on (required for class-edit; default: unconditional)')
-    p.add_argument('--out_dir', default='edits', help='folder for the PNGs (created)')
+    p.add_argument('--out_dir', default='edits', help='folder for the PNGs, created if needed (default: %(default)s)')
     p.add_argument('--prefix', default=None, help='file name prefix (default: IMAGE-STEM_MODE)')
     g = p.add_argument_group('model')
-    g.add_argument('--depth', type=int, default=36, help='released model: 36 (512 px) or 16, 20, 24, 30 (256 px)')
+    g.add_argument('--depth', type=int, default=36, help='released model: 36 (512 px) or 16, 20, 24, 30 (256 px) '
+                                                         '(default: %(default)s)')
     g.add_argument('--vae_ckpt', default=None, help='local vae_ch160v4096z32.pth (default: from the Hub)')
     g.add_argument('--var_ckpt', default=None, help='local var_d{depth}.pth (default: from the Hub)')
     g.add_argument('--ckpt', default=None, help="a checkpoint of this project's train.py (instead of the official "
@@ -62,15 +64,21 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument('--local_files_only', action='store_true', help='never touch the network')
     g.add_argument('--device', default=None, help='default: cuda when available, else cpu')
     g = p.add_argument_group('sampling (defaults: the official editing notebook)')
-    g.add_argument('-n', '--num_samples', type=int, default=1, help='number of variations')
-    g.add_argument('--seed', type=int, default=editing.DEFAULT_SEED, help='variation i uses seed + i')
-    g.add_argument('--cfg', type=float, default=editing.DEFAULT_CFG)
-    g.add_argument('--top_k', type=int, default=editing.DEFAULT_TOP_K)
-    g.add_argument('--top_p', type=float, default=editing.DEFAULT_TOP_P)
+    g.add_argument('-n', '--num_samples', type=int, default=1, help='number of variations (default: %(default)s)')
+    g.add_argument('--seed', type=int, default=editing.DEFAULT_SEED,
+                   help='variation i uses seed + i (default: %(default)s)')
+    g.add_argument('--cfg', type=float, default=editing.DEFAULT_CFG,
+                   help='classifier-free guidance, >= 0; no effect without a class (default: %(default)s)')
+    g.add_argument('--top_k', type=int, default=editing.DEFAULT_TOP_K,
+                   help='keep the k most likely tokens, 0 = all (default: %(default)s)')
+    g.add_argument('--top_p', type=float, default=editing.DEFAULT_TOP_P,
+                   help='nucleus sampling mass in [0, 1], 0 = off (default: %(default)s)')
     g.add_argument('--more_smooth', type=int, choices=(0, 1), default=int(editing.DEFAULT_MORE_SMOOTH),
-                   help='Gumbel soft codes (1, as the notebook) or sampled ids (0)')
-    g.add_argument('--fp16', type=int, choices=(0, 1, 2), default=1, help='CUDA autocast: 0 fp32, 1 fp16, 2 bf16')
-    g.add_argument('--tf32', type=int, choices=(0, 1), default=1, help='CUDA: allow TF32 matmuls and convolutions')
+                   help='Gumbel soft codes (1, as the notebook) or sampled ids (0) (default: %(default)s)')
+    g.add_argument('--fp16', type=int, choices=(0, 1, 2), default=1,
+                   help='CUDA autocast: 0 fp32, 1 fp16, 2 bf16 (default: %(default)s)')
+    g.add_argument('--tf32', type=int, choices=(0, 1), default=1,
+                   help='CUDA: allow TF32 matmuls and convolutions (default: %(default)s)')
     return p
 
 
@@ -88,6 +96,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f'error: --num_samples must be at least 1, got {args.num_samples}')
     if not 0 < args.mask_threshold <= 1:
         raise SystemExit(f'error: --mask_threshold must lie in (0, 1], got {args.mask_threshold:g}')
+    try:
+        check_sampling_settings(args.cfg, args.top_k, args.top_p)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
     try:
         editing.read_image(args.image, what='--image')
         if args.mask is not None:
@@ -125,12 +137,13 @@ def main(args: argparse.Namespace) -> List[str]:
 
     os.makedirs(args.out_dir, exist_ok=True)
     prefix = args.prefix or f'{os.path.splitext(os.path.basename(args.image))[0]}_{args.mode}'
-    paths = []
-    for i, img_3HW in enumerate(result.images_n3HW):
-        paths.append(os.path.join(args.out_dir, f'{prefix}_{i}.png'))
-        editing.to_pil(img_3HW).save(paths[-1])
+    images = [editing.to_pil(img_3HW) for img_3HW in result.images_n3HW] + [result.strip()]
+    paths = [os.path.join(args.out_dir, f'{prefix}_{i}.png') for i in range(len(images) - 1)]
     paths.append(os.path.join(args.out_dir, f'{prefix}_strip.png'))
-    result.strip().save(paths[-1])
+    for img, path in zip(images, paths):
+        if os.path.exists(path):
+            print(f'replacing {path}')
+        img.save(path)
     kept = int(result.keep_mask_hw.gt(0.5).sum())
     pn = var.patch_nums[-1]
     label = 'unconditional' if result.label == var.num_classes else f'class {result.label}'

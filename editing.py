@@ -135,12 +135,17 @@ def mask_region(mask: ImageSource, patch_nums: Sequence[int], image_size: Tuple[
 
 
 def keep_mask_for(region_hw: torch.Tensor, mode: str) -> torch.Tensor:
-    """Region map -> keep mask (1 = keep the input's token) for `mode`; an empty region is an error."""
+    """Region map -> keep mask (1 = keep the input's token) for `mode`. A region that is empty or covers every token is
+    an error: the keep mask would keep all of the input's tokens (nothing is edited) or none (nothing is kept)."""
     if mode not in MODES:
         raise ValueError(f'mode must be one of {", ".join(MODES)}, got {mode!r}')
+    grid = f'the model\'s {region_hw.shape[0]}x{region_hw.shape[1]} token grid (each token covers 16x16 pixels)'
     if not bool(region_hw.gt(0.5).any()):
-        raise ValueError(f'the region is empty at the model\'s {region_hw.shape[0]}x{region_hw.shape[1]} token grid '
-                         '(each token covers 16x16 pixels): draw a larger box or mask')
+        raise ValueError(f'the region is empty at {grid}: draw a larger box or mask')
+    if bool(region_hw.gt(0.5).all()):
+        effect = ('outpaint would keep every token and return the input unedited' if mode == 'outpaint'
+                  else f'{mode} would regenerate the whole image instead of editing it')
+        raise ValueError(f'the region covers the whole image at {grid}: {effect}; draw a smaller box or mask')
     return region_hw.clone() if mode == 'outpaint' else 1 - region_hw
 
 

@@ -172,12 +172,18 @@ def precision_recall(real_ND: np.ndarray, fake_ND: np.ndarray, k: int = PR_NEIGH
 
 
 def check_image_sets(samples: str, ref: str) -> None:
-    """Raise ImageSetError unless both sets are readable uint8 (N, H, W, 3) images of one resolution."""
+    """Raise ImageSetError unless both sets are readable uint8 (N, H, W, 3) images of one resolution, each with enough
+    images for precision/recall; from the headers only, before any feature is extracted."""
     ref_shape, _ = open_image_set(ref, 1)
     sample_shape, _ = open_image_set(samples, 1)
     if sample_shape[1:3] != ref_shape[1:3]:
         raise ImageSetError(f'{samples} holds {sample_shape[1]}x{sample_shape[2]} images but {ref} holds '
                             f'{ref_shape[1]}x{ref_shape[2]}: compare samples with the reference of their resolution')
+    for path, shape in ((samples, sample_shape), (ref, ref_shape)):
+        if shape[0] <= PR_NEIGHBOURHOOD:
+            raise ImageSetError(f'{path} holds {shape[0]} image(s); precision/recall with k={PR_NEIGHBOURHOOD} needs '
+                                f'at least {PR_NEIGHBOURHOOD + 1} on each side (the published numbers use 50,000 '
+                                f'samples)')
 
 
 def stored_statistics(ref: str) -> Optional[Tuple[np.ndarray, np.ndarray]]:
@@ -211,11 +217,13 @@ def evaluate(samples: str, ref: str, net: FeatureNet, batch_size: int = 100, dev
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--samples', required=True, help='samples: .npz (arr_0 uint8 NxHxWx3) or a folder of PNGs')
-    p.add_argument('--ref', required=True, help='reference batch .npz, e.g. VIRTUAL_imagenet256_labeled.npz')
+    p.add_argument('--ref', required=True, help='reference batch .npz (arr_0 uint8 NxHxWx3, optionally mu/sigma), e.g. '
+                                                'VIRTUAL_imagenet256_labeled.npz')
     p.add_argument('--inception_weights', default=None,
                    help=f'local copy of {INCEPTION_URL} (default: torch-fidelity downloads it on first use)')
-    p.add_argument('--batch_size', type=int, default=100)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--batch_size', type=int, default=100, help='images per forward pass (default: %(default)s)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='where the Inception network runs (default: %(default)s)')
     p.add_argument('--recompute_ref_stats', action='store_true',
                    help="recompute the reference's FID statistics from its images instead of using its stored mu/sigma")
     p.add_argument('--out', default=None, help='also write the metrics to this JSON file')

@@ -7,6 +7,7 @@ batch, and the writer appends batches to it. `np.load(path)['arr_0']` reads what
 Everything here is uint8 NHWC numpy (the legend: N images, H, W pixels, 3 RGB channels).
 """
 import glob
+import io
 import os
 import zipfile
 from typing import Iterable, Iterator, List, Tuple
@@ -16,6 +17,9 @@ from PIL import Image
 
 NPZ_KEY = 'arr_0'
 EVAL_ORDER_SEED = 0
+# What error messages say an image .npz should be.
+EXPECTED_NPZ = (f'Expected an .npz whose "{NPZ_KEY}" holds uint8 images (N, H, W, 3), as sample.py writes them and '
+                'as OpenAI\'s reference batches (e.g. VIRTUAL_imagenet256_labeled.npz) hold them')
 # A fixed timestamp for the zip member, so that the same images always give the same bytes (np.savez stamps "now").
 _ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 
@@ -40,9 +44,15 @@ def _check_shape_NHW3(shape: Tuple[int, ...], dtype: np.dtype, where: str) -> No
 
 def _open_npz_member(zf: zipfile.ZipFile, path: str):
     name = NPZ_KEY + '.npy'
-    if name not in zf.namelist():
-        raise ImageSetError(f'{path}: no "{NPZ_KEY}" array (entries: {[n[:-4] for n in zf.namelist()]})')
-    return zf.open(name)
+    names = zf.namelist()
+    if name in names:
+        return zf.open(name)
+    arrays = [n[:-4] for n in names if n.endswith('.npy')]
+    if not arrays:  # another kind of zip, e.g. a torch.save file: its entries mean nothing to the user
+        raise ImageSetError(f'{path} is not a .npz of images or of reference statistics: it is a zip archive without '
+                            f'any .npy array (a torch.save file?). {EXPECTED_NPZ}')
+    shown = arrays[:8] + (['...'] if len(arrays) > 8 else [])
+    raise ImageSetError(f'{path}: no "{NPZ_KEY}" array (arrays: {shown}). {EXPECTED_NPZ}')
 
 
 def _read_npy_header(f, path: str) -> Tuple[Tuple[int, ...], np.dtype]:
@@ -157,9 +167,35 @@ def read_png(path: str) -> np.ndarray:
 
 def save_png(img_HW3: np.ndarray, path: str) -> None:
     """Save a uint8 (H, W, 3) image as PNG atomically, so that a killed run never leaves a half-written file."""
+    save_image(img_HW3, path, 'PNG')
+
+
+def save_image(img_HW3: np.ndarray, path: str, fmt: str) -> None:
+    """Save a uint8 (H, W, 3) image atomically in the PIL format `fmt` (see `image_format`)."""
     tmp = f'{path}.tmp{os.getpid()}'  # not *.png, so that no reader ever globs a half-written image
-    Image.fromarray(img_HW3).save(tmp, format='PNG')
+    Image.fromarray(img_HW3).save(tmp, format=fmt)
     os.replace(tmp, path)
+
+
+def image_format(path: str) -> str:
+    """The PIL format that the extension of `path` names ('PNG' for a name without one); ValueError when PIL cannot
+    write an RGB image in it."""
+    ext = os.path.splitext(path)[1].lower()
+    if not ext:
+        return 'PNG'
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None:
+        raise ValueError(f'{ext} is not an image extension that PIL knows; use .png (or e.g. .jpg, .webp)')
+    try:  # the real test: some formats are read-only, or take no RGB images
+        Image.new('RGB', (1, 1)).save(io.BytesIO(), format=fmt)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f'PIL cannot write RGB images as {fmt} ({ext}); use .png (or e.g. .jpg, .webp)') from e
+    return fmt
+
+
+def is_image_path(path: str) -> bool:
+    """Whether the extension of `path` is one of PIL's image extensions (.png, .jpg, ...)."""
+    return os.path.splitext(path)[1].lower() in Image.registered_extensions()
 
 
 def iter_png_images(files: List[str], batch_size: int) -> Iterator[np.ndarray]:

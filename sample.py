@@ -1,6 +1,6 @@
 # Implements the sampling protocol of VAR (arXiv 2404.02905), section 5: class-conditional samples with CFG, top-k and
 # top-p, and the 50,000-image ImageNet export (50 per class, PNG + OpenAI .npz) behind its FID/IS numbers.
-"""Sample images from VAR: a PNG grid, or the distributed FID export.
+"""Sample images from VAR: a grid image, or the distributed FID export.
 
 Grid (one image per listed class; repeat a class for more):
     python sample.py --depth 16 --classes 980,980,437,437,22,22,562,562 --cfg 4 --top_k 900 --top_p 0.95 --seed 0 \
@@ -33,8 +33,9 @@ from tqdm import tqdm
 
 import dist
 import models
-from image_batches import (ImageSetError, UnreadablePNG, evaluation_order, iter_png_images, npz_image_shape,
-                           npz_tmp_path, save_png, write_npz_images)
+from image_batches import (ImageSetError, UnreadablePNG, evaluation_order, image_format, is_image_path,
+                           iter_png_images, npz_image_shape, npz_tmp_path, save_image, save_png, write_npz_images)
+from models.helpers import check_sampling_settings
 from models.loading import HUB_REPO_ID, VAE_FILENAME
 from rejection import load_classifier, sample_best_of
 
@@ -77,6 +78,11 @@ def sample_uint8(var: models.VAR, labels: Sequence[int], seeds: Sequence[int], a
                                                 top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth,
                                                 **fast)
     return to_uint8_BHW3(img_B3HW)
+
+
+def progress_bar(total: int) -> tqdm:
+    """A bar over `total` images with an ETA, on the first process only."""
+    return tqdm(total=total, unit='img', desc='sampling', disable=not dist.is_master(), file=sys.stdout)
 
 
 def sample_items(var: models.VAR, items: Sequence[Tuple[int, int]], args: argparse.Namespace,
@@ -134,19 +140,24 @@ def check_classes(classes: Sequence[int], num_classes: int) -> None:
 
 # --------------------------------------------------------------------------------------------------------------- grid
 def run_grid(args: argparse.Namespace, var: models.VAR, classifier: Optional[torch.nn.Module]) -> None:
-    """One image per listed class (the k-th repeat of a class is its image k), tiled --nrow per row into --out."""
+    """One image per listed class (the k-th repeat of a class is its image k), tiled --nrow per row into --out, in the
+    format its extension names (PNG without one)."""
     seen: Dict[int, int] = {}
     items = []
     for c in args.classes:
         items.append((c, seen.get(c, 0)))
         seen[c] = seen.get(c, 0) + 1
-    imgs = np.concatenate([sample_items(var, items[s:s + args.bs], args, classifier)
-                           for s in range(0, len(items), args.bs)])
+    batches = []
+    with progress_bar(len(items)) as bar:
+        for s in range(0, len(items), args.bs):
+            batches.append(sample_items(var, items[s:s + args.bs], args, classifier))
+            bar.update(len(batches[-1]))
+    imgs = np.concatenate(batches)
     grid_3HW = make_grid(torch.from_numpy(imgs).permute(0, 3, 1, 2), nrow=args.nrow, padding=2, pad_value=255)
     if os.path.exists(args.out):
         print(f'replacing {args.out}')
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    save_png(grid_3HW.permute(1, 2, 0).numpy(), args.out)
+    save_image(grid_3HW.permute(1, 2, 0).numpy(), args.out, image_format(args.out))
     print(f'wrote {args.out} ({len(items)} images)')
 
 
@@ -230,7 +241,7 @@ def run_fid(args: argparse.Namespace, var: models.VAR, classifier: Optional[torc
     if rank == 0:
         print(f'{n_done} of {len(items)} images already on disk; {len(plan)} chunks of '
               f'<= {args.bs} to draw on {world} process(es)', flush=True)
-    bar = tqdm(total=sum(map(len, mine)), unit='img', desc='sampling', disable=rank != 0, file=sys.stdout)
+    bar = progress_bar(sum(map(len, mine)))
     for chunk in mine:
         imgs = sample_items(var, chunk, args, classifier)
         for (c, i), img in zip(chunk, imgs):
@@ -274,10 +285,12 @@ def parse_classes(text: str) -> List[int]:
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--mode', choices=('grid', 'fid'), default='grid')
-    p.add_argument('--out', required=True, help='grid: the PNG file; fid: the folder for the PNGs')
+    p.add_argument('--mode', choices=('grid', 'fid'), default='grid',
+                   help='grid: one image per --classes entry; fid: the per-class export (default: %(default)s)')
+    p.add_argument('--out', required=True, help='grid: the image file (.png; .jpg, .webp ... save in that format); '
+                                                'fid: the folder for the PNGs')
     g = p.add_argument_group('model')
-    g.add_argument('--depth', type=int, default=16, help='released model: 16, 20, 24, 30 or 36')
+    g.add_argument('--depth', type=int, default=16, help='released model: 16, 20, 24, 30 or 36 (default: %(default)s)')
     g.add_argument('--vae_ckpt', default=None, help='local vae_ch160v4096z32.pth (default: from the Hub)')
     g.add_argument('--var_ckpt', default=None, help='local var_d{depth}.pth (default: from the Hub)')
     g.add_argument('--ckpt', default=None, help="a checkpoint of this project's train.py (instead of the above)")
@@ -285,23 +298,30 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument('--local_files_only', action='store_true', help='never touch the network')
     g = p.add_argument_group('sampling (defaults: the official FID settings)')
     g.add_argument('--classes', type=parse_classes, default=None, help='e.g. 980,437,22,562 (fid default: all)')
-    g.add_argument('--cfg', type=float, default=1.5)
-    g.add_argument('--top_k', type=int, default=900)
-    g.add_argument('--top_p', type=float, default=0.96)
-    g.add_argument('--more_smooth', type=int, choices=(0, 1), default=0, help='Gumbel soft codes (demos only)')
-    g.add_argument('--seed', type=int, default=0)
-    g.add_argument('--per_class', type=int, default=50, help='fid: images per class')
-    g.add_argument('--bs', type=int, default=25, help='images per forward pass and process')
-    g.add_argument('--nrow', type=int, default=8, help='grid: images per row')
+    g.add_argument('--cfg', type=float, default=1.5, help='classifier-free guidance, >= 0 (default: %(default)s)')
+    g.add_argument('--top_k', type=int, default=900,
+                   help='keep the k most likely tokens, 0 = all (default: %(default)s)')
+    g.add_argument('--top_p', type=float, default=0.96,
+                   help='nucleus sampling mass in [0, 1], 0 = off (default: %(default)s)')
+    g.add_argument('--more_smooth', type=int, choices=(0, 1), default=0,
+                   help='Gumbel soft codes (demos only) (default: %(default)s)')
+    g.add_argument('--seed', type=int, default=0, help="the base of every image's own seed (default: %(default)s)")
+    g.add_argument('--per_class', type=int, default=50, help='fid: images per class (default: %(default)s)')
+    g.add_argument('--bs', type=int, default=25, help='images per forward pass and process (default: %(default)s)')
+    g.add_argument('--nrow', type=int, default=8, help='grid: images per row (default: %(default)s)')
     g.add_argument('--npz', default=None, help='fid: the .npz to write (default: OUT.npz beside the folder)')
-    g.add_argument('--fp16', type=int, choices=(0, 1, 2), default=1, help='CUDA autocast: 0 fp32, 1 fp16, 2 bf16')
-    g.add_argument('--tf32', type=int, choices=(0, 1), default=1, help='CUDA: allow TF32 matmuls and convolutions')
+    g.add_argument('--fp16', type=int, choices=(0, 1, 2), default=1,
+                   help='CUDA autocast: 0 fp32, 1 fp16, 2 bf16 (default: %(default)s)')
+    g.add_argument('--tf32', type=int, choices=(0, 1), default=1,
+                   help='CUDA: allow TF32 matmuls and convolutions (default: %(default)s)')
     g.add_argument('--fast', type=int, choices=(0, 1), default=0,
-                   help='CUDA: torch.compile + CUDA graphs + partial-sort top-p (see benchmarks/; first batch compiles)')
+                   help='CUDA: torch.compile + CUDA graphs + partial-sort top-p (see benchmarks/; first batch '
+                        'compiles) (default: %(default)s)')
     g = p.add_argument_group('classifier rejection sampling (off by default)')
     g.add_argument('--classifier_ckpt', default=None, help='torchvision ImageNet classifier state dict (.pth)')
-    g.add_argument('--classifier_arch', default='resnet50', help='torchvision model name of that state dict')
-    g.add_argument('--rej_candidates', type=int, default=4, help='images drawn per kept image')
+    g.add_argument('--classifier_arch', default='resnet50',
+                   help='torchvision model name of that state dict (default: %(default)s)')
+    g.add_argument('--rej_candidates', type=int, default=4, help='images drawn per kept image (default: %(default)s)')
     return p
 
 
@@ -323,6 +343,30 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit('error: --classes lists a class twice; in fid mode use --per_class for more images')
     if min(args.bs, args.per_class, args.nrow, args.rej_candidates) < 1:
         raise SystemExit('error: --bs, --per_class, --nrow and --rej_candidates must be positive')
+    check_sampling_args(args)
+    check_out(args)
+
+
+def check_sampling_args(args: argparse.Namespace) -> None:
+    try:
+        check_sampling_settings(args.cfg, args.top_k, args.top_p)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
+
+
+def check_out(args: argparse.Namespace) -> None:
+    """grid: --out must end in an image extension PIL writes (or none: PNG); fid: it names a folder, not a file."""
+    if args.mode == 'grid':
+        try:
+            image_format(args.out)
+        except ValueError as e:
+            raise SystemExit(f'error: --out {args.out}: {e}') from e
+        return
+    folder = args.out.rstrip('/\\')
+    if (is_image_path(folder) or folder.lower().endswith('.npz')) and not os.path.isdir(folder):
+        stem = os.path.splitext(folder)[0]
+        raise SystemExit(f'error: --out {args.out}: in fid mode --out names the folder for the PNGs (OUT.npz goes '
+                         f'beside it), not an image or .npz file; use e.g. --out {stem}')
 
 
 def main(args: argparse.Namespace) -> None:

@@ -16,6 +16,16 @@ import torch.nn.functional as F
 RNG = Union[None, torch.Generator, Sequence[torch.Generator]]
 
 
+def check_sampling_settings(cfg: float, top_k: int, top_p: float) -> None:
+    """ValueError unless cfg >= 0, top_k >= 0 and top_p in [0, 1] (0 turns either filter off)."""
+    if not cfg >= 0:  # NaN too
+        raise ValueError(f'--cfg must be >= 0 (0 = no guidance), got {cfg:g}')
+    if top_k < 0:
+        raise ValueError(f'--top_k must be >= 0 (0 = no top-k filter), got {top_k}')
+    if not 0 <= top_p <= 1:
+        raise ValueError(f'--top_p must lie in [0, 1] (0 = no top-p filter), got {top_p:g}')
+
+
 def _is_per_row(rng: RNG) -> bool:
     return rng is not None and not isinstance(rng, torch.Generator)
 

@@ -2,6 +2,7 @@
 round trip, per-variation seeds, the CLI on a real photo, and clear errors for bad input. CPU only."""
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -242,6 +243,10 @@ def test_bad_inputs_raise_clear_errors(tmp_path, models_pair, photo):
         editing.zero_shot_edit(vae, var, photo, box=(0.0, 0.0, 0.1, 0.1))
     with pytest.raises(ValueError, match='region is empty'):
         editing.zero_shot_edit(vae, var, photo, mask=np.zeros((64, 64), np.uint8))
+    for mode, effect in (('outpaint', 'keep every token and return the input unedited'),
+                         ('inpaint', 'regenerate the whole image')):
+        with pytest.raises(ValueError, match=f'region covers the whole image at .* 4x4 token grid .*{effect}'):
+            editing.zero_shot_edit(vae, var, photo, mode=mode, mask=np.full((64, 64), 255, np.uint8))
     with pytest.raises(ValueError, match='box: expected 0 <= y0 < y1 <= 1'):
         editing.zero_shot_edit(vae, var, photo, box=(0.5, 0.1, 0.2, 0.9))
     with pytest.raises(ValueError, match=r'class_label 10 is out of range: this model has classes 0\.\.9'):
@@ -303,6 +308,9 @@ def test_cli_bad_inputs_exit_with_a_message(tmp_path, tiny_ckpt, photo):
         (['--mode', 'class-edit', '--class_label', '10'], 'class_label 10 is out of range'),
         (['--ckpt', tmp_path / 'nope.pth'], '--ckpt'),
         (['-n', '0'], '--num_samples must be at least 1'),
+        (['--top_p', '1.5'], '--top_p must lie in [0, 1] (0 = no top-p filter), got 1.5'),
+        (['--top_k', '-1'], '--top_k must be >= 0 (0 = no top-k filter), got -1'),
+        (['--cfg', '-1'], '--cfg must be >= 0 (0 = no guidance), got -1'),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit) as exc:
@@ -310,3 +318,31 @@ def test_cli_bad_inputs_exit_with_a_message(tmp_path, tiny_ckpt, photo):
         if message is not None:
             assert message in str(exc.value), (extra, str(exc.value))
     assert not (tmp_path / 'out').exists()  # nothing is written on failure
+
+
+def test_cli_refuses_a_region_that_keeps_every_token_or_none(tmp_path, tiny_ckpt, photo):
+    image = tmp_path / 'cat.png'
+    photo.save(image)
+    for mode, effect in (('outpaint', 'outpaint would keep every token and return the input unedited'),
+                         ('inpaint', 'inpaint would regenerate the whole image instead of editing it'),
+                         ('class-edit', 'class-edit would regenerate the whole image')):
+        with pytest.raises(SystemExit, match=f'^error: the region covers the whole image .*{effect}'):
+            _cli('--ckpt', tiny_ckpt, '--image', image, '--mode', mode, '--class_label', 1, '--box', '0,0,1,1',
+                 '--out_dir', tmp_path / 'out')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_cli_says_which_files_it_replaces(tmp_path, tiny_ckpt, photo, capsys):
+    image = tmp_path / 'cat.png'
+    photo.save(image)
+    argv = ['--ckpt', tiny_ckpt, '--image', image, '--out_dir', tmp_path / 'out', '--prefix', 'x']
+    paths = _cli(*argv, '-n', 2)
+    assert 'replacing' not in capsys.readouterr().out
+    _cli(*argv, '-n', 1)
+    replaced = re.findall(r'^replacing (.*)$', capsys.readouterr().out, re.M)
+    assert replaced == [paths[0], paths[2]]  # x_0.png and the strip; x_1.png is left as it was
+
+
+def test_help_shows_the_defaults():
+    from train_fixtures import assert_help_shows_defaults
+    assert_help_shows_defaults(edit.get_parser(), {'--cfg': 3.0, '--top_k': 900, '--top_p': 0.95, '--more_smooth': 1, '--depth': 36})

@@ -280,6 +280,47 @@ def test_bad_inputs_other(tmp_path):
         evaluate.extract_features(str(tmp_path / 'mixed'), StandInFeatures())
 
 
+def _main_args(samples, ref):
+    return evaluate.get_parser().parse_args(['--samples', str(samples), '--ref', str(ref), '--device', 'cpu'])
+
+
+def _no_network(weights_path):
+    raise AssertionError('the feature network must not be built for inputs that cannot be evaluated')
+
+
+@pytest.mark.parametrize('n_fake, n_ref, short', [(12, 3, 'ref.npz'), (3, 12, 'fake.npz'), (1, 12, 'fake.npz')])
+def test_too_few_images_fail_before_any_feature_extraction(tmp_path, monkeypatch, n_fake, n_ref, short):
+    np.savez(tmp_path / 'fake.npz', arr_0=_images(n_fake, 1))
+    np.savez(tmp_path / 'ref.npz', arr_0=_images(n_ref, 0))
+    monkeypatch.setattr(evaluate, 'InceptionFeatures', _no_network)
+    n = min(n_fake, n_ref)
+    match = rf'^error: \S*{short} holds {n} image\(s\); precision/recall with k=3 needs at least 4 on each side'
+    with pytest.raises(SystemExit, match=match):
+        evaluate.main(_main_args(tmp_path / 'fake.npz', tmp_path / 'ref.npz'))
+
+    def net(img_B3HW):
+        raise AssertionError('no feature extraction for inputs that cannot be evaluated')
+    with pytest.raises(ImageSetError, match=f'{short} holds {n} image'):
+        evaluate.evaluate(str(tmp_path / 'fake.npz'), str(tmp_path / 'ref.npz'), net)
+
+
+def test_a_zip_that_is_no_npz_is_named_plainly(tmp_path, monkeypatch):
+    torch.save({'weight': torch.zeros(3), 'bias': torch.zeros(3)}, tmp_path / 'ref.pt')  # a zip, not an .npz
+    np.savez(tmp_path / 'fake.npz', arr_0=_images(12, 1))
+    monkeypatch.setattr(evaluate, 'InceptionFeatures', _no_network)
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(_main_args(tmp_path / 'fake.npz', tmp_path / 'ref.pt'))
+    message = str(exc.value)
+    assert message.startswith(f'error: {tmp_path / "ref.pt"} is not a .npz of images or of reference statistics')
+    assert 'Expected an .npz whose "arr_0" holds uint8 images (N, H, W, 3)' in message
+    assert 'archive/' not in message and 'data.pkl' not in message and '\n' not in message  # no zip internals
+
+
+def test_help_shows_the_defaults():
+    from train_fixtures import assert_help_shows_defaults
+    assert_help_shows_defaults(evaluate.get_parser(), {'--batch_size': 100})
+
+
 def test_inception_offline_gives_clear_error(tmp_path, monkeypatch):
     tf_inception = pytest.importorskip('torch_fidelity.feature_extractor_inceptionv3')
 

@@ -1,6 +1,7 @@
 """sample.py on a tiny 64px model: grids, the FID export (1 vs 2 real processes, a real kill and restart), classifier
 rejection, and clear errors for bad input. CPU only."""
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -65,6 +66,11 @@ def _pngs(folder):
     return {n: (folder / n).read_bytes() for n in sorted(os.listdir(folder)) if n.endswith('.png')}
 
 
+def test_help_shows_the_defaults():
+    from train_fixtures import assert_help_shows_defaults
+    assert_help_shows_defaults(sample.get_parser(), {'--cfg': 1.5, '--top_k': 900, '--top_p': 0.96, '--more_smooth': 0, '--per_class': 50})
+
+
 def test_image_seed_is_a_pure_function():
     seeds = {sample.image_seed(0, c, i, k) for c in range(10) for i in range(10) for k in range(3)}
     assert len(seeds) == 300 and all(0 <= s < 2 ** 63 for s in seeds)
@@ -83,6 +89,24 @@ def test_grid_png_matches_fid_images(tiny_ckpt, tmp_path):
     assert np.array_equal(grid[2:66, 68:132], np.asarray(Image.open(tmp_path / 'fid' / '0003_00001.png')))
     assert not np.array_equal(grid[2:66, 2:66], grid[2:66, 68:132])
     assert np.load(tmp_path / 'fid.npz')['arr_0'].shape == (4, 64, 64, 3)
+
+
+def test_grid_shows_progress(tiny_ckpt, tmp_path, capsys):
+    _main('--ckpt', tiny_ckpt, '--classes', '1,2,3', '--bs', '2', '--out', tmp_path / 'grid.png')
+    out = capsys.readouterr().out
+    assert re.search(r'sampling: 100%.*\| 3/3 \[', out), out  # images done, then the elapsed time and the ETA
+    assert out.index('3/3') < out.index('wrote')
+
+
+def test_grid_is_saved_in_the_format_of_its_extension(tiny_ckpt, tmp_path):
+    for name, fmt in (('grid.jpg', 'JPEG'), ('grid.WEBP', 'WEBP'), ('grid', 'PNG')):  # no extension: PNG
+        _main('--ckpt', tiny_ckpt, '--classes', '1,2', '--out', tmp_path / name)
+        with Image.open(tmp_path / name) as img:
+            assert (img.format, img.size) == (fmt, (134, 68)), name
+    for name, match in (('grid.xyz', '.xyz is not an image extension'), ('grid.mpg', 'cannot write RGB images')):
+        with pytest.raises(SystemExit, match=f'error: --out .*{name}: .*{match}'):
+            _main('--ckpt', tiny_ckpt, '--classes', '1', '--out', tmp_path / name)
+        assert not (tmp_path / name).exists()
 
 
 # ------------------------------------------------------------------------------------------------ FID export, processes
@@ -207,6 +231,31 @@ def test_bad_model_inputs(tiny_ckpt, tmp_path):
     with pytest.raises(SystemExit, match='do not combine'):
         _main('--ckpt', tiny_ckpt, '--var_ckpt', tiny_ckpt, '--classes', '1', '--out', tmp_path / 'g.png')
     assert not (tmp_path / 'g.png').exists()
+
+
+@pytest.mark.parametrize('flag, value, match', [
+    ('--top_p', '1.5', r'--top_p must lie in \[0, 1\] .*got 1.5'),
+    ('--top_p', '-0.1', r'--top_p must lie in \[0, 1\] .*got -0.1'),
+    ('--top_k', '-1', '--top_k must be >= 0 .*got -1'),
+    ('--cfg', '-2', '--cfg must be >= 0 .*got -2'),
+    ('--cfg', 'nan', '--cfg must be >= 0 .*got nan'),
+])
+def test_bad_sampling_values(tiny_ckpt, tmp_path, flag, value, match):
+    with pytest.raises(SystemExit, match=f'^error: {match}$'):
+        _main('--ckpt', tiny_ckpt, '--classes', '1', flag, value, '--out', tmp_path / 'g.png')
+    assert not (tmp_path / 'g.png').exists()
+
+
+def test_sampling_value_limits_are_accepted():
+    for extra in (['--top_p', '0', '--top_k', '0', '--cfg', '0'], ['--top_p', '1']):
+        sample.check_args(sample.get_parser().parse_args(['--classes', '1', '--out', 'g.png', *extra]))
+
+
+def test_fid_refuses_a_file_name_as_out(tiny_ckpt, tmp_path):
+    for name in ('d16.png', 'd16.JPG', 'd16.npz', 'd16.png/'):
+        with pytest.raises(SystemExit, match=r'in fid mode --out names the folder .* use e\.g\. --out .*d16$'):
+            _main('--ckpt', tiny_ckpt, *FID_ARGS, '--out', f'{tmp_path}/{name}')
+    assert os.listdir(tmp_path) == []
 
 
 def test_fid_refuses_to_mix_configurations(tiny_ckpt, tmp_path):

@@ -131,3 +131,18 @@ def read_steps(out: Path) -> Dict[int, float]:
         rec = json.loads(line)
         losses[rec['g_it']] = rec['loss']
     return losses
+
+
+def assert_help_shows_defaults(parser, official: Dict[str, object]) -> None:
+    """Every option with a default shows it in --help as '(default: X)'; `official` pins some of them."""
+    import re
+    text = parser.format_help()
+
+    def option_help(option: str) -> str:  # its lines up to the next option, whitespace-normalised
+        m = re.search(rf'^  {re.escape(option)}\b.*?(?=^  -|^\S|^$|\Z)', text, re.M | re.S)
+        return ' '.join(m.group(0).split())
+    for action in parser._actions:
+        if action.option_strings and action.nargs != 0 and action.default is not None:
+            assert f'(default: {action.default})' in option_help(action.option_strings[0]), action.dest
+    for option, value in official.items():
+        assert option_help(option).endswith(f'(default: {value})'), option
