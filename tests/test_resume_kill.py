@@ -3,6 +3,8 @@ per-step losses as an uninterrupted run (single process, CPU, fixed seed, fp16 a
 and SIGTERM (also to one rank of a torchrun job) write a checkpoint at the next iteration before stopping."""
 import os
 
+import pytest
+
 from train_fixtures import X4, kill_after_step, make_image_folder, make_tiny_vae_ckpt, read_steps, run_train, train_args
 
 
@@ -132,9 +134,11 @@ def test_ctrl_c_writes_a_checkpoint_and_rerun_gives_the_uninterrupted_losses(tmp
     assert len((out / 'steps.jsonl').read_text().splitlines()) == 12  # the replayed steps replace their records
 
 
-def test_sigterm_to_one_rank_stops_both_at_the_same_iteration(tmp_path):
-    """torchrun, 2 processes: SIGTERM (a preemption notice) reaches only rank 1; both ranks agree to save at the same
-    iteration (the checkpoint holds both ranks' RNG states) and the same command resumes."""
+@pytest.mark.parametrize('how', ['sigterm_to_rank1', 'ctrl_c_to_the_job'])
+def test_torchrun_job_stops_with_a_checkpoint(tmp_path, how):
+    """torchrun, 2 processes. SIGTERM (a preemption notice) to rank 1 only: both ranks agree to save at the same
+    iteration. Ctrl-C in a terminal (SIGINT to the whole process group; torchrun forwards it again): one request, not
+    an immediate interrupt. The checkpoint holds both ranks' RNG states and the same command resumes."""
     import signal
 
     import torch
@@ -151,8 +155,13 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_iteration(tmp_path):
         assert len(workers) == 2, workers
         os.kill(workers[1], signal.SIGTERM)  # the second worker started: rank 1
 
-    proc, log = signal_after_step(train_cmd(argv, nproc=2), out, step=1, send=to_rank1)
-    assert 'SIGTERM: saving a checkpoint' in log, log[-3000:]
+    def ctrl_c(proc):
+        os.killpg(proc.pid, signal.SIGINT)
+
+    send = to_rank1 if how == 'sigterm_to_rank1' else ctrl_c
+    proc, log = signal_after_step(train_cmd(argv, nproc=2), out, step=1, send=send)
+    assert ('SIGTERM' if how == 'sigterm_to_rank1' else 'SIGINT') + ': saving a checkpoint' in log, log[-3000:]
+    assert 'KeyboardInterrupt' not in log, log[-3000:]
     assert '[stop] stopped on request at epoch 0, iteration' in log, log[-3000:]
     ckpt = torch.load(out / 'ar-ckpt-last.pth', map_location='cpu', weights_only=False)
     assert 0 < ckpt['iter'] < 6 and len(ckpt['rng']) == 2
@@ -167,3 +176,23 @@ def _parent(pid: int) -> int:
             return int(f.read().rsplit(')', 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return -1
+
+
+def test_graceful_stop_counts_a_quick_repeat_as_the_same_ctrl_c(monkeypatch):
+    """A terminal's Ctrl-C reaches torchrun's workers twice within moments (directly, then forwarded): that is one
+    request. A second Ctrl-C a second or more later stops at once; the previous handlers come back on exit."""
+    import signal
+
+    import torch
+
+    from utils.runtime import GracefulStop
+    before = signal.getsignal(signal.SIGINT)
+    with GracefulStop(torch.device('cpu')) as stop:
+        assert not stop.requested()
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the forwarded copy: no KeyboardInterrupt
+        assert stop.requested()
+        stop.first_at -= GracefulStop.REPEAT_S
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before

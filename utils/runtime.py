@@ -5,6 +5,7 @@ import random
 import signal
 import sys
 import threading
+import time
 from typing import Iterator, Optional
 
 import numpy as np
@@ -73,17 +74,20 @@ def check_ranks_agree(module: torch.nn.Module) -> None:
 class GracefulStop:
     """SIGINT / SIGTERM ask the run to checkpoint and stop at the next safe iteration instead of dying mid-epoch.
 
-    The first signal only sets a flag (a second SIGINT interrupts at once, as usual). `requested()` is asked at the
-    end of accumulation cycles; under torch.distributed it takes the flag's maximum over the ranks, so every rank
-    stops at the same iteration even though the signals (torchrun forwards them) arrive at different moments. A
-    cluster's SIGTERM before preemption is handled the same way.
+    The first signal only sets a flag; a second SIGINT at least a second later interrupts at once, as usual (one
+    sooner is the same Ctrl-C again: a terminal signals torchrun and its workers, and torchrun forwards it to the
+    workers a moment later). `requested()` is asked at the end of accumulation cycles; under torch.distributed it
+    takes the flag's maximum over the ranks, so every rank stops at the same iteration even though the signals arrive
+    at different moments. A cluster's SIGTERM before preemption is handled the same way.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REPEAT_S = 1.0  # a second SIGINT sooner than this is the same request
 
     def __init__(self, device: torch.device):
         self.device = device
         self.flag = False
+        self.first_at = 0.0
         self.previous = {}
 
     def __enter__(self) -> 'GracefulStop':
@@ -98,9 +102,11 @@ class GracefulStop:
         self.previous = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.flag and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # asked twice: stop now
-        self.flag = True
+        if self.flag:
+            if signum == signal.SIGINT and time.monotonic() - self.first_at >= self.REPEAT_S:
+                raise KeyboardInterrupt  # asked twice: stop now
+            return
+        self.flag, self.first_at = True, time.monotonic()
         print(f'[rank {dist.get_rank()}] {signal.Signals(signum).name}: saving a checkpoint at the next iteration '
               f'boundary, then stopping (press Ctrl-C again to stop at once, without saving)', file=sys.stderr,
               flush=True)
