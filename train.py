@@ -89,7 +89,7 @@ class Run:
         self.device = resolve_device(args.device)
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.console = Console(cfg.out_dir, enabled=dist.is_master())
-        self.stop, self.stop_at_epoch_end = GracefulStop(self.device), False
+        self.stop = GracefulStop(self.device)
         if getattr(args, 'unknown_args', None):
             self.console.warn(f'ignoring unknown arguments (typos?): {args.unknown_args}')
         if args.tlr is not None:
@@ -278,9 +278,7 @@ class Run:
             self.save(ep + 1, 0, best_updated)
             self.log_txt.write(self.header, record)
             self.tb.flush()
-            if self.stop_at_epoch_end and ep + 1 < args.ep:
-                raise StopTraining(f'stopped on request after epoch {ep}: checkpoint written; re-run the same command '
-                                   f'to resume')
+            self.stop.at_epoch_end(ep, args.ep)
         self.console.info(f'[fit] done: {args.ep} epochs, best val Lt {self.best["vL_tail"]:.4f}, '
                           f'{self.var_opt.num_skipped} skipped step(s), '
                           f'{self.train_set.num_skipped} unreadable image read(s) skipped by this rank')
@@ -338,12 +336,8 @@ class Run:
             bar.update(1)
             if it == first_it:
                 t_after_first = time.time()  # throughput excludes the first (warm-up / compile) iteration
-            if stepping and self.stop.requested():  # SIGINT / SIGTERM on any rank: save at this cycle boundary
-                if it + 1 < iters:
-                    self.save(ep, it + 1)
-                    raise StopTraining(f'stopped on request at epoch {ep}, iteration {it + 1}: checkpoint written; '
-                                       f're-run the same command to resume')
-                self.stop_at_epoch_end = True  # the epoch-end checkpoint comes next
+            if stepping:  # SIGINT / SIGTERM on any rank: save at this cycle boundary
+                self.stop.at_cycle_end(ep, it, iters, self.save)
             every = args.ckpt_every_iters
             # Only at the end of an accumulation cycle and outside a streak of skipped steps; the end-of-epoch
             # checkpoint covers it + 1 == iters.

@@ -133,7 +133,7 @@ class VAERun:
         self.device = resolve_device(args.device)
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.console = Console(cfg.out_dir, enabled=dist.is_master())
-        self.stop, self.stop_at_epoch_end = GracefulStop(self.device), False
+        self.stop = GracefulStop(self.device)
         if getattr(args, 'unknown_args', None):
             self.console.warn(f'ignoring unknown arguments (typos?): {args.unknown_args}')
         seed_everything(args.seed, self.rank, self.world_size, benchmark=True)
@@ -286,9 +286,7 @@ class VAERun:
             self.save(ep + 1, 0, best_updated)
             self.log_txt.write(self.header, record)
             self.tb.flush()
-            if self.stop_at_epoch_end and ep + 1 < args.ep:
-                raise StopTraining(f'stopped on request after epoch {ep}: checkpoint written; re-run the same command '
-                                   f'to resume')
+            self.stop.at_epoch_end(ep, args.ep)
         self.console.info(f'[fit] done: {args.ep} epochs, best val PSNR {self.best["psnr"]:.2f} dB, '
                           f'{self.vae_opt.num_skipped} skipped step(s), {self.trainer.num_reinit} code(s) '
                           f're-initialised, {self.train_set.num_skipped} unreadable image(s) skipped by this rank')
@@ -336,12 +334,8 @@ class VAERun:
                                                   'grad_norm': out['grad_norm'], 'lr': lr_wd[1]}) + '\n')
                 self.steps_file.flush()
             bar.update(1)
-            if stepping and self.stop.requested():  # SIGINT / SIGTERM on any rank: save at this cycle boundary
-                if it + 1 < iters:
-                    self.save(ep, it + 1)
-                    raise StopTraining(f'stopped on request at epoch {ep}, iteration {it + 1}: checkpoint written; '
-                                       f're-run the same command to resume')
-                self.stop_at_epoch_end = True  # the epoch-end checkpoint comes next
+            if stepping:  # SIGINT / SIGTERM on any rank: save at this cycle boundary
+                self.stop.at_cycle_end(ep, it, iters, self.save)
             every = args.ckpt_every_iters
             if every > 0 and (g_it + 1) % every == 0 and stepping and it + 1 < iters:
                 self.save(ep, it + 1)

@@ -138,14 +138,19 @@ def test_flex_attention_gradients_match_on_cuda():
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-3, atol=1e-5, msg=n)
 
 
+def _cuda_var():
+    """A small VAR on the GPU, in eval mode, with an init that gives the sampling tests a real signal."""
+    from models import build_vae_var
+    torch.manual_seed(0)
+    _, var = build_vae_var(device='cuda', V=512, Cvae=16, ch=32, depth=4, num_classes=10)
+    var.init_weights(init_adaln_gamma=0.5, init_head=1.0)
+    return var.eval()
+
+
 @requires_cuda()
 def test_cuda_graph_sampling_equals_plain_path():
-    from models import build_vae_var
     from models.var import GRAPH_DECODE_CHUNK
-    torch.manual_seed(0)
-    vae, var = build_vae_var(device='cuda', V=512, Cvae=16, ch=32, depth=4, num_classes=10)
-    var.init_weights(init_adaln_gamma=0.5, init_head=1.0)
-    var.eval()
+    var = _cuda_var()
     B = GRAPH_DECODE_CHUNK + 4  # the graph path decodes in chunks
     kw = dict(B=B, label_B=torch.arange(B, device='cuda') % 10, g_seed=3, cfg=1.5, top_k=1)
     tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -177,11 +182,7 @@ def test_cuda_graph_sampling_equals_plain_path():
 
 @requires_cuda()
 def test_compiled_cuda_graph_sampling_equals_plain_path():
-    from models import build_vae_var
-    torch.manual_seed(0)
-    vae, var = build_vae_var(device='cuda', V=512, Cvae=16, ch=32, depth=4, num_classes=10)
-    var.init_weights(init_adaln_gamma=0.5, init_head=1.0)
-    var.eval()
+    var = _cuda_var()
     kw = dict(B=4, label_B=torch.tensor([0, 1, 2, 3], device='cuda'), g_seed=3, cfg=1.5, top_k=1)
     try:
         with torch.inference_mode(), torch.autocast('cuda', dtype=torch.bfloat16):

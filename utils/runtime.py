@@ -6,7 +6,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -89,6 +89,8 @@ class GracefulStop:
         self.flag = False
         self.first_at = 0.0
         self.previous = {}
+        self.after_epoch = False  # stop after the epoch-end checkpoint
+        self._flag_1 = None  # the all-reduced flag, allocated once
 
     def __enter__(self) -> 'GracefulStop':
         if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
@@ -115,8 +117,28 @@ class GracefulStop:
         """Whether any rank was signalled (a collective under torch.distributed: call it on every rank)."""
         if not dist.is_initialized():
             return self.flag
-        t = torch.tensor([1.0 if self.flag else 0.0], device=self.device)
-        return dist.allreduce(t, op='max').item() > 0
+        if self._flag_1 is None:
+            self._flag_1 = torch.zeros(1, device=self.device)
+        self._flag_1.fill_(1.0 if self.flag else 0.0)
+        return dist.allreduce(self._flag_1, op='max').item() > 0
+
+    def at_cycle_end(self, ep: int, it: int, iters: int, save: Callable[[int, int], None]) -> None:
+        """Call on every rank after iteration `it` of epoch `ep` that ended an accumulation cycle. On a request:
+        mid-epoch, `save(ep, it + 1)` and raise StopTraining; at the epoch's last iteration, stop after the epoch-end
+        checkpoint (see `at_epoch_end`)."""
+        if not self.requested():
+            return
+        if it + 1 < iters:
+            save(ep, it + 1)
+            raise StopTraining(f'stopped on request at epoch {ep}, iteration {it + 1}: checkpoint written; re-run the '
+                               f'same command to resume')
+        self.after_epoch = True
+
+    def at_epoch_end(self, ep: int, ep_total: int) -> None:
+        """Call after the checkpoint of epoch `ep`: raise StopTraining if a stop came at that epoch's last iteration."""
+        if self.after_epoch and ep + 1 < ep_total:
+            raise StopTraining(f'stopped on request after epoch {ep}: checkpoint written; re-run the same command to '
+                               f'resume')
 
 
 class ConfigError(Exception):
