@@ -252,30 +252,34 @@ class Run:
         t_start, it_start = time.time(), self.start_ep * self.iters_train + self.start_it
         for ep in range(self.start_ep, args.ep):
             first_it = self.start_it if ep == self.start_ep else 0
-            stats = self.train_one_ep(ep, first_it, ld_iter)
+            stats, img_per_s = self.train_one_ep(ep, first_it, ld_iter)
             record, remain = epoch_record(ep, args.ep, self.iters_train, stats, t_start, it_start)
-            best_updated = False
-            if (ep + 1) % args.val_every_ep == 0 or ep + 1 == args.ep:
-                vL_mean, vL_tail, vacc_mean, vacc_tail, tot, secs = self.trainer.eval_ep(self.ld_val)
-                best_updated = self.best['vL_tail'] > vL_tail
-                self.best.update(vL_mean=min(self.best['vL_mean'], vL_mean),
-                                 vL_tail=min(self.best['vL_tail'], vL_tail),
-                                 vacc_mean=max(self.best['vacc_mean'], vacc_mean),
-                                 vacc_tail=max(self.best['vacc_tail'], vacc_tail))
-                val = {'vL_mean': vL_mean, 'vL_tail': vL_tail, 'vacc_mean': vacc_mean, 'vacc_tail': vacc_tail}
-                record.update(val)
-                self.tb.scalars(ep + 1, 'AR_ep_loss', **val)
-                self.console.info(f'[ep{ep}] (val {tot} images, {secs:.1f}s) Lm: {vL_mean:.4f}, Lt: {vL_tail:.4f}, '
-                                  f'Accm: {vacc_mean:.2f}, Acct: {vacc_tail:.2f}, best Lt: {self.best["vL_tail"]:.4f}')
-                self.visualize(ep + 1)
-            self.tb.scalars(ep + 1, 'AR_ep_loss', **{k: stats[k] for k in ('L_mean', 'L_tail', 'acc_mean', 'acc_tail')})
-            self.tb.scalars(ep + 1, 'AR_z_burnout', rest_hours=round(remain / 3600, 2))
-            self.console.info(f'[ep{ep}] (training) Lm: {stats["L_mean"]:.4f}, Lt: {stats["L_tail"]:.4f}, '
-                              f'Accm: {stats["acc_mean"]:.2f}, Acct: {stats["acc_tail"]:.2f}, '
-                              f'Remain: {record["remain_time"]}, Finish: {record["finish_time"]}')
-            if ep + 1 == args.ep:  # the run is over: a last unfinished cycle is dropped, as officially
-                self.cut_cycle.start = None
-            self.save(ep + 1, 0, best_updated)
+            with self.tb.held():  # the epoch-axis events are written once the epoch's checkpoint is on disk
+                best_updated = False
+                if (ep + 1) % args.val_every_ep == 0 or ep + 1 == args.ep:
+                    vL_mean, vL_tail, vacc_mean, vacc_tail, tot, secs = self.trainer.eval_ep(self.ld_val)
+                    best_updated = self.best['vL_tail'] > vL_tail
+                    self.best.update(vL_mean=min(self.best['vL_mean'], vL_mean),
+                                     vL_tail=min(self.best['vL_tail'], vL_tail),
+                                     vacc_mean=max(self.best['vacc_mean'], vacc_mean),
+                                     vacc_tail=max(self.best['vacc_tail'], vacc_tail))
+                    val = {'vL_mean': vL_mean, 'vL_tail': vL_tail, 'vacc_mean': vacc_mean, 'vacc_tail': vacc_tail}
+                    record.update(val)
+                    self.tb.scalars(ep + 1, 'AR_ep_loss', **val)
+                    self.console.info(f'[ep{ep}] (val {tot} images, {secs:.1f}s) Lm: {vL_mean:.4f}, '
+                                      f'Lt: {vL_tail:.4f}, Accm: {vacc_mean:.2f}, Acct: {vacc_tail:.2f}, '
+                                      f'best Lt: {self.best["vL_tail"]:.4f}')
+                    self.visualize(ep + 1)
+                self.tb.scalars(ep + 1, 'AR_ep_loss',
+                                **{k: stats[k] for k in ('L_mean', 'L_tail', 'acc_mean', 'acc_tail')})
+                self.tb.scalars(ep + 1, 'AR_z_burnout', rest_hours=round(remain / 3600, 2))
+                self.tb.scalars(ep + 1, 'AR_speed', img_per_s_per_process=img_per_s)
+                self.console.info(f'[ep{ep}] (training) Lm: {stats["L_mean"]:.4f}, Lt: {stats["L_tail"]:.4f}, '
+                                  f'Accm: {stats["acc_mean"]:.2f}, Acct: {stats["acc_tail"]:.2f}, '
+                                  f'Remain: {record["remain_time"]}, Finish: {record["finish_time"]}')
+                if ep + 1 == args.ep:  # the run is over: a last unfinished cycle is dropped, as officially
+                    self.cut_cycle.start = None
+                self.save(ep + 1, 0, best_updated)
             self.log_txt.write(self.header, record)
             self.tb.flush()
             self.stop.at_epoch_end(ep, args.ep)
@@ -283,8 +287,9 @@ class Run:
                           f'{self.var_opt.num_skipped} skipped step(s), '
                           f'{self.train_set.num_skipped} unreadable image read(s) skipped by this rank')
 
-    def train_one_ep(self, ep: int, first_it: int, ld_iter) -> Dict[str, float]:
-        """Iterations [first_it, iters_train) of epoch `ep`; returns the epoch's averaged meters."""
+    def train_one_ep(self, ep: int, first_it: int, ld_iter) -> Tuple[Dict[str, float], Optional[float]]:
+        """Iterations [first_it, iters_train) of epoch `ep`; returns the epoch's averaged meters and its images/s per
+        process (None when fewer than two iterations ran)."""
         args, cfg, trainer = self.args, self.cfg, self.trainer
         iters, max_it = self.iters_train, args.ep * self.iters_train
         wp_it = round(cfg.wp * iters)
@@ -345,6 +350,7 @@ class Run:
                     and self.var_opt.consecutive_skipped == 0:
                 self.save(ep, it + 1)
         bar.close()
+        img_per_s = None
         if iters - first_it > 1:
             if self.device.type == 'cuda':
                 torch.cuda.synchronize(self.device)
@@ -352,14 +358,13 @@ class Run:
             peak = f', peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GiB' \
                 if self.device.type == 'cuda' else ''
             self.console.info(f'[ep{ep}] speed: {img_per_s:.1f} images/s per process{peak}')
-            self.tb.scalars(ep + 1, 'AR_speed', img_per_s_per_process=img_per_s)
         me.synchronize_between_processes(self.device)
         avg = me.global_avgs()
         # the epoch's grad norm is the meter's average over the logged stepping iterations (official `tnm`)
         tnm = avg['tnm'] if me.meters['tnm'].count else grad_norm
         return {'lr': lr_wd[1] if lr_wd else None, 'wd': lr_wd[3] if lr_wd else None, 'grad_norm': tnm,
                 'L_mean': avg.get('Lm', -1.0), 'L_tail': avg.get('Lt', -1.0), 'acc_mean': avg.get('Accm', -1.0),
-                'acc_tail': avg.get('Acct', -1.0)}
+                'acc_tail': avg.get('Acct', -1.0)}, img_per_s
 
     def log_tb_iter(self, g_it: int, out: Dict[str, Any], lr_wd: Tuple[float, float, float, float]) -> None:
         min_lr, max_lr, min_wd, max_wd = lr_wd

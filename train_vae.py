@@ -273,17 +273,18 @@ class VAERun:
             first_it = self.start_it if ep == self.start_ep else 0
             stats = self.train_one_ep(ep, first_it, ld_iter)
             record, _ = epoch_record(ep, args.ep, self.iters_train, stats, t_start, it_start)
-            best_updated = False
-            if (ep + 1) % args.val_every_ep == 0 or ep + 1 == args.ep:
-                best_updated = self.validate(ep + 1)
-                record.update({f'v{k}': v for k, v in self.last_val.items() if k != 'seconds'})
-            self.tb.scalars(ep + 1, 'VAE_ep_loss', **{k: v for k, v in stats.items() if isinstance(v, float)})
-            self.console.info(f'[ep{ep}] (training) ' + ', '.join(f'{k}: {v:.4g}' for k, v in stats.items()
-                                                                    if isinstance(v, float))
-                              + f', Remain: {record["remain_time"]}, Finish: {record["finish_time"]}')
-            if ep + 1 == args.ep:  # the run is over: a last unfinished cycle is dropped
-                self.cut_cycle.start = None
-            self.save(ep + 1, 0, best_updated)
+            with self.tb.held():  # the epoch-axis events are written once the epoch's checkpoint is on disk
+                best_updated = False
+                if (ep + 1) % args.val_every_ep == 0 or ep + 1 == args.ep:
+                    best_updated = self.validate(ep + 1)
+                    record.update({f'v{k}': v for k, v in self.last_val.items() if k != 'seconds'})
+                self.tb.scalars(ep + 1, 'VAE_ep_loss', **{k: v for k, v in stats.items() if isinstance(v, float)})
+                self.console.info(f'[ep{ep}] (training) ' + ', '.join(f'{k}: {v:.4g}' for k, v in stats.items()
+                                                                        if isinstance(v, float))
+                                  + f', Remain: {record["remain_time"]}, Finish: {record["finish_time"]}')
+                if ep + 1 == args.ep:  # the run is over: a last unfinished cycle is dropped
+                    self.cut_cycle.start = None
+                self.save(ep + 1, 0, best_updated)
             self.log_txt.write(self.header, record)
             self.tb.flush()
             self.stop.at_epoch_end(ep, args.ep)

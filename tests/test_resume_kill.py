@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from train_fixtures import X4, kill_after_step, make_image_folder, make_tiny_vae_ckpt, read_steps, run_train, train_args
+from train_fixtures import (X4, assert_same_final_checkpoint, kill_after_step, make_image_folder, make_tiny_vae_ckpt,
+                            read_steps, run_train, train_args)
 
 
 def uninterrupted_losses(data, vae, out, flags, n_steps):
@@ -20,7 +21,7 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_losses(tmp_path):
     data = make_image_folder(tmp_path / 'data', n_classes=3, n_train=8, n_val=2)
     vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth', X4)
     # 24 images, batch 4: 6 iterations per epoch, 12 in all; checkpoints every 4 iterations and at epoch ends
-    flags = dict(patch_size=4, bs=4, ep=2, fp16=1, hflip=1, ckpt_every_iters=4, log_steps=1)
+    flags = dict(patch_size=4, bs=4, ep=2, fp16=1, hflip=1, ckpt_every_iters=4, log_steps=1, tblr=0.5)
 
     reference = uninterrupted_losses(data, vae, tmp_path / 'reference', flags, n_steps=12)
 
@@ -36,6 +37,7 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_losses(tmp_path):
     after = read_steps(out)
     assert after == reference  # bit-identical per-step losses
     assert all(after[k] == v for k, v in before.items())  # steps replayed after the checkpoint agree too
+    assert_same_final_checkpoint(tmp_path / 'reference', out)  # weights, optimizer, scaler, RNG: bit for bit
 
 
 def test_resume_inside_an_accumulation_cycle_cut_by_the_epoch_end(tmp_path):
@@ -43,7 +45,7 @@ def test_resume_inside_an_accumulation_cycle_cut_by_the_epoch_end(tmp_path):
     in memory. The epoch-end checkpoint points at the cycle's start; a run killed after it recomputes that half."""
     data = make_image_folder(tmp_path / 'data', n_classes=3, n_train=7, n_val=2)
     vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth', X4)
-    flags = dict(patch_size=4, bs=6, ac=2, ep=2, fp16=1, hflip=1, log_steps=1)  # 3 per step, 7 iterations/epoch
+    flags = dict(patch_size=4, bs=6, ac=2, ep=2, fp16=1, hflip=1, log_steps=1, tblr=0.5)  # 3 per step, 7 its/epoch
 
     reference = uninterrupted_losses(data, vae, tmp_path / 'reference', flags, n_steps=14)
 
@@ -55,6 +57,7 @@ def test_resume_inside_an_accumulation_cycle_cut_by_the_epoch_end(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert 'ar-ckpt-last.pth: epoch 0, iteration 6' in resumed.stdout  # the cut cycle's first iteration
     assert read_steps(out) == reference
+    assert_same_final_checkpoint(tmp_path / 'reference', out)
 
 
 def test_train_py_feeds_the_official_schedule_to_the_optimizer(tmp_path):
@@ -143,14 +146,14 @@ def test_torchrun_job_stops_with_a_checkpoint(tmp_path, how):
 
     import torch
 
-    from train_fixtures import train_cmd
+    from train_fixtures import parent_pid, train_cmd
     data = make_image_folder(tmp_path / 'data', n_classes=3, n_train=8, n_val=2)
     vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth', X4)
     out = tmp_path / 'ddp'
     argv = train_args(data, vae, out, patch_size=4, bs=4, ep=2, log_steps=1)  # 2 per rank: 6 iterations per epoch
 
     def to_rank1(proc):
-        children = [int(p) for p in os.listdir('/proc') if p.isdigit() and _parent(int(p)) == proc.pid]
+        children = [int(p) for p in os.listdir('/proc') if p.isdigit() and parent_pid(int(p)) == proc.pid]
         workers = sorted(children)
         assert len(workers) == 2, workers
         os.kill(workers[1], signal.SIGTERM)  # the second worker started: rank 1
@@ -168,14 +171,6 @@ def test_torchrun_job_stops_with_a_checkpoint(tmp_path, how):
     resumed = run_train(argv, nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sorted(read_steps(out)) == list(range(12))
-
-
-def _parent(pid: int) -> int:
-    try:
-        with open(f'/proc/{pid}/stat') as f:
-            return int(f.read().rsplit(')', 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return -1
 
 
 def test_graceful_stop_counts_a_quick_repeat_as_the_same_ctrl_c(monkeypatch):

@@ -1,8 +1,10 @@
 """A real 2-process torchrun (gloo, CPU) on a small ImageFolder of real images: trains, writes checkpoints, log.txt
-and TensorBoard events, and after a SIGKILL of the whole job resumes to the same per-step losses."""
+and TensorBoard events, and after a SIGKILL of the whole job (torchrun and its workers) resumes to the same per-step
+losses and the same final checkpoint, bit for bit."""
 import json
 
-from train_fixtures import X4, kill_after_step, make_image_folder, make_tiny_vae_ckpt, read_steps, run_train, train_args
+from train_fixtures import (X4, assert_same_final_checkpoint, kill_after_step, make_image_folder, make_tiny_vae_ckpt,
+                            read_steps, run_train, train_args)
 from utils.ckpt import load_checkpoint
 
 
@@ -10,7 +12,8 @@ def test_torchrun_two_processes_train_checkpoint_log_and_resume(tmp_path):
     data = make_image_folder(tmp_path / 'data', n_classes=3, n_train=8, n_val=2)
     vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth', X4)
     # global batch 8 = 2 ranks x 4: 3 iterations per epoch, 9 in all
-    flags = dict(patch_size=4, bs=8, ep=3, ckpt_every_iters=2, log_steps=1)
+    # a large lr (0.5 * 8 / 256) so that any state not restored shows in the losses and weights
+    flags = dict(patch_size=4, bs=8, ep=3, ckpt_every_iters=2, log_steps=1, tblr=0.5)
 
     ref_out = tmp_path / 'reference'
     ref = run_train(train_args(data, vae, ref_out, **flags), nproc=2)
@@ -40,8 +43,10 @@ def test_torchrun_two_processes_train_checkpoint_log_and_resume(tmp_path):
 
     out = tmp_path / 'interrupted'
     argv = train_args(data, vae, out, **flags)
-    kill_after_step(argv, out, step=4, nproc=2)
+    killed_at = kill_after_step(argv, out, step=4, nproc=2)
+    assert killed_at < 8 and sorted(read_steps(out)) == list(range(killed_at + 1)), 'the job outlived its kill'
     resumed = run_train(argv, nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert '[auto-resume] loaded' in resumed.stdout
     assert read_steps(out) == read_steps(ref_out)
+    assert_same_final_checkpoint(ref_out, out)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_fixtures import ROOT, cpu_env, free_port, kill_after_step, make_image_folder, run_train, train_args
+from train_fixtures import (ROOT, assert_same_final_checkpoint, cpu_env, free_port, kill_after_step, make_image_folder,
+                            run_train, train_args)
 
 # A x4 tokenizer on 16x16 images: 3 scales (1, 2, 4), the 4th Phi unused (checks the DDP freezing of unused Phis).
 TINY_VAE_FLAGS = dict(vae_ch=32, vae_ch_mult='1_1_2', vocab=64, cvae=8, pn='1_2_4', mid_reso=1.0, lp=0, dw=0.5,
@@ -221,6 +222,7 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_losses(data, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert '[auto-resume] loaded' in resumed.stdout
     assert read_losses(out) == reference  # bit-identical per-step losses, GAN and codebook upkeep included
+    assert_same_final_checkpoint(ref_out, out, 'vae-ckpt-last.pth')  # both models, both optimizers, RNG
 
 
 def test_resume_inside_an_accumulation_cycle_cut_by_the_epoch_end(tmp_path):
@@ -238,6 +240,7 @@ def test_resume_inside_an_accumulation_cycle_cut_by_the_epoch_end(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert 'epoch 0, iteration 6' in resumed.stdout
     assert read_losses(out) == read_losses(tmp_path / 'reference') and len(read_losses(out)) == 14
+    assert_same_final_checkpoint(tmp_path / 'reference', out, 'vae-ckpt-last.pth')
 
 
 def test_torchrun_two_processes_with_gan_and_adaptive_weight(data, tmp_path):

@@ -1,4 +1,5 @@
 """Helpers for the training tests: a small ImageFolder of real image files, a tiny tokenizer, train.py commands."""
+import math
 import os
 import socket
 import subprocess
@@ -91,11 +92,58 @@ def run_train(argv: Sequence[str], nproc: int = 1, timeout: float = 150) -> subp
                           timeout=timeout)
 
 
+def parent_pid(pid: int) -> int:
+    """The parent of a live process (from /proc), or -1."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return int(f.read().rsplit(')', 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def process_tree(pid: int) -> List[int]:
+    """`pid` and all its descendants, parents first."""
+    children: Dict[int, List[int]] = {}
+    for name in os.listdir('/proc'):
+        if name.isdigit():
+            children.setdefault(parent_pid(int(name)), []).append(int(name))
+    tree = [pid]
+    for p in tree:
+        tree.extend(sorted(children.get(p, [])))
+    return tree
+
+
+def is_running(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+        return False
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant (torchrun starts its workers in sessions of their own, so killing its
+    process group would leave them running), then wait until none of them runs."""
+    import signal
+    import time
+    tree = process_tree(pid)
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 30
+    while any(is_running(p) for p in tree[1:]) and time.time() < deadline:
+        time.sleep(0.01)
+    assert not any(is_running(p) for p in tree[1:]), f'processes survived SIGKILL: {tree}'
+
+
 def kill_after_step(argv: Sequence[str], out: Path, step: int, nproc: int = 1, timeout: float = 150,
                     cmd: Optional[List[str]] = None) -> int:
-    """Start train.py (or `cmd`, e.g. train_vae.py), SIGKILL its whole process group once steps.jsonl shows global
-    step `step`; returns the last step logged before the kill (the kill is real: no handler runs, a save in progress
-    is cut short)."""
+    """Start train.py (or `cmd`, e.g. train_vae.py), SIGKILL it with all its processes (torchrun's workers included)
+    once steps.jsonl shows global step `step`; returns the last step logged before the kill (the kill is real: no
+    handler runs, a save in progress is cut short)."""
     import json
     import signal
     import time
@@ -108,7 +156,7 @@ def kill_after_step(argv: Sequence[str], out: Path, step: int, nproc: int = 1, t
             lines = steps_file.read_text().splitlines() if steps_file.exists() else []
             last = json.loads(lines[-1])['g_it'] if lines and lines[-1].endswith('}') else -1
             if last >= step:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)
                 break
             if proc.poll() is not None or time.time() > deadline:
                 raise AssertionError(f'the trainer ended (rc={proc.returncode}) or timed out before step {step}: '
@@ -116,11 +164,38 @@ def kill_after_step(argv: Sequence[str], out: Path, step: int, nproc: int = 1, t
             time.sleep(0.01)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
         proc.wait(timeout=30)
         log.close()
     assert proc.returncode == -signal.SIGKILL
     return last
+
+
+def assert_same_state(a, b, where: str = 'checkpoint') -> None:
+    """Two nested checkpoint structures hold equal values, tensors bit for bit (names the first difference)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and sorted(a, key=str) == sorted(b, key=str), (where, sorted(a, key=str))
+        for k in a:
+            assert_same_state(a[k], b[k], f'{where}/{k}')
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for k, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f'{where}/{k}')
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), where
+    else:
+        assert a == b, (where, a, b)
+
+
+def assert_same_final_checkpoint(ref_out: Path, out: Path, name: str = 'ar-ckpt-last.pth') -> None:
+    """The last checkpoints of an uninterrupted and an interrupted-and-resumed run are identical: weights, optimizer
+    and scaler state, progressive state, best metrics, position and every rank's RNG states."""
+    from utils.ckpt import load_checkpoint
+    ref, got = load_checkpoint(str(ref_out / name)), load_checkpoint(str(out / name))
+    for key in ('epoch', 'iter', 'trainer', 'best', 'rng'):
+        assert_same_state(ref[key], got[key], key)
 
 
 def read_steps(out: Path) -> Dict[int, float]:
@@ -128,7 +203,10 @@ def read_steps(out: Path) -> Dict[int, float]:
     import json
     losses = {}
     for line in (out / 'steps.jsonl').read_text().splitlines():
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
         losses[rec['g_it']] = rec['loss']
     return losses
 

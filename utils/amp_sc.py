@@ -71,7 +71,7 @@ class AmpOptimizer:
         Returns (pre-clip grad norm, log2 of the fp16 scale) on stepping iterations, (None, None) otherwise; the scale
         is None without a scaler.
         """
-        loss = loss / self.n_gradient_accumulation
+        loss = loss.mul(1 / self.n_gradient_accumulation)  # official: times 1/ac (not /ac: they round differently)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward(retain_graph=False, create_graph=False)
         if not stepping:
             return None, None

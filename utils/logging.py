@@ -8,13 +8,14 @@
 * `SmoothedValue` / `MetricLogger`: windowed meters whose global averages can be summed across ranks.
 """
 import collections
+import contextlib
 import datetime
 import json
 import os
 import subprocess
 import sys
 import time
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -121,12 +122,34 @@ def open_steps_log(path: str, resume_g_it: int):
 class TensorboardLogger:
     """SummaryWriter wrapper: active only when `enabled` (the master); the writer is created on first use.
 
-    `purge_step` drops events at or after that step left by an earlier run that was interrupted and resumed.
+    `purge_step` drops events at or after that step left by an earlier run that was interrupted and resumed. It
+    covers the iteration axis; the epoch axis (step = epochs done) is kept clean by `held()`.
     """
 
     def __init__(self, log_dir: str, enabled: bool, purge_step: Optional[int] = None):
         self.log_dir, self.enabled, self.purge_step = log_dir, enabled, purge_step
         self._writer = None
+        self._held: Optional[List[Tuple[str, tuple]]] = None
+
+    @contextlib.contextmanager
+    def held(self):
+        """Queue the events of the block and write them when it ends normally. An epoch's summary goes through this
+        around its checkpoint save: a run killed before the save leaves none of them behind, so the resumed run, which
+        repeats that epoch, writes each once (TensorBoard's purge cannot help on the epoch axis)."""
+        self._held = []
+        try:
+            yield self
+            queued, self._held = self._held, None
+            for method, args in queued:
+                getattr(self.writer, method)(*args)
+        finally:
+            self._held = None
+
+    def _write(self, method: str, *args) -> None:
+        if self._held is not None:
+            self._held.append((method, args))
+        else:
+            getattr(self.writer, method)(*args)
 
     @property
     def writer(self):
@@ -143,11 +166,11 @@ class TensorboardLogger:
                 continue
             if isinstance(v, torch.Tensor):
                 v = v.item()
-            self.writer.add_scalar(f'{head}/{k}' if head else k, v, step)
+            self._write('add_scalar', f'{head}/{k}' if head else k, v, step)
 
     def image(self, tag: str, img_3HW: torch.Tensor, step: int) -> None:
         if self.enabled:
-            self.writer.add_image(tag, img_3HW, step)
+            self._write('add_image', tag, img_3HW, step)
 
     def flush(self) -> None:
         if self._writer is not None:
