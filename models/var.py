@@ -86,6 +86,9 @@ class VAR(nn.Module):
         self.cond_drop_rate = cond_drop_rate
         self.prog_si = -1  # progressive training: -1 means all scales
         self.patch_nums = tuple(patch_nums)
+        if len(self.patch_nums) < 2:
+            raise ValueError(f'VAR needs at least two scales, got patch_nums={self.patch_nums}: the guidance ramp and '
+                             f'the Phi positions divide by len(patch_nums) - 1 (the official code fails there too)')
         self.L = sum(pn ** 2 for pn in self.patch_nums)
         self.first_l = self.patch_nums[0] ** 2
         self.begin_ends = []
@@ -102,6 +105,7 @@ class VAR(nn.Module):
         self._graph_cache = {}
         self._compiled_step = None
         self._rng: Optional[torch.Generator] = None
+        self._uniform_prob: Optional[torch.Tensor] = None
 
         self.vae_proxy = (vae_local,)
         self.vae_quant_proxy = (vae_local.quantize,)
@@ -281,11 +285,23 @@ class VAR(nn.Module):
             self._rng = torch.Generator(device=device)
         return self._rng
 
+    @rng.setter
+    def rng(self, generator: torch.Generator) -> None:
+        """Official code assigns `var.rng = torch.Generator(device=...)` (e.g. the trainer); that works here too."""
+        self._rng = generator
+
     @property
     def uniform_prob(self) -> torch.Tensor:
-        """The official attribute: (1, num_classes) of 1/num_classes on the model's device (not a buffer)."""
-        return torch.full((1, self.num_classes), 1.0 / self.num_classes, dtype=torch.float32,
-                          device=self.class_emb.weight.device)
+        """The official attribute: (1, num_classes) of 1/num_classes on the model's device (not a buffer); an
+        assigned tensor (another class prior for unlabelled sampling) replaces it."""
+        device = self.class_emb.weight.device
+        if self._uniform_prob is not None:
+            return self._uniform_prob.to(device)
+        return torch.full((1, self.num_classes), 1.0 / self.num_classes, dtype=torch.float32, device=device)
+
+    @uniform_prob.setter
+    def uniform_prob(self, prob_1C: torch.Tensor) -> None:
+        self._uniform_prob = prob_1C
 
     def _make_rng(self, g_seed, B: int, device: torch.device):
         """None (global RNG), `self.rng` seeded with g_seed (as official), or one generator per row when g_seed is
@@ -367,7 +383,7 @@ class VAR(nn.Module):
         S = len(self.patch_nums)
         try:
             for si, pn in enumerate(self.patch_nums):
-                ratio = si / self.num_stages_minus_1 if self.num_stages_minus_1 > 0 else 1.0
+                ratio = si / self.num_stages_minus_1
                 cur_L += pn * pn
                 if graphs is not None:
                     logits_BlV = graphs.run(si, next_token_map)

@@ -58,13 +58,22 @@ class VQVAE(nn.Module):
         """The image side that the last patch num corresponds to."""
         return self.downsample * self.v_patch_nums[-1]
 
-    def _check_image(self, x: torch.Tensor, v_patch_nums: Optional[Sequence] = None) -> None:
+    def _encode_checked(self, x: torch.Tensor, v_patch_nums: Optional[Sequence] = None) -> torch.Tensor:
+        """quant_conv(encoder(x)), refusing images whose latent is not the last scale's size. As officially, any image
+        with that latent is accepted (the strided convolutions floor, so sides 64...79 all give 4 at x16)."""
         last = (v_patch_nums or self.v_patch_nums)[-1]
         ph, pw = (last, last) if isinstance(last, int) else last
         expected = (ph * self.downsample, pw * self.downsample)
-        if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != expected:
-            raise ValueError(f'expected images of shape (B, 3, {expected[0]}, {expected[1]}) for patch_nums ending in '
-                             f'{last} (downsample x{self.downsample}), got {tuple(x.shape)}')
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f'expected images of shape (B, 3, H, W), e.g. (B, 3, {expected[0]}, {expected[1]}) for '
+                             f'patch_nums ending in {last}; got {tuple(x.shape)}')
+        too_small = x.shape[-2] < expected[0] or x.shape[-1] < expected[1]
+        f = None if too_small else self.quant_conv(self.encoder(x))
+        if too_small or tuple(f.shape[-2:]) != (ph, pw):
+            raise ValueError(f'images of shape {tuple(x.shape)} do not give the {(ph, pw)} latent that patch_nums '
+                             f'ending in {last} need: use {expected[0]}x{expected[1]} images (downsample '
+                             f'x{self.downsample})')
+        return f
 
     # ------------------------------------------------------------------ training
     def forward(self, inp: torch.Tensor, ret_usages: bool = False) -> Tuple[torch.Tensor, Optional[List[float]], torch.Tensor]:
@@ -87,8 +96,7 @@ class VQVAE(nn.Module):
     def img_to_idxBl(self, inp_img_no_grad: torch.Tensor,
                      v_patch_nums: Optional[Sequence[Union[int, Tuple[int, int]]]] = None) -> List[torch.Tensor]:
         """Images (B,3,H,W) in [-1,1] -> per-scale token ids, each (B, ph*pw) int64."""
-        self._check_image(inp_img_no_grad, v_patch_nums)
-        f = self.quant_conv(self.encoder(inp_img_no_grad))
+        f = self._encode_checked(inp_img_no_grad, v_patch_nums)
         return self.quantize.f_to_idxBl_or_fhat(f, to_fhat=False, v_patch_nums=v_patch_nums)
 
     def idxBl_to_img(self, ms_idx_Bl: List[torch.Tensor], same_shape: bool,
@@ -110,8 +118,7 @@ class VQVAE(nn.Module):
     def img_to_reconstructed_img(self, x: torch.Tensor, v_patch_nums: Optional[Sequence] = None,
                                  last_one: bool = False) -> Union[torch.Tensor, List[torch.Tensor]]:
         """Encode, quantise and decode -> the final reconstruction, or one per cumulative scale."""
-        self._check_image(x, v_patch_nums)
-        f = self.quant_conv(self.encoder(x))
+        f = self._encode_checked(x, v_patch_nums)
         ls_f_hat_BChw = self.quantize.f_to_idxBl_or_fhat(f, to_fhat=True, v_patch_nums=v_patch_nums)
         if last_one:
             return self.fhat_to_img(ls_f_hat_BChw[-1])

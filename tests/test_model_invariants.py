@@ -198,10 +198,42 @@ def test_label_out_of_range_is_a_value_error(tiny_models):
         var.autoregressive_infer_cfg(B=1, label_B=torch.tensor([42]))
 
 
+def test_a_single_scale_is_refused():
+    with pytest.raises(ValueError, match='at least two scales'):
+        build_vae_var(device='cpu', **{**TINY, 'patch_nums': (4,)})
+
+
 def test_wrong_image_size_says_what_is_expected(tiny_models):
     vae, _ = tiny_models
+    for size in (32, 63, 80):  # too small, one pixel short, a 5x5 latent
+        with pytest.raises(ValueError, match=r'use 64x64 images'):
+            vae.img_to_idxBl(_images(1, size))
     with pytest.raises(ValueError, match=r'\(B, 3, 64, 64\)'):
-        vae.img_to_idxBl(_images(1, 32))
+        vae.img_to_idxBl(_images(1, 64)[:, :1])
+    # as officially, any image whose latent is the last scale's size is accepted (the strided convolutions floor)
+    idx_Bl = vae.img_to_idxBl(_images(1, 72))
+    assert [t.shape[1] for t in idx_Bl] == [pn * pn for pn in vae.v_patch_nums]
+    assert vae.img_to_reconstructed_img(_images(1, 79), last_one=True).shape == (1, 3, 64, 64)
+
+
+def test_official_attributes_rng_and_uniform_prob_can_be_assigned(tiny_models):
+    """Official code replaces `var.rng` with a fresh Generator; an assigned class prior drives unlabelled sampling."""
+    _, var = tiny_models
+    g = torch.Generator().manual_seed(3)
+    var.rng = g
+    assert var.rng is g
+    prior = torch.zeros(1, var.num_classes)
+    prior[0, 4] = 1.0
+    var.uniform_prob = prior
+    try:
+        assert torch.equal(var.uniform_prob, prior)
+        only4 = var.autoregressive_infer_cfg(B=2, label_B=None, g_seed=5, top_k=1)
+        # unlabelled sampling draws its labels from the prior first, so the generator state differs from label_B=4;
+        # with greedy top-k 1 the remaining draws do not matter
+        assert torch.equal(only4, var.autoregressive_infer_cfg(B=2, label_B=4, g_seed=5, top_k=1))
+    finally:
+        var.uniform_prob = None
+    assert torch.allclose(var.uniform_prob, torch.full((1, var.num_classes), 1 / var.num_classes))
 
 
 def test_checkpoint_of_another_config_names_keys_and_fit(tiny_models, tmp_path):
