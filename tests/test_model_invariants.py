@@ -257,3 +257,199 @@ def test_truncated_checkpoint_says_so(tiny_models, tmp_path):
         read_checkpoint(p)
     with pytest.raises(FileNotFoundError, match='not found'):
         read_checkpoint(tmp_path / 'missing.pth')
+
+
+# ---------------------------------------------------------------------------------------------- sampling helpers
+def test_top_p_never_removes_the_most_likely_token():
+    """Spec §4.1: top-p removes the sorted positions whose cumulative probability is <= 1 - top_p, but never the
+    largest. With a tiny top_p only the argmax survives, also where the cumulative sum reaches exactly 1 (uniform
+    rows: every position is then <= 1 - top_p in float32), and sampling returns it."""
+    from models.helpers import filter_top_k_top_p_, filter_top_k_top_p_partial_, sample_with_top_k_top_p_
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 64, generator=g) * 2
+    logits[0, :2] = 0.0  # uniform rows: probabilities 1/64, a float32 cumsum of exactly 1
+    argmax = logits.argmax(-1)
+    for top_k, filt in ((0, filter_top_k_top_p_), (8, filter_top_k_top_p_), (8, filter_top_k_top_p_partial_)):
+        out = filt(logits.clone(), top_k, 1e-9)
+        finite = torch.isfinite(out)
+        assert finite.sum(-1).eq(1).all(), (top_k, filt.__name__)  # exactly one survivor per row
+        rows = torch.ones_like(argmax, dtype=torch.bool)
+        rows[0, :2] = False  # ties: any one of them is the most likely token
+        assert torch.equal(out.argmax(-1)[rows], argmax[rows])
+        assert torch.equal(out[finite], logits[finite])  # the survivor keeps its logit
+    ids = sample_with_top_k_top_p_(logits.clone(), top_k=0, top_p=1e-9, rng=torch.Generator().manual_seed(1))
+    assert ids.shape == (3, 5, 1)
+    assert torch.equal(ids[..., 0][rows], argmax[rows])
+    # a large top_p keeps more than one token (the filter is not simply an argmax)
+    assert torch.isfinite(filter_top_k_top_p_(logits.clone(), 0, 0.9)).sum(-1).gt(1).all()
+
+
+def test_drop_path_scales_the_kept_samples():
+    """Stochastic depth (spec §3.2, timm semantics): in training each sample is zeroed with probability p and the
+    kept ones are divided by 1 - p, so the expectation is unchanged; in eval mode (or p = 0) it is the identity."""
+    from models.helpers import DropPath, drop_path
+    torch.manual_seed(0)
+    x = torch.ones(20000, 3, 2)
+    for p in (0.5, 0.2):
+        y = drop_path(x, p, training=True)
+        per_sample = y[:, 0, 0]
+        assert torch.equal(y, per_sample.view(-1, 1, 1).expand_as(y))  # whole samples are kept or dropped
+        kept = per_sample != 0
+        torch.testing.assert_close(per_sample[kept], torch.full_like(per_sample[kept], 1 / (1 - p)))
+        assert abs(kept.float().mean().item() - (1 - p)) < 0.02
+        assert abs(y.mean().item() - 1.0) < 0.03
+    assert drop_path(x, 0.5, training=False) is x and drop_path(x, 0.0, training=True) is x
+    m = DropPath(0.5)
+    assert torch.equal(m.eval()(x), x)
+    assert set(m.train()(x).unique().tolist()) == {0.0, 2.0}
+
+
+# ---------------------------------------------------------------------------------------------- sampling (spec §4)
+def test_more_smooth_gumbel_gets_scaled_filtered_cfg_logits_and_the_tau_schedule(tiny_models, monkeypatch):
+    """Spec §4: at scale si (ratio = si/(S-1)) the Gumbel softmax receives the CFG-combined, top-k/top-p filtered
+    logits times (1 + ratio), with tau = max(0.27 (1 - 0.95 ratio), 0.005)."""
+    import models.var as var_mod
+    from models.helpers import filter_top_k_top_p_
+    _, var = tiny_models
+    B, cfg, top_k, top_p = 2, 2.5, 10, 0.9
+    raw, seen = [], []
+    real_gumbel = var_mod.gumbel_softmax_with_rng
+
+    def step_spy(x_BlC, cond_BD):
+        out = type(var).scale_step(var, x_BlC, cond_BD)
+        raw.append(out.clone())
+        return out
+
+    def gumbel_spy(logits, tau=1, hard=False, eps=1e-10, dim=-1, rng=None):
+        seen.append((logits.clone(), tau, hard))
+        return real_gumbel(logits, tau=tau, hard=hard, eps=eps, dim=dim, rng=rng)
+    monkeypatch.setattr(var, 'scale_step', step_spy)
+    monkeypatch.setattr(var_mod, 'gumbel_softmax_with_rng', gumbel_spy)
+    img = var.autoregressive_infer_cfg(B=B, label_B=torch.tensor([2, 7]), g_seed=4, cfg=cfg, top_k=top_k, top_p=top_p,
+                                       more_smooth=True)
+    assert img.shape == (B, 3, 64, 64)
+    S = len(var.patch_nums)
+    assert len(raw) == len(seen) == S
+    for si, (logits_2BlV, (gum_logits, tau, hard)) in enumerate(zip(raw, seen)):
+        ratio = si / (S - 1)
+        t = cfg * ratio
+        expected = filter_top_k_top_p_((1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:], top_k, top_p) * (1 + ratio)
+        assert not hard
+        assert tau == pytest.approx(max(0.27 * (1 - 0.95 * ratio), 0.005), rel=1e-12), si
+        assert torch.equal(torch.isinf(gum_logits), torch.isinf(expected)), si
+        torch.testing.assert_close(gum_logits, expected, rtol=1e-5, atol=1e-5, msg=f'scale {si}')
+    assert seen[-1][1] == pytest.approx(0.27 * 0.05)
+
+
+def test_int_labels_zero_is_a_class_and_negative_is_unconditional(tiny_models):
+    """Spec §4: an int label_B fills the batch with that class; only a negative int means unconditional
+    (num_classes). Label 0 is an ordinary class."""
+    _, var = tiny_models
+    kw = dict(B=2, g_seed=3, cfg=2.0, top_k=5)
+    zero = var.autoregressive_infer_cfg(label_B=0, **kw)
+    assert torch.equal(zero, var.autoregressive_infer_cfg(label_B=torch.zeros(2, dtype=torch.long), **kw))
+    unc = var.autoregressive_infer_cfg(label_B=-1, **kw)
+    assert torch.equal(unc, var.autoregressive_infer_cfg(label_B=torch.full((2,), var.num_classes), **kw))
+    assert not torch.equal(zero, unc)
+    assert torch.equal(var.autoregressive_infer_cfg(label_B=4, **kw),
+                       var.autoregressive_infer_cfg(label_B=torch.full((2,), 4), **kw))
+
+
+def test_dropped_condition_is_the_unconditional_class(tiny_models):
+    """Spec §3.4: u = rand(B) from the global RNG, label <- num_classes where u < cond_drop_rate (in eval mode too)."""
+    vae, var = tiny_models
+    x = vae.quantize.idxBl_to_var_input(vae.img_to_idxBl(_images(4, 64, seed=2)))
+    label = torch.tensor([0, 3, 5, 9])
+    unc_label = torch.full_like(label, var.num_classes)
+    with torch.no_grad():
+        cond = var(label, x)
+        unc = var(unc_label, x)
+        assert not torch.allclose(cond, unc)
+        var.cond_drop_rate = 1.0
+        try:
+            torch.testing.assert_close(var(label, x), unc)
+            var.cond_drop_rate = 0.5  # row by row, from the same global draw
+            torch.manual_seed(11)
+            dropped = torch.rand(4) < 0.5
+            assert 0 < int(dropped.sum()) < 4
+            torch.manual_seed(11)
+            mixed = var(label, x)
+        finally:
+            var.cond_drop_rate = 0.0
+    torch.testing.assert_close(mixed[dropped], unc[dropped])
+    torch.testing.assert_close(mixed[~dropped], cond[~dropped])
+    # in training mode too (no drop path here, so the only randomness is the condition drop)
+    torch.manual_seed(0)
+    _, var_t = build_vae_var(device='cpu', **TINY, drop_path_rate=0.0, cond_drop_rate=1.0)
+    var_t.init_weights(init_adaln=0.5, init_adaln_gamma=0.5, init_head=1.0, init_std=-1)
+    with torch.no_grad():
+        train_out = var_t.train()(label, x)
+        var_t.eval().cond_drop_rate = 0.0
+        torch.testing.assert_close(train_out, var_t(unc_label, x))
+
+
+# ---------------------------------------------------------------------------------------------- quantiser statistics
+def _quantizer(V=16, patch_nums=(1, 2, 4)):
+    from models.quant import VectorQuantizer2
+    torch.manual_seed(0)
+    q = VectorQuantizer2(vocab_size=V, Cvae=4, using_znorm=False, beta=0.25, v_patch_nums=patch_nums,
+                         quant_resi=0.5, share_quant_resi=4)
+    q.eini(-1)
+    return q
+
+
+def test_vocab_hit_ema_follows_the_warmup_rule():
+    """Spec §2.4: record_hit counts scales; the row of scale si becomes hit_V at record 0, ema*0.9 + hit*0.1 for
+    records 1..99 and ema*0.99 + hit*0.01 from 100 on (updated in one process too, a documented deviation)."""
+    q = _quantizer()
+    SN = len(q.v_patch_nums)
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(2, 4, 4, 4, generator=g) * 0.05 for _ in range(3)]
+    with torch.no_grad():
+        hits = [[idx.flatten().bincount(minlength=q.vocab_size).float() for idx in q.f_to_idxBl_or_fhat(f, False)]
+                for f in inputs]
+    assert any(not torch.equal(hits[0][si], hits[1][si]) for si in range(SN))
+    expected = torch.zeros(SN, q.vocab_size, dtype=torch.float64)
+    record = 0
+    q.train()
+    for call in range(40):  # 120 records: the copy, the 0.9 warm-up and the 0.99 phase
+        with torch.no_grad():
+            q(inputs[call % 3])
+        for si in range(SN):
+            h = hits[call % 3][si].double()
+            if record == 0:
+                expected[si] = h
+            elif record < 100:
+                expected[si] = expected[si] * 0.9 + h * 0.1
+            else:
+                expected[si] = expected[si] * 0.99 + h * 0.01
+            record += 1
+        assert q.record_hit == record
+        if call in (5, 20, 33, 39):  # inside the warm-up, at 63 records, just past 100, at the end
+            torch.testing.assert_close(q.ema_vocab_hit_SV.double(), expected, rtol=1e-5, atol=1e-5, msg=f'call {call}')
+    q.eval()
+    before = q.ema_vocab_hit_SV.clone()
+    with torch.no_grad():
+        q(inputs[0])
+    assert torch.equal(q.ema_vocab_hit_SV, before) and q.record_hit == record  # eval mode records nothing
+
+
+def test_vocab_usage_margin():
+    """Spec §2.4: margin = world_size (B H W) / V * 0.08 (one process: world_size 1), and
+    usage[si] = 100 * mean(ema_vocab_hit_SV[si] >= margin)."""
+    q = _quantizer(V=16).eval()
+    B, H = 2, 4
+    margin = 1 * (B * H * H) / q.vocab_size * 0.08  # 0.16
+    rows = torch.zeros(3, q.vocab_size)
+    rows[0, :4] = margin * 1.01  # just above the margin: used
+    rows[0, 4:8] = margin * 0.99  # just below: unused
+    rows[1, :12] = margin * 5  # well above the margin (and below 10 x margin)
+    rows[2, :] = 2.0
+    q.ema_vocab_hit_SV.copy_(rows)
+    f = torch.randn(B, 4, H, H, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, usages, _ = q(f, ret_usages=True)
+        _, none, _ = q(f, ret_usages=False)
+    expected = [100 * (rows[si] >= margin).float().mean().item() for si in range(3)]
+    assert expected == [25.0, 75.0, 100.0]
+    assert usages == pytest.approx(expected) and none is None

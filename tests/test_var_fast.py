@@ -265,3 +265,31 @@ def test_cast_linear_weights_give_the_autocast_numbers_and_follow_updates(tiny_m
             assert torch.equal(logits(cast), logits())
         finally:
             var.load_state_dict(saved)
+
+
+def test_cast_linear_weights_refresh_picks_up_replaced_parameters(tiny_models):
+    """After `load_state_dict(..., assign=True)` with other values, `refresh` copies the NEW parameters (not the
+    replaced objects) into the cast copies, and `swapped_in` hands the new parameters back to the modules."""
+    from models.cuda_graphs import CastLinearWeights
+    _, var = tiny_models
+    saved = {k: v.clone() for k, v in var.state_dict().items()}
+    try:
+        with torch.no_grad():
+            cast = CastLinearWeights(var, torch.bfloat16)
+            old = {id(m): (m.weight, m.bias) for m in var.modules() if isinstance(m, torch.nn.Linear)}
+            doubled = {k: v * 2 if v.is_floating_point() else v.clone() for k, v in saved.items()}
+            var.load_state_dict(doubled, assign=True)
+            linears = [m for m in var.modules() if isinstance(m, torch.nn.Linear)]
+            assert all(m.weight is not old[id(m)][0] for m in linears)  # replaced objects, with other values
+            assert torch.equal(var.head.weight, 2 * old[id(var.head)][0]) and var.head.weight.abs().max() > 0
+            cast.refresh()
+            for m, name, p, copy in cast.entries:
+                assert p is m._parameters[name]
+                assert torch.equal(copy, m._parameters[name].to(torch.bfloat16))
+            new = {n: p for n, p in var.named_parameters()}
+            with cast.swapped_in():
+                assert var.head.weight.dtype == torch.bfloat16
+                torch.testing.assert_close(var.head.weight.float(), 2 * saved['head.weight'], rtol=1e-2, atol=0)
+            assert all(p is new[n] for n, p in var.named_parameters())  # the loaded parameters are back
+    finally:
+        var.load_state_dict(saved)
