@@ -2,6 +2,8 @@
 import math
 import os
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import time
@@ -86,6 +88,53 @@ def test_fp16_scaler_constants_backoff_and_the_32768_cap():
     assert scale_log2 == 16 and amp.scaler.get_scale() == 32768.0  # strict test: 65536 lasts one step
     _, scale_log2 = amp.backward_clip_step(model(torch.randn(2, 4)).sum(), stepping=True)
     assert scale_log2 == 15 and amp.scaler.get_scale() == 32768.0
+
+
+def test_fp16_scale_of_exactly_32768_follows_the_normal_update():
+    # spec 6.5 step 4: only a scale strictly above 32768 is forced back to 32768
+    def at_32768(growth_tracker):
+        model, amp = linear_setup(fp16=1)
+        sd = amp.scaler.state_dict()
+        amp.scaler.load_state_dict({**sd, 'scale': 32768.0, '_growth_tracker': growth_tracker})
+        return model, amp
+    model, amp = at_32768(0)
+    _, scale_log2 = amp.backward_clip_step(model(torch.randn(2, 4)).sum() * float('inf'), stepping=True)
+    assert scale_log2 == 15 and amp.num_skipped == 1 and amp.scaler.get_scale() == 16384.0  # backoff x0.5
+    model, amp = at_32768(999)  # the 1000th finite step in a row: the normal update doubles it
+    _, scale_log2 = amp.backward_clip_step(model(torch.randn(2, 4)).sum(), stepping=True)
+    assert scale_log2 == 15 and amp.scaler.get_scale() == 65536.0
+    _, scale_log2 = amp.backward_clip_step(model(torch.randn(2, 4)).sum(), stepping=True)
+    assert scale_log2 == 16 and amp.scaler.get_scale() == 32768.0  # then the cap applies
+
+
+def test_without_clipping_the_true_norm_is_returned_and_non_finite_steps_are_still_skipped():
+    model, amp = linear_setup(clip=0.0)
+    x = torch.randn(8, 4)
+    ref = [p.detach().clone() for p in model.parameters()]
+    loss = model(x).pow(2).sum() * 10
+    grads = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+    norm = torch.cat([g.flatten() for g in grads]).norm().item()
+    grad_norm, _ = amp.backward_clip_step(loss, stepping=True)
+    assert norm > 2.0 and grad_norm == pytest.approx(norm, rel=1e-5)
+    for p, p0, g in zip(model.parameters(), ref, grads):
+        assert torch.allclose(p, p0 - 0.1 * g, atol=1e-5)  # not clipped
+    p0 = model.weight.detach().clone()
+    grad_norm, _ = amp.backward_clip_step(model(x).sum() * float('nan'), stepping=True)
+    assert math.isnan(grad_norm) and amp.num_skipped == 1 and amp.consecutive_skipped == 1
+    assert torch.equal(model.weight, p0) and not model.weight.isnan().any()
+
+
+def test_skip_counters_survive_a_state_round_trip():
+    model, amp = linear_setup(max_nonfinite=3)
+    for _ in range(2):
+        amp.backward_clip_step(model(torch.randn(2, 4)).sum() * float('nan'), stepping=True)
+    sd = amp.state_dict()
+    assert (sd['num_skipped'], sd['consecutive_skipped']) == (2, 2)
+    model2, other = linear_setup(max_nonfinite=3)
+    assert other.load_state_dict(sd) == []
+    assert (other.num_skipped, other.consecutive_skipped) == (2, 2)
+    with pytest.raises(NonFiniteError, match='3 consecutive steps'):  # the streak goes on after a resume
+        other.backward_clip_step(model2(torch.randn(2, 4)).sum() * float('nan'), stepping=True)
 
 
 def test_bf16_autocast_on_cpu_and_state_round_trip():
@@ -178,6 +227,49 @@ def test_atomic_save_round_trip_and_corrupt_files(tmp_path):
     torch.save({'just': 'weights'}, str(tmp_path / 'x.pth'))
     with pytest.raises(CheckpointError, match='not a VAR training checkpoint'):
         load_checkpoint(str(tmp_path / 'x.pth'))
+
+
+def test_atomic_save_fsyncs_the_complete_temp_file_before_the_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(('fsync', st.st_ino, st.st_size, stat.S_ISDIR(st.st_mode)))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(('replace', os.stat(src).st_ino, os.path.basename(src), os.path.basename(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, 'fsync', fsync)
+    monkeypatch.setattr(os, 'replace', replace)
+    p = tmp_path / 'ar-ckpt-last.pth'
+    atomic_save({'epoch': 1, 'iter': 0, 'trainer': {'w': torch.ones(1000)}}, str(p))
+    st = os.stat(p)
+    kinds = [e[0] for e in events]
+    assert kinds.count('replace') == 1
+    i_rep = kinds.index('replace')
+    _, ino, tmp_name, dst_name = events[i_rep]
+    assert ino == st.st_ino and dst_name == p.name and tmp_name.startswith('.ar-ckpt-last.pth.tmp-')
+    # the temp file (same inode as the final file) was fsync'ed with all its bytes flushed, before the rename
+    assert ('fsync', st.st_ino, st.st_size, False) in events[:i_rep]
+    # and the folder is synced after the rename, making the rename itself durable
+    dir_ino = os.stat(tmp_path).st_ino
+    assert any(e[0] == 'fsync' and e[1] == dir_ino and e[3] for e in events[i_rep + 1:])
+    assert load_checkpoint(str(p))['trainer']['w'].sum() == 1000
+
+
+def test_remove_stale_tmp_only_removes_this_hosts_temporary_files(tmp_path):
+    host = socket.gethostname()
+    other = 'another-node-7' if host != 'another-node-7' else 'yet-another-node'
+    mine = tmp_path / f'.ar-ckpt-last.pth.tmp-{host}-4242'
+    theirs = tmp_path / f'.ar-ckpt-last.pth.tmp-{other}-4242'  # another node's save, possibly in flight
+    ckpt = tmp_path / 'ar-ckpt-last.pth'
+    for f in (mine, theirs, ckpt):
+        f.write_bytes(b'partial')
+    assert remove_stale_tmp(str(tmp_path)) == [str(mine)]
+    assert not mine.exists() and theirs.exists() and ckpt.exists()
 
 
 def test_auto_resume_prefers_the_newest_and_falls_back_when_it_is_broken(tmp_path):

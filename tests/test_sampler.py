@@ -90,6 +90,21 @@ def test_augmentation_seeds_do_not_depend_on_the_number_of_ranks():
     assert len(set(seeds)) == len(seeds)
 
 
+@pytest.mark.parametrize('fill_last', [False, True])
+def test_repeated_aug_repeats_each_of_the_first_samples_consecutively(fill_last):
+    N, glb, r = 10, 4, 3
+    s = DistInfiniteBatchSampler(1, 0, N, glb, repeated_aug=r, fill_last=fill_last)
+    order = s.epoch_order(2).tolist()
+    perm = DistInfiniteBatchSampler(1, 0, N, glb).epoch_order(2).tolist()
+    first = perm[:-(-N // r)]  # the first ceil(N/r) indices of the permutation, each repeated r times in a row
+    assert len(order) == len(s) * glb == 12
+    assert order == [i for i in first for _ in range(r)]
+    assert all(order[k] == order[k + 1] == order[k + 2] for k in range(0, 12, 3))
+    flat = [i for b in take(DistInfiniteBatchSampler(1, 0, N, glb, repeated_aug=r, fill_last=fill_last,
+                                                     start_ep=2), len(s)) for i in b]
+    assert flat == order
+
+
 def test_eval_sampler_covers_each_index_once():
     ds = list(range(23))
     parts = [list(EvalDistributedSampler(ds, 4, r)) for r in range(4)]

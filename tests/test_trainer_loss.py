@@ -1,0 +1,114 @@
+"""The train loss of VARTrainer (spec section 6.6/6.7) and the validation metrics of eval_ep (spec section 8.1),
+checked against a hand computation on the very logits the trainer saw."""
+import pytest
+import torch
+
+from trainer import VARTrainer
+from utils.amp_sc import AmpOptimizer
+
+
+def make_trainer(vae, var, label_smooth=0.0):
+    opt = torch.optim.SGD(var.parameters(), lr=0.0)
+    amp = AmpOptimizer(opt, list(var.parameters()), 'cpu', grad_clip=0.0)
+    return VARTrainer(torch.device('cpu'), var.patch_nums, [16 * p for p in var.patch_nums], vae, var, var, amp,
+                      label_smooth)
+
+
+def capture_logits(var):
+    """Record every logits_BLV VAR's forward returns."""
+    seen = []
+    handle = var.register_forward_hook(lambda m, i, out: seen.append(out.detach().clone()))
+    return seen, handle
+
+
+def token_ce(logits_BLV, gt_BL, eps):
+    """Per-token label-smoothed cross-entropy, written out: (1-eps)*(-log p[gt]) + eps * mean_v(-log p[v])."""
+    logp = logits_BLV.double().log_softmax(dim=-1)
+    nll = -logp.gather(-1, gt_BL.unsqueeze(-1)).squeeze(-1)
+    return (1 - eps) * nll + eps * (-logp.mean(dim=-1))
+
+
+@pytest.mark.parametrize('ls', [0.0, 0.1])
+def test_train_loss_is_the_per_image_sum_of_token_ce_over_L_averaged_over_the_batch(tiny_models, ls):
+    vae, var = tiny_models
+    trainer = make_trainer(vae, var, label_smooth=ls)
+    B, L = 3, trainer.L
+    gt_BL = torch.randint(0, trainer.V, (B, L), generator=torch.Generator().manual_seed(1))
+    label_B = torch.tensor([0, 4, 7])
+    seen, handle = capture_logits(var)
+    try:
+        out = trainer.train_step(False, gt_BL, label_B)
+    finally:
+        handle.remove()
+    assert len(seen) == 1 and seen[0].shape == (B, L, trainer.V)
+    tok_BL = token_ce(seen[0], gt_BL, ls)
+    expected = (tok_BL / L).sum(dim=1).mean()  # lw = 1/L, sum over tokens, mean over B
+    assert out['loss'].item() == pytest.approx(expected.item(), rel=1e-5)
+    if ls == 0:  # without smoothing that is just the mean token cross-entropy
+        assert out['loss'].item() == pytest.approx(tok_BL.mean().item(), rel=1e-5)
+    else:  # and smoothing really changes it
+        assert abs(out['loss'].item() - token_ce(seen[0], gt_BL, 0.0).mean().item()) > 1e-3
+
+
+def test_progressive_stage_warm_up_weights_only_the_current_scale(tiny_models):
+    vae, var = tiny_models
+    trainer = make_trainer(vae, var)
+    B, L = 2, trainer.L
+    gt_BL = torch.randint(0, trainer.V, (B, L), generator=torch.Generator().manual_seed(2))
+    label_B = torch.tensor([1, 2])
+    trainer.train_step(False, gt_BL, label_B, prog_si=1, prog_wp_it=4)  # first stage: no warm-up
+    seen, handle = capture_logits(var)
+    try:
+        out = trainer.train_step(False, gt_BL, label_B, prog_si=2, prog_wp_it=4)  # 1st iteration of a new stage
+    finally:
+        handle.remove()
+    wp = 0.25
+    assert out['prog_si'] == 2 and out['prog_wp'] == pytest.approx(wp)
+    bg, ed = trainer.begin_ends[2]
+    assert (bg, ed) == (5, 14) and seen[0].shape == (B, ed, trainer.V)
+    tok_Bl = token_ce(seen[0], gt_BL[:, :ed], 0.0)
+    w_l = torch.full((ed,), 1.0 / L, dtype=torch.float64)  # the full L, even in progressive mode
+    w_l[bg:ed] *= wp  # only the current scale's tokens are warmed up
+    expected = (tok_Bl * w_l).sum(dim=1).mean()
+    assert out['loss'].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_eval_ep_accuracy_and_losses_match_a_hand_computation(tiny_models):
+    vae, var = tiny_models
+    trainer = make_trainer(vae, var)
+    L, last_l, V = trainer.L, trainer.last_l, trainer.V
+    assert (L, last_l) == (30, 16)
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for B, keep in ((2, 0.6), (3, 0.3)):
+        label_B = torch.randint(0, 10, (B,), generator=g)
+        gt_BL = torch.randint(0, V, (B, L), generator=g)
+        force_BL = torch.rand(B, L, generator=g) < keep
+        # the logits of scale si depend only on the tokens of the scales before it (teacher forcing): setting scale
+        # by scale some tokens to the model's own argmax makes them correct predictions, so the accuracy is sizable
+        with torch.no_grad():
+            for bg, ed in trainer.begin_ends:
+                pred = var(label_B, trainer.tokenize(gt_BL)[1]).argmax(dim=-1)
+                gt_BL[:, bg:ed] = torch.where(force_BL[:, bg:ed], pred[:, bg:ed], gt_BL[:, bg:ed])
+        batches.append((gt_BL, label_B))
+
+    n_correct = n_tail = 0
+    L_mean = L_tail = 0.0
+    with torch.no_grad():
+        for gt_BL, label_B in batches:
+            logits = var(label_B, trainer.tokenize(gt_BL)[1])
+            hit_BL = logits.argmax(dim=-1) == gt_BL
+            n_correct += hit_BL.sum().item()
+            n_tail += hit_BL[:, -last_l:].sum().item()
+            B = gt_BL.shape[0]
+            L_mean += token_ce(logits, gt_BL, 0.0).mean().item() * B
+            L_tail += token_ce(logits[:, -last_l:], gt_BL[:, -last_l:], 0.0).mean().item() * B
+    tot = sum(b[0].shape[0] for b in batches)
+    assert n_correct > L  # the accuracy is far from 0 (a wrong normaliser would show)
+
+    vL_mean, vL_tail, acc_mean, acc_tail, n, _ = trainer.eval_ep(batches)
+    assert n == tot == 5
+    assert 0 <= acc_mean <= 100 and 0 <= acc_tail <= 100
+    assert acc_mean == pytest.approx(100 * n_correct / (tot * L), rel=1e-9)  # % of correct tokens
+    assert acc_tail == pytest.approx(100 * n_tail / (tot * last_l), rel=1e-9)
+    assert vL_mean == pytest.approx(L_mean / tot, rel=1e-5) and vL_tail == pytest.approx(L_tail / tot, rel=1e-5)
