@@ -77,6 +77,40 @@ def test_image_seed_is_a_pure_function():
     assert sample.image_seed(0, 3, 4) == sample.image_seed(0, 3, 4, 0) != sample.image_seed(1, 3, 4)
 
 
+def test_to_uint8_truncates_x_times_255():
+    """The demo's rule: x*255 in float32, then truncated toward 0 (not rounded), channels last."""
+    x = torch.tensor([0.0, 0.999, 1.0, 0.5, 0.3, 1 / 255, 0.0039])
+    img_B3HW = torch.stack([x, x.flip(0), x * 0.5]).view(1, 3, 1, -1)
+    out = sample.to_uint8_BHW3(img_B3HW)
+    assert out.dtype == np.uint8 and out.shape == (1, 1, 7, 3)
+    expected = np.floor(img_B3HW.numpy().astype(np.float32) * np.float32(255)).astype(np.uint8).transpose(0, 2, 3, 1)
+    assert np.array_equal(out, expected)
+    assert out[0, 0, :, 0].tolist() == [0, 254, 255, 127, 76, 1, 0]  # 254.7 -> 254, 127.5 -> 127, 0.99 -> 0
+    half = sample.to_uint8_BHW3(torch.full((1, 3, 1, 1), 0.999, dtype=torch.float16))  # widened first, then x255
+    assert half.tolist() == [[[[254, 254, 254]]]]
+
+
+def test_rejection_candidates_get_their_own_seeds(monkeypatch):
+    """Candidate k of image (c, i) is drawn with image_seed(seed, c, i, k): best-of-N compares N different images, and
+    candidate 0 is the image drawn without rejection."""
+    import argparse
+    calls = []
+
+    def fake_sample_uint8(var, labels, seeds, args):
+        calls.append((list(labels), list(seeds)))
+        return np.zeros((len(labels), 2, 2, 3), np.uint8)
+    monkeypatch.setattr(sample, 'sample_uint8', fake_sample_uint8)
+    classifier = lambda img_BHW3: torch.full((len(img_BHW3), 10), 0.1)  # noqa: E731
+    items = [(3, 0), (3, 1), (7, 0)]
+    args = argparse.Namespace(seed=5, rej_candidates=3)
+    sample.sample_items(None, items, args, classifier)
+    assert calls == [([3, 3, 7], [sample.image_seed(5, c, i, k) for c, i in items]) for k in range(3)]
+    assert len({s for _, seeds in calls for s in seeds}) == 9  # no two candidates (or images) share a seed
+    calls.clear()
+    sample.sample_items(None, items, args, None)
+    assert calls == [([3, 3, 7], [sample.image_seed(5, c, i, 0) for c, i in items])]
+
+
 # ------------------------------------------------------------------------------------------------------- grid mode
 def test_grid_png_matches_fid_images(tiny_ckpt, tmp_path):
     _main('--ckpt', tiny_ckpt, '--classes', '3,3,5,7', '--nrow', '2', '--bs', '2', '--out', tmp_path / 'grid.png')
@@ -256,6 +290,52 @@ def test_fid_refuses_a_file_name_as_out(tiny_ckpt, tmp_path):
         with pytest.raises(SystemExit, match=r'in fid mode --out names the folder .* use e\.g\. --out .*d16$'):
             _main('--ckpt', tiny_ckpt, *FID_ARGS, '--out', f'{tmp_path}/{name}')
     assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture(scope='module')
+def finished_fid(tiny_ckpt, tmp_path_factory):
+    """A finished FID export of 2 images (classes 0 and 1) with the default settings, and its command line."""
+    out = tmp_path_factory.mktemp('finished') / 'fid'
+    base = ['--ckpt', tiny_ckpt, '--mode', 'fid', '--classes', '0,1', '--per_class', '1', '--out', out]
+    _main(*base)
+    return out, base
+
+
+@pytest.mark.parametrize('flag, value, key', [
+    ('--top_p', '0.5', 'top_p'), ('--top_k', '5', 'top_k'), ('--cfg', '3', 'cfg'), ('--seed', '1', 'seed'),
+    ('--more_smooth', '1', 'more_smooth'), ('--per_class', '2', 'per_class'), ('--classes', '0,2', 'classes'),
+])
+def test_fid_refuses_to_resume_with_any_setting_that_changes_the_images(finished_fid, flag, value, key):
+    out, base = finished_fid
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    with pytest.raises(SystemExit, match=rf'another configuration \({key}: .* on disk, .* now\)'):
+        _main(*base, flag, value)  # the last occurrence of a flag wins
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+
+
+def test_fid_manifest_survives_a_failed_rewrite(tmp_path, monkeypatch):
+    """Each (re)start rewrites manifest.json; a write cut short (disk full, kill) must leave the previous one whole."""
+    import json
+    out, npz = str(tmp_path / 'fid'), str(tmp_path / 'fid.npz')
+    manifest = {'version': sample.MANIFEST_VERSION, 'seed': 0, 'cfg': 1.5, 'top_p': 0.96, 'classes': [0, 1]}
+    sample.prepare_out_dir(out, npz, manifest, set())
+    path = os.path.join(out, sample.MANIFEST)
+    original = open(path).read()
+    real_dump = json.dump
+
+    def dump_then_fail(obj, f, **kw):
+        f.write(json.dumps(obj, **kw)[:10])
+        f.flush()
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(json, 'dump', dump_then_fail)
+    with pytest.raises(OSError, match='No space left'):
+        sample.prepare_out_dir(out, npz, manifest, set())
+    assert open(path).read() == original
+    monkeypatch.setattr(json, 'dump', real_dump)
+    sample.prepare_out_dir(out, npz, manifest, set())  # the next start cleans up and goes on
+    assert sorted(os.listdir(out)) == [sample.MANIFEST]
+    with open(path) as f:
+        assert json.load(f) == manifest
 
 
 def test_fid_refuses_to_mix_configurations(tiny_ckpt, tmp_path):

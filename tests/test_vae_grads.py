@@ -65,7 +65,7 @@ def test_vq_loss_sends_only_the_commitment_term_to_the_encoder(beta):
 
 
 # ----------------------------------------------------------------------------------------- the trainer's two steps
-def _trainer(adaptive: bool, fp16: int = 0, dw: float = 0.3):
+def _trainer(adaptive: bool, fp16: int = 0, dw: float = 0.3, vq: float = 1.0, l1: float = 0.5, l2: float = 1.0):
     from models.vae_losses import PatchDiscriminator
     from trainer_vae import LossConfig, VQVAETrainer
     from utils.amp_sc import AmpOptimizer
@@ -74,13 +74,13 @@ def _trainer(adaptive: bool, fp16: int = 0, dw: float = 0.3):
     disc = PatchDiscriminator(3, ch=8, n_layers=2)
     vae_opt = AmpOptimizer(torch.optim.SGD(vae.parameters(), lr=0.0), list(vae.parameters()), 'cpu', fp16=fp16)
     disc_opt = AmpOptimizer(torch.optim.SGD(disc.parameters(), lr=0.0), list(disc.parameters()), 'cpu', fp16=fp16)
-    loss = LossConfig(l1=0.5, l2=1.0, vq=1.0, dw=dw, adaptive=adaptive, d_loss='hinge', disc_start_it=0)
+    loss = LossConfig(l1=l1, l2=l2, vq=vq, dw=dw, adaptive=adaptive, d_loss='hinge', disc_start_it=0)
     return VQVAETrainer(torch.device('cpu'), vae, vae, disc, disc, vae_opt, disc_opt, None, loss), vae, disc
 
 
-@pytest.mark.parametrize('adaptive', [False, True])
-def test_generator_loss_trains_only_the_vae_and_discriminator_loss_only_the_discriminator(adaptive):
-    trainer, vae, disc = _trainer(adaptive)
+@pytest.mark.parametrize('adaptive, vq', [(False, 1.0), (True, 1.0), (True, 0.5)])
+def test_generator_loss_trains_only_the_vae_and_discriminator_loss_only_the_discriminator(adaptive, vq):
+    trainer, vae, disc = _trainer(adaptive, vq=vq)
     inp = torch.rand(2, 3, 16, 16) * 2 - 1
     # the expected gradients, from a copy of the networks (forward passes update the usage EMA, not the outputs)
     vae_sd = {k: v.clone() for k, v in vae.state_dict().items()}
@@ -94,7 +94,7 @@ def test_generator_loss_trains_only_the_vae_and_discriminator_loss_only_the_disc
         w = (gn / (gg + 1e-4)).clamp(0, 1e4).detach()
     else:
         w = 1.0
-    total = nll + vq_loss + 0.3 * w * g_loss
+    total = nll + vq * vq_loss + 0.3 * w * g_loss  # the --vq weight scales the quantiser term
     exp_vae = torch.autograd.grad(total, list(vae.parameters()), retain_graph=True, allow_unused=True)
     d_loss = 0.5 * (F.relu(1 - disc(inp)).mean() + F.relu(1 + disc(rec.detach())).mean())
     exp_disc = torch.autograd.grad(d_loss, list(disc.parameters()))
@@ -103,6 +103,8 @@ def test_generator_loss_trains_only_the_vae_and_discriminator_loss_only_the_disc
     out = trainer.train_step(g_it=0, stepping=False, inp_B3HW=inp)  # accumulate only: the grads stay in .grad
     assert 'd_loss' in out and 'g_loss' in out
     torch.testing.assert_close(out['d_loss'], d_loss.detach())
+    torch.testing.assert_close(out['vq'], vq_loss.detach())
+    torch.testing.assert_close(out['loss'], total.detach())  # the reported loss is the one differentiated
     for (name, p), e in zip(vae.named_parameters(), exp_vae):
         if e is None:
             assert p.grad is None or not p.grad.any(), name
@@ -171,3 +173,25 @@ def test_discriminator_minimum_image_size():
         assert disc(torch.zeros(1, 3, side, side)).shape[-1] == 1
         with pytest.raises((RuntimeError, ValueError)):  # a kernel larger than its input, or a 1-value GroupNorm
             disc(torch.zeros(1, 3, side - 1, side - 1))
+
+
+def test_fp16_trainer_step_passes_the_loss_scale_to_the_adaptive_weight():
+    """A reconstruction gradient too small for fp16 (a small --l2 weight, as large images give) underflows unless the
+    adaptive weight takes its gradients of the scaled losses: with the GradScaler's scale, the trainer's d_weight under
+    fp16 matches the fp32 step's. (A one-convolution discriminator keeps the GAN gradient itself far from overflow.)"""
+    from utils.amp_sc import FP16_MAX_SCALE, AmpOptimizer
+    weights = {}
+    for fp16 in (0, 1):
+        trainer, _, _ = _trainer(adaptive=True, fp16=fp16, dw=1.0, l1=0.0, l2=1e-5)  # the same init both times
+        torch.manual_seed(0)
+        disc = torch.nn.Conv2d(3, 1, 4, stride=2, padding=1)
+        trainer.disc = trainer.disc_wo_ddp = disc
+        trainer.disc_opt = AmpOptimizer(torch.optim.SGD(disc.parameters(), lr=0.0), list(disc.parameters()), 'cpu',
+                                        fp16=fp16)
+        if fp16:
+            trainer.vae_opt.scaler = torch.amp.GradScaler('cpu', init_scale=FP16_MAX_SCALE)
+        torch.manual_seed(1)
+        out = trainer.train_step(g_it=0, stepping=False, inp_B3HW=torch.rand(2, 3, 16, 16) * 2 - 1)
+        weights[fp16] = out['d_weight'].item()
+    assert weights[0] > 0
+    assert weights[1] == pytest.approx(weights[0], rel=0.01)

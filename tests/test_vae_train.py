@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,6 +66,19 @@ def test_discriminator_losses_and_adaptive_weight():
     weight = adaptive_gan_weight((w * a).sum(), (w * b).sum(), w)
     assert weight.item() == pytest.approx(5.0 / (1.0 + 1e-4))
     assert adaptive_gan_weight((w * a).sum(), (w * 0).sum(), w, max_weight=7.0).item() == 7.0  # clamped
+
+
+def test_adaptive_weight_is_zero_when_a_gradient_is_not_finite():
+    """An inf or NaN gradient norm at the last layer (e.g. an fp16 overflow) gives weight 0, not the clamp's maximum or
+    NaN: the step then ignores the GAN term."""
+    from models.vae_losses import adaptive_gan_weight
+    w = torch.nn.Parameter(torch.ones(4))
+    finite = torch.tensor([3.0, 0, 4, 0])
+    inf, nan = torch.tensor([1.0, float('inf'), 0, 0]), torch.tensor([float('nan'), 1.0, 0, 0])
+    for a, b in ((inf, finite), (nan, finite), (finite, nan), (inf, inf)):  # (reconstruction, GAN) gradients
+        weight = adaptive_gan_weight((w * a).sum(), (w * b).sum(), w, max_weight=7.0)
+        assert weight.item() == 0.0, (a, b)
+    assert adaptive_gan_weight((w * finite).sum(), (w * inf).sum(), w).item() == 0.0  # 5 / inf
 
 
 def test_adaptive_weight_survives_fp16_with_the_loss_scale():
@@ -140,6 +154,25 @@ def test_psnr_ssim_and_phi_usage():
     assert phi_indices_used((1, 2, 3, 4, 6, 8), 4) == [0, 1, 2, 3]
 
 
+def test_ssim_matches_scikit_image_on_real_photos():
+    """Wang et al.'s SSIM as scikit-image computes it (Gaussian window sigma 1.5, 11 taps at its truncate=3.5,
+    population covariances, K1=0.01, K2=0.03, the border of half a window left out, channels averaged)."""
+    skdata = pytest.importorskip('skimage.data', reason='scikit-image provides the real test photos')
+    from skimage.metrics import structural_similarity
+    from models.vae_losses import ssim_per_image
+    rng = np.random.default_rng(0)
+    clean = np.stack([skdata.astronaut()[:96, 200:328], skdata.chelsea()[100:196, 150:278]]).astype(np.float64) / 255
+    noisy = np.clip(clean + rng.normal(0, 0.08, clean.shape), 0, 1)
+    dim = clean * 0.7 + 0.1  # a contrast and brightness change: the luminance term matters too
+    to_t = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).float()  # noqa: E731
+    for other in (noisy, dim):
+        ours = ssim_per_image(to_t(other), to_t(clean))
+        ref = [structural_similarity(c, o, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                     data_range=1.0, channel_axis=2) for c, o in zip(clean, other)]
+        assert 0.1 < min(ref) and max(ref) < 0.99  # far from both ends, where the constants matter
+        torch.testing.assert_close(ours, torch.tensor(ref, dtype=torch.float32), rtol=0, atol=2e-4)
+
+
 def test_dead_codes_are_reinitialised_from_latents_and_their_moments_reset():
     import models
     from trainer_vae import LossConfig, ReinitConfig, VQVAETrainer
@@ -155,12 +188,35 @@ def test_dead_codes_are_reinitialised_from_latents_and_their_moments_reset():
     dead = hits_V < 0.5
     assert dead.any()
     before = vae.quantize.embedding.weight.detach().clone()
+    state = opt.optimizer.state[vae.quantize.embedding.weight]
+    for key in ('exp_avg', 'exp_avg_sq'):  # unused codes have no gradient: give every row moments to be reset
+        state[key].copy_(torch.rand_like(state[key]) + 0.5)
+    moments = {key: state[key].clone() for key in ('exp_avg', 'exp_avg_sq')}
     n = tr.reinit_dead_codes(x)
     after = vae.quantize.embedding.weight.detach()
     assert n == int(dead.sum()) and tr.num_reinit >= n
     assert torch.equal(after[~dead], before[~dead]) and not torch.equal(after[dead], before[dead])
     assert (vae.quantize.ema_vocab_hit_SV.sum(0)[dead] >= 0.5 - 1e-6).all()  # not dead again at once
-    assert opt.optimizer.state[vae.quantize.embedding.weight]['exp_avg'][dead].abs().max() == 0
+    for key, m in moments.items():
+        assert not state[key][dead].any(), key  # the new codes start with fresh AdamW moments
+        assert torch.equal(state[key][~dead], m[~dead]), key  # the live codes keep theirs
+
+
+def test_dead_codes_are_reinitialised_at_the_end_of_every_rc_every_iterations_until_rc_until():
+    """--vq_reinit=k: after iterations k-1, 2k-1, ... (each k-th step, counting from 1), before iteration `until`;
+    only on iterations that end an accumulation cycle."""
+    import models
+    from trainer_vae import LossConfig, ReinitConfig, VQVAETrainer
+    from utils.amp_sc import AmpOptimizer
+    torch.manual_seed(0)
+    vae = models.VQVAE(vocab_size=32, z_channels=4, ch=32, ch_mult=(1, 2), v_patch_nums=(1, 2, 4), test_mode=False)
+    opt = AmpOptimizer(torch.optim.SGD(vae.parameters(), lr=0.0), list(vae.parameters()), 'cpu')
+    tr = VQVAETrainer(torch.device('cpu'), vae, vae, None, None, opt, None, None, LossConfig(),
+                      ReinitConfig(every=3, until=8, threshold=1e9), seed=0)  # every code counts as dead
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    done = [g_it for g_it in range(10) if 'reinit' in tr.train_step(g_it, True, x)]
+    assert done == [2, 5]  # not 8: that is past `until`
+    assert 'reinit' not in tr.train_step(5, False, x)  # mid-cycle: not yet
 
 
 # -------------------------------------------------------------------------------------------- real training runs
