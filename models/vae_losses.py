@@ -90,16 +90,27 @@ def adaptive_gan_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer
 
     It balances the adversarial gradient against the reconstruction gradient where both enter the decoder. Under fp16
     autocast pass the GradScaler's scale as `loss_scale`: both gradients are taken of the scaled losses (small
-    reconstruction gradients would otherwise underflow to 0 in fp16) and unscaled before the ratio. A non-finite
-    ratio (e.g. an fp16 overflow) gives 0: the step then ignores the GAN term instead of diverging. Under DDP each
-    rank takes the ratio of its own batch's gradients (as VQGAN's code does): the weights differ a little between
+    reconstruction gradients would otherwise underflow to 0 in fp16) and unscaled before the ratio; where a scaled
+    gradient overflows, it is taken again at a 16x smaller scale (down to 1). The step's own backward cannot report
+    that overflow to the GradScaler, so without the retry the GAN term would stay off for as long as the scale stays
+    high. A ratio that is still non-finite gives 0: the step then ignores the GAN term instead of diverging. Under DDP
+    each rank takes the ratio of its own batch's gradients (as VQGAN's code does): the weights differ a little between
     ranks, and the averaged gradient is that of the mean of the ranks' weighted losses.
     """
-    nll_grad = torch.autograd.grad(nll_loss * loss_scale, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss * loss_scale, last_layer, retain_graph=True)[0]
-    w = (nll_grad.float().norm() / loss_scale) / (g_grad.float().norm() / loss_scale + 1e-4)
+    nll_grad = _unscaled_grad(nll_loss, last_layer, loss_scale)
+    g_grad = _unscaled_grad(g_loss, last_layer, loss_scale)
+    w = nll_grad.norm() / (g_grad.norm() + 1e-4)
     w = torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0)
     return w.clamp(0.0, max_weight).detach()
+
+
+def _unscaled_grad(loss: torch.Tensor, weight: torch.Tensor, loss_scale: float) -> torch.Tensor:
+    """d loss / d weight in float32, taken of loss * loss_scale; the scale shrinks 16x while the result overflows."""
+    while True:
+        grad = torch.autograd.grad(loss * loss_scale, weight, retain_graph=True)[0].float()
+        if loss_scale <= 1.0 or bool(torch.isfinite(grad).all()):
+            return grad / loss_scale
+        loss_scale = max(loss_scale / 16, 1.0)
 
 
 # ------------------------------------------------------------------------------------------------------ perceptual

@@ -195,3 +195,20 @@ def test_fp16_trainer_step_passes_the_loss_scale_to_the_adaptive_weight():
         weights[fp16] = out['d_weight'].item()
     assert weights[0] > 0
     assert weights[1] == pytest.approx(weights[0], rel=0.01)
+
+
+def test_fp16_adaptive_weight_survives_an_overflowing_gan_gradient():
+    """At a high GradScaler scale the discriminator's fp16 backward overflows (here: the tiny patch discriminator at
+    2**15). The step's own backward cannot tell the scaler (the GAN term enters it with weight 0), so the adaptive
+    weight takes that gradient again at a smaller scale instead of turning the GAN term off."""
+    from utils.amp_sc import FP16_MAX_SCALE
+    weights = {}
+    for fp16 in (0, 1):
+        trainer, _, _ = _trainer(adaptive=True, fp16=fp16, dw=1.0)  # the same init both times
+        if fp16:
+            trainer.vae_opt.scaler = torch.amp.GradScaler('cpu', init_scale=FP16_MAX_SCALE)
+        torch.manual_seed(1)
+        out = trainer.train_step(g_it=0, stepping=False, inp_B3HW=torch.rand(2, 3, 16, 16) * 2 - 1)
+        weights[fp16] = out['d_weight'].item()
+    assert weights[0] > 0
+    assert weights[1] == pytest.approx(weights[0], rel=0.15)  # fp16 autocast moves the reconstruction a little
