@@ -60,6 +60,63 @@ def test_frechet_of_sample_statistics_singular_covariance():
     assert d == pytest.approx(16.0, abs=1e-6)
 
 
+def test_frechet_diagonal_closed_form_down_to_tiny_variances():
+    # Diagonal covariances: ||mu1 - mu2||^2 + sum(s1 + s2 - 2 sqrt(s1 s2)), variances from 10 down to 1e-6 (the
+    # products s1 s2 stay well above the round-off cut-off, 10 * 8 * eps, below which their roots are dropped).
+    s1 = np.array([10.0, 2.0, 0.3, 4e-2, 1e-4, 3e-6, 1e-6, 0.0])
+    s2 = np.array([1.0, 2.0, 1.2, 1e-2, 4e-4, 1e-6, 9e-6, 5e-5])
+    mu1, mu2 = np.linspace(-1.0, 1.0, 8), np.linspace(0.5, -0.5, 8)
+    expected = ((mu1 - mu2) ** 2).sum() + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum()
+    assert evaluate.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-12)
+    # The same in a rotated basis, and in units 1000x smaller (variances 1e-6 smaller): FID scales by 1e-6.
+    q = _random_rotation(8, 6)
+    rotated = evaluate.frechet_distance(q @ mu1, q @ np.diag(s1) @ q.T, q @ mu2, q @ np.diag(s2) @ q.T)
+    assert rotated == pytest.approx(expected, rel=1e-9)
+    c = 1e-3
+    small = evaluate.frechet_distance(c * mu1, c ** 2 * np.diag(s1), c * mu2, c ** 2 * np.diag(s2))
+    assert small == pytest.approx(c ** 2 * expected, rel=1e-9)
+    # Every product c^4 s1 s2 is below 1e-3: a fixed cut-off of 1e-3 would drop all of tr (S1 S2)^(1/2) here.
+    assert c ** 2 * (((mu1 - mu2) ** 2).sum() + (s1 + s2).sum()) > 1.5 * small
+
+
+def _frechet_of_samples(f1_ND: np.ndarray, f2_MD: np.ndarray) -> float:
+    """FID of two sample sets computed without any matrix square root: with A, B the centred samples, S1 S2 has the
+    non-zero eigenvalues of (A B^T)(A B^T)^T / ((N-1)(M-1)), so tr (S1 S2)^(1/2) = sum of the singular values of
+    A B^T / sqrt((N-1)(M-1)). Exact for rank-deficient covariances."""
+    a, b = f1_ND - f1_ND.mean(0), f2_MD - f2_MD.mean(0)
+    tr_covmean = np.linalg.svd(a @ b.T, compute_uv=False).sum() / np.sqrt((len(a) - 1) * (len(b) - 1))
+    diff = f1_ND.mean(0) - f2_MD.mean(0)
+    tr1, tr2 = (a ** 2).sum() / (len(a) - 1), (b ** 2).sum() / (len(b) - 1)
+    return float(diff @ diff + tr1 + tr2 - 2 * tr_covmean)
+
+
+@pytest.mark.parametrize('scale', [1.0, 1e-2])
+def test_frechet_rank_deficient_covariances(scale):
+    # 6 and 9 samples in 32 dimensions: covariances of rank 5 and 8, 24+ eigenvalues that are zero up to round-off.
+    # With features in units 100x smaller (scale 1e-2) the real eigenvalues are ~1e-4: a fixed cut-off (1e-3, say)
+    # would drop them, the relative one (largest eigenvalue * D * eps) keeps them.
+    rng = np.random.default_rng(5)
+    f1 = rng.standard_normal((6, 32)) * scale
+    f2 = (rng.standard_normal((9, 32)) * 1.5 + 0.3) * scale
+    stats1, stats2 = [(f.mean(0), np.cov(f, rowvar=False)) for f in (f1, f2)]
+    assert np.linalg.matrix_rank(stats1[1]) == 5 and np.linalg.matrix_rank(stats2[1]) == 8
+    expected = _frechet_of_samples(f1, f2)
+    got = evaluate.frechet_distance(*stats1, *stats2)
+    assert np.isfinite(got) and got > 0
+    assert got == pytest.approx(expected, rel=1e-9)
+    assert evaluate.frechet_distance(*stats2, *stats1) == pytest.approx(expected, rel=1e-9)
+    assert evaluate.frechet_distance(*stats1, *stats1) == pytest.approx(0, abs=1e-12 * expected)
+    try:
+        import scipy.linalg
+    except ImportError:  # scipy is no requirement of the project; the SVD form above is the exact reference
+        return
+    with np.errstate(all='ignore'):
+        covmean = scipy.linalg.sqrtm(stats1[1] @ stats2[1])  # the classic float64 route: complex, singular-warned
+    (mu1, sigma1), (mu2, sigma2) = stats1, stats2
+    classic = ((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean).real
+    assert got == pytest.approx(classic, rel=1e-6)
+
+
 def test_frechet_rejects_mismatched_statistics():
     with pytest.raises(ValueError, match='mismatched'):
         evaluate.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
@@ -107,6 +164,42 @@ def test_precision_recall_batching_matches_brute_force():
         assert evaluate.precision_recall(real, fake, batch=batch) == (pytest.approx(precision), pytest.approx(recall))
 
 
+def _knn_precision_recall(real_ND: np.ndarray, fake_MD: np.ndarray, k: int = 3):
+    """Kynkaanniemi et al. by brute force, one point at a time: a fake counts toward precision if it lies within the
+    k-NN radius (Euclidean, the centre itself not counted) of some real point; recall, roles swapped."""
+    def radii(x):  # each sorted row starts with the point itself at distance 0
+        return np.array([np.sort(np.linalg.norm(x - point, axis=1))[k] for point in x])
+
+    def coverage(points, centres):
+        r = radii(centres)
+        return float(np.mean([(np.linalg.norm(centres - point, axis=1) <= r).any() for point in points]))
+    return coverage(fake_MD, real_ND), coverage(real_ND, fake_MD)
+
+
+def _pr_case(name: str):
+    rng = np.random.default_rng(7)
+    if name == 'disjoint':  # two clouds 20 apart in 3-d
+        return rng.standard_normal((30, 3)), rng.standard_normal((25, 3)) + [20.0, 0.0, 0.0]
+    if name == 'partial':  # unit squares overlapping in 40% of their area, the reals denser
+        return rng.uniform(0, 1, (40, 2)), rng.uniform(0, 1, (24, 2)) + [0.6, 0.0]
+    # nested: fakes in the central 1x1 of a 4x4 square of reals -> inside the real manifold, covering little of it
+    return rng.uniform(-2, 2, (40, 2)), rng.uniform(-0.5, 0.5, (20, 2))
+
+
+@pytest.mark.parametrize('name', ['disjoint', 'partial', 'nested'])
+def test_precision_recall_against_brute_force(name):
+    real, fake = _pr_case(name)
+    precision, recall = _knn_precision_recall(real, fake)
+    if name == 'disjoint':
+        assert precision == recall == 0.0
+    elif name == 'partial':
+        assert 0.2 < precision < 0.8 and 0.2 < recall < 0.8 and abs(precision - recall) > 0.1
+    else:
+        assert precision == 1.0 and recall < 0.5
+    assert evaluate.precision_recall(real, fake) == (pytest.approx(precision), pytest.approx(recall))
+    assert evaluate.precision_recall(fake, real) == (pytest.approx(recall), pytest.approx(precision))
+
+
 def test_precision_recall_needs_more_than_k_points():
     with pytest.raises(ValueError, match='more than 3'):
         evaluate.precision_recall(np.zeros((3, 2)), np.zeros((10, 2)))
@@ -119,6 +212,50 @@ def test_inception_score_bounds():
     assert evaluate.inception_score(confident) == pytest.approx(7.0, rel=1e-6)
     # Consecutive splits, no shuffling: each split of 7 sees a single class -> every split scores 1.
     assert evaluate.inception_score(60.0 * np.eye(7)[np.arange(70) // 10], split_size=10) == pytest.approx(1.0)
+
+
+def _inception_scores(probs_NK: np.ndarray, split_size: int) -> np.ndarray:
+    """exp(mean_x KL(p(y|x) || p(y))) of each consecutive split (the last one may be shorter), p(y) its mean."""
+    scores = []
+    for start in range(0, len(probs_NK), split_size):
+        p = probs_NK[start:start + split_size]
+        p_y = p.mean(0)
+        kl = [sum(pi * np.log(pi / qi) for pi, qi in zip(row, p_y) if pi > 0) for row in p]
+        scores.append(np.exp(np.mean(kl)))
+    return np.array(scores)
+
+
+def test_inception_score_per_split_against_reference():
+    rng = np.random.default_rng(8)
+    probs = rng.dirichlet(np.full(6, 0.3), size=23)
+    probs[10:] = rng.dirichlet(np.full(6, 3.0), size=13)  # splits of 5: the later ones are far less confident
+    logits = np.log(probs) + rng.uniform(-1000, 1000, (23, 1))  # a per-row shift leaves the softmax unchanged
+    for split_size in (5, 7, 23, 100):
+        scores = _inception_scores(probs, split_size)
+        assert evaluate.inception_score(logits, split_size=split_size) == pytest.approx(scores.mean(), rel=1e-10)
+    scores = _inception_scores(probs, 5)  # splits of 5, 5, 5, 5 and 3 images, each with its own marginal
+    assert len(scores) == 5 and scores.std() > 0.2
+    assert scores.mean() != pytest.approx(_inception_scores(probs, 23)[0], rel=1e-2)
+    assert evaluate.inception_score(logits[:1], split_size=5) == pytest.approx(1.0)  # one image: p(y) = p(y|x)
+
+
+def test_inception_score_closed_forms():
+    K, eps = 5, 0.2
+    # Identical predictions: p(y|x) = p(y), every KL is 0.
+    p = np.random.default_rng(9).dirichlet(np.ones(K))
+    assert evaluate.inception_score(np.tile(np.log(p), (12, 1)), split_size=5) == pytest.approx(1.0, abs=1e-12)
+    # Soft predictions, 1 - eps on class i and eps / (K-1) elsewhere, spread evenly over the K classes: p(y) is
+    # uniform, so IS = exp(log K - H(p(y|x))) = K exp(-H).
+    soft = np.full((K, K), eps / (K - 1)) + (1 - eps - eps / (K - 1)) * np.eye(K)
+    entropy = -(1 - eps) * np.log(1 - eps) - eps * np.log(eps / (K - 1))
+    logits = np.log(soft[np.arange(3 * K) % K])
+    assert evaluate.inception_score(logits, split_size=K) == pytest.approx(K * np.exp(-entropy), rel=1e-12)
+    assert evaluate.inception_score(logits, split_size=3 * K) == pytest.approx(K * np.exp(-entropy), rel=1e-12)
+    # Splits of 8, 8 and 3: confident predictions over 4 classes (IS 4), one class only (IS 1), and 3 different
+    # classes (IS 3): the mean over splits, the short last split counting as a whole one, is 8/3.
+    onehot = 50.0 * np.eye(4)
+    logits = np.concatenate([onehot[np.arange(8) % 4], onehot[np.zeros(8, int)], onehot[[1, 2, 3]]])
+    assert evaluate.inception_score(logits, split_size=8) == pytest.approx(8 / 3, rel=1e-9)
 
 
 # ------------------------------------------------------------------------------------------------------- the pipeline
@@ -161,6 +298,24 @@ def test_pipeline_npz_and_folder(tmp_path):
     assert m_npz['fid_reference_statistics'] == 'recomputed'  # np.savez(arr_0=...) stores no mu/sigma
     for key in ('fid', 'inception_score', 'precision', 'recall', 'num_samples', 'num_ref'):
         assert m_dir[key] == pytest.approx(m_npz[key], rel=1e-6), key  # batch sizes 7 and 8: float32 round-off only
+
+
+def test_pipeline_precision_is_of_the_samples_recall_of_the_reference(tmp_path):
+    # A feature network that reads each image's top-left pixel: reals spread over the colour cube, samples in a small
+    # part of it, so precision (samples inside the real manifold) is 1 and recall low, never the other way round.
+    def pixel_features(img_B3HW):
+        return img_B3HW[:, :, 0, 0].float(), torch.zeros(len(img_B3HW), 4)
+    rng = np.random.default_rng(10)
+    real = rng.integers(0, 256, (40, 3))
+    fake = rng.integers(100, 140, (20, 3))
+    for name, feats in (('ref.npz', real), ('fake.npz', fake)):
+        imgs = _images(len(feats), 0, size=8)
+        imgs[:, 0, 0] = feats
+        np.savez(tmp_path / name, arr_0=imgs)
+    precision, recall = _knn_precision_recall(real.astype(float), fake.astype(float))
+    assert precision == 1.0 and recall < 0.5
+    metrics = evaluate.evaluate(str(tmp_path / 'fake.npz'), str(tmp_path / 'ref.npz'), pixel_features, batch_size=16)
+    assert (metrics['precision'], metrics['recall']) == (pytest.approx(precision), pytest.approx(recall))
 
 
 def test_fid_uses_the_stored_reference_statistics(tmp_path):
