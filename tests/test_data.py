@@ -88,3 +88,51 @@ def test_missing_folders_and_empty_classes_say_what_is_wrong(tmp_path):
     write_image(root / 'train' / 'class_99' / 'a.png', 0, 0)
     with pytest.raises(ValueError, match='missing in val'):
         build_dataset(str(root), 64)
+
+
+def test_val_transform_is_resize_then_center_crop(folder):
+    """Spec §7 val: Resize(shorter edge -> round(1.125·reso), LANCZOS) -> CenterCrop(reso) -> ToTensor -> x·2−1,
+    with mid_reso defaulting to 1.125 (64 px -> 72 px)."""
+    _, _, val_set = build_dataset(str(folder), 64)
+    path, label = val_set.samples[3]
+    img = Image.open(path).convert('RGB')
+    ref = transforms.Compose([transforms.Resize(72, interpolation=InterpolationMode.LANCZOS),
+                              transforms.CenterCrop(64), transforms.ToTensor()])(img) * 2 - 1
+    got, got_label = val_set[3]
+    assert got_label == label and torch.allclose(got, ref, atol=1e-6)
+    assert torch.equal(val_set[(3, 1)][0], val_set[(3, 2)][0])  # no randomness, whatever the seed
+
+
+def test_default_mid_reso_of_the_train_transform(folder):
+    """The train resize targets round(1.125·reso) by default; a crop of 64 from a 72 px edge has 9 offsets."""
+    _, train_set, _ = build_dataset(str(folder), 64)
+    img = Image.open(train_set.samples[0][0]).convert('RGB')
+    ref_tf = transforms.Compose([transforms.Resize(72, interpolation=InterpolationMode.LANCZOS),
+                                 transforms.RandomCrop(64), transforms.ToTensor()])
+    for seed in range(3):
+        torch.manual_seed(seed)
+        ref = ref_tf(img) * 2 - 1
+        torch.manual_seed(seed)
+        assert torch.allclose(train_set[0][0], ref, atol=1e-6)
+
+
+def test_an_empty_validation_class_is_reported(tmp_path):
+    root = make_image_folder(tmp_path / 'd', n_classes=2, n_train=1, n_val=1)
+    (root / 'train' / 'class_02').mkdir()
+    write_image(root / 'train' / 'class_02' / 'a.png', 2, 0)
+    (root / 'val' / 'class_02').mkdir()  # present in val, but without any image
+    with pytest.raises(FileNotFoundError, match=r'val/class_02 contains no image'):
+        build_dataset(str(root), 64)
+
+
+def test_an_unreadable_file_warns_once_but_every_failed_read_counts(tmp_path):
+    root = make_image_folder(tmp_path / 'd', n_classes=1, n_train=2, n_val=1)
+    (root / 'train' / 'class_00' / 'a_broken.png').write_bytes(b'nope')
+    _, train_set, _ = build_dataset(str(root), 64)
+    assert train_set.samples[0][0].endswith('a_broken.png')
+    with pytest.warns(UserWarning) as record:
+        a, b = train_set[(0, 7)], train_set[(0, 7)]
+    assert len([w for w in record if 'a_broken.png' in str(w.message)]) == 1
+    assert train_set.num_skipped == 2
+    sub = train_set[(1, 7)]  # the substitute is the next sample, with the same per-sample seed
+    assert torch.equal(a[0], sub[0]) and torch.equal(b[0], sub[0]) and a[1] == sub[1] == 0

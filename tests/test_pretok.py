@@ -293,3 +293,101 @@ def test_offline_without_a_tokenizer_path_is_a_clean_error(tokset, tmp_path):
                        text=True, timeout=150)
     assert r.returncode == 0, r.stderr[-3000:]
     assert set_files(tmp_path / 'tok_cwd') == set_files(out)
+
+
+# ------------------------------------------------------------------------- fast unit tests (no subprocess, no tokset)
+def test_token_dtype_holds_every_id_of_the_vocabulary():
+    assert pretok.token_dtype(4096) == np.uint16
+    assert pretok.token_dtype(65536) == np.uint16  # ids 0..65535 fit in uint16
+    assert pretok.token_dtype(65537) == np.int32
+
+
+def test_fingerprint_ignores_usage_statistics_but_not_weights(tiny_models):
+    vae, _ = tiny_models
+    fp = pretok.vae_fingerprint(vae)
+    with torch.no_grad():
+        vae.quantize.ema_vocab_hit_SV.add_(3.0)  # statistics only: the ids do not change
+        assert pretok.vae_fingerprint(vae) == fp
+        vae.quantize.embedding.weight[0, 0] += 1.0
+    assert pretok.vae_fingerprint(vae) != fp
+
+
+def _meta(**kw):
+    meta = {'format': pretok.FORMAT, 'patch_nums': [1, 2], 'vocab_size': 16, 'final_reso': 32, 'mid_reso': 1.125,
+            'variants': ['orig', 'hflip'], 'classes': ['a', 'b'], 'vae_fingerprint': 'f' * 64, 'vae_ckpt': 'v.pth',
+            'splits': {'train': {'n': 4, 'n_variants': 2, 'skipped': []},
+                       'val': {'n': 2, 'n_variants': 1, 'skipped': []}}}
+    meta.update(kw)
+    return meta
+
+
+def test_check_compatible_names_every_difference():
+    meta = _meta()
+    pretok.check_compatible(meta, 'set', (1, 2), 16, 'f' * 64, final_reso=32)
+    pretok.check_compatible(meta, 'set', [1, 2], 16, 'f' * 64)  # no image size given: not checked
+    with pytest.raises(ValueError) as e:
+        pretok.check_compatible(meta, 'set', (1, 2, 3), 32, 'e' * 64, final_reso=48)
+    msg = str(e.value)
+    assert 'patch_nums (1, 2) in the set, (1, 2, 3)' in msg and 'vocab_size 16 in the set, 32' in msg
+    assert 'image size 32 in the set, 48' in msg and 'another tokenizer' in msg
+    for kw, what in ((dict(final_reso=48), 'image size'), (dict(fingerprint='e' * 64), 'another tokenizer')):
+        args = dict(patch_nums=(1, 2), vocab_size=16, fingerprint='f' * 64, final_reso=32)
+        args.update(kw)
+        with pytest.raises(ValueError, match=what):
+            pretok.check_compatible(meta, 'set', **args)
+
+
+def _write_set(root: Path, meta, n_labels=None):
+    """A synthetic token set: token value = 100·variant + 10·sample + position (distinct per row)."""
+    root.mkdir(parents=True, exist_ok=True)
+    L = sum(p * p for p in meta['patch_nums'])
+    for split, info in meta['splits'].items():
+        n, nv = info['n'], info['n_variants']
+        tok = (100 * np.arange(nv)[None, :, None] + 10 * np.arange(n)[:, None, None] + np.arange(L)).astype(np.uint16)
+        paths = pretok.split_paths(str(root), split)
+        np.save(paths['tokens'], tok)
+        np.save(paths['labels'], np.arange(n if n_labels is None else n_labels, dtype=np.int64) % 2)
+    pretok.write_meta(str(root), meta)
+
+
+def test_synthetic_set_reads_rows_variants_and_refuses_inconsistent_files(tmp_path):
+    _write_set(tmp_path / 'ok', _meta())
+    n, train, val, _ = pretok.build_pretok_dataset(str(tmp_path / 'ok'), hflip=True)
+    assert n == 2 and len(train) == 4 and len(val) == 2
+    for seed in range(8):
+        g = torch.Generator()
+        g.manual_seed(seed)
+        variant = int(torch.rand(1, generator=g).item() < 0.5)  # TrainTransform's flip draw: variant 1 = flipped
+        ids, label = train[(3, seed)]
+        assert ids.tolist() == [100 * variant + 30 + j for j in range(5)] and label == 1
+    assert val[(1, 0)][0].tolist() == [10, 11, 12, 13, 14]
+    assert pretok.PretokenizedDataset(str(tmp_path / 'ok'), 'train')[2][0].tolist() == [20, 21, 22, 23, 24]
+
+    _write_set(tmp_path / 'few_labels', _meta(), n_labels=3)
+    with pytest.raises(ValueError, match='holds 3 labels, meta.json says 4'):
+        pretok.PretokenizedDataset(str(tmp_path / 'few_labels'), 'train')
+    _write_set(tmp_path / 'other_format', _meta(format='var-pretok-v0'))
+    with pytest.raises(ValueError, match='unknown format'):
+        pretok.read_meta(str(tmp_path / 'other_format'))
+    with pytest.raises(ValueError, match='unknown format'):
+        pretok.build_pretok_dataset(str(tmp_path / 'other_format'), hflip=False)
+
+
+def test_chunk_batches_cover_each_chunk_without_straddling():
+    import pretokenize
+    assert pretokenize.chunk_batches([0, 2], n=12, chunk=5, bs=2) == [[0, 1], [2, 3], [4], [10, 11]]
+    assert pretokenize.chunk_batches([1], n=12, chunk=5, bs=3) == [[5, 6, 7], [8, 9]]
+    all_batches = pretokenize.chunk_batches(range(3), n=12, chunk=5, bs=4)
+    assert sorted(i for b in all_batches for i in b) == list(range(12))
+
+
+def test_a_complete_set_ignores_another_chunk_size_but_refuses_another_crop(tokset, capsys):
+    """--chunk only splits the work: a finished set is complete whatever its value; --mid_reso changes the ids."""
+    import pretokenize
+    data, vae, out, _ = tokset
+    flags = [f'--data_path={data}', f'--vae_ckpt={vae}', f'--out={out}', f'--pn={TINY_PN}', '--hflip=1',
+             '--workers=0', '--tf32=0', '--device=cpu']
+    assert pretokenize.run(pretokenize.get_parser().parse_args(flags + ['--chunk=3', '--bs=2'])) == 0
+    assert 'complete already' in capsys.readouterr().out
+    with pytest.raises(FileExistsError, match=r'other settings \(mid_px, mid_reso\)'):
+        pretokenize.run(pretokenize.get_parser().parse_args(flags + ['--mid_reso=1.25']))
