@@ -91,8 +91,10 @@ def _strip_prefixes(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 def _find_state_dict(ckpt: Any, marker: str, candidates: Sequence[Tuple[str, ...]]) -> Optional[Dict[str, torch.Tensor]]:
-    if isinstance(ckpt, Mapping) and any(k.endswith(marker) for k in ckpt):
-        return _strip_prefixes(ckpt)
+    if isinstance(ckpt, Mapping) and all(isinstance(k, str) for k in ckpt):
+        plain = _strip_prefixes(ckpt)
+        if any(k.endswith(marker) for k in plain):  # a bare state dict, wrapped modules (e.g. a compiled encoder) too
+            return plain
     for path in candidates:
         node = ckpt
         for key in path:

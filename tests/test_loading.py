@@ -75,6 +75,11 @@ def test_compiled_submodule_keys_load(tiny_models, tmp_path):
     torch.save(sd, tmp_path / 'compiled.pth')
     loaded = load_vae_checkpoint(tmp_path / 'compiled.pth', patch_nums=(1, 2, 3, 4))
     assert torch.equal(loaded.decoder.conv_in.weight, vae.decoder.conv_in.weight)
+    # the submodule that holds the file's marker key (encoder.conv_in.weight) compiled on its own
+    sd = {k.replace('encoder.', 'encoder._orig_mod.', 1): v for k, v in vae.state_dict().items()}
+    torch.save(sd, tmp_path / 'compiled_encoder.pth')
+    loaded = load_vae_checkpoint(tmp_path / 'compiled_encoder.pth', patch_nums=(1, 2, 3, 4))
+    assert torch.equal(loaded.encoder.conv_in.weight, vae.encoder.conv_in.weight)
 
 
 def test_official_vae_path_prefers_explicit_then_working_directory_then_hub(tmp_path, monkeypatch):
