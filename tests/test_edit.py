@@ -1,5 +1,6 @@
 """Zero-shot editing (editing.py, edit.py) on a tiny 64px model: the kept tokens at every scale, the keep-everything
 round trip, per-variation seeds, the CLI on a real photo, and clear errors for bad input. CPU only."""
+import functools
 import math
 import os
 import re
@@ -221,6 +222,91 @@ def test_strip_layout(models_pair, photo):
     mask_panel = arr[:, 68:132, 0]
     assert mask_panel[:32, :32].min() == 255 and mask_panel[32:, 32:].max() == 0  # white = regenerated
     assert np.array_equal(arr[:, 2 * 68:2 * 68 + 64], np.asarray(editing.to_pil(res.images_n3HW[0])))
+
+
+def test_modes_map_the_region_to_the_keep_mask():
+    """inpaint and class-edit regenerate the region (keep = 1 - region); outpaint keeps it (keep = region)."""
+    region = editing.box_region(PATCH_NUMS, (0.0, 0.0, 0.5, 0.75))
+    assert region.int().tolist() == [[1, 1, 1, 0], [1, 1, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert torch.equal(editing.keep_mask_for(region, 'outpaint'), region)
+    assert torch.equal(editing.keep_mask_for(region, 'inpaint'), 1 - region)
+    assert torch.equal(editing.keep_mask_for(region, 'class-edit'), 1 - region)
+
+
+def test_mask_pixels_from_128_are_in_the_region():
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:16, :16] = 128  # token (0, 0): exactly the documented cut
+    mask[:16, 16:32] = 127  # token (0, 1): just below it
+    region = editing.mask_region(mask, PATCH_NUMS, image_size=(64, 64), model_size=64)
+    assert region[0].tolist() == [1, 0, 0, 0] and region[1:].sum() == 0
+
+
+def test_mask_coverage_is_measured_on_the_input_pixels():
+    # a 128x128 mask (the input's size) with three columns in four in the region: every token is 3/4 covered,
+    # whatever pixels the downscale to 64 px would pick
+    mask = np.zeros((128, 128), np.uint8)
+    mask[:, np.arange(128) % 4 != 3] = 255
+    at = functools.partial(editing.mask_region, mask, PATCH_NUMS, (128, 128), 64)
+    assert at(threshold=0.7).sum() == 16 and at(threshold=0.8).sum() == 0
+
+
+def test_to_pil_clamps_and_truncates():
+    img = torch.tensor([-0.5, 0.0, 0.999, 1.0, 1.7]).view(1, 1, 5).expand(3, 1, 5)
+    assert np.asarray(editing.to_pil(img))[0, :, 0].tolist() == [0, 0, 254, 255, 255]  # x*255 truncated
+
+
+def test_fit_to_model_centre_crops_portraits_too():
+    tall = Image.new('RGB', (100, 300), (255, 0, 0))
+    tall.paste((0, 0, 255), (0, 100, 100, 200))  # the middle third is blue
+    fitted = editing.fit_to_model(tall, 64)
+    assert fitted.size == (64, 64)
+    assert fitted.getpixel((32, 32)) == (0, 0, 255) and fitted.getpixel((32, 0))[2] > 200
+
+
+def test_strip_panels_exactly():
+    """Panels at x = i * (W + gap); the mask panel is the keep mask, nearest-upscaled to W, white = regenerated."""
+    H = W = 64
+    keep = torch.tensor([[1., 0, 1, 1], [0, 0, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]])
+    inp = torch.rand(3, H, W, generator=torch.Generator().manual_seed(0))
+    edits = torch.rand(2, 3, H, W, generator=torch.Generator().manual_seed(1))
+    arr = np.asarray(editing.comparison_strip(inp, keep, edits, gap=5))
+    assert arr.shape == (H, 4 * W + 3 * 5, 3)
+    mask_panel = np.kron(1 - keep.numpy(), np.ones((16, 16))) * 255
+    panels = [np.asarray(editing.to_pil(inp)), np.repeat(mask_panel[..., None], 3, 2)] + \
+        [np.asarray(editing.to_pil(e)) for e in edits]
+    for i, panel in enumerate(panels):
+        assert np.array_equal(arr[:, i * (W + 5):i * (W + 5) + W], panel), i
+        if i:
+            assert (arr[:, i * (W + 5) - 5:i * (W + 5)] == 255).all()  # the white gap
+
+
+def test_zero_mask_threshold_is_refused(tmp_path, tiny_ckpt, photo):
+    with pytest.raises(ValueError, match=r'mask_threshold must lie in \(0, 1\]'):
+        editing.mask_region(np.zeros((64, 64), np.uint8), PATCH_NUMS, (64, 64), 64, threshold=0)
+    image = tmp_path / 'cat.png'
+    photo.save(image)
+    with pytest.raises(SystemExit, match=r'--mask_threshold must lie in \(0, 1\]'):
+        _cli('--ckpt', tiny_ckpt, '--image', image, '--mask_threshold', 0, '--out_dir', tmp_path / 'out')
+
+
+def test_cli_passes_its_settings_to_the_library(tmp_path, tiny_ckpt, photo, monkeypatch):
+    image, mask = tmp_path / 'cat.png', tmp_path / 'mask.png'
+    photo.save(image)
+    Image.new('L', photo.size, 0).save(mask)
+    seen = {}
+
+    def fake_edit(vae, var, img, **kwargs):
+        seen.update(kwargs, image=img)
+        raise ValueError('stop here')
+    monkeypatch.setattr(editing, 'zero_shot_edit', fake_edit)
+    with pytest.raises(SystemExit, match='stop here'):
+        _cli('--ckpt', tiny_ckpt, '--image', image, '--mode', 'outpaint', '--mask', mask, '--mask_threshold', 0.3,
+             '--class_label', 4, '-n', 2, '--seed', 5, '--cfg', 1.5, '--top_k', 7, '--top_p', 0.5,
+             '--more_smooth', 0, '--out_dir', tmp_path / 'out')
+    assert seen['image'] == str(image) and seen['mask'] == str(mask)
+    expected = dict(mode='outpaint', mask_threshold=0.3, class_label=4, num_samples=2, seed=5, cfg=1.5, top_k=7,
+                    top_p=0.5, more_smooth=False)
+    assert {k: seen[k] for k in expected} == expected
 
 
 # ------------------------------------------------------------------------------------------------ bad input
