@@ -77,7 +77,9 @@ def _cover_and_crop(width: int, height: int, size: int) -> Tuple[Tuple[int, int]
 
 
 def fit_to_model(img: Image.Image, size: int, resample: int = Image.Resampling.LANCZOS) -> Image.Image:
-    """Resize (shorter side -> `size`) and centre-crop to size x size, as the validation transform does."""
+    """Resize (shorter side -> `size`, the longer one rounded) and centre-crop to size x size. The official demo
+    takes images already at the model's size; unlike the validation transform this resizes straight to `size` (no
+    `mid_reso` margin), so the whole short side of the photo stays in view."""
     if img.size == (size, size):
         return img
     resized, box = _cover_and_crop(img.width, img.height, size)
