@@ -180,6 +180,7 @@ class Run:
         self.cut_cycle = CutCycle()  # an accumulation cycle that an epoch end cuts: checkpoints point at its start
         if ckpt:
             self._restore(ckpt, ckpt_path)
+            self.trainer.settle_ddp_buckets(cfg.batch_size)  # the first step reduces as the uninterrupted run's did
 
         # logs
         self.tb = TensorboardLogger(os.path.join(cfg.out_dir, cfg.tb_dir_name), enabled=dist.is_master(),

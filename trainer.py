@@ -94,6 +94,28 @@ class VARTrainer:
         x_BLCv_wo_first_l = self.quantize_local.idxBl_to_var_input(gt_idx_Bl)
         return gt_BL, x_BLCv_wo_first_l
 
+    def settle_ddp_buckets(self, batch_size: int) -> None:
+        """One throwaway synced backward through the DDP wrapper, for a run that resumes.
+
+        DDP reduces its first synced backward in one bucket and rebuilds its buckets, in the order the gradients
+        became ready, for every later one. With three or more ranks the two layouts add the ranks' gradients in
+        different orders, so a resumed run's first step would differ in round-off from the uninterrupted run's step
+        (which used the rebuilt layout). This backward of zero-weighted logits lets DDP rebuild first; the RNG states
+        are restored and the gradients dropped, so nothing else changes. No-op without DDP.
+        """
+        ddp = getattr(self.var, '_orig_mod', self.var)
+        if not isinstance(ddp, DDP):
+            return
+        Cvae = self.quantize_local.Cvae
+        first_l = self.patch_nums[0] ** 2
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == 'cuda' else []):
+            label_B = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+            x_BLCv = torch.zeros(batch_size, self.L - first_l, Cvae, device=self.device)
+            with self.var_opt.autocast():
+                logits_BLV = self.var(label_B, x_BLCv)
+            logits_BLV.float().sum().mul(0).backward()
+        self.var_opt.optimizer.zero_grad(set_to_none=True)
+
     def train_step(self, stepping: bool, inp: torch.Tensor, label_B: torch.Tensor, prog_si: int = -1,
                    prog_wp_it: float = 1.0, metrics: bool = False, details: bool = False) -> Dict[str, Any]:
         """One forward/backward (and optimizer step when `stepping`).

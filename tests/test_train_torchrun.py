@@ -50,3 +50,24 @@ def test_torchrun_two_processes_train_checkpoint_log_and_resume(tmp_path):
     assert '[auto-resume] loaded' in resumed.stdout
     assert read_steps(out) == read_steps(ref_out)
     assert_same_final_checkpoint(ref_out, out)
+
+
+def test_three_processes_resume_bit_for_bit(tmp_path):
+    """With three ranks the order in which DDP adds the gradients depends on its bucket layout, which it rebuilds after
+    the first synced backward: a resumed run settles its buckets first, so its steps equal the uninterrupted run's."""
+    data = make_image_folder(tmp_path / 'data', n_classes=3, n_train=6, n_val=1)
+    vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth', X4)
+    # global batch 6 = 3 ranks x 2: 3 iterations per epoch, 6 in all; a large lr so that round-off shows
+    flags = dict(patch_size=4, bs=6, ep=2, ckpt_every_iters=2, log_steps=1, tblr=0.5, hflip=1)
+    ref_out = tmp_path / 'reference'
+    ref = run_train(train_args(data, vae, ref_out, **flags), nproc=3, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out = tmp_path / 'interrupted'
+    argv = train_args(data, vae, out, **flags)
+    killed_at = kill_after_step(argv, out, step=2, nproc=3, timeout=300)
+    assert killed_at < 5, 'the kill came too late to test anything'
+    resumed = run_train(argv, nproc=3, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert '[auto-resume] loaded' in resumed.stdout
+    assert read_steps(out) == read_steps(ref_out)
+    assert_same_final_checkpoint(ref_out, out)
