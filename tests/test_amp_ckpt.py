@@ -33,13 +33,18 @@ def make_trainer(vae, var, lr=1e-3):
     return VARTrainer(torch.device('cpu'), var.patch_nums, [16 * p for p in var.patch_nums], vae, var, var, amp, 0.0)
 
 
-def test_clipping_returns_the_pre_clip_norm_and_steps_with_clipped_grads():
-    model, amp = linear_setup(clip=0.5)
+def _loss_with_known_grads(model):
+    """A loss on a random batch, the parameters before the step, its gradients and their total L2 norm."""
     x = torch.randn(8, 4)
     ref = [p.detach().clone() for p in model.parameters()]
     loss = model(x).pow(2).sum() * 10
     grads = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
-    norm = torch.cat([g.flatten() for g in grads]).norm().item()
+    return x, loss, ref, grads, torch.cat([g.flatten() for g in grads]).norm().item()
+
+
+def test_clipping_returns_the_pre_clip_norm_and_steps_with_clipped_grads():
+    model, amp = linear_setup(clip=0.5)
+    x, loss, ref, grads, norm = _loss_with_known_grads(model)
     grad_norm, scale_log2 = amp.backward_clip_step(loss, stepping=True)
     assert grad_norm == pytest.approx(norm, rel=1e-5) and norm > 0.5 and scale_log2 is None
     for p, p0, g in zip(model.parameters(), ref, grads):
@@ -109,11 +114,7 @@ def test_fp16_scale_of_exactly_32768_follows_the_normal_update():
 
 def test_without_clipping_the_true_norm_is_returned_and_non_finite_steps_are_still_skipped():
     model, amp = linear_setup(clip=0.0)
-    x = torch.randn(8, 4)
-    ref = [p.detach().clone() for p in model.parameters()]
-    loss = model(x).pow(2).sum() * 10
-    grads = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
-    norm = torch.cat([g.flatten() for g in grads]).norm().item()
+    x, loss, ref, grads, norm = _loss_with_known_grads(model)
     grad_norm, _ = amp.backward_clip_step(loss, stepping=True)
     assert norm > 2.0 and grad_norm == pytest.approx(norm, rel=1e-5)
     for p, p0, g in zip(model.parameters(), ref, grads):

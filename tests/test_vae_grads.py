@@ -175,40 +175,40 @@ def test_discriminator_minimum_image_size():
             disc(torch.zeros(1, 3, side - 1, side - 1))
 
 
-def test_fp16_trainer_step_passes_the_loss_scale_to_the_adaptive_weight():
-    """A reconstruction gradient too small for fp16 (a small --l2 weight, as large images give) underflows unless the
-    adaptive weight takes its gradients of the scaled losses: with the GradScaler's scale, the trainer's d_weight under
-    fp16 matches the fp32 step's. (A one-convolution discriminator keeps the GAN gradient itself far from overflow.)"""
+def _d_weights_fp32_fp16(one_conv_disc: bool = False, **loss_kw):
+    """The adaptive weight of one trainer step in fp32 and under fp16 at the GradScaler's cap 2**15, from the same
+    init and batch."""
     from utils.amp_sc import FP16_MAX_SCALE, AmpOptimizer
-    weights = {}
+    weights = []
     for fp16 in (0, 1):
-        trainer, _, _ = _trainer(adaptive=True, fp16=fp16, dw=1.0, l1=0.0, l2=1e-5)  # the same init both times
-        torch.manual_seed(0)
-        disc = torch.nn.Conv2d(3, 1, 4, stride=2, padding=1)
-        trainer.disc = trainer.disc_wo_ddp = disc
-        trainer.disc_opt = AmpOptimizer(torch.optim.SGD(disc.parameters(), lr=0.0), list(disc.parameters()), 'cpu',
-                                        fp16=fp16)
+        trainer, _, _ = _trainer(adaptive=True, fp16=fp16, dw=1.0, **loss_kw)
+        if one_conv_disc:
+            torch.manual_seed(0)
+            disc = torch.nn.Conv2d(3, 1, 4, stride=2, padding=1)
+            trainer.disc = trainer.disc_wo_ddp = disc
+            trainer.disc_opt = AmpOptimizer(torch.optim.SGD(disc.parameters(), lr=0.0), list(disc.parameters()),
+                                            'cpu', fp16=fp16)
         if fp16:
             trainer.vae_opt.scaler = torch.amp.GradScaler('cpu', init_scale=FP16_MAX_SCALE)
         torch.manual_seed(1)
         out = trainer.train_step(g_it=0, stepping=False, inp_B3HW=torch.rand(2, 3, 16, 16) * 2 - 1)
-        weights[fp16] = out['d_weight'].item()
-    assert weights[0] > 0
-    assert weights[1] == pytest.approx(weights[0], rel=0.01)
+        weights.append(out['d_weight'].item())
+    return weights
+
+
+def test_fp16_trainer_step_passes_the_loss_scale_to_the_adaptive_weight():
+    """A reconstruction gradient too small for fp16 (a small --l2 weight, as large images give) underflows unless the
+    adaptive weight takes its gradients of the scaled losses: with the GradScaler's scale, the trainer's d_weight under
+    fp16 matches the fp32 step's. (A one-convolution discriminator keeps the GAN gradient itself far from overflow.)"""
+    w32, w16 = _d_weights_fp32_fp16(one_conv_disc=True, l1=0.0, l2=1e-5)
+    assert w32 > 0
+    assert w16 == pytest.approx(w32, rel=0.01)
 
 
 def test_fp16_adaptive_weight_survives_an_overflowing_gan_gradient():
     """At a high GradScaler scale the discriminator's fp16 backward overflows (here: the tiny patch discriminator at
     2**15). The step's own backward cannot tell the scaler (the GAN term enters it with weight 0), so the adaptive
     weight takes that gradient again at a smaller scale instead of turning the GAN term off."""
-    from utils.amp_sc import FP16_MAX_SCALE
-    weights = {}
-    for fp16 in (0, 1):
-        trainer, _, _ = _trainer(adaptive=True, fp16=fp16, dw=1.0)  # the same init both times
-        if fp16:
-            trainer.vae_opt.scaler = torch.amp.GradScaler('cpu', init_scale=FP16_MAX_SCALE)
-        torch.manual_seed(1)
-        out = trainer.train_step(g_it=0, stepping=False, inp_B3HW=torch.rand(2, 3, 16, 16) * 2 - 1)
-        weights[fp16] = out['d_weight'].item()
-    assert weights[0] > 0
-    assert weights[1] == pytest.approx(weights[0], rel=0.15)  # fp16 autocast moves the reconstruction a little
+    w32, w16 = _d_weights_fp32_fp16()
+    assert w32 > 0
+    assert w16 == pytest.approx(w32, rel=0.15)  # fp16 autocast moves the reconstruction a little
