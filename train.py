@@ -200,13 +200,13 @@ class Run:
 
     def _restore(self, ckpt: Dict[str, Any], path: str) -> None:
         """Auto-resume: weights, optimizer, scaler, progressive state, best metrics and every rank's RNG."""
+        old_args = ckpt.get('args', {})
+        changed = {k: (old_args[k], v) for k, v in vars(self.args).items() if k in old_args and old_args[k] != v}
         mismatch = describe_mismatch(self.var_wo_ddp, ckpt['trainer']['var_wo_ddp'], 'VAR checkpoint')
         if mismatch:
-            old_args = ckpt.get('args', {})
-            changed = {k: (old_args[k], v) for k, v in vars(self.args).items()
-                       if k in old_args and old_args[k] != v and k != 'unknown_args'}
+            flags = {k: v for k, v in changed.items() if k != 'unknown_args'}
             raise ConfigError(f'{path} belongs to a run of another configuration, so this one cannot resume from it. '
-                              f'Flags that differ (that run, this one): {changed}. Pass that run\'s flags, or another '
+                              f'Flags that differ (that run, this one): {flags}. Pass that run\'s flags, or another '
                               f'--local_out_dir_path for a new run.\n{mismatch}')
         notes = self.trainer.load_state_dict(ckpt['trainer'], strict=False, skip_vae=True)
         rngs = ckpt.get('rng')
@@ -216,8 +216,6 @@ class Run:
             notes.append('the checkpoint was written with another number of processes: RNG states not restored, '
                          'the run continues but is not bit-identical to an uninterrupted one')
         self.best.update(ckpt.get('best', {}))
-        old_args = ckpt.get('args', {})
-        changed = {k: (old_args[k], v) for k, v in vars(self.args).items() if k in old_args and old_args[k] != v}
         if changed:
             notes.append(f'arguments changed since the checkpoint (old, new): {changed}')
         for note in notes:

@@ -94,6 +94,11 @@ class VARTrainer:
         x_BLCv_wo_first_l = self.quantize_local.idxBl_to_var_input(gt_idx_Bl)
         return gt_BL, x_BLCv_wo_first_l
 
+    def _ddp(self) -> Optional[DDP]:
+        """The DDP wrapper of the model (under torch.compile, the compiled module's inner one), or None."""
+        ddp = getattr(self.var, '_orig_mod', self.var)
+        return ddp if isinstance(ddp, DDP) else None
+
     def settle_ddp_buckets(self, batch_size: int) -> None:
         """One throwaway synced backward through the DDP wrapper, for a run that resumes.
 
@@ -103,14 +108,12 @@ class VARTrainer:
         (which used the rebuilt layout). This backward of zero-weighted logits lets DDP rebuild first; the RNG states
         are restored and the gradients dropped, so nothing else changes. No-op without DDP.
         """
-        ddp = getattr(self.var, '_orig_mod', self.var)
-        if not isinstance(ddp, DDP):
+        if self._ddp() is None:
             return
-        Cvae = self.quantize_local.Cvae
-        first_l = self.patch_nums[0] ** 2
+        var = self.var_wo_ddp
         with torch.random.fork_rng(devices=[self.device] if self.device.type == 'cuda' else []):
             label_B = torch.zeros(batch_size, dtype=torch.long, device=self.device)
-            x_BLCv = torch.zeros(batch_size, self.L - first_l, Cvae, device=self.device)
+            x_BLCv = torch.zeros(batch_size, var.L - var.first_l, var.Cvae, device=self.device)
             with self.var_opt.autocast():
                 logits_BLV = self.var(label_B, x_BLCv)
             logits_BLV.float().sum().mul(0).backward()
@@ -136,9 +139,8 @@ class VARTrainer:
         try:
             B, V = label_B.shape[0], self.V
             gt_BL, x_BLCv_wo_first_l = self.tokenize(inp)
-            ddp = getattr(self.var, '_orig_mod', self.var)  # under torch.compile, DDP is the wrapped module
-            no_sync = isinstance(ddp, DDP) and not stepping
-            with ddp.no_sync() if no_sync else contextlib.nullcontext():
+            ddp = self._ddp()
+            with ddp.no_sync() if ddp is not None and not stepping else contextlib.nullcontext():
                 with self.var_opt.autocast():
                     logits_BLV = self.var(label_B, x_BLCv_wo_first_l)
                     loss_BL = self.train_loss(logits_BLV.view(-1, V), gt_BL.view(-1)).view(B, -1)

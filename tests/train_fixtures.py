@@ -92,13 +92,19 @@ def run_train(argv: Sequence[str], nproc: int = 1, timeout: float = 150) -> subp
                           timeout=timeout)
 
 
-def parent_pid(pid: int) -> int:
-    """The parent of a live process (from /proc), or -1."""
+def _proc_stat(pid: int) -> List[str]:
+    """The fields of /proc/PID/stat after the command name (state, parent, ...), or [] once the process is gone."""
     try:
         with open(f'/proc/{pid}/stat') as f:
-            return int(f.read().rsplit(')', 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return -1
+            return f.read().rsplit(')', 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def parent_pid(pid: int) -> int:
+    """The parent of a live process (from /proc), or -1."""
+    fields = _proc_stat(pid)
+    return int(fields[1]) if len(fields) > 1 else -1
 
 
 def process_tree(pid: int) -> List[int]:
@@ -115,11 +121,8 @@ def process_tree(pid: int) -> List[int]:
 
 def is_running(pid: int) -> bool:
     """True while the process exists and is not a zombie."""
-    try:
-        with open(f'/proc/{pid}/stat') as f:
-            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
-    except OSError:
-        return False
+    fields = _proc_stat(pid)
+    return bool(fields) and fields[0] != 'Z'
 
 
 def kill_tree(pid: int) -> None:
