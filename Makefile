@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test
+.PHONY: install demo test test-fast lint
 install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -15,5 +15,13 @@ $(VENV)/.installed: requirements.txt
 demo: install
 	$(PY) -m demo.run_demo
 
-test: install
-	$(PY) -m pytest -q tests
+# everything: unit tests, real torchrun / script / kill runs, the notebooks (GPU tests skip without a GPU)
+test: install lint
+	$(PY) -m pytest -q
+
+# the inner loop: unit tests only (no real processes)
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(PY) -m ruff check .

@@ -15,12 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dist
 from utils.amp_sc import AmpOptimizer
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The plain module under DDP and/or torch.compile wrappers."""
-    module = module.module if isinstance(module, DDP) else module
-    return getattr(module, '_orig_mod', module)
+from utils.ddp import unwrap
 
 
 class VARTrainer:

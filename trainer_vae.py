@@ -17,8 +17,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import dist
 from models.vae_losses import (adaptive_gan_weight, d_loss_fn, dead_code_mask, g_loss_fn, psnr_per_image,
                                replacement_codes, ssim_per_image)
-from trainer import unwrap
 from utils.amp_sc import AmpOptimizer
+from utils.ddp import unwrap
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from utils.runtime import autocast_dtype
+
 FP16_INIT_SCALE = 2.0 ** 11
 FP16_GROWTH_INTERVAL = 1000
 FP16_MAX_SCALE = 32768.0
@@ -19,10 +21,6 @@ FP16_MAX_SCALE = 32768.0
 
 class NonFiniteError(RuntimeError):
     """Raised when too many consecutive steps had a non-finite loss or gradient."""
-
-
-def autocast_dtype(fp16: int) -> Optional[torch.dtype]:
-    return {0: None, 1: torch.float16, 2: torch.bfloat16}[fp16]
 
 
 class AmpOptimizer:

@@ -1,12 +1,14 @@
-"""Process-level run set-up shared by the trainers: seeds, TF32, the device of this rank, per-rank generators, and
-the graceful stop on SIGINT / SIGTERM."""
+"""Process-level run set-up shared by the trainers and the scripts: seeds, TF32, the device of this rank, the
+autocast dtype of the `--fp16` flag, per-rank generators, and the graceful stop on SIGINT / SIGTERM.
+
+This is the one source of these facts: every script and trainer asks here (see docs/architecture.md)."""
 import contextlib
 import random
 import signal
 import sys
 import threading
 import time
-from typing import Callable, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional
 
 import numpy as np
 import torch
@@ -29,7 +31,25 @@ def seed_everything(seed: Optional[int], rank: int, world_size: int, benchmark: 
     torch.cuda.manual_seed_all(s)
 
 
+# The `--fp16` flag of every script and trainer (official): 0 float32, 1 float16 autocast, 2 bfloat16 autocast.
+FP16_DTYPES: Dict[int, Optional[torch.dtype]] = {0: None, 1: torch.float16, 2: torch.bfloat16}
+
+
+def autocast_dtype(fp16: int) -> Optional[torch.dtype]:
+    """The autocast dtype of `--fp16` (None: float32, no autocast)."""
+    return FP16_DTYPES[fp16]
+
+
+def autocast_context(fp16: int, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast for inference under `--fp16` on a CUDA device; the CPU stays in float32 (as the scripts always did)."""
+    dtype = autocast_dtype(fp16)
+    if dtype is None or device.type != 'cuda':
+        return contextlib.nullcontext()
+    return torch.autocast('cuda', dtype=dtype)
+
+
 def set_tf32(enabled: bool) -> None:
+    """TF32 for CUDA matmuls and convolutions on or off (a process-wide switch: scripts call it, imports never do)."""
     torch.backends.cudnn.allow_tf32 = enabled
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.set_float32_matmul_precision('high' if enabled else 'highest')

@@ -472,7 +472,7 @@ def test_a_zip_that_is_no_npz_is_named_plainly(tmp_path, monkeypatch):
 
 
 def test_help_shows_the_defaults():
-    from train_fixtures import assert_help_shows_defaults
+    from train_support import assert_help_shows_defaults
     assert_help_shows_defaults(evaluate.get_parser(), {'--batch_size': 100})
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY
+from support import TINY
 from models import build_vae_var
 from models.quant import PhiNonShared, PhiPartiallyShared, PhiShared
 

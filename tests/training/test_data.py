@@ -7,7 +7,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import InterpolationMode, transforms
 
-from train_fixtures import make_image_folder, write_image
+from train_support import make_image_folder, write_image
 from utils.data import TrainTransform, build_dataset
 
 

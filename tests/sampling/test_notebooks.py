@@ -13,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+import support
 from models import build_vae_var
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = support.ROOT
 NOTEBOOKS = ('demo_sample.ipynb', 'demo_zero_shot_edit.ipynb')
 TINY = dict(patch_nums=(1, 2, 3, 4), V=64, Cvae=8, ch=32, share_quant_resi=4, depth=2, num_classes=10)
 

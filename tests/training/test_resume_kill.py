@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from train_fixtures import (X4, assert_same_final_checkpoint, kill_after_step, make_image_folder, make_tiny_vae_ckpt,
+from train_support import (X4, assert_same_final_checkpoint, kill_after_step, make_image_folder, make_tiny_vae_ckpt,
                             read_steps, run_train, train_args)
 
 
@@ -95,7 +95,7 @@ def signal_after_step(cmd, out, step: int, send, timeout: float = 150):
     import subprocess
     import time
 
-    from train_fixtures import ROOT, cpu_env
+    from train_support import ROOT, cpu_env
     log_path = out.parent / f'{out.name}.signalled.log'
     with open(log_path, 'w') as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=cpu_env(), stdout=log, stderr=subprocess.STDOUT,
@@ -118,7 +118,7 @@ def test_ctrl_c_writes_a_checkpoint_and_rerun_gives_the_uninterrupted_losses(tmp
     import os
     import signal
 
-    from train_fixtures import train_cmd
+    from train_support import train_cmd
     data = make_image_folder(tmp_path / 'data', n_classes=3, n_train=8, n_val=2)
     vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth', X4)
     flags = dict(patch_size=4, bs=4, ep=2, fp16=1, hflip=1, log_steps=1)  # 6 iterations per epoch
@@ -146,7 +146,7 @@ def test_torchrun_job_stops_with_a_checkpoint(tmp_path, how):
 
     import torch
 
-    from train_fixtures import parent_pid, train_cmd
+    from train_support import parent_pid, train_cmd
     data = make_image_folder(tmp_path / 'data', n_classes=3, n_train=8, n_val=2)
     vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth', X4)
     out = tmp_path / 'ddp'

@@ -12,12 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
+import support
 import edit
 import editing
 from models import PATCH_NUMS as PRESET_PATCH_NUMS, build_vae_var
 from models.var import get_edit_mask
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(support.ROOT)
 TINY = dict(patch_nums=(1, 2, 3, 4), V=64, Cvae=8, ch=32, share_quant_resi=4, depth=2, num_classes=10)
 PATCH_NUMS = TINY['patch_nums']
 NO_FILTER = dict(top_k=0, top_p=0.0)
@@ -430,5 +431,5 @@ def test_cli_says_which_files_it_replaces(tmp_path, tiny_ckpt, photo, capsys):
 
 
 def test_help_shows_the_defaults():
-    from train_fixtures import assert_help_shows_defaults
+    from train_support import assert_help_shows_defaults
     assert_help_shows_defaults(edit.get_parser(), {'--cfg': 3.0, '--top_k': 900, '--top_p': 0.95, '--more_smooth': 1, '--depth': 36})

@@ -4,7 +4,7 @@ import contextlib
 import pytest
 import torch
 
-from conftest import requires_cuda
+from support import requires_cuda
 from models.basic_var import SelfAttention, optional_kernels
 from models.helpers import filter_top_k_top_p_, filter_top_k_top_p_partial_
 

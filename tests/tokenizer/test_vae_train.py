@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from train_fixtures import (ROOT, assert_same_final_checkpoint, cpu_env, free_port, kill_after_step, make_image_folder,
+from train_support import (ROOT, assert_same_final_checkpoint, cpu_env, free_port, kill_after_step, make_image_folder,
                             run_train, train_args)
 
 # A x4 tokenizer on 16x16 images: 3 scales (1, 2, 4), the 4th Phi unused (checks the DDP freezing of unused Phis).

@@ -15,7 +15,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 import models
-from train_fixtures import (ROOT, TINY_PN, cpu_env, free_port, make_image_folder, make_tiny_vae_ckpt, read_steps,
+from train_support import (ROOT, TINY_PN, cpu_env, free_port, make_image_folder, make_tiny_vae_ckpt, read_steps,
                             run_train, train_args, write_image)
 from utils import pretok
 from utils.data import ValTransform

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-ROOT = Path(__file__).resolve().parents[1]
+from support import ROOT
 TINY_VAE = dict(patch_nums=(1, 2, 3, 4), V=64, Cvae=8, ch=32, share_quant_resi=4, depth=2, num_classes=3)
 TINY_PN = '1_2_3_4'
 X16 = (1, 1, 2, 2, 4)  # the official x16 tokenizer layout: 64x64 images for these scales

@@ -3,7 +3,7 @@ import importlib.util
 
 import pytest
 
-from conftest import shared_path
+from support import shared_path
 
 CHECKS = ['load_state_dict', 'img_to_idxBl', 'idxBl_to_var_input', 'idxBl_to_img', 'img_to_reconstructed_img',
           'vae_forward', 'var_forward_logits', 'greedy_sample_cfg1.5', 'greedy_sample_cfg4.0', 'zero_shot_inpaint',

@@ -13,12 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
+import support
+
 import sample
 from models import build_vae_var
 from image_batches import evaluation_order, npz_tmp_path
 from rejection import sample_best_of
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(support.ROOT)
 TINY = dict(patch_nums=(1, 2, 3, 4), V=64, Cvae=8, ch=32, share_quant_resi=4, depth=2, num_classes=10)
 FID_ARGS = ['--mode', 'fid', '--per_class', '4', '--bs', '2', '--classes', '0,1,2,3,4,5,6,7,8,9']
 
@@ -67,7 +69,7 @@ def _pngs(folder):
 
 
 def test_help_shows_the_defaults():
-    from train_fixtures import assert_help_shows_defaults
+    from train_support import assert_help_shows_defaults
     assert_help_shows_defaults(sample.get_parser(), {'--cfg': 1.5, '--top_k': 900, '--top_p': 0.96, '--more_smooth': 0, '--per_class': 50})
 
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import shared_path
+from support import shared_path
 from models import PRESETS, build_vae_var
 
 

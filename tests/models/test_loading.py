@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import shared_path
+from support import shared_path
 from models import hub_download, infer_vae_config, infer_var_config, load_checkpoint_models, \
     load_pretrained, load_vae_checkpoint
 

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from benchmarks.common import print_table
-from train_fixtures import ROOT, cpu_env
+from train_support import ROOT, cpu_env
 
 
 def test_bench_data_runs_on_real_photos_and_writes_json(tmp_path):

@@ -1,13 +1,14 @@
 """lr / wd schedules against the official values (lr_schedule.pt), parameter groups, progressive stages."""
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
+import support
+
 from utils.lr_control import build_param_groups, lr_ratio, lr_wd_annealing, progressive_si, wd_value
 
-SHARED = Path(__file__).resolve().parents[1].parent / 'shared'
+SHARED = support.SHARED
 GOLDEN = SHARED / 'golden' / 'lr_schedule.pt'
 
 

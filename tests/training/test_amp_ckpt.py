@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from train_fixtures import ROOT, X16, cpu_env, make_image_folder, make_tiny_vae_ckpt, train_args
+from train_support import ROOT, X16, cpu_env, make_image_folder, make_tiny_vae_ckpt, train_args
 from trainer import VARTrainer
 from utils.amp_sc import AmpOptimizer, NonFiniteError
 from utils.ckpt import (CheckpointError, atomic_copy, atomic_save, auto_resume, find_checkpoints, load_checkpoint,
@@ -193,7 +193,7 @@ def test_trainer_progressive_stage_eval_and_state_round_trip(tiny_models):
     sd = trainer.state_dict()
     assert set(sd) == {'config', 'var_wo_ddp', 'vae_local', 'var_opt'} and 'vae_local' not in sd['var_wo_ddp']
     from models import build_vae_var
-    from conftest import TINY
+    from support import TINY
     vae2, var2 = build_vae_var(device='cpu', **TINY)
     other = make_trainer(vae2, var2)
     assert other.load_state_dict(sd) == []

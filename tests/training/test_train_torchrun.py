@@ -3,7 +3,7 @@ and TensorBoard events, and after a SIGKILL of the whole job (torchrun and its w
 losses and the same final checkpoint, bit for bit."""
 import json
 
-from train_fixtures import (X4, assert_same_final_checkpoint, kill_after_step, make_image_folder, make_tiny_vae_ckpt,
+from train_support import (X4, assert_same_final_checkpoint, kill_after_step, make_image_folder, make_tiny_vae_ckpt,
                             read_steps, run_train, train_args)
 from utils.ckpt import load_checkpoint
 

@@ -1,0 +1,25 @@
+"""Test helpers shared by every test folder: paths, the tiny model config and the `../shared` ground truth.
+
+Importable as `support` (pyproject.toml puts `tests/` on pytest's path); fixtures live in conftest.py.
+"""
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / 'shared'
+
+TINY = dict(patch_nums=(1, 2, 3, 4), V=64, Cvae=8, ch=32, share_quant_resi=4, depth=2, num_classes=10)
+
+
+def shared_path(*parts: str) -> Path:
+    """A file under ../shared, or skip: CI has it beside the checkout, a user's clone usually does not."""
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f'{p} is absent (the ground truth lives in ../shared beside the checkout)')
+    return p
+
+
+def requires_cuda():
+    return pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
