@@ -20,12 +20,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from benchmarks.common import machine, print_table, write_json
+from models.presets import PATCH_NUMS
 from utils import pretok
 from utils.data import SafeImageFolder, TrainTransform
 from utils.data_sampler import DistInfiniteBatchSampler
 
 PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'hubble_deep_field', 'retina', 'immunohistochemistry')
-PN_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
 
 def write_photo_folder(root: str, n: int) -> None:
@@ -47,14 +47,14 @@ def write_photo_folder(root: str, n: int) -> None:
 
 
 def write_token_set(root: str, n: int, hflip: bool) -> None:
-    L = sum(p * p for p in PN_256)
+    L = sum(p * p for p in PATCH_NUMS['256'])
     n_var = 2 if hflip else 1
     rng = np.random.default_rng(0)
     paths = pretok.split_paths(root, 'train')
     np.save(paths['tokens'], rng.integers(0, 4096, (n, n_var, L)).astype(np.uint16))
     np.save(paths['labels'], (np.arange(n) % 2).astype(np.int64))
     open(paths['files'], 'w').close()
-    pretok.write_meta(root, {'format': pretok.FORMAT, 'patch_nums': list(PN_256), 'vocab_size': 4096,
+    pretok.write_meta(root, {'format': pretok.FORMAT, 'patch_nums': list(PATCH_NUMS['256']), 'vocab_size': 4096,
                              'final_reso': 256, 'mid_reso': 1.125, 'variants': list(pretok.VARIANTS[:n_var]),
                              'classes': ['c0', 'c1'], 'vae_fingerprint': 'synthetic',
                              'splits': {'train': {'n': n, 'n_variants': n_var}}})

@@ -1,26 +1,22 @@
 """VAR models: the multi-scale VQVAE tokenizer and the next-scale-prediction transformer.
 
-`build_vae_var` keeps the official signature and defaults; `PRESETS` names the released models; loading of
-official and of this project's checkpoints lives in `models.loading` (re-exported here). Importing this package
-touches neither the network nor any global state.
+`build_vae_var` keeps the official signature and defaults; `models.presets` (re-exported here) is the one source
+of the patch-number presets, the released models and their Hub files; loading of official and of this project's
+checkpoints lives in `models.loading` (re-exported here); the fast sampling paths live in `models.engine`.
+Importing this package touches neither the network nor any global state.
 """
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from .inspect_ckpt import PATCH_NUMS, infer_vae_config, infer_var_config
+from .inspect_ckpt import infer_vae_config, infer_var_config
+from .loading import (HubDownloadError, hub_download, load_checkpoint_models, load_pretrained, load_vae_checkpoint,
+                      read_checkpoint)
+from .presets import (HUB_REPO_ID, OFFICIAL_DEPTHS, PATCH_NUMS, PRESETS, VAE_FILENAME, preset_config, var_filename,
+                      width_heads_drop_path)
 from .quant import VectorQuantizer2
 from .var import VAR
 from .vqvae import OFFICIAL_CH_MULT, VQVAE
-
-# The released checkpoints (FoundationVision/var on the Hugging Face Hub). Width = 64*depth, heads = depth.
-PRESETS: Dict[str, Dict[str, Any]] = {
-    'd16': dict(depth=16, patch_nums=PATCH_NUMS['256'], shared_aln=False),
-    'd20': dict(depth=20, patch_nums=PATCH_NUMS['256'], shared_aln=False),
-    'd24': dict(depth=24, patch_nums=PATCH_NUMS['256'], shared_aln=False),
-    'd30': dict(depth=30, patch_nums=PATCH_NUMS['256'], shared_aln=False),
-    'd36': dict(depth=36, patch_nums=PATCH_NUMS['512'], shared_aln=True),
-}
 
 
 def build_vae_var(device: Union[str, torch.device], patch_nums: Sequence[int] = PATCH_NUMS['256'], V: int = 4096,
@@ -38,9 +34,10 @@ def build_vae_var(device: Union[str, torch.device], patch_nums: Sequence[int] = 
     Returns (vae_local, var_wo_ddp). `var.build_config` holds these arguments (minus device) so that a
     checkpoint can rebuild the same model.
     """
-    width = embed_dim if embed_dim is not None else depth * 64
-    heads = num_heads if num_heads is not None else depth
-    dpr = drop_path_rate if drop_path_rate is not None else 0.1 * depth / 24
+    derived = width_heads_drop_path(depth)
+    width = embed_dim if embed_dim is not None else derived['embed_dim']
+    heads = num_heads if num_heads is not None else derived['num_heads']
+    dpr = drop_path_rate if drop_path_rate is not None else derived['drop_path_rate']
     with torch.device(device):
         vae_local = VQVAE(vocab_size=V, z_channels=Cvae, ch=ch, test_mode=True, share_quant_resi=share_quant_resi,
                           v_patch_nums=patch_nums, ch_mult=ch_mult)
@@ -59,17 +56,7 @@ def build_vae_var(device: Union[str, torch.device], patch_nums: Sequence[int] = 
     return vae_local, var_wo_ddp
 
 
-def preset_config(name_or_depth: Union[str, int]) -> Dict[str, Any]:
-    """`build_vae_var` arguments of a released model ('d16' or 16 ... 'd36')."""
-    name = name_or_depth if isinstance(name_or_depth, str) else f'd{name_or_depth}'
-    if name not in PRESETS:
-        raise ValueError(f'unknown model {name_or_depth!r}; released models: {", ".join(PRESETS)}')
-    return dict(PRESETS[name])
-
-
-from .loading import (HubDownloadError, hub_download, load_checkpoint_models, load_pretrained, load_vae_checkpoint,  # noqa: E402
-                      read_checkpoint)
-
 __all__ = ['VQVAE', 'VectorQuantizer2', 'VAR', 'build_vae_var', 'PRESETS', 'PATCH_NUMS', 'preset_config',
+           'OFFICIAL_DEPTHS', 'HUB_REPO_ID', 'VAE_FILENAME', 'var_filename',
            'infer_var_config', 'infer_vae_config', 'HubDownloadError', 'hub_download', 'load_pretrained',
            'load_vae_checkpoint', 'load_checkpoint_models', 'read_checkpoint']

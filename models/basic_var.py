@@ -5,7 +5,7 @@ Shape legend: B batch, L tokens, C width, D condition width, H heads, c head dim
 """
 import functools
 import math
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -14,7 +14,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .helpers import DropPath
 
-__all__ = ['FFN', 'SelfAttention', 'AdaLNSelfAttn', 'AdaLNBeforeHead', 'SharedAdaLin']
+__all__ = ['FFN', 'SelfAttention', 'AdaLNSelfAttn', 'AdaLNBeforeHead', 'SharedAdaLin', 'kv_caching', 'flex_block_mask']
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,6 +48,27 @@ def compiled_flex_attention() -> Callable:
     eagerly (slow). Not yet measured on a GPU: whether `dynamic=None` kernels are as fast.
     """
     return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _block_mask(patch_nums: tuple, ed: int, device: str) -> BlockMask:
+    from torch.nn.attention.flex_attention import create_block_mask
+    lvl_L = torch.cat([torch.full((pn * pn,), si, device=device) for si, pn in enumerate(patch_nums)])[:ed]
+
+    def block_causal(b, h, q_idx, kv_idx):
+        return lvl_L[q_idx] >= lvl_L[kv_idx]
+
+    return create_block_mask(block_causal, B=None, H=None, Q_LEN=ed, KV_LEN=ed, device=device)
+
+
+def flex_block_mask(patch_nums: Sequence[int], ed: int, device: Union[str, torch.device]) -> BlockMask:
+    """VAR's block-causal mask (position i sees j iff scale(i) >= scale(j)) of the first `ed` positions, as a
+    FlexAttention BlockMask whose fully masked tiles are skipped.
+
+    Built once per (scales, ed, device) and kept in this module, not on the model: the mask depends on nothing else.
+    Under torch.compile, build it eagerly first (e.g. for every `ed` of `VAR.begin_ends`), outside the compiled region.
+    """
+    return _block_mask(tuple(int(pn) for pn in patch_nums), int(ed), str(torch.device(device)))
 
 
 class FFN(nn.Module):
@@ -189,6 +210,12 @@ class SelfAttention(nn.Module):
     def extra_repr(self) -> str:
         kernel = 'flash_attn' if self.flash_attn_func is not None else ('xformers' if self.xformers_attn is not None else 'sdpa')
         return f'kernel={kernel}, l2_norm={self.attn_l2_norm}, heads={self.num_heads}'
+
+
+def kv_caching(blocks: Iterable[nn.Module], enable: bool, max_len: int = 0) -> None:
+    """Turn the KV cache of every block's attention on or off (see `SelfAttention.kv_caching`)."""
+    for b in blocks:
+        b.attn.kv_caching(enable, max_len)
 
 
 class SharedAdaLin(nn.Linear):

@@ -1,4 +1,4 @@
-"""CUDA-graph capture of VAR's per-scale inference steps (the `cuda_graph=True` sampling path).
+"""CUDA-graph capture of VAR's per-scale inference steps (the `cuda_graph=True` sampling path of `models.engine`).
 
 Every scale has static shapes (2B rows, pn*pn tokens, a KV cache that ends at the scale's end), so the whole
 transformer step of each scale -- all blocks and the head -- is captured once and replayed. The captured
@@ -8,10 +8,13 @@ the caller's generator). Under autocast the graphs read copies of the Linear wei
 dtype (`CastLinearWeights`) instead of casting every weight again at every replay.
 """
 import contextlib
-from typing import Iterator, List, Optional, Tuple
+import weakref
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+
+from .basic_var import kv_caching
 
 
 class CastLinearWeights:
@@ -59,12 +62,16 @@ def tensor_addresses(model: nn.Module) -> List[int]:
 
 
 class ScaleStepGraphs:
-    """Captured `VAR.scale_step` for each scale, for one batch size (2B rows) and autocast dtype."""
+    """The per-scale transformer step `step(x_BlC, cond_BD) -> logits` of a VAR captured for each scale, for one
+    batch size (2B rows) and autocast dtype.
 
-    def __init__(self, var, cond_BD: torch.Tensor, first_x: torch.Tensor, step=None,
-                 amp_dtype: Optional[torch.dtype] = None):
-        self.var = var
-        step = step or var.scale_step
+    The model is held by a weak reference: the graphs live in the engine's cache, which must not keep the model alive.
+    """
+
+    def __init__(self, var: nn.Module, cond_BD: torch.Tensor, first_x: torch.Tensor,
+                 step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], amp_dtype: Optional[torch.dtype] = None):
+        self._var = weakref.ref(var)
+        self.attns = [b.attn for b in var.blocks]
         B2, C = cond_BD.shape
         device = cond_BD.device
         self.static_cond = cond_BD.detach().clone()
@@ -85,12 +92,12 @@ class ScaleStepGraphs:
                     (self.cast.swapped_in() if self.cast is not None else contextlib.nullcontext()):
                 self._capture(var, step, device, B2)
         except BaseException:
-            var._kv_caching(False)  # a failed capture (e.g. out of memory) leaves no cache switched on
+            kv_caching(var.blocks, False)  # a failed capture (e.g. out of memory) leaves no cache switched on
             raise
 
     def _capture(self, var, step, device: torch.device, B2: int) -> None:
         # warm up on a side stream (allocates the persistent caches, picks kernels), then capture in order
-        var._kv_caching(True, var.L)
+        kv_caching(var.blocks, True, var.L)
         side = torch.cuda.Stream(device=device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
@@ -110,15 +117,16 @@ class ScaleStepGraphs:
                 self.logits_buf[:, :pn * pn].copy_(step(self.static_x[si], self.static_cond))
             self.static_logits.append(self.logits_buf[:, :pn * pn])
             self.graphs.append(g)
-        var._kv_caching(False)  # the model forgets the caches; the graphs keep writing into self.kv
+        kv_caching(var.blocks, False)  # the model forgets the caches; the graphs keep writing into self.kv
 
     def _rewind(self) -> None:
-        for b, (k, v) in zip(self.var.blocks, self.kv):
-            b.attn.cached_k, b.attn.cached_v, b.attn.cached_len = k, v, 0
+        for attn, (k, v) in zip(self.attns, self.kv):
+            attn.cached_k, attn.cached_v, attn.cached_len = k, v, 0
 
     def still_valid(self) -> bool:
         """False once any parameter or buffer of the model has moved (e.g. `load_state_dict(assign=True)`, `.to()`)."""
-        return tensor_addresses(self.var) == self.addresses
+        var = self._var()
+        return var is not None and tensor_addresses(var) == self.addresses
 
     def set_condition(self, cond_BD: torch.Tensor) -> None:
         """The condition of the next sampling run; also brings the cast weights up to date with the model."""

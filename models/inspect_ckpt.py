@@ -8,11 +8,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 
-PATCH_NUMS = {
-    '256': (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
-    '512': (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),
-    '1024': (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64),
-}
+from .presets import PATCH_NUMS
 
 
 def _count_indices(sd: Mapping[str, Any], pattern: str) -> int:

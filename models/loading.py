@@ -11,13 +11,11 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .inspect_ckpt import PATCH_NUMS, infer_vae_config, infer_var_config
+from .inspect_ckpt import infer_vae_config, infer_var_config
+from .presets import HUB_REPO_ID, NUM_CLASSES, OFFICIAL_DEPTHS, VAE_FILENAME, preset_config, var_filename, \
+    width_heads_drop_path
 from .var import VAR
 from .vqvae import VQVAE
-
-HUB_REPO_ID = 'FoundationVision/var'
-VAE_FILENAME = 'vae_ch160v4096z32.pth'
-OFFICIAL_DEPTHS = (16, 20, 24, 30, 36)
 
 _VAR_CONFIG_KEYS = ('num_classes', 'depth', 'embed_dim', 'num_heads', 'mlp_ratio', 'shared_aln', 'attn_l2_norm',
                     'patch_nums', 'drop_path_rate', 'cond_drop_rate')
@@ -169,19 +167,20 @@ def load_pretrained(depth: int, vae_path: Optional[str] = None, var_path: Option
                     local_files_only: bool = False) -> Tuple[VQVAE, VAR]:
     """The official (vae, var) pair for `depth` in eval mode; files come from local paths or the Hub.
 
-    d16-d30 use the 256 px scales; d36 the 512 px scales and shared AdaLN. Loading is strict.
+    The configuration is the preset's (`models.presets.PRESETS`: d16-d30 use the 256 px scales; d36 the 512 px
+    scales and shared AdaLN). Loading is strict.
     """
     if depth not in OFFICIAL_DEPTHS:
         raise ValueError(f'no official checkpoint of depth {depth}; released depths: {OFFICIAL_DEPTHS}')
-    patch_nums = PATCH_NUMS['512'] if depth == 36 else PATCH_NUMS['256']
+    preset = preset_config(depth)
+    patch_nums = preset['patch_nums']
     vae_path = vae_path or hub_download(VAE_FILENAME, cache_dir=cache_dir, local_files_only=local_files_only)
-    var_path = var_path or hub_download(f'var_d{depth}.pth', cache_dir=cache_dir, local_files_only=local_files_only)
+    var_path = var_path or hub_download(var_filename(depth), cache_dir=cache_dir, local_files_only=local_files_only)
     vae = load_vae_checkpoint(vae_path, device=device, patch_nums=patch_nums)
     var_sd = _var_state_dict(read_checkpoint(var_path))
     if var_sd is None:
         raise ValueError(f'{var_path} holds no VAR weights (no pos_1LC key)')
-    var_cfg = dict(depth=depth, embed_dim=64 * depth, num_heads=depth, num_classes=1000, shared_aln=depth == 36,
-                   attn_l2_norm=True, patch_nums=patch_nums, drop_path_rate=0.1 * depth / 24)
+    var_cfg = dict(num_classes=NUM_CLASSES, attn_l2_norm=True, **width_heads_drop_path(depth), **preset)
     return vae, load_var_weights(vae, var_sd, device=device, var_config=var_cfg)
 
 

@@ -1,42 +1,32 @@
-# Implements VAR, next-scale prediction (arXiv 2404.02905, sections 3-4), per VAR_SPEC.md §3-5.
+# Implements VAR, next-scale prediction (arXiv 2404.02905, sections 3-4).
 """VAR: a class-conditional, block-causal transformer over the token maps of all scales.
 
 Shape legend: B batch, L tokens of all scales, l tokens of one scale, C width, D condition width (= C),
 V vocabulary, Cvae code width, H heads, h/w one scale's side, si scale index, S number of scales.
 
-Training fast path: `attn_impl = 'flex'` replaces the dense additive block-causal mask by a FlexAttention
-BlockMask (fully masked tiles are skipped); default 'sdpa' is the official path.
-
-Sampling fast paths (all numerically equal to the plain path in float32, see tests/test_var_fast.py):
-`kv_cache='prealloc'` writes each scale's keys/values into a preallocated cache instead of concatenating, and
-`partial_sort=True` runs the top-p sort over the top-k survivors only, and `cuda_graph=True` replays captured
-CUDA graphs of the per-scale transformer steps (static shapes per scale).
+The class is the model only: the official constructor, `init_weights`, `get_logits`, `forward` and
+`autoregressive_infer_cfg` (the sampling loop, written scale by scale as in the paper). Everything that makes
+sampling fast, and the caches it needs, lives beside it in `models.engine` (KV-cache modes, compiled steps, CUDA
+graphs, chunked decode); the FlexAttention block masks of training (`attn_impl = 'flex'`) are cached in
+`models.basic_var.flex_block_mask`.
 """
 import math
 import numbers
 from functools import partial
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .basic_var import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
+from .basic_var import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, flex_block_mask
+from .engine import autocast_dtype, sampling_engine
 from .helpers import gumbel_softmax_with_rng, sample_with_top_k_top_p_
 from .inspect_ckpt import describe_mismatch, describe_var_fit
 from .vqvae import VQVAE
 
-GRAPH_DECODE_CHUNK = 16  # images per decoder call on the CUDA-graph path
-
 __all__ = ['VAR', 'AdaLNSelfAttn', 'sample_with_top_k_top_p_', 'gumbel_softmax_with_rng', 'get_edit_mask',
-           'replace_embedding']
-
-
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The dtype autocast is running in on this device type, or None when autocast is off."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
+           'replace_embedding', 'sample_codes']
 
 
 def get_edit_mask(patch_nums: Sequence[int], y0: float, x0: float, y1: float, x1: float,
@@ -54,7 +44,8 @@ def get_edit_mask(patch_nums: Sequence[int], y0: float, x0: float, y1: float, x1
     return edit_mask
 
 
-def replace_embedding(edit_mask: torch.Tensor, h_BChw: torch.Tensor, gt_BChw: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+def replace_embedding(edit_mask: torch.Tensor, h_BChw: torch.Tensor, gt_BChw: torch.Tensor, ph: int,
+                      pw: int) -> torch.Tensor:
     """Keep ground-truth codes where the mask (resized bilinearly to ph x pw, > 0.5) says so.
 
     Scales of at most 3 tokens always take the ground truth (official procedure).
@@ -68,6 +59,22 @@ def replace_embedding(edit_mask: torch.Tensor, h_BChw: torch.Tensor, gt_BChw: to
     if ph * pw <= 3:
         force_gt_B1hw.fill_(1)
     return gt_BChw * force_gt_B1hw + h_BChw * (1 - force_gt_B1hw)
+
+
+def sample_codes(logits_BlV: torch.Tensor, ratio: float, embedding: nn.Embedding, rng, top_k: int, top_p: float,
+                 more_smooth: bool, partial_sort: bool = False) -> torch.Tensor:
+    """One scale's codes (B, l, Cvae) from its CFG-combined logits, at sampling progress ratio = si / (S - 1).
+
+    Hard: top-k/top-p filtered sampling, then the codebook rows. more_smooth: a Gumbel softmax of the filtered logits
+    times (1 + ratio) at temperature max(0.27 (1 - 0.95 ratio), 0.005), mixing the codebook rows (official).
+    """
+    idx_Bl = sample_with_top_k_top_p_(logits_BlV, rng=rng, top_k=top_k, top_p=top_p, num_samples=1,
+                                      partial_sort=partial_sort)[:, :, 0]
+    if not more_smooth:
+        return embedding(idx_Bl)
+    gum_t = max(0.27 * (1 - ratio * 0.95), 0.005)
+    return gumbel_softmax_with_rng(logits_BlV.mul(1 + ratio), tau=gum_t, hard=False, dim=-1, rng=rng) \
+        @ embedding.weight.unsqueeze(0)
 
 
 class VAR(nn.Module):
@@ -101,9 +108,6 @@ class VAR(nn.Module):
         self.drop_path_rate = drop_path_rate
         self.using_fused_add_norm_fn = False
         self.attn_impl = 'sdpa'  # training attention: 'sdpa' (dense additive mask, official) or 'flex'
-        self._block_masks = {}
-        self._graph_cache = {}
-        self._compiled_step = None
         self._rng: Optional[torch.Generator] = None
         self._uniform_prob: Optional[torch.Tensor] = None
 
@@ -125,7 +129,10 @@ class VAR(nn.Module):
         self.lvl_embed = nn.Embedding(len(self.patch_nums), self.C)
         nn.init.trunc_normal_(self.lvl_embed.weight.data, mean=0, std=init_std)
         # 4. backbone blocks
-        self.shared_ada_lin = nn.Sequential(nn.SiLU(inplace=False), SharedAdaLin(self.D, 6 * self.C)) if shared_aln else nn.Identity()
+        if shared_aln:
+            self.shared_ada_lin = nn.Sequential(nn.SiLU(inplace=False), SharedAdaLin(self.D, 6 * self.C))
+        else:
+            self.shared_ada_lin = nn.Identity()
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device='cpu')]
         self.blocks = nn.ModuleList([
@@ -137,7 +144,8 @@ class VAR(nn.Module):
             for block_idx in range(depth)
         ])
         # 5. block-causal mask: position i sees j iff scale(i) >= scale(j)
-        d_1L1 = torch.cat([torch.full((pn * pn,), i, device='cpu') for i, pn in enumerate(self.patch_nums)]).view(1, self.L, 1)
+        d_L = torch.cat([torch.full((pn * pn,), i, device='cpu') for i, pn in enumerate(self.patch_nums)])
+        d_1L1 = d_L.view(1, self.L, 1)
         dT_11L = d_1L1.transpose(1, 2)
         self.register_buffer('lvl_1L', dT_11L[:, 0].contiguous().to(self.class_emb.weight.device))
         attn_bias = torch.where(d_1L1 >= dT_11L, 0.0, -torch.inf).reshape(1, 1, self.L, self.L)
@@ -169,7 +177,8 @@ class VAR(nn.Module):
                     m.weight.data.fill_(1.0)
                 if with_bias:
                     m.bias.data.zero_()
-            elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d,
+                                nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
                 if conv_std_or_gain > 0:
                     nn.init.trunc_normal_(m.weight.data, std=conv_std_or_gain)
                 else:
@@ -216,7 +225,8 @@ class VAR(nn.Module):
     def _drop_condition(self, label_B: torch.Tensor) -> torch.Tensor:
         # Official quirk kept: the condition is dropped with probability cond_drop_rate in eval mode too.
         # It always draws rand(B) from the global RNG, so the RNG stream matches the official one.
-        return torch.where(torch.rand(label_B.shape[0], device=label_B.device) < self.cond_drop_rate, self.num_classes, label_B)
+        drop_B = torch.rand(label_B.shape[0], device=label_B.device) < self.cond_drop_rate
+        return torch.where(drop_B, self.num_classes, label_B)
 
     # ------------------------------------------------------------------ training
     def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: Optional[torch.Tensor]) -> torch.Tensor:
@@ -243,9 +253,12 @@ class VAR(nn.Module):
 
         if self.attn_impl not in ('sdpa', 'flex'):
             raise ValueError(f"attn_impl must be 'sdpa' or 'flex', got {self.attn_impl!r}")
-        attn_bias = self.attn_bias_for_masking[:, :, :ed, :ed] if self.attn_impl == 'sdpa' else self.flex_block_mask(ed)
+        if self.attn_impl == 'sdpa':
+            attn_bias = self.attn_bias_for_masking[:, :, :ed, :ed]
+        else:
+            attn_bias = flex_block_mask(self.patch_nums, ed, self.lvl_1L.device)
         cond_BD_or_gss = self.shared_ada_lin(cond_BD)
-        amp_dtype = _autocast_dtype(device_type)
+        amp_dtype = autocast_dtype(device_type)
         if amp_dtype is not None:  # under AMP the residual stream runs in the autocast dtype (official)
             x_BLC = x_BLC.to(dtype=amp_dtype)
             cond_BD_or_gss = cond_BD_or_gss.to(dtype=amp_dtype)
@@ -261,20 +274,6 @@ class VAR(nn.Module):
             if isinstance(self.word_embed, nn.Linear):
                 logits_BLV[0, 0, 0] += self.word_embed.weight[0, 0] * 0 + self.word_embed.bias[0] * 0
         return logits_BLV
-
-    def flex_block_mask(self, ed: int):
-        """The block-causal mask of the first `ed` positions as a FlexAttention BlockMask (built once per ed)."""
-        from torch.nn.attention.flex_attention import create_block_mask
-        device = self.lvl_1L.device
-        key = (ed, str(device))
-        if key not in self._block_masks:
-            lvl_L = self.lvl_1L[0, :ed].contiguous()
-
-            def block_causal(b, h, q_idx, kv_idx):
-                return lvl_L[q_idx] >= lvl_L[kv_idx]
-
-            self._block_masks[key] = create_block_mask(block_causal, B=None, H=None, Q_LEN=ed, KV_LEN=ed, device=device)
-        return self._block_masks[key]
 
     # ------------------------------------------------------------------ sampling
     @property
@@ -303,23 +302,35 @@ class VAR(nn.Module):
     def uniform_prob(self, prob_1C: torch.Tensor) -> None:
         self._uniform_prob = prob_1C
 
-    def _make_rng(self, g_seed, B: int, device: torch.device):
-        """None (global RNG), `self.rng` seeded with g_seed (as official), or one generator per row when g_seed is
-        a sequence."""
+    def _sampling_labels(self, B: int, label_B: Optional[Union[int, torch.Tensor]], g_seed):
+        """-> (label_B (B,) on the model's device, rng).
+
+        rng is None (global RNG), `self.rng` seeded with g_seed (as official), or one generator per row when g_seed
+        is a sequence. label_B None draws the labels from `uniform_prob` with that rng (per row with a seed list).
+        """
+        device = self.class_emb.weight.device
         if g_seed is None:
-            return None
-        if isinstance(g_seed, numbers.Integral) or (isinstance(g_seed, torch.Tensor) and g_seed.dim() == 0):
+            rng = None
+        elif isinstance(g_seed, numbers.Integral) or (isinstance(g_seed, torch.Tensor) and g_seed.dim() == 0):
             rng = self.rng
             rng.manual_seed(int(g_seed))
-            return rng
-        seeds = [int(s) for s in g_seed]
-        if len(seeds) != B:
-            raise ValueError(f'g_seed has {len(seeds)} seeds for a batch of {B}')
-        return [torch.Generator(device=device).manual_seed(s) for s in seeds]
-
-    def _kv_caching(self, enable: bool, max_len: int = 0) -> None:
-        for b in self.blocks:
-            b.attn.kv_caching(enable, max_len)
+        else:
+            seeds = [int(s) for s in g_seed]
+            if len(seeds) != B:
+                raise ValueError(f'g_seed has {len(seeds)} seeds for a batch of {B}')
+            rng = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        if label_B is None:
+            uniform_prob = self.uniform_prob
+            if isinstance(rng, list):
+                label_B = torch.cat([torch.multinomial(uniform_prob, 1, replacement=True, generator=g).view(1)
+                                     for g in rng])
+            else:
+                label_B = torch.multinomial(uniform_prob, num_samples=B, replacement=True, generator=rng).reshape(B)
+        elif isinstance(label_B, int):
+            label_B = torch.full((B,), fill_value=self.num_classes if label_B < 0 else label_B, device=device)
+        label_B = label_B.to(device)
+        self._check_labels(label_B)
+        return label_B, rng
 
     @torch.no_grad()
     def autoregressive_infer_cfg(self, B: int, label_B: Optional[Union[int, torch.LongTensor]], g_seed=None,
@@ -339,8 +350,9 @@ class VAR(nn.Module):
             top_k / top_p: filters (0 disables); more_smooth: Gumbel-softmax soft codes (visual quality).
             input_img_tokens / edit_mask: zero-shot editing. Per-scale ids of the input image (from
                 `VQVAE.img_to_idxBl`) and an (h, w) or (B, h, w) mask, 1 = keep the image's token.
+        Fast paths (`models.engine`; each gives the numbers of the plain path):
             kv_cache: 'prealloc' (default: in-place writes into a preallocated cache) or 'concat' (the official
-                growth by concatenation, kept as the reference path); both give the same numbers.
+                growth by concatenation, kept as the reference path).
             partial_sort: top-p over the top-k survivors only (see `helpers.filter_top_k_top_p_partial_`).
             cuda_graph: replay CUDA graphs of the per-scale transformer steps (captured on the first call for
                 this batch size and autocast dtype; implies the preallocated KV cache). CUDA only.
@@ -349,107 +361,47 @@ class VAR(nn.Module):
         """
         if (input_img_tokens is None) != (edit_mask is None):
             raise ValueError('zero-shot editing needs both input_img_tokens and edit_mask')
-        if kv_cache not in ('concat', 'prealloc'):
-            raise ValueError(f"kv_cache must be 'concat' or 'prealloc', got {kv_cache!r}")
-        device = self.class_emb.weight.device
-        if cuda_graph and device.type != 'cuda':
-            raise ValueError('cuda_graph=True needs the model on a CUDA device')
-        rng = self._make_rng(g_seed, B, device)
-        if label_B is None:
-            uniform_prob = self.uniform_prob
-            if isinstance(rng, list):
-                label_B = torch.cat([torch.multinomial(uniform_prob, 1, replacement=True, generator=g).view(1) for g in rng])
-            else:
-                label_B = torch.multinomial(uniform_prob, num_samples=B, replacement=True, generator=rng).reshape(B)
-        elif isinstance(label_B, int):
-            label_B = torch.full((B,), fill_value=self.num_classes if label_B < 0 else label_B, device=device)
-        label_B = label_B.to(device)
-        self._check_labels(label_B)
+        engine = sampling_engine(self)
+        engine.check_switches(self.class_emb.weight.device, kv_cache, cuda_graph)
+        label_B, rng = self._sampling_labels(B, label_B, g_seed)
+        device = label_B.device
 
-        sos = cond_BD = self.class_emb(torch.cat((label_B, torch.full_like(label_B, fill_value=self.num_classes)), dim=0))
+        uncond_B = torch.full_like(label_B, fill_value=self.num_classes)
+        sos = cond_BD = self.class_emb(torch.cat((label_B, uncond_B), dim=0))  # 2B rows: conditional, unconditional
         lvl_pos = self.lvl_embed(self.lvl_1L) + self.pos_1LC
-        next_token_map = sos.unsqueeze(1).expand(2 * B, self.first_l, -1) + self.pos_start.expand(2 * B, self.first_l, -1) \
-            + lvl_pos[:, :self.first_l]
-
-        cur_L = 0
+        next_token_map = sos.unsqueeze(1).expand(2 * B, self.first_l, -1) \
+            + self.pos_start.expand(2 * B, self.first_l, -1) + lvl_pos[:, :self.first_l]
         f_hat = sos.new_zeros(B, self.Cvae, self.patch_nums[-1], self.patch_nums[-1])
-        graphs = None
-        step = self.compiled_scale_step() if compiled else self.scale_step
-        if cuda_graph:
-            graphs = self._scale_graphs(2 * B, cond_BD, next_token_map, step, compiled)
-        else:
-            self._kv_caching(True, self.L if kv_cache == 'prealloc' else 0)
         quant = self.vae_quant_proxy[0]
-        S = len(self.patch_nums)
-        try:
+        with engine.steps(cond_BD, next_token_map, kv_cache=kv_cache, cuda_graph=cuda_graph, compiled=compiled) as step:
             for si, pn in enumerate(self.patch_nums):
                 ratio = si / self.num_stages_minus_1
-                cur_L += pn * pn
-                if graphs is not None:
-                    logits_BlV = graphs.run(si, next_token_map)
-                else:
-                    logits_BlV = step(next_token_map, cond_BD)
-
+                logits_BlV = step(si, next_token_map)
                 t = cfg * ratio
                 logits_BlV = (1 + t) * logits_BlV[:B] - t * logits_BlV[B:]
-
-                idx_Bl = sample_with_top_k_top_p_(logits_BlV, rng=rng, top_k=top_k, top_p=top_p, num_samples=1,
-                                                  partial_sort=partial_sort)[:, :, 0]
-                if not more_smooth:
-                    h_BChw = quant.embedding(idx_Bl)  # B,l,Cvae
-                else:
-                    gum_t = max(0.27 * (1 - ratio * 0.95), 0.005)
-                    h_BChw = gumbel_softmax_with_rng(logits_BlV.mul(1 + ratio), tau=gum_t, hard=False, dim=-1, rng=rng) \
-                        @ quant.embedding.weight.unsqueeze(0)
-                h_BChw = h_BChw.transpose_(1, 2).reshape(B, self.Cvae, pn, pn)
-                if edit_mask is not None:
-                    gt_BChw = quant.embedding(input_img_tokens[si].to(device)).transpose_(1, 2).reshape(B, self.Cvae, pn, pn)
+                h_BlCvae = sample_codes(logits_BlV, ratio, quant.embedding, rng, top_k, top_p, more_smooth,
+                                        partial_sort)
+                h_BChw = h_BlCvae.transpose_(1, 2).reshape(B, self.Cvae, pn, pn)
+                if edit_mask is not None:  # zero-shot editing: the input image's codes where the mask says so
+                    gt_BlCvae = quant.embedding(input_img_tokens[si].to(device))
+                    gt_BChw = gt_BlCvae.transpose_(1, 2).reshape(B, self.Cvae, pn, pn)
                     h_BChw = replace_embedding(edit_mask.to(device), h_BChw, gt_BChw, pn, pn)
-                f_hat, next_token_map = quant.get_next_autoregressive_input(si, S, f_hat, h_BChw)
-                if si != self.num_stages_minus_1:
-                    pn_next = self.patch_nums[si + 1]
-                    next_token_map = next_token_map.view(B, self.Cvae, -1).transpose(1, 2)
-                    next_token_map = self.word_embed(next_token_map) + lvl_pos[:, cur_L:cur_L + pn_next * pn_next]
-                    next_token_map = next_token_map.repeat(2, 1, 1)  # cond and uncond halves are identical
-        finally:
-            if graphs is None:
-                self._kv_caching(False)
-        vae = self.vae_proxy[0]
-        if graphs is None:
-            return vae.fhat_to_img(f_hat, compiled=compiled).add_(1).mul_(0.5)
-        # the captured graphs keep their KV caches alive: decode in chunks so that the peak stays low
-        return torch.cat([vae.fhat_to_img(f, compiled=compiled) for f in f_hat.split(GRAPH_DECODE_CHUNK)]).add_(1).mul_(0.5)
+                f_hat, next_token_map = self._next_scale_input(si, f_hat, h_BChw, lvl_pos)
+        return engine.decode(f_hat, cuda_graph=cuda_graph, compiled=compiled)
 
-    def scale_step(self, x_BlC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
-        """One scale of KV-cached inference: all blocks (no mask) and the head -> float32 logits (B, l, V)."""
-        cond_BD_or_gss = self.shared_ada_lin(cond_BD)
-        for b in self.blocks:
-            x_BlC = b(x=x_BlC, cond_BD=cond_BD_or_gss, attn_bias=None)
-        return self.get_logits(x_BlC, cond_BD)
-
-    def compiled_scale_step(self):
-        """`scale_step` through torch.compile (built once; the KV-cache append is a compile boundary)."""
-        if self._compiled_step is None:
-            self._compiled_step = torch.compile(self.scale_step, dynamic=True)
-        return self._compiled_step
-
-    def _scale_graphs(self, B2: int, cond_BD: torch.Tensor, first_x: torch.Tensor, step, compiled: bool):
-        """The captured per-scale steps for this batch size, autocast dtype, compile switch, grad mode and train/eval
-        mode (captured on first use, and again when the model's tensors have moved; the static input buffers of a
-        capture under inference_mode cannot be written outside it)."""
-        from .cuda_graphs import ScaleStepGraphs
-        amp_dtype = _autocast_dtype('cuda')
-        key = (B2, amp_dtype, str(cond_BD.device), compiled, torch.is_inference_mode_enabled(), self.training)
-        if key not in self._graph_cache or not self._graph_cache[key].still_valid():
-            self._graph_cache.clear()  # one captured batch size at a time: graphs pin their memory
-            self._graph_cache[key] = ScaleStepGraphs(self, cond_BD, first_x, step, amp_dtype)
-        graphs = self._graph_cache[key]
-        graphs.set_condition(cond_BD)
-        return graphs
-
-    def release_cuda_graphs(self) -> None:
-        """Free the memory held by captured sampling graphs."""
-        self._graph_cache.clear()
+    def _next_scale_input(self, si: int, f_hat: torch.Tensor, h_BChw: torch.Tensor,
+                          lvl_pos: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Add scale si's codes to f_hat (through Phi) -> (f_hat, the next scale's 2B input tokens, None after
+        the last scale). The next input is f_hat downsampled to the next side, embedded, plus its level/position."""
+        B = h_BChw.shape[0]
+        quant = self.vae_quant_proxy[0]
+        f_hat, next_BChw = quant.get_next_autoregressive_input(si, len(self.patch_nums), f_hat, h_BChw)
+        if si == self.num_stages_minus_1:
+            return f_hat, None
+        bg, ed = self.begin_ends[si + 1]
+        next_BlCvae = next_BChw.view(B, self.Cvae, -1).transpose(1, 2)
+        next_BlC = self.word_embed(next_BlCvae) + lvl_pos[:, bg:ed]
+        return f_hat, next_BlC.repeat(2, 1, 1)  # cond and uncond halves are identical
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Strict loading that names mismatched keys and shapes, and says which config the checkpoint fits."""

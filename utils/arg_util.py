@@ -13,11 +13,8 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
-PN_PRESETS = {
-    '256': (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
-    '512': (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),
-    '1024': (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64),
-}
+from models.presets import PATCH_NUMS as PN_PRESETS  # --pn 256/512/1024: the models' one registry of scales
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -1,11 +1,16 @@
-"""Fast paths agree with the plain (official-equivalent) paths they replace."""
+"""The sampling engine (models/engine.py) and the other fast paths agree with the plain (official-equivalent) paths
+they replace; the engine's caches live beside the model, not on it."""
 import contextlib
+import gc
+import weakref
 
 import pytest
 import torch
 
 from support import requires_cuda
-from models.basic_var import SelfAttention, optional_kernels
+from models import engine as engine_mod
+from models.basic_var import SelfAttention, kv_caching, optional_kernels
+from models.engine import GRAPH_DECODE_CHUNK, release_cuda_graphs, sampling_engine, scale_step
 from models.helpers import filter_top_k_top_p_, filter_top_k_top_p_partial_
 
 
@@ -74,6 +79,7 @@ def test_sdpa_equals_plain_attention(tiny_models, l2):
     assert 'kernel=sdpa' in repr(attn)
 
 
+@pytest.mark.gpu
 @requires_cuda()
 @pytest.mark.parametrize('kernel', ['flash_attn_func', 'xformers_attn'])
 def test_fused_attention_kernels_match_sdpa(kernel):
@@ -119,6 +125,7 @@ def test_flex_attention_path_equals_dense_mask(tiny_models):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.gpu
 @requires_cuda()
 def test_flex_attention_gradients_match_on_cuda():
     from models import build_vae_var
@@ -147,9 +154,9 @@ def _cuda_var():
     return var.eval()
 
 
+@pytest.mark.gpu
 @requires_cuda()
 def test_cuda_graph_sampling_equals_plain_path():
-    from models.var import GRAPH_DECODE_CHUNK
     var = _cuda_var()
     B = GRAPH_DECODE_CHUNK + 4  # the graph path decodes in chunks
     kw = dict(B=B, label_B=torch.arange(B, device='cuda') % 10, g_seed=3, cfg=1.5, top_k=1)
@@ -177,9 +184,10 @@ def test_cuda_graph_sampling_equals_plain_path():
             assert (graph_out.float() - plain.float()).abs().mean() < 0.1 * change
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-        var.release_cuda_graphs()
+        release_cuda_graphs(var)
 
 
+@pytest.mark.gpu
 @requires_cuda()
 def test_compiled_cuda_graph_sampling_equals_plain_path():
     var = _cuda_var()
@@ -190,7 +198,7 @@ def test_compiled_cuda_graph_sampling_equals_plain_path():
             out = var.autoregressive_infer_cfg(**kw, cuda_graph=True, compiled=True, partial_sort=True)
         assert (out.float() - ref.float()).abs().mean() < 2e-2  # compiled kernels round differently
     finally:
-        var.release_cuda_graphs()
+        release_cuda_graphs(var)
 
 
 def test_sampling_state_after_an_error_and_official_attributes(tiny_models, monkeypatch):
@@ -200,12 +208,12 @@ def test_sampling_state_after_an_error_and_official_attributes(tiny_models, monk
     _, var = tiny_models
     calls = []
 
-    def failing_step(x_BlC, cond_BD):
+    def failing_step(model, x_BlC, cond_BD):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError('boom')
-        return type(var).scale_step(var, x_BlC, cond_BD)
-    monkeypatch.setattr(var, 'scale_step', failing_step)
+        return scale_step(model, x_BlC, cond_BD)
+    monkeypatch.setattr(engine_mod, 'scale_step', failing_step)
     with pytest.raises(RuntimeError, match='boom'):
         var.autoregressive_infer_cfg(B=2, label_B=torch.tensor([1, 2]), g_seed=0, top_k=5)
     assert not any(b.attn.caching or b.attn.cached_k is not None for b in var.blocks)
@@ -233,12 +241,12 @@ def test_cast_linear_weights_give_the_autocast_numbers_and_follow_updates(tiny_m
     x_BlC, cond_BD = torch.randn(4, 9, var.C), var.class_emb(torch.tensor([0, 1, 2, 3]))
 
     def logits(cast=None):
-        var._kv_caching(True, var.L)
+        kv_caching(var.blocks, True, var.L)
         try:
             with torch.autocast('cpu', dtype=torch.bfloat16), (cast.swapped_in() if cast else contextlib.nullcontext()):
-                return var.scale_step(x_BlC, cond_BD)
+                return scale_step(var, x_BlC, cond_BD)
         finally:
-            var._kv_caching(False)
+            kv_caching(var.blocks, False)
 
     with torch.no_grad():
         cast = CastLinearWeights(var, torch.bfloat16)
@@ -293,3 +301,91 @@ def test_cast_linear_weights_refresh_picks_up_replaced_parameters(tiny_models):
             assert all(p is new[n] for n, p in var.named_parameters())  # the loaded parameters are back
     finally:
         var.load_state_dict(saved)
+
+
+# the model's own attributes (nn.Module's internals aside): no cache of any fast path is among them
+MODEL_ATTRIBUTES = {'C', 'Cvae', 'D', 'L', 'V', '_rng', '_uniform_prob', 'attn_impl', 'begin_ends', 'build_config',
+                    'cond_drop_rate', 'depth', 'drop_path_rate', 'first_l', 'num_classes', 'num_heads',
+                    'num_stages_minus_1', 'patch_nums', 'prog_si', 'using_fused_add_norm_fn', 'vae_proxy',
+                    'vae_quant_proxy'}
+
+
+def _own_attributes(var):
+    return set(vars(var)) - set(vars(torch.nn.Module()))
+
+
+def test_engine_caches_are_not_model_attributes(tiny_models):
+    """VAR is only the model: its attributes and state dict are the same before and after sampling through every
+    fast path, none of them holds an engine, and the fast-path methods are not on the class."""
+    from models.var import VAR
+    _, var = tiny_models
+    attrs, keys = _own_attributes(var), list(var.state_dict())
+    assert attrs == MODEL_ATTRIBUTES
+    kw = dict(B=2, label_B=torch.tensor([1, 2]), g_seed=0, top_k=5)
+    for fast in (dict(kv_cache='concat'), dict(kv_cache='prealloc'), dict(partial_sort=True)):
+        var.autoregressive_infer_cfg(**kw, **fast)
+    assert _own_attributes(var) == attrs and list(var.state_dict()) == keys
+    assert not any(isinstance(v, engine_mod.SamplingEngine) for v in vars(var).values())
+    assert sampling_engine(var) is sampling_engine(var) and sampling_engine(var).var is var
+    for name in ('scale_step', 'compiled_scale_step', 'release_cuda_graphs', 'flex_block_mask', '_scale_graphs',
+                 '_kv_caching', '_graph_cache', '_compiled_step', '_block_masks'):
+        assert not hasattr(VAR, name) and not hasattr(var, name), name
+    assert not any(b.attn.caching or b.attn.cached_k is not None for b in var.blocks)
+
+
+def test_engine_goes_away_with_its_model():
+    """The engines live in a weak mapping: a model that is gone takes its engine (and caches) with it, and a deep
+    copy of a model starts with an engine of its own."""
+    import copy
+    from models import build_vae_var
+    from support import TINY
+    _, var = build_vae_var(device='cpu', **TINY)
+    var.eval().autoregressive_infer_cfg(B=1, label_B=0, g_seed=0, top_k=3)
+    engine = sampling_engine(var)
+    twin = copy.deepcopy(var)
+    assert sampling_engine(twin) is not engine and sampling_engine(twin).var is twin
+    refs = [weakref.ref(var), weakref.ref(twin)]
+    del var, twin
+    gc.collect()
+    assert all(r() is None for r in refs)  # the engines, which outlive them here, did not keep them alive
+    assert engine not in engine_mod._ENGINES.values()
+    with pytest.raises(RuntimeError, match='no longer exists'):
+        engine.var
+    release_cuda_graphs(torch.nn.Linear(1, 1))  # a model without an engine: nothing to release
+
+
+def test_engine_steps_equal_teacher_forcing_and_switch_the_cache_off(tiny_models):
+    """The engine's per-scale steps, in both KV-cache modes, give the logits of the model's teacher-forced forward
+    (no condition drop) for the same token inputs; afterwards no block keeps a cache, also after an error."""
+    vae, var = tiny_models
+    B = 2
+    label_B = torch.tensor([3, 5])
+    x_BLCv = vae.quantize.idxBl_to_var_input(vae.img_to_idxBl(torch.rand(B, 3, 64, 64) * 2 - 1))
+    with torch.no_grad():
+        ref_BLV = var(label_B, x_BLCv)
+        cond_BD = var.class_emb(label_B)
+        lvl_pos = var.lvl_embed(var.lvl_1L) + var.pos_1LC
+        x_BLC = torch.cat((cond_BD.unsqueeze(1) + var.pos_start, var.word_embed(x_BLCv)), dim=1) + lvl_pos
+        for mode in ('concat', 'prealloc'):
+            with sampling_engine(var).steps(cond_BD, x_BLC[:, :1], kv_cache=mode) as step:
+                out = torch.cat([step(si, x_BLC[:, bg:ed]) for si, (bg, ed) in enumerate(var.begin_ends)], dim=1)
+            torch.testing.assert_close(out, ref_BLV, rtol=1e-5, atol=1e-5)
+            assert not any(b.attn.caching or b.attn.cached_k is not None for b in var.blocks)
+        with pytest.raises(ValueError, match='kv_cache'):
+            var.autoregressive_infer_cfg(B=1, label_B=0, kv_cache='grow')
+        with pytest.raises(ValueError, match='CUDA'):
+            var.autoregressive_infer_cfg(B=1, label_B=0, cuda_graph=True)
+
+
+def test_flex_block_masks_are_cached_beside_the_model(tiny_models):
+    """The training BlockMasks are built once per (scales, length, device) in basic_var and shared by models with the
+    same scales; VAR keeps only its `attn_impl` switch."""
+    from models.basic_var import flex_block_mask
+    _, var = tiny_models
+    ed = var.begin_ends[2][1]
+    mask = flex_block_mask(var.patch_nums, ed, var.lvl_1L.device)
+    assert flex_block_mask(list(var.patch_nums), ed, 'cpu') is mask
+    assert mask.shape[-2:] == (ed, ed)
+    dense_ll = var.attn_bias_for_masking[0, 0, :ed, :ed] == 0
+    q, k = torch.meshgrid(torch.arange(ed), torch.arange(ed), indexing='ij')
+    assert torch.equal(mask.mask_mod(0, 0, q, k), dense_ll)
