@@ -1,0 +1,151 @@
+# The fast paths of VAR's sampling loop (arXiv 2404.02905, section 3.2: next-scale prediction with a KV cache).
+"""Sampling engine: the machinery that runs VAR's per-scale transformer steps fast, kept beside the model.
+
+`VAR.autoregressive_infer_cfg` (models/var.py) is the sampling loop as the paper writes it: per scale, transformer
+step -> CFG -> top-k/top-p -> sample -> next-scale input, then decode. It asks the engine for the two parts that have
+fast paths: the transformer step of each scale (`SamplingEngine.steps`) and the final decode (`decode`). Behind them,
+one switch each, every one numerically equal to the plain path (tests/models/test_sampling_engine.py):
+
+- `kv_cache='concat'` grows each block's KV cache by concatenation (the official path, the reference);
+  `'prealloc'` writes each scale into a cache preallocated for all L positions.
+- `compiled=True` runs the step (and the VQVAE decoder) through torch.compile.
+- `cuda_graph=True` replays CUDA graphs of the steps (`models.cuda_graphs`), captured on first use per batch size,
+  autocast dtype and mode; the decode then runs in chunks of GRAPH_DECODE_CHUNK images to keep the peak low.
+- (`partial_sort`, the top-p over the top-k survivors, is a switch of `helpers.sample_with_top_k_top_p_`.)
+
+The caches (the compiled step, the captured graphs) belong to one `SamplingEngine` per model, found with
+`sampling_engine(var)` in a weak mapping owned by this module: the model carries none of them (its attributes and
+state dict are those of the model alone), a deep copy of the model starts with no caches, and an engine goes away
+with its model. `release_cuda_graphs(var)` frees the graphs' memory.
+"""
+import contextlib
+import functools
+import weakref
+from typing import Callable, Dict, Iterator, Optional
+
+import torch
+import torch.nn as nn
+
+from .basic_var import kv_caching
+
+GRAPH_DECODE_CHUNK = 16  # images per decoder call on the CUDA-graph path
+
+__all__ = ['SamplingEngine', 'sampling_engine', 'release_cuda_graphs', 'scale_step', 'GRAPH_DECODE_CHUNK',
+           'KV_CACHE_MODES']
+
+KV_CACHE_MODES = ('concat', 'prealloc')
+
+ScaleStep = Callable[[int, torch.Tensor], torch.Tensor]  # (si, x_2BlC) -> logits_2BlV, float32
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast is running in on this device type, or None when autocast is off."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def scale_step(var: nn.Module, x_BlC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+    """One scale of KV-cached inference: all blocks (no mask: the cache holds only earlier scales) and the head.
+
+    x_BlC the scale's input tokens (2B rows: conditional, then unconditional), cond_BD their class embeddings
+    -> float32 logits (2B, l, V).
+    """
+    cond_BD_or_gss = var.shared_ada_lin(cond_BD)
+    for b in var.blocks:
+        x_BlC = b(x=x_BlC, cond_BD=cond_BD_or_gss, attn_bias=None)
+    return var.get_logits(x_BlC, cond_BD)
+
+
+class SamplingEngine:
+    """The fast-path caches of one VAR (held weakly) and the steps and decode its sampling loop runs."""
+
+    def __init__(self, var: nn.Module):
+        self._var = weakref.ref(var)
+        self._compiled_step: Optional[Callable] = None
+        self._graphs: Dict[tuple, object] = {}
+
+    @property
+    def var(self) -> nn.Module:
+        var = self._var()
+        if var is None:
+            raise RuntimeError('the model of this sampling engine no longer exists')
+        return var
+
+    @staticmethod
+    def check_switches(device: torch.device, kv_cache: str, cuda_graph: bool) -> None:
+        """Refuse unknown or impossible switches before anything is drawn from a generator."""
+        if kv_cache not in KV_CACHE_MODES:
+            raise ValueError(f"kv_cache must be 'concat' or 'prealloc', got {kv_cache!r}")
+        if cuda_graph and device.type != 'cuda':
+            raise ValueError('cuda_graph=True needs the model on a CUDA device')
+
+    def compiled_step(self) -> Callable:
+        """`scale_step` through torch.compile (built once per engine; the KV-cache append is a compile boundary)."""
+        if self._compiled_step is None:
+            self._compiled_step = torch.compile(scale_step, dynamic=True)
+        return self._compiled_step
+
+    def scale_graphs(self, cond_BD: torch.Tensor, first_x: torch.Tensor, step: Callable, compiled: bool):
+        """The captured per-scale steps for this batch size, autocast dtype, compile switch, grad mode and train/eval
+        mode (captured on first use, and again when the model's tensors have moved; the static input buffers of a
+        capture under inference_mode cannot be written outside it)."""
+        from .cuda_graphs import ScaleStepGraphs
+        var = self.var
+        amp_dtype = autocast_dtype('cuda')
+        key = (cond_BD.shape[0], amp_dtype, str(cond_BD.device), compiled, torch.is_inference_mode_enabled(),
+               var.training)
+        if key not in self._graphs or not self._graphs[key].still_valid():
+            self._graphs.clear()  # one captured batch size at a time: graphs pin their memory
+            self._graphs[key] = ScaleStepGraphs(var, cond_BD, first_x, step, amp_dtype)
+        graphs = self._graphs[key]
+        graphs.set_condition(cond_BD)
+        return graphs
+
+    def release_cuda_graphs(self) -> None:
+        """Free the memory held by captured sampling graphs."""
+        self._graphs.clear()
+
+    @contextlib.contextmanager
+    def steps(self, cond_BD: torch.Tensor, first_x: torch.Tensor, kv_cache: str = 'prealloc',
+              cuda_graph: bool = False, compiled: bool = False) -> Iterator[ScaleStep]:
+        """Within: `step(si, x_2BlC) -> logits_2BlV`, the transformer step of scale si, to be called for every scale
+        in order; afterwards no KV cache stays switched on, whatever was raised."""
+        var = self.var
+        step = functools.partial(self.compiled_step() if compiled else scale_step, var)
+        if cuda_graph:
+            graphs = self.scale_graphs(cond_BD, first_x, step, compiled)
+            yield graphs.run  # the graphs own their KV caches; the model's stay off
+            return
+        kv_caching(var.blocks, True, var.L if kv_cache == 'prealloc' else 0)
+        try:
+            yield lambda si, x_BlC: step(x_BlC, cond_BD)
+        finally:
+            kv_caching(var.blocks, False)
+
+    def decode(self, f_hat_BChw: torch.Tensor, cuda_graph: bool = False, compiled: bool = False) -> torch.Tensor:
+        """The final latent -> images (B, 3, H, W) in [0, 1] through the VQVAE decoder."""
+        vae = self.var.vae_proxy[0]
+        if not cuda_graph:
+            return vae.fhat_to_img(f_hat_BChw, compiled=compiled).add_(1).mul_(0.5)
+        # the captured graphs keep their KV caches alive: decode in chunks so that the peak stays low
+        return torch.cat([vae.fhat_to_img(f, compiled=compiled)
+                          for f in f_hat_BChw.split(GRAPH_DECODE_CHUNK)]).add_(1).mul_(0.5)
+
+
+_ENGINES: 'weakref.WeakKeyDictionary[nn.Module, SamplingEngine]' = weakref.WeakKeyDictionary()
+
+
+def sampling_engine(var: nn.Module) -> SamplingEngine:
+    """The engine (and caches) of this model, made on first use."""
+    engine = _ENGINES.get(var)
+    if engine is None:
+        engine = _ENGINES[var] = SamplingEngine(var)
+    return engine
+
+
+def release_cuda_graphs(var: nn.Module) -> None:
+    """Free the memory held by the captured sampling graphs of this model (a no-op when it has none)."""
+    engine = _ENGINES.get(var)
+    if engine is not None:
+        engine.release_cuda_graphs()
