@@ -78,7 +78,8 @@ def main(argv=None):
     p.add_argument('--batch', type=int, default=64)
     p.add_argument('--reso', type=int, default=256, help='image size (the last patch num is reso / 16)')
     p.add_argument('--ch', type=int, default=160, help='tokenizer width (160: the official one)')
-    p.add_argument('--vae_ckpt', default='', help='a tokenizer checkpoint (official vae_ch160v4096z32.pth) for real ties')
+    p.add_argument('--vae_ckpt', default='',
+                   help='a tokenizer checkpoint (official vae_ch160v4096z32.pth) for real ties')
     p.add_argument('--variants', default=','.join(VARIANTS))
     p.add_argument('--tf32', type=int, default=1, help='TF32 matmuls and convolutions (official default)')
     p.add_argument('--repeats', type=int, default=5)
@@ -119,7 +120,8 @@ def main(argv=None):
             row['ids_equal_%'] = (ids == ref_ids).double().mean().item() * 100
             row['speedup'] = ref_sec / sec
             rows.append(row)
-    cols = ['variant', 'batch', 'reso', 'img_per_s', 'ms_per_batch', 'speedup', 'ids_equal_%', 'peak_gib', 'first_call_s']
+    cols = ['variant', 'batch', 'reso', 'img_per_s', 'ms_per_batch', 'speedup', 'ids_equal_%', 'peak_gib',
+            'first_call_s']
     print_table(f'Tokenizer encode (img_to_idxBl, float32, tf32={args.tf32}) on {device.type}', rows, cols)
     write_json(args.json, {'benchmark': 'encode', 'device': str(device), 'tf32': args.tf32,
                            'vae_ckpt': args.vae_ckpt or None, 'rows': rows})

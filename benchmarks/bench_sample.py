@@ -16,6 +16,7 @@ import torch
 
 from benchmarks.common import peak_gib, print_table, time_cuda, write_json
 from models import PRESETS, build_vae_var
+from models.engine import release_cuda_graphs
 
 DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 COLUMNS = ['model', 'batch', 'dtype', 'path', 'img_per_s', 'sec_per_batch', 'peak_gib', 'speedup', 'mem_ratio', 'note']
@@ -44,10 +45,10 @@ def bench_one(depth: int, B: int, dtype: torch.dtype, repeats: int):
             row.update(img_per_s=B / sec, sec_per_batch=sec, peak_gib=mem)
         except torch.cuda.OutOfMemoryError:
             row.update(note='out of memory')  # a row, not a crash: the other path and configurations still run
-            var.release_cuda_graphs()
+            release_cuda_graphs(var)
             torch.cuda.empty_cache()
         rows.append(row)
-    var.release_cuda_graphs()
+    release_cuda_graphs(var)
     torch._dynamo.reset()  # compiled code holds references to this model's parameters
     ref, fast = rows
     if 'img_per_s' in ref and 'img_per_s' in fast:
@@ -80,7 +81,8 @@ def main(argv=None):
         gc.collect()  # the models of bench_one are garbage now
         torch.cuda.empty_cache()
         print_table('VAR sampling (cfg 1.5, top-k 900, top-p 0.96, VQVAE decode included)', rows[-2:], COLUMNS)
-        write_json(args.json, {'benchmark': 'sample', 'rows': rows})  # after every configuration: a cut run keeps its rows
+        # after every configuration: a cut run keeps its rows
+        write_json(args.json, {'benchmark': 'sample', 'rows': rows})
     print_table('VAR sampling, all configurations', rows, COLUMNS)
 
 

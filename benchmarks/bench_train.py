@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import peak_gib, print_table, time_cuda, write_json
 from models import PRESETS, build_vae_var
+from models.basic_var import flex_block_mask
 
 DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -62,11 +63,13 @@ def bench_one(depth, dtype, B, repeats):
         vae, var = build_vae_var(device='cuda', **PRESETS[f'd{depth}'])
         var.train()
         opt = torch.optim.AdamW(var.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
-        scaler = torch.amp.GradScaler('cuda', init_scale=2.0 ** 11, growth_interval=1000) if dtype == torch.float16 else None
+        scaler = None
+        if dtype == torch.float16:
+            scaler = torch.amp.GradScaler('cuda', init_scale=2.0 ** 11, growth_interval=1000)
         model = var
         if path == 'fast':
             var.attn_impl = 'flex'
-            var.flex_block_mask(var.L)  # built eagerly, outside the compiled region
+            flex_block_mask(var.patch_nums, var.L, var.lvl_1L.device)  # built eagerly, outside the compiled region
             model = torch.compile(var)
         for with_encode in (True, False):
             row = dict(model=f'd{depth}', batch=B, dtype=str(dtype).split('.')[-1], path=path,

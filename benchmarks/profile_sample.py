@@ -9,6 +9,8 @@ import torch
 
 from benchmarks.common import peak_gib, time_cuda
 from models import PRESETS, build_vae_var
+from models.basic_var import kv_caching
+from models.engine import release_cuda_graphs, sampling_engine, scale_step
 from models.helpers import filter_top_k_top_p_, filter_top_k_top_p_partial_
 
 
@@ -26,19 +28,20 @@ def main(argv=None):
 
     def transformer(prealloc):
         def run():
-            var._kv_caching(True, var.L if prealloc else 0)
+            kv_caching(var.blocks, True, var.L if prealloc else 0)
             for pn in var.patch_nums:
-                var.scale_step(torch.randn(2 * B, pn * pn, C, device='cuda'), cond)
-            var._kv_caching(False)
+                scale_step(var, torch.randn(2 * B, pn * pn, C, device='cuda'), cond)
+            kv_caching(var.blocks, False)
         return run
 
     def compiled_transformer():
-        step = var.compiled_scale_step()
+        step = sampling_engine(var).compiled_step()
+
         def run():
-            var._kv_caching(True, var.L)
+            kv_caching(var.blocks, True, var.L)
             for pn in var.patch_nums:
-                step(torch.randn(2 * B, pn * pn, C, device='cuda'), cond)
-            var._kv_caching(False)
+                step(var, torch.randn(2 * B, pn * pn, C, device='cuda'), cond)
+            kv_caching(var.blocks, False)
         return run
 
     def full(**kw):
@@ -53,15 +56,16 @@ def main(argv=None):
         fn()
         print(f'{"(compile time)":40s} {(time.time() - t0):8.1f} s')
         print(f'{"transformer prealloc compiled":40s} {time_cuda(fn, 1, 5) * 1000:8.1f} ms')
-        for name, kw in [('full reference', {}), ('full prealloc+partial', dict(kv_cache='prealloc', partial_sort=True)),
-                         ('full +graph', dict(kv_cache='prealloc', partial_sort=True, cuda_graph=True)),
-                         ('full +compiled', dict(kv_cache='prealloc', partial_sort=True, compiled=True)),
-                         ('full +compiled+graph', dict(kv_cache='prealloc', partial_sort=True, compiled=True, cuda_graph=True))]:
+        fast = dict(kv_cache='prealloc', partial_sort=True)
+        for name, kw in [('full reference', {}), ('full prealloc+partial', fast),
+                         ('full +graph', dict(fast, cuda_graph=True)),
+                         ('full +compiled', dict(fast, compiled=True)),
+                         ('full +compiled+graph', dict(fast, compiled=True, cuda_graph=True))]:
             fn = full(**kw)
             fn()
             mem = peak_gib(fn)
             print(f'{name:40s} {time_cuda(fn, 1, 5) * 1000:8.1f} ms  peak {mem:.1f} GiB')
-        var.release_cuda_graphs()
+        release_cuda_graphs(var)
         logits = [torch.randn(B, pn * pn, V, device='cuda') * 3 for pn in var.patch_nums]
         g = torch.Generator(device='cuda').manual_seed(0)
         for name, f in [('filter full-sort', filter_top_k_top_p_), ('filter partial', filter_top_k_top_p_partial_)]:
@@ -97,7 +101,8 @@ def main(argv=None):
         dec_cl = torch.compile(vae.decoder)  # a candidate for the fast path: NHWC feeds the tensor cores directly
         f_cl = f_hat.contiguous(memory_format=torch.channels_last)
         dec_cl(vae.post_quant_conv(f_cl))
-        print(f'{"decode compiled channels_last":40s} {time_cuda(lambda: dec_cl(vae.post_quant_conv(f_cl)), 1, 5) * 1000:8.1f} ms')
+        sec = time_cuda(lambda: dec_cl(vae.post_quant_conv(f_cl)), 1, 5)
+        print(f'{"decode compiled channels_last":40s} {sec * 1000:8.1f} ms')
 
     vae.to(memory_format=torch.contiguous_format)
     print(f'{"decode NCHW fp32 (no autocast)":40s} {time_cuda(lambda: vae.fhat_to_img(f_hat), 1, 3) * 1000:8.1f} ms')

@@ -1,4 +1,4 @@
-# Implements the VQVAE encoder/decoder used by VAR (arXiv 2404.02905), as specified in VAR_SPEC.md §2.1-2.2.
+# Implements the VQVAE encoder/decoder used by VAR (arXiv 2404.02905).
 """CNN encoder and decoder of the multi-scale VQVAE, and their building blocks.
 
 Shape legend: B batch, C channels, H/W image size, h/w latent size.
@@ -120,7 +120,8 @@ class Encoder(nn.Module):
         self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout)
 
         self.norm_out = Normalize(block_in)
-        self.conv_out = nn.Conv2d(block_in, (2 * z_channels if double_z else z_channels), kernel_size=3, stride=1, padding=1)
+        self.conv_out = nn.Conv2d(block_in, (2 * z_channels if double_z else z_channels), kernel_size=3, stride=1,
+                                  padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)

@@ -1,4 +1,4 @@
-# Implements the AdaLN transformer blocks of VAR (arXiv 2404.02905, section 4), per VAR_SPEC.md §3.2-3.4.
+# Implements the AdaLN transformer blocks of VAR (arXiv 2404.02905, section 4).
 """FFN, SelfAttention (SDPA, or flash-attn / xformers when importable), AdaLNSelfAttn, AdaLNBeforeHead.
 
 Shape legend: B batch, L tokens, C width, D condition width, H heads, c head dim (C // H).
@@ -114,7 +114,8 @@ class SelfAttention(nn.Module):
         if self.attn_l2_norm:
             self.scale = 1
             self.scale_mul_1H11 = nn.Parameter(torch.full(size=(1, self.num_heads, 1, 1), fill_value=4.0).log())
-            self.max_scale_mul = torch.log(torch.tensor(100.0, device='cpu')).item()  # float32(ln 100), as a Python float
+            # float32(ln 100), as a Python float
+            self.max_scale_mul = torch.log(torch.tensor(100.0, device='cpu')).item()
         else:
             self.scale = 0.25 / math.sqrt(self.head_dim)
 
@@ -165,11 +166,12 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, attn_bias) -> torch.Tensor:
         """x (B,L,C); attn_bias an additive (1,1,L,L) mask, a FlexAttention BlockMask, or None (no mask)."""
         B, L, C = x.shape
-        qkv = F.linear(input=x, weight=self.mat_qkv.weight,
-                       bias=torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))).view(B, L, 3, self.num_heads, self.head_dim)
+        qkv_bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        qkv = F.linear(input=x, weight=self.mat_qkv.weight, bias=qkv_bias).view(B, L, 3, self.num_heads, self.head_dim)
         main_type = qkv.dtype
         using_flex = isinstance(attn_bias, BlockMask)
-        using_flash = self.flash_attn_func is not None and attn_bias is None and qkv.dtype != torch.float32 and qkv.is_cuda
+        using_flash = self.flash_attn_func is not None and attn_bias is None and qkv.dtype != torch.float32 \
+            and qkv.is_cuda
         using_xform = not (using_flash or using_flex) and self.xformers_attn is not None and qkv.is_cuda
         if using_flash or using_xform:
             q, k, v = qkv.unbind(dim=2)  # BL3Hc -> 3 x BLHc
@@ -208,7 +210,8 @@ class SelfAttention(nn.Module):
         return self.proj_drop(self.proj(oup))
 
     def extra_repr(self) -> str:
-        kernel = 'flash_attn' if self.flash_attn_func is not None else ('xformers' if self.xformers_attn is not None else 'sdpa')
+        kernel = 'flash_attn' if self.flash_attn_func is not None \
+            else ('xformers' if self.xformers_attn is not None else 'sdpa')
         return f'kernel={kernel}, l2_norm={self.attn_l2_norm}, heads={self.num_heads}'
 
 
@@ -258,7 +261,8 @@ class AdaLNSelfAttn(nn.Module):
         else:
             mods = self.ada_lin(cond_BD).view(-1, 1, 6, self.C).unbind(2)  # B,6C -> 6 x B1C
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mods
-        x = x + self.drop_path(self.attn(self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1), attn_bias=attn_bias).mul_(gamma1))
+        x = x + self.drop_path(
+            self.attn(self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1), attn_bias=attn_bias).mul_(gamma1))
         x = x + self.drop_path(self.ffn(self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2)).mul(gamma2))
         return x
 

@@ -1,4 +1,4 @@
-# Implements the sampling helpers of VAR (arXiv 2404.02905), as specified in VAR_SPEC.md §4.1-4.3.
+# Implements the sampling helpers of VAR (arXiv 2404.02905).
 """Top-k/top-p filtering, Gumbel softmax with an explicit generator, and drop path.
 
 Shape legend: B batch, l tokens of one scale, V vocabulary.
@@ -98,7 +98,7 @@ def sample_with_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: fl
         num_samples: a negative value samples without replacement (official convention).
         partial_sort: use the partial-sort filter (see `filter_top_k_top_p_partial_`).
     """
-    B, l, V = logits_BlV.shape
+    B, l, V = logits_BlV.shape  # noqa: E741 (l: tokens of one scale, the shape legend)
     (filter_top_k_top_p_partial_ if partial_sort else filter_top_k_top_p_)(logits_BlV, top_k, top_p)
     replacement = num_samples >= 0
     probs_NV = logits_BlV.softmax(dim=-1).view(-1, V)
@@ -127,7 +127,8 @@ def gumbel_softmax_with_rng(logits: torch.Tensor, tau: float = 1, hard: bool = F
     return y_hard - y_soft.detach() + y_soft
 
 
-def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False, scale_by_keep: bool = True) -> torch.Tensor:
+def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False,
+              scale_by_keep: bool = True) -> torch.Tensor:
     """Stochastic depth per sample: zero whole samples with probability `drop_prob` (global RNG)."""
     if drop_prob == 0.0 or not training:
         return x

@@ -60,7 +60,8 @@ def hub_download(filename: str, repo_id: str = HUB_REPO_ID, cache_dir: Optional[
         raise HubDownloadError('downloading weights needs huggingface_hub (pip install huggingface_hub); '
                                f'or pass a local path to {filename}') from e
     try:
-        return hf_hub_download(repo_id=repo_id, filename=filename, cache_dir=cache_dir, local_files_only=local_files_only)
+        return hf_hub_download(repo_id=repo_id, filename=filename, cache_dir=cache_dir,
+                               local_files_only=local_files_only)
     except Exception as e:
         raise HubDownloadError(
             f'could not get {filename} from the Hugging Face Hub repo {repo_id} ({type(e).__name__}: {e}).\n'
@@ -88,7 +89,8 @@ def _strip_prefixes(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _find_state_dict(ckpt: Any, marker: str, candidates: Sequence[Tuple[str, ...]]) -> Optional[Dict[str, torch.Tensor]]:
+def _find_state_dict(ckpt: Any, marker: str,
+                     candidates: Sequence[Tuple[str, ...]]) -> Optional[Dict[str, torch.Tensor]]:
     if isinstance(ckpt, Mapping) and all(isinstance(k, str) for k in ckpt):
         plain = _strip_prefixes(ckpt)
         if any(k.endswith(marker) for k in plain):  # a bare state dict, wrapped modules (e.g. a compiled encoder) too

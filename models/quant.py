@@ -1,4 +1,4 @@
-# Implements the multi-scale residual quantiser of VAR (arXiv 2404.02905, Algorithms 1-2), per VAR_SPEC.md §2.4.
+# Implements the multi-scale residual quantiser of VAR (arXiv 2404.02905, Algorithms 1-2).
 """VectorQuantizer2: one codebook shared by all scales, with the Phi residual convolutions.
 
 Shape legend: B batch, C = Cvae code width, H/W latent size (= last patch num), ph/pw one scale's size,
@@ -28,7 +28,7 @@ class Phi(nn.Conv2d):
 
 
 def _phi_ticks(K: int) -> np.ndarray:
-    # float64 ticks decide which Phi serves which scale; ties are resolved by float64 rounding (spec §2.4)
+    # float64 ticks decide which Phi serves which scale; ties are resolved by float64 rounding (as the official code)
     if K == 4:
         return np.linspace(1 / 3 / K, 1 - 1 / 3 / K, K)
     return np.linspace(1 / 2 / K, 1 - 1 / 2 / K, K)
@@ -116,7 +116,8 @@ class VectorQuantizer2(nn.Module):
         elif share_quant_resi == 1:
             self.quant_resi = PhiShared(_make_phi(Cvae, quant_resi))
         else:
-            self.quant_resi = PhiPartiallyShared(nn.ModuleList([_make_phi(Cvae, quant_resi) for _ in range(share_quant_resi)]))
+            phis = nn.ModuleList([_make_phi(Cvae, quant_resi) for _ in range(share_quant_resi)])
+            self.quant_resi = PhiPartiallyShared(phis)
 
         self.register_buffer('ema_vocab_hit_SV', torch.full((len(self.v_patch_nums), self.vocab_size), fill_value=0.0))
         self.record_hit = 0
@@ -149,7 +150,8 @@ class VectorQuantizer2(nn.Module):
         return torch.argmin(d_NV, dim=1)
 
     # ------------------------------------------------------------------ training (VQVAE.forward)
-    def forward(self, f_BChw: torch.Tensor, ret_usages: bool = False) -> Tuple[torch.Tensor, Optional[List[float]], torch.Tensor]:
+    def forward(self, f_BChw: torch.Tensor,
+                ret_usages: bool = False) -> Tuple[torch.Tensor, Optional[List[float]], torch.Tensor]:
         """Quantise at every scale with straight-through gradients -> (f_hat, usages or None, mean vq loss)."""
         f_BChw = f_BChw.float()
         B, C, H, W = f_BChw.shape
@@ -178,7 +180,8 @@ class VectorQuantizer2(nn.Module):
                 # update them in one process (a buffer only: outputs and losses are unchanged).
                 if self.training:
                     self._record_hits(si, hit_V)
-                mean_vq_loss = mean_vq_loss + F.mse_loss(f_hat.data, f_BChw).mul_(self.beta) + F.mse_loss(f_hat, f_no_grad)
+                mean_vq_loss = mean_vq_loss + F.mse_loss(f_hat.data, f_BChw).mul_(self.beta) \
+                    + F.mse_loss(f_hat, f_no_grad)
 
             mean_vq_loss = mean_vq_loss * (1.0 / SN)
             f_hat = (f_hat.data - f_no_grad).add_(f_BChw)  # straight-through: value f_hat, identity gradient
@@ -248,7 +251,8 @@ class VectorQuantizer2(nn.Module):
                     ls_f_hat_BChw.append(f_hat.clone())
         else:
             # experimental (official): grow f_hat scale by scale instead of working at the largest size
-            f_hat = ms_h_BChw[0].new_zeros(B, self.Cvae, self.v_patch_nums[0], self.v_patch_nums[0], dtype=torch.float32)
+            pn0 = self.v_patch_nums[0]
+            f_hat = ms_h_BChw[0].new_zeros(B, self.Cvae, pn0, pn0, dtype=torch.float32)
             for si, pn in enumerate(self.v_patch_nums):
                 f_hat = F.interpolate(f_hat, size=(pn, pn), mode='bicubic')
                 f_hat.add_(self.phi(si, SN)(ms_h_BChw[si]))

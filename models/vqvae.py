@@ -1,4 +1,4 @@
-# Implements the multi-scale VQVAE tokenizer of VAR (arXiv 2404.02905, section 3.2), per VAR_SPEC.md §2.3.
+# Implements the multi-scale VQVAE tokenizer of VAR (arXiv 2404.02905, section 3.2).
 """VQVAE: encoder -> quant_conv -> multi-scale residual quantiser -> post_quant_conv -> decoder.
 
 Shape legend: B batch, C = Cvae, H/W image size, h/w latent size, l tokens of one scale.
@@ -76,7 +76,8 @@ class VQVAE(nn.Module):
         return f
 
     # ------------------------------------------------------------------ training
-    def forward(self, inp: torch.Tensor, ret_usages: bool = False) -> Tuple[torch.Tensor, Optional[List[float]], torch.Tensor]:
+    def forward(self, inp: torch.Tensor,
+                ret_usages: bool = False) -> Tuple[torch.Tensor, Optional[List[float]], torch.Tensor]:
         """VAE training path -> (reconstruction, unclamped; per-scale usages in % or None; vq loss)."""
         f_hat, usages, vq_loss = self.quantize(self.quant_conv(self.encoder(inp)), ret_usages=ret_usages)
         return self.decoder(self.post_quant_conv(f_hat)), usages, vq_loss
@@ -113,7 +114,8 @@ class VQVAE(nn.Module):
                      last_one: bool = False) -> Union[torch.Tensor, List[torch.Tensor]]:
         if last_one:
             return self.fhat_to_img(self.quantize.embed_to_fhat(ms_h_BChw, all_to_max_scale, last_one=True))
-        return [self.fhat_to_img(f_hat) for f_hat in self.quantize.embed_to_fhat(ms_h_BChw, all_to_max_scale, last_one=False)]
+        f_hats = self.quantize.embed_to_fhat(ms_h_BChw, all_to_max_scale, last_one=False)
+        return [self.fhat_to_img(f_hat) for f_hat in f_hats]
 
     def img_to_reconstructed_img(self, x: torch.Tensor, v_patch_nums: Optional[Sequence] = None,
                                  last_one: bool = False) -> Union[torch.Tensor, List[torch.Tensor]]:

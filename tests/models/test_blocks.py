@@ -1,6 +1,7 @@
-"""Building blocks against their definitions (VAR_SPEC.md §2.1, §3.2-3.3), each written out independently here:
+"""Building blocks against their definitions (the official code), each written out independently here:
 the VQVAE's ResnetBlock / AttnBlock / Upsample2x / Downsample2x, VAR's SelfAttention (L2-norm scale and its clamp,
-the plain 0.25/sqrt(c) scale, the k-bias layout, the KV cache), AdaLNSelfAttn and FFN. CPU only, a few seconds in all."""
+the plain 0.25/sqrt(c) scale, the k-bias layout, the KV cache), AdaLNSelfAttn and FFN. CPU only, a few seconds in
+all."""
 import functools
 import math
 

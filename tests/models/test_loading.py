@@ -13,7 +13,8 @@ def test_infer_configs_from_state_dicts(tiny_models):
     assert (c['depth'], c['embed_dim'], c['num_heads'], c['patch_nums'], c['num_classes'], c['V'], c['Cvae']) == \
         (2, 128, 2, (1, 2, 3, 4), 10, 64, 8)
     v = infer_vae_config(vae.state_dict())
-    assert (v['ch'], v['ch_mult'], v['vocab_size'], v['z_channels'], v['share_quant_resi']) == (32, [1, 1, 2, 2, 4], 64, 8, 4)
+    assert (v['ch'], v['ch_mult'], v['vocab_size'], v['z_channels'], v['share_quant_resi']) \
+        == (32, [1, 1, 2, 2, 4], 64, 8, 4)
 
 
 def test_trainer_checkpoint_round_trip(tiny_models, tmp_path):
@@ -102,7 +103,7 @@ def test_empty_checkpoint_file_says_so(tmp_path):
 
 @pytest.mark.parametrize('depth', [16, 30, 36])
 def test_load_pretrained_uses_the_official_configs(depth, tmp_path, monkeypatch):
-    """Spec §3.6 / §12: width 64·depth, heads = depth, dpr 0.1·depth/24, 1000 classes, attn_l2_norm; d36 alone uses
+    """As official: width 64·depth, heads = depth, dpr 0.1·depth/24, 1000 classes, attn_l2_norm; d36 alone uses
     the 512 px scales and shared AdaLN. The weights are stubbed: only the configuration is checked."""
     from models import loading
     from models.inspect_ckpt import PATCH_NUMS
@@ -134,7 +135,8 @@ def _fake_var_sd(C=64, depth=3, L=680, S=10, mlp=4, heads=2):
 
 def test_infer_var_config_from_names_and_shapes_only():
     c = infer_var_config(_fake_var_sd())
-    assert (c['depth'], c['embed_dim'], c['num_heads'], c['num_classes'], c['V'], c['Cvae']) == (3, 64, 2, 1000, 4096, 32)
+    assert (c['depth'], c['embed_dim'], c['num_heads'], c['num_classes'], c['V'], c['Cvae']) \
+        == (3, 64, 2, 1000, 4096, 32)
     assert c['mlp_ratio'] == 4 and tuple(c['patch_nums']) == (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
     assert infer_var_config(_fake_var_sd(mlp=2))['mlp_ratio'] == 2
     assert tuple(infer_var_config(_fake_var_sd(L=2240))['patch_nums']) == (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)

@@ -100,7 +100,8 @@ def test_f_to_idxBl_or_fhat_round_trip(tiny_models):
         f = vae.quant_conv(vae.encoder(_images(2, 64, seed=5)))
         idx_Bl = quant.f_to_idxBl_or_fhat(f, to_fhat=False)
         fhats = quant.f_to_idxBl_or_fhat(f, to_fhat=True)
-        ms_h = [quant.embedding(idx).transpose(1, 2).reshape(2, vae.Cvae, pn, pn) for idx, pn in zip(idx_Bl, quant.v_patch_nums)]
+        ms_h = [quant.embedding(idx).transpose(1, 2).reshape(2, vae.Cvae, pn, pn)
+                for idx, pn in zip(idx_Bl, quant.v_patch_nums)]
         again = quant.embed_to_fhat(ms_h, all_to_max_scale=True, last_one=False)
         for a, b in zip(fhats, again):
             torch.testing.assert_close(a, b)
@@ -185,7 +186,8 @@ def test_bf16_autocast_runs_on_cpu(tiny_models):
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
     ref = var(torch.tensor([0, 1]), x)
     assert (logits - ref).abs().max() < 0.1 * ref.abs().max()
-    assert img.shape == (2, 3, 64, 64) and torch.isfinite(img.float()).all()  # decoded in the autocast dtype, as official
+    # decoded in the autocast dtype, as official
+    assert img.shape == (2, 3, 64, 64) and torch.isfinite(img.float()).all()
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -261,7 +263,7 @@ def test_truncated_checkpoint_says_so(tiny_models, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- sampling helpers
 def test_top_p_never_removes_the_most_likely_token():
-    """Spec §4.1: top-p removes the sorted positions whose cumulative probability is <= 1 - top_p, but never the
+    """As official: top-p removes the sorted positions whose cumulative probability is <= 1 - top_p, but never the
     largest. With a tiny top_p only the argmax survives, also where the cumulative sum reaches exactly 1 (uniform
     rows: every position is then <= 1 - top_p in float32), and sampling returns it."""
     from models.helpers import filter_top_k_top_p_, filter_top_k_top_p_partial_, sample_with_top_k_top_p_
@@ -285,7 +287,7 @@ def test_top_p_never_removes_the_most_likely_token():
 
 
 def test_drop_path_scales_the_kept_samples():
-    """Stochastic depth (spec §3.2, timm semantics): in training each sample is zeroed with probability p and the
+    """Stochastic depth (timm semantics, as official): in training each sample is zeroed with probability p and the
     kept ones are divided by 1 - p, so the expectation is unchanged; in eval mode (or p = 0) it is the identity."""
     from models.helpers import DropPath, drop_path
     torch.manual_seed(0)
@@ -304,9 +306,9 @@ def test_drop_path_scales_the_kept_samples():
     assert set(m.train()(x).unique().tolist()) == {0.0, 2.0}
 
 
-# ---------------------------------------------------------------------------------------------- sampling (spec §4)
+# ---------------------------------------------------------------------------------------------- sampling
 def test_more_smooth_gumbel_gets_scaled_filtered_cfg_logits_and_the_tau_schedule(tiny_models, monkeypatch):
-    """Spec §4: at scale si (ratio = si/(S-1)) the Gumbel softmax receives the CFG-combined, top-k/top-p filtered
+    """As official: at scale si (ratio = si/(S-1)) the Gumbel softmax receives the CFG-combined, top-k/top-p filtered
     logits times (1 + ratio), with tau = max(0.27 (1 - 0.95 ratio), 0.005)."""
     import models.engine as engine_mod
     import models.var as var_mod
@@ -344,7 +346,7 @@ def test_more_smooth_gumbel_gets_scaled_filtered_cfg_logits_and_the_tau_schedule
 
 
 def test_int_labels_zero_is_a_class_and_negative_is_unconditional(tiny_models):
-    """Spec §4: an int label_B fills the batch with that class; only a negative int means unconditional
+    """As official: an int label_B fills the batch with that class; only a negative int means unconditional
     (num_classes). Label 0 is an ordinary class."""
     _, var = tiny_models
     kw = dict(B=2, g_seed=3, cfg=2.0, top_k=5)
@@ -358,7 +360,8 @@ def test_int_labels_zero_is_a_class_and_negative_is_unconditional(tiny_models):
 
 
 def test_dropped_condition_is_the_unconditional_class(tiny_models):
-    """Spec §3.4: u = rand(B) from the global RNG, label <- num_classes where u < cond_drop_rate (in eval mode too)."""
+    """As official: u = rand(B) from the global RNG, label <- num_classes where u < cond_drop_rate (in eval mode
+    too)."""
     vae, var = tiny_models
     x = vae.quantize.idxBl_to_var_input(vae.img_to_idxBl(_images(4, 64, seed=2)))
     label = torch.tensor([0, 3, 5, 9])
@@ -401,7 +404,7 @@ def _quantizer(V=16, patch_nums=(1, 2, 4)):
 
 
 def test_vocab_hit_ema_follows_the_warmup_rule():
-    """Spec §2.4: record_hit counts scales; the row of scale si becomes hit_V at record 0, ema*0.9 + hit*0.1 for
+    """As official: record_hit counts scales; the row of scale si becomes hit_V at record 0, ema*0.9 + hit*0.1 for
     records 1..99 and ema*0.99 + hit*0.01 from 100 on (updated in one process too, a documented deviation)."""
     q = _quantizer()
     SN = len(q.v_patch_nums)
@@ -437,7 +440,7 @@ def test_vocab_hit_ema_follows_the_warmup_rule():
 
 
 def test_vocab_usage_margin():
-    """Spec §2.4: margin = world_size (B H W) / V * 0.08 (one process: world_size 1), and
+    """As official: margin = world_size (B H W) / V * 0.08 (one process: world_size 1), and
     usage[si] = 100 * mean(ema_vocab_hit_SV[si] >= margin)."""
     q = _quantizer(V=16).eval()
     B, H = 2, 4

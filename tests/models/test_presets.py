@@ -27,7 +27,8 @@ def test_released_models():
     assert [name for name, p in presets.PRESETS.items() if p['shared_aln']] == ['d36']
     assert presets.var_filename(36) == presets.var_filename('d36') == 'var_d36.pth'
     assert presets.width_heads_drop_path(24) == dict(embed_dim=1536, num_heads=24, drop_path_rate=pytest.approx(0.1))
-    assert presets.preset_config(16) == presets.PRESETS['d16'] and presets.preset_config(16) is not presets.PRESETS['d16']
+    assert presets.preset_config(16) == presets.PRESETS['d16']
+    assert presets.preset_config(16) is not presets.PRESETS['d16']  # a copy to change freely
     with pytest.raises(ValueError, match='released models: d16, d20, d24, d30, d36'):
         presets.preset_config(17)
 
