@@ -72,7 +72,7 @@ def images_per_second(dataset, workers: int, batch: int, epochs: int) -> float:
     return n_batches * batch / (time.perf_counter() - t0)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--n', type=int, default=512, help='images in the folder (and rows in the token set)')
     p.add_argument('--workers', default='0,2', help='loader worker processes to try')
@@ -80,7 +80,7 @@ def main() -> None:
     p.add_argument('--epochs', type=int, default=2)
     p.add_argument('--hflip', type=int, default=1)
     p.add_argument('--json', default='bench_data.json')
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(1)  # one core per loader process, as a training node gives its workers
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -376,9 +376,9 @@ class VAR(nn.Module):
         with engine.steps(cond_BD, next_token_map, kv_cache=kv_cache, cuda_graph=cuda_graph, compiled=compiled) as step:
             for si, pn in enumerate(self.patch_nums):
                 ratio = si / self.num_stages_minus_1
-                logits_BlV = step(si, next_token_map)
+                logits_2BlV = step(si, next_token_map)
                 t = cfg * ratio
-                logits_BlV = (1 + t) * logits_BlV[:B] - t * logits_BlV[B:]
+                logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
                 h_BlCvae = sample_codes(logits_BlV, ratio, quant.embedding, rng, top_k, top_p, more_smooth,
                                         partial_sort)
                 h_BChw = h_BlCvae.transpose_(1, 2).reshape(B, self.Cvae, pn, pn)

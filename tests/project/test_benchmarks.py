@@ -1,12 +1,24 @@
-"""The benchmarks that run without a GPU: the CPU input-pipeline benchmark end to end, and the shared table."""
+"""The benchmarks that run without a GPU: the CPU input-pipeline benchmark end to end, and the shared table; the GPU
+ones at least import (they use the sampling engine's API)."""
+import importlib
 import json
 import subprocess
 import sys
 
+import pytest
+
 from benchmarks.common import print_table
 from train_support import ROOT, cpu_env
 
+BENCHMARKS = ('bench_data', 'bench_encode', 'bench_sample', 'bench_train', 'kernel_profile', 'profile_sample')
 
+
+@pytest.mark.parametrize('name', BENCHMARKS)
+def test_every_benchmark_imports_and_has_a_main(name):
+    assert callable(importlib.import_module(f'benchmarks.{name}').main)
+
+
+@pytest.mark.slow
 def test_bench_data_runs_on_real_photos_and_writes_json(tmp_path):
     out = tmp_path / 'data.json'
     r = subprocess.run([sys.executable, '-m', 'benchmarks.bench_data', '--n', '16', '--batch', '4', '--epochs', '1',
@@ -20,6 +32,7 @@ def test_bench_data_runs_on_real_photos_and_writes_json(tmp_path):
     assert 'Input pipeline, 256 px' in r.stdout
 
 
+@pytest.mark.slow
 def test_bench_encode_compares_candidates_with_the_official_encode(tmp_path):
     out = tmp_path / 'encode.json'
     r = subprocess.run([sys.executable, '-m', 'benchmarks.bench_encode', '--device', 'cpu', '--reso', '64', '--batch',
