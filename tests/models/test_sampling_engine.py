@@ -390,3 +390,15 @@ def test_flex_block_masks_are_cached_beside_the_model(tiny_models):
     dense_ll = var.attn_bias_for_masking[0, 0, :ed, :ed] == 0
     q, k = torch.meshgrid(torch.arange(ed), torch.arange(ed), indexing='ij')
     assert torch.equal(mask.mask_mod(0, 0, q, k), dense_ll)
+
+
+def test_sampling_keeps_the_official_signature_and_the_fast_path_switches():
+    """The official parameters and defaults first, then this project's editing keywords and the engine's switches."""
+    import inspect
+    from models.var import VAR
+    params = inspect.signature(VAR.autoregressive_infer_cfg).parameters
+    assert [(n, p.default) for n, p in params.items()] == [
+        ('self', inspect.Parameter.empty), ('B', inspect.Parameter.empty), ('label_B', inspect.Parameter.empty),
+        ('g_seed', None), ('cfg', 1.5), ('top_k', 0), ('top_p', 0.0), ('more_smooth', False),
+        ('input_img_tokens', None), ('edit_mask', None), ('kv_cache', 'prealloc'), ('partial_sort', False),
+        ('cuda_graph', False), ('compiled', False)]
