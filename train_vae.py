@@ -25,102 +25,23 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import dist
+from tokenizer import args as vae_arg_util
+from tokenizer.build import build_lpips, build_vqvae, make_opt, step_scalars
 from trainer_vae import LossConfig, ReinitConfig, VQVAETrainer
-from utils import vae_arg_util
-from utils.amp_sc import AmpOptimizer, NonFiniteError
+from utils.amp_sc import NonFiniteError
 from utils.arg_util import REPO_ROOT
 from utils.ckpt import CheckpointError, CutCycle, auto_resume, remove_stale_tmp, save_run_checkpoint, set_rng_state
 from utils.data import build_dataset
 from utils.data_sampler import DistInfiniteBatchSampler, EvalDistributedSampler
 from utils.logging import (Console, LogTxt, MetricLogger, TensorboardLogger, epoch_record, format_seconds, git_info,
                            log_iters, open_steps_log)
-from utils.lr_control import build_param_groups, lr_wd_annealing
+from utils.lr_control import lr_wd_annealing
 from utils.runtime import (ConfigError, GracefulStop, StopTraining, check_ranks_agree, rank_generator,
                            resolve_device, seed_everything, set_tf32, user_errors)
 
 LAST_NAME = 'vae-ckpt-last.pth'
 BEST_NAME = 'vae-ckpt-best.pth'
 CKPT_GLOB = 'vae-ckpt*.pth'
-VGG16_FILE = 'vgg16-397923af.pth'  # torchvision's ImageNet VGG16 weights, as named in the torch hub cache
-
-
-# ------------------------------------------------------------------------------------------------------------- models
-def build_vqvae(args, cfg: vae_arg_util.VAEDerived, device: torch.device):
-    """The trainable VQVAE (from the flags, or from --vae_init whose architecture must match them)."""
-    import models
-    from models.vae_losses import phi_indices_used
-    kw = dict(vocab_size=args.vocab, z_channels=args.cvae, ch=args.vae_ch, ch_mult=cfg.ch_mult, beta=args.beta,
-              share_quant_resi=args.share_qresi, v_patch_nums=cfg.patch_nums)
-    init_sd = None
-    if args.vae_init:
-        init = models.load_vae_checkpoint(args.vae_init, device='cpu', patch_nums=cfg.patch_nums)
-        theirs = {k: init.config[k] for k in ('vocab_size', 'z_channels', 'ch', 'ch_mult', 'share_quant_resi')}
-        mine = {'vocab_size': args.vocab, 'z_channels': args.cvae, 'ch': args.vae_ch, 'ch_mult': list(cfg.ch_mult),
-                'share_quant_resi': args.share_qresi}
-        if theirs != mine:
-            flags = (f"--vocab={theirs['vocab_size']} --cvae={theirs['z_channels']} --vae_ch={theirs['ch']} "
-                     f"--vae_ch_mult={'_'.join(map(str, theirs['ch_mult']))} --share_qresi={theirs['share_quant_resi']}")
-            raise ValueError(f'--vae_init {args.vae_init} has another architecture than the flags; pass {flags}')
-        init_sd = init.state_dict()
-    with torch.device(device):
-        vae = models.VQVAE(test_mode=False, **kw)
-    if init_sd is not None:
-        vae.load_state_dict(init_sd, strict=True)
-    vae.train()
-    # Phi convolutions that no scale selects get no gradient; freezing them keeps DDP's "every parameter is used"
-    if args.share_qresi >= 2:
-        used = set(phi_indices_used(cfg.patch_nums, args.share_qresi))
-        for k, phi in enumerate(vae.quantize.quant_resi.qresi_ls):
-            phi.requires_grad_(k in used)
-    return vae
-
-
-def resolve_vgg16(spec: str) -> Dict[str, torch.Tensor]:
-    """torchvision's ImageNet VGG16 state dict: from a path, or ('auto') the torch hub cache, else a download."""
-    if spec and spec != 'auto':
-        if not os.path.isfile(spec):
-            raise FileNotFoundError(f'--lpips_vgg {spec} does not exist')
-        return torch.load(spec, map_location='cpu', weights_only=True)
-    cached = os.path.join(torch.hub.get_dir(), 'checkpoints', VGG16_FILE)
-    if os.path.isfile(cached):
-        return torch.load(cached, map_location='cpu', weights_only=True)
-    try:
-        from torchvision.models import VGG16_Weights
-        return VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=dist.is_local_master())
-    except Exception as e:
-        raise RuntimeError(
-            f'the LPIPS perceptual loss needs torchvision\'s VGG16 ImageNet weights and could not get them '
-            f'({type(e).__name__}: {e}). Offline, fetch https://download.pytorch.org/models/{VGG16_FILE} on another '
-            f'machine and pass --lpips_vgg=PATH (or copy it to {cached}); or train without it: --lp=0.') from e
-
-
-def build_lpips(args, device: torch.device):
-    from models.vae_losses import LPIPS
-    lpips = LPIPS()
-    lpips.load_vgg16(resolve_vgg16(args.lpips_vgg))
-    if args.lpips_lin:
-        lpips.load_lin(torch.load(args.lpips_lin, map_location='cpu', weights_only=True))
-    return lpips.to(device)
-
-
-def make_opt(module: torch.nn.Module, lr: float, args, device: torch.device) -> AmpOptimizer:
-    """AdamW over the trainable parameters; no weight decay on 1-d tensors, biases and the codebook (decay would
-    drag rarely chosen codes towards zero, away from the latents they should match)."""
-    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(build_param_groups(named, no_wd_keys=('embedding',)), lr=lr,
-                            betas=(args.abeta1, args.abeta2), weight_decay=0.0,
-                            fused=args.afuse and device.type in ('cuda', 'cpu'))
-    return AmpOptimizer(opt, [p for _, p in named], device.type, fp16=args.fp16, grad_clip=args.tclip,
-                        n_gradient_accumulation=args.ac, max_nonfinite=args.max_nonfinite)
-
-
-def step_scalars(out: Dict[str, Any]) -> Dict[str, float]:
-    """The scalar results of a train step as floats, with one host sync for all the tensors."""
-    keys = [k for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1]
-    values = torch.stack([out[k].float().reshape(()) for k in keys]).tolist() if keys else []
-    scalars = dict(zip(keys, values))
-    scalars.update({k: out[k] for k in ('grad_norm', 'd_grad_norm') if out.get(k) is not None})
-    return scalars
 
 
 class VAERun:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from models import VQVAE
 from models.quant import VectorQuantizer2
+from tokenizer.discriminator import PatchDiscriminator
 
 PATCH_NUMS = (1, 2, 4)
 
@@ -66,7 +67,6 @@ def test_vq_loss_sends_only_the_commitment_term_to_the_encoder(beta):
 
 # ----------------------------------------------------------------------------------------- the trainer's two steps
 def _trainer(adaptive: bool, fp16: int = 0, dw: float = 0.3, vq: float = 1.0, l1: float = 0.5, l2: float = 1.0):
-    from models.vae_losses import PatchDiscriminator
     from trainer_vae import LossConfig, VQVAETrainer
     from utils.amp_sc import AmpOptimizer
     torch.manual_seed(0)
@@ -154,25 +154,6 @@ def test_training_usage_measures_each_scale_against_its_own_token_count():
     q.ema_vocab_hit_SV.zero_()
     q.ema_vocab_hit_SV[:, 0] = B * 16  # every token of every scale on one code: collapse
     assert trainer.usage_percent(B) == [100 / q.vocab_size] * len(PATCH_NUMS)
-
-
-def test_lpips_normalisation_has_a_finite_gradient_at_an_all_zero_feature():
-    from models.vae_losses import _unit_channels
-    x = torch.zeros(1, 8, 2, 2)
-    x[0, :, 0, 0] = 1.0  # one position with features, three where every channel of the ReLU output is 0
-    x.requires_grad_(True)
-    _unit_channels(torch.relu(x)).sum().backward()
-    assert torch.isfinite(x.grad).all()
-
-
-def test_discriminator_minimum_image_size():
-    from models.vae_losses import PatchDiscriminator
-    for n_layers, side in ((2, 12), (3, 24)):
-        disc = PatchDiscriminator(3, ch=8, n_layers=n_layers)
-        assert disc.min_image_size == side
-        assert disc(torch.zeros(1, 3, side, side)).shape[-1] == 1
-        with pytest.raises((RuntimeError, ValueError)):  # a kernel larger than its input, or a 1-value GroupNorm
-            disc(torch.zeros(1, 3, side - 1, side - 1))
 
 
 def _d_weights_fp32_fp16(one_conv_disc: bool = False, **loss_kw):

@@ -1,5 +1,5 @@
 # Command line of the VQVAE tokenizer trainer of VAR (arXiv 2404.02905, section 3.2); the official code ships none.
-"""Arguments of train_vae.py.
+"""The flags of train_vae.py and the values derived from them.
 
 The flags shared with train.py keep its names and meanings (`--data_path --bs --ac --ep --tblr --twd --tclip --wp --wp0
 --wpe --sche --fp16 --tf32 --seed --pn --hflip --workers --mid_reso ...`, built with the same helpers); the
@@ -47,10 +47,13 @@ def build_vae_parser() -> argparse.ArgumentParser:
     flag(loss, ['--vq'], type=float, default=1.0, help='weight of the quantiser loss (codebook + beta*commitment)')
     flag(loss, ['--lp'], type=float, default=1.0, help='weight of the LPIPS perceptual loss (0: off, no VGG needed)')
     flag(loss, ['--lpips_vgg'], default='auto',
-         help="torchvision VGG16 ImageNet weights (.pth); 'auto': the torch hub cache, else torchvision's download")
-    flag(loss, ['--lpips_lin'], default='',
-         help="LPIPS per-channel weights (the paper's vgg.pth, recommended); empty: weight 1 per channel, the paper's "
-              "'baseline' (a cosine distance, larger than learned LPIPS)")
+         help="torchvision VGG16 ImageNet weights (.pth); 'auto': the torch hub cache, else torchvision's download "
+              "(once, into that cache)")
+    flag(loss, ['--lpips_lin'], default='auto',
+         help="LPIPS per-channel weights. 'auto': the paper's learned VGG weights that the lpips package ships "
+              "(lpips/weights/v0.1/vgg.pth; pip install -r requirements.txt), the calibrated LPIPS; PATH: a file with "
+              "the same keys (linK.model.1.weight); 'none' (or empty, the default before 'auto'): weight 1 per "
+              "channel, the paper's uncalibrated 'baseline' (a cosine distance, larger than learned LPIPS)")
     flag(loss, ['--dw', '--disc_weight'], dest='dw', type=float, default=0.5,
          help='weight of the adversarial loss (0: no discriminator)')
     flag(loss, ['--disc_start'], type=float, default=-1.0,
