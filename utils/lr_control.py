@@ -86,8 +86,12 @@ def build_param_groups(named_params: Iterable[Tuple[str, torch.nn.Parameter]],
     return list(groups.values())
 
 
-def progressive_si(g_it: int, wp_it: int, max_it: int, pg: float, pg0: int, num_scales: int) -> int:
-    """The progressive-training stage: the last scale index trained at `g_it` (-1 when pg == 0, i.e. all scales)."""
+def progressive_si(g_it: int, wp_it: float, max_it: int, pg: float, pg0: int, num_scales: int) -> int:
+    """The progressive-training stage: the last scale index trained at `g_it` (-1 when pg == 0, i.e. all scales).
+
+    `wp_it` is the unrounded warm-up length wp * iters_per_epoch, as the official loop passes it (only the lr/wd
+    schedule rounds it).
+    """
     if pg <= 0:
         return -1
     if g_it <= wp_it:

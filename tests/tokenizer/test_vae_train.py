@@ -175,7 +175,7 @@ def test_ssim_matches_scikit_image_on_real_photos():
 
 def test_dead_codes_are_reinitialised_from_latents_and_their_moments_reset():
     import models
-    from trainer_vae import LossConfig, ReinitConfig, VQVAETrainer
+    from tokenizer.trainer import LossConfig, ReinitConfig, VQVAETrainer
     from utils.amp_sc import AmpOptimizer
     torch.manual_seed(0)
     vae = models.VQVAE(vocab_size=32, z_channels=4, ch=32, ch_mult=(1, 2), v_patch_nums=(1, 2, 4), test_mode=False)
@@ -206,7 +206,7 @@ def test_dead_codes_are_reinitialised_at_the_end_of_every_rc_every_iterations_un
     """--vq_reinit=k: after iterations k-1, 2k-1, ... (each k-th step, counting from 1), before iteration `until`;
     only on iterations that end an accumulation cycle."""
     import models
-    from trainer_vae import LossConfig, ReinitConfig, VQVAETrainer
+    from tokenizer.trainer import LossConfig, ReinitConfig, VQVAETrainer
     from utils.amp_sc import AmpOptimizer
     torch.manual_seed(0)
     vae = models.VQVAE(vocab_size=32, z_channels=4, ch=32, ch_mult=(1, 2), v_patch_nums=(1, 2, 4), test_mode=False)
