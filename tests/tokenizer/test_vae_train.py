@@ -335,3 +335,25 @@ def test_a_discriminator_too_deep_for_the_images_is_refused_at_start(data, tmp_p
     assert done.returncode == 2 and 'Traceback' not in done.stderr
     assert '--disc_layers=3 needs images of at least 24 px but they are 16 px' in done.stderr
     assert not (tmp_path / 'vae' / 'vae-ckpt-last.pth').exists()
+
+
+@pytest.mark.slow
+def test_three_processes_resume_bit_for_bit_with_the_gan(tmp_path):
+    """With three ranks the order in which DDP adds the gradients depends on its bucket layout, which it rebuilds
+    after the first synced backward: a resumed run settles the buckets of the VQVAE and (the GAN having started) of
+    the discriminator first, so its steps equal the uninterrupted run's, bit for bit."""
+    data = make_image_folder(tmp_path / 'data', n_classes=3, n_train=6, n_val=1)
+    # global batch 6 = 3 ranks x 2: 3 iterations per epoch, 6 in all; the GAN starts at iteration 1
+    flags = dict(bs=6, ep=2, ckpt_every_iters=2, log_steps=1, hflip=1, tblr=0.02, vq_reinit=0, val_max=1)
+    ref_out = tmp_path / 'reference'
+    ref = run_vae(vae_argv(data, ref_out, **flags), nproc=3, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out = tmp_path / 'interrupted'
+    argv = vae_argv(data, out, **flags)
+    killed_at = kill_after_step(argv, out, step=2, cmd=vae_cmd(argv, nproc=3), timeout=300)
+    assert killed_at < 5, 'the kill came too late to test anything'
+    resumed = run_vae(argv, nproc=3, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert '[auto-resume] loaded' in resumed.stdout and 'epoch 0, iteration 2' in resumed.stdout
+    assert read_losses(out) == read_losses(ref_out)
+    assert_same_final_checkpoint(ref_out, out, 'vae-ckpt-last.pth')
