@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from train_support import (ROOT, assert_same_final_checkpoint, cpu_env, free_port, kill_after_step, make_image_folder,
-                            run_train, train_args)
+                            train_args)
 
 # A x4 tokenizer on 16x16 images: 3 scales (1, 2, 4), the 4th Phi unused (checks the DDP freezing of unused Phis).
 TINY_VAE_FLAGS = dict(vae_ch=32, vae_ch_mult='1_1_2', vocab=64, cvae=8, pn='1_2_4', mid_reso=1.0, lp=0, dw=0.5,
@@ -59,7 +59,8 @@ def test_discriminator_losses_and_adaptive_weight():
     real, fake = torch.full((2, 1, 3, 3), 2.0), torch.full((2, 1, 3, 3), -2.0)
     assert d_loss_fn('hinge', real, fake).item() == 0.0  # both beyond the margin
     assert d_loss_fn('hinge', fake, real).item() == pytest.approx(3.0)
-    assert d_loss_fn('vanilla', real, fake).item() == pytest.approx(torch.nn.functional.softplus(torch.tensor(-2.)).item())
+    softplus = torch.nn.functional.softplus
+    assert d_loss_fn('vanilla', real, fake).item() == pytest.approx(softplus(torch.tensor(-2.)).item())
     assert g_loss_fn(fake).item() == 2.0
     w = torch.nn.Parameter(torch.ones(4))
     a, b = torch.tensor([3.0, 0, 4, 0]), torch.tensor([0, 1.0, 0, 0])
@@ -220,10 +221,24 @@ def test_dead_codes_are_reinitialised_at_the_end_of_every_rc_every_iterations_un
 
 
 # -------------------------------------------------------------------------------------------- real training runs
-def test_train_steps_checkpoint_logs_and_train_py_round_trip(data, tmp_path):
-    out = tmp_path / 'vae'
-    done = run_vae(vae_argv(data, out, n_vis=4, tb_every_iters=1))
+# 24 images, batch 4: 6 iterations per epoch, 12 in all; the GAN starts at iteration 2, dead codes are re-drawn every
+# 2 iterations, checkpoints every 4 iterations and at epoch ends; TensorBoard at every iteration, 4 images shown.
+REFERENCE_FLAGS = dict(ep=2, ckpt_every_iters=4, log_steps=1, hflip=1, vq_reinit_until=1.0, n_vis=4,
+                       tb_every_iters=1)
+
+
+@pytest.fixture(scope='module')
+def reference(data, tmp_path_factory):
+    """One uninterrupted run shared by the tests that look at it or compare against it: (output folder, process)."""
+    out = tmp_path_factory.mktemp('vae_reference') / 'vae'
+    done = run_vae(vae_argv(data, out, **REFERENCE_FLAGS))
     assert done.returncode == 0, done.stderr[-3000:]
+    return out, done
+
+
+@pytest.mark.slow
+def test_train_steps_checkpoint_logs_and_train_py_round_trip(data, reference, tmp_path):
+    out, done = reference
     assert 'codebook usage per scale' in done.stdout and 're-initialised' in done.stdout
     for name in ('vae-ckpt-last.pth', 'vae-ckpt-best.pth', 'log.txt', 'stdout.txt'):
         assert (out / name).is_file(), name
@@ -250,9 +265,9 @@ def test_train_steps_checkpoint_logs_and_train_py_round_trip(data, tmp_path):
 
     # train.py reads the architecture from the tokenizer checkpoint: only --patch_size and --pn describe the data
     var_out = tmp_path / 'var'
-    done = run_train(train_args(data, out / 'vae-ckpt-best.pth', var_out, pn='1_2_4', patch_size=4, ep=1,
-                                mid_reso=1.0) + ['--alng_typo=1e-3'])
-    assert done.returncode == 0, done.stderr[-3000:]
+    import train
+    assert train.main(train_args(data, out / 'vae-ckpt-best.pth', var_out, pn='1_2_4', patch_size=4, ep=1,
+                                 mid_reso=1.0) + ['--alng_typo=1e-3']) == 0
     assert "ignoring unknown arguments (typos?): ['--alng_typo=1e-3']" in (var_out / 'stderr.txt').read_text()
     vae2, var = models.load_checkpoint_models(var_out / 'ar-ckpt-last.pth')
     assert vae2.ch_mult == (1, 1, 2) and var.patch_nums == (1, 2, 4)
@@ -260,27 +275,24 @@ def test_train_steps_checkpoint_logs_and_train_py_round_trip(data, tmp_path):
     assert all(torch.equal(v, vae2.state_dict()[k]) for k, v in best.state_dict().items() if 'ema_vocab' not in k)
 
 
-def test_sigkill_and_rerun_gives_the_uninterrupted_losses(data, tmp_path):
-    # 24 images, batch 4: 6 iterations per epoch, 12 in all; the GAN starts at iteration 2, dead codes are re-drawn
-    # every 2 iterations, checkpoints every 4 iterations and at epoch ends.
-    flags = dict(ep=2, ckpt_every_iters=4, log_steps=1, hflip=1, vq_reinit_until=1.0)
-    ref_out = tmp_path / 'reference'
-    ref = run_vae(vae_argv(data, ref_out, **flags))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    reference = read_losses(ref_out)
-    assert sorted(reference) == list(range(12))
+@pytest.mark.slow
+def test_sigkill_and_rerun_gives_the_uninterrupted_losses(data, reference, tmp_path):
+    ref_out, _ = reference
+    reference_losses = read_losses(ref_out)
+    assert sorted(reference_losses) == list(range(12))
 
     out = tmp_path / 'interrupted'
-    argv = vae_argv(data, out, **flags)
+    argv = vae_argv(data, out, **REFERENCE_FLAGS)
     killed_at = kill_after_step(argv, out, step=9, cmd=vae_cmd(argv))
     assert killed_at < 11, 'the kill came too late to test anything'
     resumed = run_vae(argv)  # the very same command
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert '[auto-resume] loaded' in resumed.stdout
-    assert read_losses(out) == reference  # bit-identical per-step losses, GAN and codebook upkeep included
+    assert read_losses(out) == reference_losses  # bit-identical per-step losses, GAN and codebook upkeep included
     assert_same_final_checkpoint(ref_out, out, 'vae-ckpt-last.pth')  # both models, both optimizers, RNG
 
 
+@pytest.mark.slow
 def test_resume_inside_an_accumulation_cycle_cut_by_the_epoch_end(tmp_path):
     # 21 images, 3 per step with --ac=2: 7 iterations per epoch, so epoch 0 ends inside a cycle; the kill comes after
     # that epoch's checkpoint, which points at the cycle's start (with the codebook-usage EMA of that moment)
@@ -299,6 +311,7 @@ def test_resume_inside_an_accumulation_cycle_cut_by_the_epoch_end(tmp_path):
     assert_same_final_checkpoint(tmp_path / 'reference', out, 'vae-ckpt-last.pth')
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_with_gan_and_adaptive_weight(data, tmp_path):
     out = tmp_path / 'ddp'
     # bf16 autocast and 2-step accumulation (no_sync on the first micro-batch of both DDP modules)
@@ -319,21 +332,24 @@ def test_vae_init_fine_tunes_an_official_format_file(data, tmp_path, capsys):
     argv = vae_argv(data, out, ep=1, dw=0, vq_reinit=0, vae_init=tmp_path / 'official_like.pth')
     assert train_vae.main(argv) == 0
     tuned = models.load_vae_checkpoint(out / 'vae-ckpt-last.pth')
-    moved = [k for k, v in plain.state_dict().items() if 'ema_vocab' not in k and not torch.equal(v, tuned.state_dict()[k])]
+    moved = [k for k, v in plain.state_dict().items()
+             if 'ema_vocab' not in k and not torch.equal(v, tuned.state_dict()[k])]
     assert moved and len(moved) < len(plain.state_dict())  # trained from those weights (the unused Phi stays put)
     capsys.readouterr()
     assert train_vae.main(argv) == 0  # re-running a finished command does nothing (the demo relies on it)
     assert 'nothing to do' in capsys.readouterr().out
     capsys.readouterr()
-    assert train_vae.main(vae_argv(data, tmp_path / 'bad', ep=1, vocab=128, vae_init=tmp_path / 'official_like.pth')) == 2
+    bad = vae_argv(data, tmp_path / 'bad', ep=1, vocab=128, vae_init=tmp_path / 'official_like.pth')
+    assert train_vae.main(bad) == 2
     err = capsys.readouterr().err
     assert 'error: --vae_init' in err and '--vocab=64 --cvae=8 --vae_ch=32 --vae_ch_mult=1_1_2' in err  # the flags
 
 
-def test_a_discriminator_too_deep_for_the_images_is_refused_at_start(data, tmp_path):
-    done = run_vae(vae_argv(data, tmp_path / 'vae', disc_layers=3))  # 16 px images; 3 stride-2 layers need 24
-    assert done.returncode == 2 and 'Traceback' not in done.stderr
-    assert '--disc_layers=3 needs images of at least 24 px but they are 16 px' in done.stderr
+def test_a_discriminator_too_deep_for_the_images_is_refused_at_start(data, tmp_path, capsys):
+    import train_vae
+    assert train_vae.main(vae_argv(data, tmp_path / 'vae', disc_layers=3)) == 2  # 16 px; 3 stride-2 layers need 24
+    err = capsys.readouterr().err
+    assert '--disc_layers=3 needs images of at least 24 px but they are 16 px' in err and 'Traceback' not in err
     assert not (tmp_path / 'vae' / 'vae-ckpt-last.pth').exists()
 
 
