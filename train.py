@@ -1,4 +1,4 @@
-# Trains VAR (arXiv 2404.02905) with the official recipe: spec sections 6-9.
+# Trains VAR (arXiv 2404.02905) with the official recipe (see docs/architecture.md).
 """Train VAR on an ImageNet-style folder, in one process or under torchrun (NCCL on GPU, gloo on CPU).
 
     torchrun --nproc_per_node=8 train.py --depth=16 --bs=768 --ep=200 --fp16=1 --alng=1e-3 --wpe=0.1 \

@@ -1,5 +1,5 @@
 # VAR trainer (arXiv 2404.02905): teacher-forced next-scale prediction loss, progressive training, validation.
-"""`VARTrainer` owns the loss, the progressive-training state and the metrics of one step; spec sections 6.6-6.8, 8.
+"""`VARTrainer` owns the loss, the progressive-training state and the metrics of one step (arXiv 2404.02905).
 
 It knows nothing of argparse or files: train.py builds the models, the `AmpOptimizer` and the data, and decides
 what to log and save. Tensor names carry their shapes (B batch, L all tokens, l one scale's tokens, V vocabulary,

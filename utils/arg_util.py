@@ -192,7 +192,7 @@ class Derived:
 
 
 def derive(args: argparse.Namespace, world_size: int) -> Derived:
-    """Pure: every derived quantity of the official recipe (spec sections 6.3, 7, 9). `args` is not modified."""
+    """Pure: every derived quantity of the official recipe. `args` is not modified."""
     batch_size = round(args.bs / args.ac / world_size)
     if batch_size < 1:
         raise ValueError(f'--bs={args.bs} is too small for --ac={args.ac} and {world_size} processes')

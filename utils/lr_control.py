@@ -1,5 +1,5 @@
 # Learning-rate / weight-decay schedules and parameter groups of the VAR training recipe (arXiv 2404.02905).
-"""Schedules (spec 6.4), the weight-decay parameter filter (spec 6.2) and the progressive-training stage (spec 6.7).
+"""Schedules, the weight-decay parameter filter and the progressive-training stage of the official recipe.
 
 All functions are pure except `lr_wd_annealing`, which writes lr and weight_decay into the optimizer's groups.
 """
