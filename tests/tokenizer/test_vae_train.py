@@ -1,6 +1,6 @@
-"""The tokenizer trainer (train_vae.py, tokenizer/trainer.py, models/vae_losses.py): losses, a few real steps on CPU, exact
-kill-and-resume, DDP under torchrun, fine-tuning from an official-format file, and the checkpoint round trip into
-train.py (--vae_ckpt with no architecture flags)."""
+"""The tokenizer trainer (train_vae.py, tokenizer/trainer.py, models/vae_losses.py): losses, a few real steps on
+CPU, exact kill-and-resume (also with 3 torchrun processes), DDP under torchrun, fine-tuning from an official-format
+file, and the checkpoint round trip into train.py (--vae_ckpt with no architecture flags)."""
 import json
 import os
 import subprocess
