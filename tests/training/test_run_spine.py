@@ -1,8 +1,6 @@
 """The run spine shared by train.py and train_vae.py (utils/run.py): the process-group backend of a CPU run, the
 cross-rank resume-point check, the skip-streak guard of periodic checkpoints, exit codes, and the progressive stages
 of a run (issue 16: the official loop feeds the unrounded warm-up length to the stage rule)."""
-import os
-
 import pytest
 import torch
 
@@ -122,58 +120,55 @@ def official_stages(n_its: int, iters_train: int, wp: float, pg: float, pg0: int
     return stages
 
 
-@pytest.fixture
-def record_stages(monkeypatch):
-    """Records (prog_si given to VARTrainer.train_step, the stage warm-up factor it used) per call."""
+def run_recording_stages(argv, stop_after: int = -1):
+    """train.main(argv) -> (exit code, [(prog_si given to VARTrainer.train_step, the stage warm-up factor it used)]);
+    a KeyboardInterrupt (a second Ctrl-C: no checkpoint written) comes before step number `stop_after` if given."""
     from trainer import VARTrainer
     calls = []
     real = VARTrainer.train_step
 
     def recording(self, stepping, inp, label_B, prog_si=-1, prog_wp_it=1.0, **kw):
+        if len(calls) == stop_after:
+            raise KeyboardInterrupt
         out = real(self, stepping, inp, label_B, prog_si=prog_si, prog_wp_it=prog_wp_it, **kw)
         calls.append((prog_si, out['prog_wp']))
         return out
-    monkeypatch.setattr(VARTrainer, 'train_step', recording)
-    return calls
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(VARTrainer, 'train_step', recording)
+        code = train.main(argv)
+    return code, calls
 
 
-PG_FLAGS = dict(patch_size=4, bs=3, ep=2, wp=0.4, pg=0.5, pg0=1, pgwp=0.5, log_steps=1)  # 6 iterations per epoch
+# 18 images, batch 3: 6 iterations per epoch, 12 in all; warm-up 0.4 epochs (2.4 iterations); validation at the end
+PG_FLAGS = dict(patch_size=4, bs=3, ep=2, wp=0.4, pg=0.5, pg0=1, pgwp=0.5, log_steps=1, val_every_ep=2)
 
 
-def test_progressive_stages_of_a_run_follow_the_official_rule_with_a_fractional_warm_up(tmp_path, record_stages):
+@pytest.fixture(scope='module')
+def progressive_reference(tmp_path_factory):
+    """An uninterrupted progressive run: (data, vae, the stages and warm-up factors of its 12 steps)."""
+    root = tmp_path_factory.mktemp('progressive')
+    data = make_image_folder(root / 'data', n_classes=3, n_train=6, n_val=1)
+    vae = make_tiny_vae_ckpt(root / 'vae.pth', X4)
+    code, calls = run_recording_stages(train_args(data, vae, root / 'reference', **PG_FLAGS))
+    assert code == 0
+    return data, vae, calls
+
+
+def test_progressive_stages_of_a_run_follow_the_official_rule_with_a_fractional_warm_up(progressive_reference):
     """6 iterations per epoch and --wp=0.4: the warm-up is 2.4 iterations. At g_it 5 the official stage is 2
     (progress 0.722); rounding the warm-up to 2 first would give stage 3."""
-    data = make_image_folder(tmp_path / 'data', n_classes=3, n_train=6, n_val=1)
-    vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth', X4)
-    assert train.main(train_args(data, vae, tmp_path / 'out', **PG_FLAGS)) == 0
     expected = official_stages(12, 6, wp=0.4, pg=0.5, pg0=1, num_scales=4)
     assert expected == [1, 1, 1, 1, 2, 2, 3, 3, 3, 3, 3, 3]
-    assert [si for si, _ in record_stages] == expected
+    assert [si for si, _ in progressive_reference[2]] == expected
 
 
-def test_a_run_resumed_at_a_stage_boundary_keeps_the_stages_and_their_warm_up(tmp_path, record_stages):
+def test_a_run_resumed_at_a_stage_boundary_keeps_the_stages_and_their_warm_up(progressive_reference, tmp_path):
     """Stopped right after the checkpoint at g_it 4, where stage 2 begins: the resumed run continues with the
     uninterrupted run's stages and per-stage warm-up factors (the progressive state is restored)."""
-    from trainer import VARTrainer
-    data = make_image_folder(tmp_path / 'data', n_classes=3, n_train=6, n_val=1)
-    vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth', X4)
-    assert train.main(train_args(data, vae, tmp_path / 'reference', **PG_FLAGS)) == 0
-    reference = list(record_stages)
-    record_stages.clear()
-
+    data, vae, reference = progressive_reference
     argv = train_args(data, vae, tmp_path / 'out', ckpt_every_iters=4, **PG_FLAGS)
-    recording = VARTrainer.train_step
-
-    def interrupted_at_g_it_4(self, *a, **kw):
-        if len(record_stages) == 4:
-            raise KeyboardInterrupt  # a second Ctrl-C: no checkpoint but the periodic one of g_it 4
-        return recording(self, *a, **kw)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(VARTrainer, 'train_step', interrupted_at_g_it_4)
-        assert train.main(argv) == 130
-    assert record_stages == reference[:4] and reference[3][0] == 1 and reference[4][0] == 2
-    assert (load_checkpoint(str(tmp_path / 'out' / 'ar-ckpt-last.pth'))['iter']) == 4
-    record_stages.clear()
-    assert train.main(argv) == 0
-    assert record_stages == reference[4:]
-    assert os.path.exists(tmp_path / 'out' / 'steps.jsonl')
+    code, calls = run_recording_stages(argv, stop_after=4)
+    assert code == 130 and calls == reference[:4] and reference[3][0] == 1 and reference[4][0] == 2
+    assert load_checkpoint(str(tmp_path / 'out' / 'ar-ckpt-last.pth'))['iter'] == 4
+    code, calls = run_recording_stages(argv)
+    assert code == 0 and calls == reference[4:]
