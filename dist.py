@@ -12,18 +12,30 @@ import torch
 import torch.distributed as tdist
 
 
-def initialize(backend: Optional[str] = None, timeout_minutes: int = 30) -> None:
+def backend_for(device: str = '', cuda_available: Optional[bool] = None) -> str:
+    """The process-group backend for a run on `device` ('' or 'cuda...': this rank's GPU if any; 'cpu'; ...).
+
+    NCCL reduces only CUDA tensors, so a run on the CPU uses gloo even when a GPU is visible; a GPU run uses NCCL.
+    The one rule every entry point follows (through `initialize(device=...)`).
+    """
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    kind = torch.device(device).type if device else ('cuda' if cuda_available else 'cpu')
+    return 'nccl' if kind == 'cuda' and cuda_available else 'gloo'
+
+
+def initialize(backend: Optional[str] = None, timeout_minutes: int = 30, device: str = '') -> None:
     """Join the process group described by the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
 
-    Without those variables (a plain `python train.py`) this does nothing. The backend defaults to NCCL when CUDA is
-    available and gloo otherwise. On CUDA each process binds to its LOCAL_RANK device.
+    Without those variables (a plain `python train.py`) this does nothing. The backend defaults to
+    `backend_for(device)`: NCCL for a CUDA run, gloo for a CPU run (`device='cpu'`, or no CUDA). On a CUDA run each
+    process binds to its LOCAL_RANK device.
     """
     if tdist.is_initialized() or 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
         return
-    use_cuda = torch.cuda.is_available()
     if backend is None:
-        backend = 'nccl' if use_cuda else 'gloo'
-    if use_cuda:
+        backend = backend_for(device)
+    if torch.cuda.is_available() and (not device or torch.device(device).type == 'cuda'):
         torch.cuda.set_device(get_local_rank() % torch.cuda.device_count())
     tdist.init_process_group(backend=backend, init_method='env://', timeout=datetime.timedelta(minutes=timeout_minutes))
 

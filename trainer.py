@@ -1,5 +1,5 @@
 # VAR trainer (arXiv 2404.02905): teacher-forced next-scale prediction loss, progressive training, validation.
-"""`VARTrainer` owns the loss, the progressive-training state and the metrics of one step; spec sections 6.6-6.8, 8.
+"""`VARTrainer` owns the loss, the progressive-training state and the metrics of one step (arXiv 2404.02905).
 
 It knows nothing of argparse or files: train.py builds the models, the `AmpOptimizer` and the data, and decides
 what to log and save. Tensor names carry their shapes (B batch, L all tokens, l one scale's tokens, V vocabulary,
@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dist
 from utils.amp_sc import AmpOptimizer
-from utils.ddp import unwrap
+from utils.ddp import ddp_of, settle_ddp_buckets, unwrap
 
 
 class VARTrainer:
@@ -91,28 +91,22 @@ class VARTrainer:
 
     def _ddp(self) -> Optional[DDP]:
         """The DDP wrapper of the model (under torch.compile, the compiled module's inner one), or None."""
-        ddp = getattr(self.var, '_orig_mod', self.var)
-        return ddp if isinstance(ddp, DDP) else None
+        return ddp_of(self.var)
 
     def settle_ddp_buckets(self, batch_size: int) -> None:
-        """One throwaway synced backward through the DDP wrapper, for a run that resumes.
-
-        DDP reduces its first synced backward in one bucket and rebuilds its buckets, in the order the gradients
-        became ready, for every later one. With three or more ranks the two layouts add the ranks' gradients in
-        different orders, so a resumed run's first step would differ in round-off from the uninterrupted run's step
-        (which used the rebuilt layout). This backward of zero-weighted logits lets DDP rebuild first; the RNG states
-        are restored and the gradients dropped, so nothing else changes. No-op without DDP.
-        """
+        """For a run that resumes: one zero-weighted synced backward through the DDP wrapper, so that DDP rebuilds its
+        buckets before the first real step (see `utils.ddp.settle_ddp_buckets`). No-op without DDP."""
         if self._ddp() is None:
             return
         var = self.var_wo_ddp
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == 'cuda' else []):
+
+        def throwaway_backward() -> None:
             label_B = torch.zeros(batch_size, dtype=torch.long, device=self.device)
             x_BLCv = torch.zeros(batch_size, var.L - var.first_l, var.Cvae, device=self.device)
             with self.var_opt.autocast():
                 logits_BLV = self.var(label_B, x_BLCv)
             logits_BLV.float().sum().mul(0).backward()
-        self.var_opt.optimizer.zero_grad(set_to_none=True)
+        settle_ddp_buckets(throwaway_backward, [self.var_opt.optimizer], self.device)
 
     def train_step(self, stepping: bool, inp: torch.Tensor, label_B: torch.Tensor, prog_si: int = -1,
                    prog_wp_it: float = 1.0, metrics: bool = False, details: bool = False) -> Dict[str, Any]:

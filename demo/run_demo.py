@@ -93,7 +93,7 @@ def first_per_class(labels: np.ndarray, n: int) -> np.ndarray:
 def reconstruct(vae_path: str, images_NHW3: np.ndarray, bs: int = 250) -> Dict[str, Any]:
     """The tokenizer's reconstructions of uint8 images and their PSNR/SSIM (the VAR tokenisation path)."""
     import models
-    from trainer_vae import reconstruction_metrics
+    from tokenizer.trainer import reconstruction_metrics
     vae = models.load_vae_checkpoint(vae_path).eval()
     recs, psnr, ssim = [], [], []
     for s in range(0, len(images_NHW3), bs):

@@ -151,8 +151,8 @@ def kill_after_step(argv: Sequence[str], out: Path, step: int, nproc: int = 1, t
     import signal
     import time
     log = open(out.parent / f'{out.name}.killed.log', 'w')
-    proc = subprocess.Popen(cmd or train_cmd(argv, nproc), cwd=ROOT, env=cpu_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd or train_cmd(argv, nproc), cwd=ROOT, env=cpu_env(), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     steps_file, deadline = out / 'steps.jsonl', time.time() + timeout
     try:
         while True:

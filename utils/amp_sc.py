@@ -1,4 +1,4 @@
-# The optimizer step of the VAR training recipe (arXiv 2404.02905), spec section 6.5.
+# The optimizer step of the VAR training recipe (arXiv 2404.02905).
 """`AmpOptimizer`: autocast, fp16 GradScaler, gradient accumulation, clipping, and non-finite step skipping.
 
 fp16 = 0 -> fp32; 1 -> float16 autocast + GradScaler(init_scale=2**11, growth_interval=1000), its scale capped at 32768

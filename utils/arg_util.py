@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group('tokenizer')
     flag(t, ['--vae_ckpt'], default='',
          help='local VQVAE checkpoint: the official state dict or one carrying its config (its architecture is read '
-              'from the file); empty: vae_ch160v4096z32.pth in the working directory (official), else from the Hugging Face Hub')
+              'from the file); empty: vae_ch160v4096z32.pth in the working directory (official), else from the '
+              'Hugging Face Hub')
 
     o = p.add_argument_group('optimisation')
     add_schedule_flags(o, bs=768, ep=250, tblr=1e-4, twd=0.05, wpe=0.01, sche='lin0')
@@ -188,7 +189,7 @@ class Derived:
 
 
 def derive(args: argparse.Namespace, world_size: int) -> Derived:
-    """Pure: every derived quantity of the official recipe (spec sections 6.3, 7, 9). `args` is not modified."""
+    """Pure: every derived quantity of the official recipe. `args` is not modified."""
     batch_size = round(args.bs / args.ac / world_size)
     if batch_size < 1:
         raise ValueError(f'--bs={args.bs} is too small for --ac={args.ac} and {world_size} processes')

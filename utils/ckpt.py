@@ -1,4 +1,4 @@
-# Checkpoint files of the VAR training recipe (arXiv 2404.02905), spec sections 8.1 and 8.3, written atomically.
+# Checkpoint files of the VAR training recipe (arXiv 2404.02905), written atomically.
 """Checkpoint I/O: atomic writes, loading with clear errors, auto-resume, and RNG state capture.
 
 Files (official names): `ar-ckpt-last.pth` (end of every epoch, and every `--ckpt_every_iters` iterations) and

@@ -1,4 +1,4 @@
-# ImageFolder datasets and transforms of the VAR training recipe (arXiv 2404.02905), spec section 7.
+# ImageFolder datasets and transforms of the VAR training recipe (arXiv 2404.02905).
 """Datasets for train.py.
 
 `build_dataset(data_path, final_reso, hflip, mid_reso)` reads `data_path/train` and `data_path/val` (one sub-folder

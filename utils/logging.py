@@ -1,4 +1,4 @@
-# Logging of the VAR training recipe (arXiv 2404.02905), spec section 8.2, without patching print or sys.stdout.
+# Logging of the VAR training recipe (arXiv 2404.02905), without patching print or sys.stdout.
 """Rank-0 console and files, TensorBoard, meters and progress.
 
 * `print0`: print on the global master only.

@@ -1,5 +1,5 @@
 # Learning-rate / weight-decay schedules and parameter groups of the VAR training recipe (arXiv 2404.02905).
-"""Schedules (spec 6.4), the weight-decay parameter filter (spec 6.2) and the progressive-training stage (spec 6.7).
+"""Schedules, the weight-decay parameter filter and the progressive-training stage of the official recipe.
 
 All functions are pure except `lr_wd_annealing`, which writes lr and weight_decay into the optimizer's groups.
 """
@@ -86,8 +86,12 @@ def build_param_groups(named_params: Iterable[Tuple[str, torch.nn.Parameter]],
     return list(groups.values())
 
 
-def progressive_si(g_it: int, wp_it: int, max_it: int, pg: float, pg0: int, num_scales: int) -> int:
-    """The progressive-training stage: the last scale index trained at `g_it` (-1 when pg == 0, i.e. all scales)."""
+def progressive_si(g_it: int, wp_it: float, max_it: int, pg: float, pg0: int, num_scales: int) -> int:
+    """The progressive-training stage: the last scale index trained at `g_it` (-1 when pg == 0, i.e. all scales).
+
+    `wp_it` is the unrounded warm-up length wp * iters_per_epoch, as the official loop passes it (only the lr/wd
+    schedule rounds it).
+    """
     if pg <= 0:
         return -1
     if g_it <= wp_it:

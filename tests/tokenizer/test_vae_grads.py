@@ -67,7 +67,7 @@ def test_vq_loss_sends_only_the_commitment_term_to_the_encoder(beta):
 
 # ----------------------------------------------------------------------------------------- the trainer's two steps
 def _trainer(adaptive: bool, fp16: int = 0, dw: float = 0.3, vq: float = 1.0, l1: float = 0.5, l2: float = 1.0):
-    from trainer_vae import LossConfig, VQVAETrainer
+    from tokenizer.trainer import LossConfig, VQVAETrainer
     from utils.amp_sc import AmpOptimizer
     torch.manual_seed(0)
     vae = VQVAE(vocab_size=32, z_channels=4, ch=32, v_patch_nums=PATCH_NUMS, test_mode=False, ch_mult=(1, 1, 2)).train()

@@ -1,6 +1,6 @@
-"""The tokenizer trainer (train_vae.py, trainer_vae.py, models/vae_losses.py): losses, a few real steps on CPU, exact
-kill-and-resume, DDP under torchrun, fine-tuning from an official-format file, and the checkpoint round trip into
-train.py (--vae_ckpt with no architecture flags)."""
+"""The tokenizer trainer (train_vae.py, tokenizer/): losses, a few real steps on
+CPU, exact kill-and-resume (also with 3 torchrun processes), DDP under torchrun, fine-tuning from an official-format
+file, and the checkpoint round trip into train.py (--vae_ckpt with no architecture flags)."""
 import json
 import os
 import subprocess
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from train_support import (ROOT, assert_same_final_checkpoint, cpu_env, free_port, kill_after_step, make_image_folder,
-                            run_train, train_args)
+                            train_args)
 
 # A x4 tokenizer on 16x16 images: 3 scales (1, 2, 4), the 4th Phi unused (checks the DDP freezing of unused Phis).
 TINY_VAE_FLAGS = dict(vae_ch=32, vae_ch_mult='1_1_2', vocab=64, cvae=8, pn='1_2_4', mid_reso=1.0, lp=0, dw=0.5,
@@ -53,13 +53,14 @@ def data(tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------------------------------------------ loss units
 def test_discriminator_losses_and_adaptive_weight():
-    from models.vae_losses import PatchDiscriminator, adaptive_gan_weight, d_loss_fn, g_loss_fn
+    from tokenizer.discriminator import PatchDiscriminator, adaptive_gan_weight, d_loss_fn, g_loss_fn
     disc = PatchDiscriminator(3, ch=16, n_layers=2)
     assert disc(torch.randn(2, 3, 32, 32)).shape == (2, 1, 6, 6)
     real, fake = torch.full((2, 1, 3, 3), 2.0), torch.full((2, 1, 3, 3), -2.0)
     assert d_loss_fn('hinge', real, fake).item() == 0.0  # both beyond the margin
     assert d_loss_fn('hinge', fake, real).item() == pytest.approx(3.0)
-    assert d_loss_fn('vanilla', real, fake).item() == pytest.approx(torch.nn.functional.softplus(torch.tensor(-2.)).item())
+    softplus = torch.nn.functional.softplus
+    assert d_loss_fn('vanilla', real, fake).item() == pytest.approx(softplus(torch.tensor(-2.)).item())
     assert g_loss_fn(fake).item() == 2.0
     w = torch.nn.Parameter(torch.ones(4))
     a, b = torch.tensor([3.0, 0, 4, 0]), torch.tensor([0, 1.0, 0, 0])
@@ -71,7 +72,7 @@ def test_discriminator_losses_and_adaptive_weight():
 def test_adaptive_weight_is_zero_when_a_gradient_is_not_finite():
     """An inf or NaN gradient norm at the last layer (e.g. an fp16 overflow) gives weight 0, not the clamp's maximum or
     NaN: the step then ignores the GAN term."""
-    from models.vae_losses import adaptive_gan_weight
+    from tokenizer.discriminator import adaptive_gan_weight
     w = torch.nn.Parameter(torch.ones(4))
     finite = torch.tensor([3.0, 0, 4, 0])
     inf, nan = torch.tensor([1.0, float('inf'), 0, 0]), torch.tensor([float('nan'), 1.0, 0, 0])
@@ -83,7 +84,7 @@ def test_adaptive_weight_is_zero_when_a_gradient_is_not_finite():
 
 def test_adaptive_weight_survives_fp16_with_the_loss_scale():
     """A small reconstruction gradient underflows in fp16: with the GradScaler's scale the weight matches fp32."""
-    from models.vae_losses import adaptive_gan_weight
+    from tokenizer.discriminator import adaptive_gan_weight
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(4, 3, 3, padding=1)
     x = torch.randn(32, 4, 256, 256)  # d nll / d rec ~ 2 * 0.01 / (32 * 3 * 256 * 256) = 3e-9: below fp16's range
@@ -103,7 +104,7 @@ def test_adaptive_weight_survives_fp16_with_the_loss_scale():
 
 def test_lpips_loads_torchvision_vgg16_and_measures_distances():
     import torchvision
-    from models.vae_losses import LPIPS
+    from tokenizer.lpips import LPIPS
     torch.manual_seed(0)
     lp = LPIPS()
     lp.load_vgg16(torchvision.models.vgg16(weights=None).state_dict())  # the key layout of the real weights
@@ -127,24 +128,25 @@ def test_lpips_loads_torchvision_vgg16_and_measures_distances():
 
 def test_missing_vgg_weights_give_a_clear_message(tmp_path, monkeypatch):
     import torchvision.models
-    import train_vae
+    from tokenizer import build
     monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
 
     def offline(*a, **k):
         raise OSError('no network')
     monkeypatch.setattr(torchvision.models.VGG16_Weights.IMAGENET1K_V1.__class__, 'get_state_dict', offline)
     with pytest.raises(RuntimeError, match=r'--lpips_vgg=PATH.*--lp=0'):
-        train_vae.resolve_vgg16('auto')
+        build.resolve_vgg16('auto')
     with pytest.raises(FileNotFoundError):
-        train_vae.resolve_vgg16(str(tmp_path / 'nope.pth'))
+        build.resolve_vgg16(str(tmp_path / 'nope.pth'))
     torch.save({'features.0.weight': torch.zeros(1)}, tmp_path / 'checkpoints.pth')
     os.makedirs(tmp_path / 'checkpoints')
-    torch.save({'x': torch.ones(1)}, tmp_path / 'checkpoints' / train_vae.VGG16_FILE)
-    assert 'x' in train_vae.resolve_vgg16('auto')  # the torch hub cache is used before any download
+    torch.save({'x': torch.ones(1)}, tmp_path / 'checkpoints' / build.VGG16_FILE)
+    assert 'x' in build.resolve_vgg16('auto')  # the torch hub cache is used before any download
 
 
 def test_psnr_ssim_and_phi_usage():
-    from models.vae_losses import phi_indices_used, psnr_per_image, ssim_per_image
+    from tokenizer.codebook import phi_indices_used
+    from tokenizer.metrics import psnr_per_image, ssim_per_image
     x = torch.rand(3, 3, 16, 16)
     assert psnr_per_image(x, x).min().item() == pytest.approx(100.0)
     assert psnr_per_image(x, (x + 0.1).clamp(0, 1)).mean().item() < 25
@@ -159,7 +161,7 @@ def test_ssim_matches_scikit_image_on_real_photos():
     population covariances, K1=0.01, K2=0.03, the border of half a window left out, channels averaged)."""
     skdata = pytest.importorskip('skimage.data', reason='scikit-image provides the real test photos')
     from skimage.metrics import structural_similarity
-    from models.vae_losses import ssim_per_image
+    from tokenizer.metrics import ssim_per_image
     rng = np.random.default_rng(0)
     clean = np.stack([skdata.astronaut()[:96, 200:328], skdata.chelsea()[100:196, 150:278]]).astype(np.float64) / 255
     noisy = np.clip(clean + rng.normal(0, 0.08, clean.shape), 0, 1)
@@ -175,7 +177,7 @@ def test_ssim_matches_scikit_image_on_real_photos():
 
 def test_dead_codes_are_reinitialised_from_latents_and_their_moments_reset():
     import models
-    from trainer_vae import LossConfig, ReinitConfig, VQVAETrainer
+    from tokenizer.trainer import LossConfig, ReinitConfig, VQVAETrainer
     from utils.amp_sc import AmpOptimizer
     torch.manual_seed(0)
     vae = models.VQVAE(vocab_size=32, z_channels=4, ch=32, ch_mult=(1, 2), v_patch_nums=(1, 2, 4), test_mode=False)
@@ -206,7 +208,7 @@ def test_dead_codes_are_reinitialised_at_the_end_of_every_rc_every_iterations_un
     """--vq_reinit=k: after iterations k-1, 2k-1, ... (each k-th step, counting from 1), before iteration `until`;
     only on iterations that end an accumulation cycle."""
     import models
-    from trainer_vae import LossConfig, ReinitConfig, VQVAETrainer
+    from tokenizer.trainer import LossConfig, ReinitConfig, VQVAETrainer
     from utils.amp_sc import AmpOptimizer
     torch.manual_seed(0)
     vae = models.VQVAE(vocab_size=32, z_channels=4, ch=32, ch_mult=(1, 2), v_patch_nums=(1, 2, 4), test_mode=False)
@@ -220,10 +222,24 @@ def test_dead_codes_are_reinitialised_at_the_end_of_every_rc_every_iterations_un
 
 
 # -------------------------------------------------------------------------------------------- real training runs
-def test_train_steps_checkpoint_logs_and_train_py_round_trip(data, tmp_path):
-    out = tmp_path / 'vae'
-    done = run_vae(vae_argv(data, out, n_vis=4, tb_every_iters=1))
+# 24 images, batch 4: 6 iterations per epoch, 12 in all; the GAN starts at iteration 2, dead codes are re-drawn every
+# 2 iterations, checkpoints every 4 iterations and at epoch ends; TensorBoard at every iteration, 4 images shown.
+REFERENCE_FLAGS = dict(ep=2, ckpt_every_iters=4, log_steps=1, hflip=1, vq_reinit_until=1.0, n_vis=4,
+                       tb_every_iters=1)
+
+
+@pytest.fixture(scope='module')
+def reference(data, tmp_path_factory):
+    """One uninterrupted run shared by the tests that look at it or compare against it: (output folder, process)."""
+    out = tmp_path_factory.mktemp('vae_reference') / 'vae'
+    done = run_vae(vae_argv(data, out, **REFERENCE_FLAGS))
     assert done.returncode == 0, done.stderr[-3000:]
+    return out, done
+
+
+@pytest.mark.slow
+def test_train_steps_checkpoint_logs_and_train_py_round_trip(data, reference, tmp_path):
+    out, done = reference
     assert 'codebook usage per scale' in done.stdout and 're-initialised' in done.stdout
     for name in ('vae-ckpt-last.pth', 'vae-ckpt-best.pth', 'log.txt', 'stdout.txt'):
         assert (out / name).is_file(), name
@@ -250,9 +266,9 @@ def test_train_steps_checkpoint_logs_and_train_py_round_trip(data, tmp_path):
 
     # train.py reads the architecture from the tokenizer checkpoint: only --patch_size and --pn describe the data
     var_out = tmp_path / 'var'
-    done = run_train(train_args(data, out / 'vae-ckpt-best.pth', var_out, pn='1_2_4', patch_size=4, ep=1,
-                                mid_reso=1.0) + ['--alng_typo=1e-3'])
-    assert done.returncode == 0, done.stderr[-3000:]
+    import train
+    assert train.main(train_args(data, out / 'vae-ckpt-best.pth', var_out, pn='1_2_4', patch_size=4, ep=1,
+                                 mid_reso=1.0) + ['--alng_typo=1e-3']) == 0
     assert "ignoring unknown arguments (typos?): ['--alng_typo=1e-3']" in (var_out / 'stderr.txt').read_text()
     vae2, var = models.load_checkpoint_models(var_out / 'ar-ckpt-last.pth')
     assert vae2.ch_mult == (1, 1, 2) and var.patch_nums == (1, 2, 4)
@@ -260,27 +276,24 @@ def test_train_steps_checkpoint_logs_and_train_py_round_trip(data, tmp_path):
     assert all(torch.equal(v, vae2.state_dict()[k]) for k, v in best.state_dict().items() if 'ema_vocab' not in k)
 
 
-def test_sigkill_and_rerun_gives_the_uninterrupted_losses(data, tmp_path):
-    # 24 images, batch 4: 6 iterations per epoch, 12 in all; the GAN starts at iteration 2, dead codes are re-drawn
-    # every 2 iterations, checkpoints every 4 iterations and at epoch ends.
-    flags = dict(ep=2, ckpt_every_iters=4, log_steps=1, hflip=1, vq_reinit_until=1.0)
-    ref_out = tmp_path / 'reference'
-    ref = run_vae(vae_argv(data, ref_out, **flags))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    reference = read_losses(ref_out)
-    assert sorted(reference) == list(range(12))
+@pytest.mark.slow
+def test_sigkill_and_rerun_gives_the_uninterrupted_losses(data, reference, tmp_path):
+    ref_out, _ = reference
+    reference_losses = read_losses(ref_out)
+    assert sorted(reference_losses) == list(range(12))
 
     out = tmp_path / 'interrupted'
-    argv = vae_argv(data, out, **flags)
+    argv = vae_argv(data, out, **REFERENCE_FLAGS)
     killed_at = kill_after_step(argv, out, step=9, cmd=vae_cmd(argv))
     assert killed_at < 11, 'the kill came too late to test anything'
     resumed = run_vae(argv)  # the very same command
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert '[auto-resume] loaded' in resumed.stdout
-    assert read_losses(out) == reference  # bit-identical per-step losses, GAN and codebook upkeep included
+    assert read_losses(out) == reference_losses  # bit-identical per-step losses, GAN and codebook upkeep included
     assert_same_final_checkpoint(ref_out, out, 'vae-ckpt-last.pth')  # both models, both optimizers, RNG
 
 
+@pytest.mark.slow
 def test_resume_inside_an_accumulation_cycle_cut_by_the_epoch_end(tmp_path):
     # 21 images, 3 per step with --ac=2: 7 iterations per epoch, so epoch 0 ends inside a cycle; the kill comes after
     # that epoch's checkpoint, which points at the cycle's start (with the codebook-usage EMA of that moment)
@@ -299,6 +312,7 @@ def test_resume_inside_an_accumulation_cycle_cut_by_the_epoch_end(tmp_path):
     assert_same_final_checkpoint(tmp_path / 'reference', out, 'vae-ckpt-last.pth')
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_with_gan_and_adaptive_weight(data, tmp_path):
     out = tmp_path / 'ddp'
     # bf16 autocast and 2-step accumulation (no_sync on the first micro-batch of both DDP modules)
@@ -319,19 +333,44 @@ def test_vae_init_fine_tunes_an_official_format_file(data, tmp_path, capsys):
     argv = vae_argv(data, out, ep=1, dw=0, vq_reinit=0, vae_init=tmp_path / 'official_like.pth')
     assert train_vae.main(argv) == 0
     tuned = models.load_vae_checkpoint(out / 'vae-ckpt-last.pth')
-    moved = [k for k, v in plain.state_dict().items() if 'ema_vocab' not in k and not torch.equal(v, tuned.state_dict()[k])]
+    moved = [k for k, v in plain.state_dict().items()
+             if 'ema_vocab' not in k and not torch.equal(v, tuned.state_dict()[k])]
     assert moved and len(moved) < len(plain.state_dict())  # trained from those weights (the unused Phi stays put)
     capsys.readouterr()
     assert train_vae.main(argv) == 0  # re-running a finished command does nothing (the demo relies on it)
     assert 'nothing to do' in capsys.readouterr().out
     capsys.readouterr()
-    assert train_vae.main(vae_argv(data, tmp_path / 'bad', ep=1, vocab=128, vae_init=tmp_path / 'official_like.pth')) == 2
+    bad = vae_argv(data, tmp_path / 'bad', ep=1, vocab=128, vae_init=tmp_path / 'official_like.pth')
+    assert train_vae.main(bad) == 2
     err = capsys.readouterr().err
     assert 'error: --vae_init' in err and '--vocab=64 --cvae=8 --vae_ch=32 --vae_ch_mult=1_1_2' in err  # the flags
 
 
-def test_a_discriminator_too_deep_for_the_images_is_refused_at_start(data, tmp_path):
-    done = run_vae(vae_argv(data, tmp_path / 'vae', disc_layers=3))  # 16 px images; 3 stride-2 layers need 24
-    assert done.returncode == 2 and 'Traceback' not in done.stderr
-    assert '--disc_layers=3 needs images of at least 24 px but they are 16 px' in done.stderr
+def test_a_discriminator_too_deep_for_the_images_is_refused_at_start(data, tmp_path, capsys):
+    import train_vae
+    assert train_vae.main(vae_argv(data, tmp_path / 'vae', disc_layers=3)) == 2  # 16 px; 3 stride-2 layers need 24
+    err = capsys.readouterr().err
+    assert '--disc_layers=3 needs images of at least 24 px but they are 16 px' in err and 'Traceback' not in err
     assert not (tmp_path / 'vae' / 'vae-ckpt-last.pth').exists()
+
+
+@pytest.mark.slow
+def test_three_processes_resume_bit_for_bit_with_the_gan(tmp_path):
+    """With three ranks the order in which DDP adds the gradients depends on its bucket layout, which it rebuilds
+    after the first synced backward: a resumed run settles the buckets of the VQVAE and (the GAN having started) of
+    the discriminator first, so its steps equal the uninterrupted run's, bit for bit."""
+    data = make_image_folder(tmp_path / 'data', n_classes=3, n_train=6, n_val=1)
+    # global batch 6 = 3 ranks x 2: 3 iterations per epoch, 6 in all; the GAN starts at iteration 1
+    flags = dict(bs=6, ep=2, ckpt_every_iters=2, log_steps=1, hflip=1, tblr=0.02, vq_reinit=0, val_max=1)
+    ref_out = tmp_path / 'reference'
+    ref = run_vae(vae_argv(data, ref_out, **flags), nproc=3, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out = tmp_path / 'interrupted'
+    argv = vae_argv(data, out, **flags)
+    killed_at = kill_after_step(argv, out, step=2, cmd=vae_cmd(argv, nproc=3), timeout=300)
+    assert killed_at < 5, 'the kill came too late to test anything'
+    resumed = run_vae(argv, nproc=3, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert '[auto-resume] loaded' in resumed.stdout and 'epoch 0, iteration 2' in resumed.stdout
+    assert read_losses(out) == read_losses(ref_out)
+    assert_same_final_checkpoint(ref_out, out, 'vae-ckpt-last.pth')

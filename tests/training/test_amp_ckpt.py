@@ -308,6 +308,7 @@ atomic_save({{'epoch': 2, 'iter': 0, 'trainer': {{'w': torch.zeros(100000)}}, 's
 '''
 
 
+@pytest.mark.slow
 def test_an_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     target, flag = tmp_path / 'ar-ckpt-last.pth', tmp_path / 'writing'
     atomic_save({'epoch': 1, 'iter': 0, 'trainer': {'w': torch.ones(3)}}, str(target))

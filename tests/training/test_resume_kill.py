@@ -8,6 +8,10 @@ import pytest
 from train_support import (X4, assert_same_final_checkpoint, kill_after_step, make_image_folder, make_tiny_vae_ckpt,
                             read_steps, run_train, train_args)
 
+# 24 images, batch 4: 6 iterations per epoch, 12 in all; checkpoints every 4 iterations and at epoch ends; a large lr
+# (0.5 * 4 / 256) so that any state not restored shows in the losses and weights; a fractional lr warm-up (3 its)
+REFERENCE_FLAGS = dict(patch_size=4, bs=4, ep=2, fp16=1, hflip=1, ckpt_every_iters=4, log_steps=1, tblr=0.5, wp=0.5)
+
 
 def uninterrupted_losses(data, vae, out, flags, n_steps):
     ref = run_train(train_args(data, vae, out, **flags))
@@ -17,16 +21,21 @@ def uninterrupted_losses(data, vae, out, flags, n_steps):
     return losses
 
 
-def test_sigkill_and_rerun_gives_the_uninterrupted_losses(tmp_path):
-    data = make_image_folder(tmp_path / 'data', n_classes=3, n_train=8, n_val=2)
-    vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth', X4)
-    # 24 images, batch 4: 6 iterations per epoch, 12 in all; checkpoints every 4 iterations and at epoch ends
-    flags = dict(patch_size=4, bs=4, ep=2, fp16=1, hflip=1, ckpt_every_iters=4, log_steps=1, tblr=0.5)
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+    """One uninterrupted run shared by the tests that compare against it: (data, vae, its output folder, losses)."""
+    root = tmp_path_factory.mktemp('resume_kill')
+    data = make_image_folder(root / 'data', n_classes=3, n_train=8, n_val=2)
+    vae = make_tiny_vae_ckpt(root / 'vae.pth', X4)
+    losses = uninterrupted_losses(data, vae, root / 'reference', REFERENCE_FLAGS, n_steps=12)
+    return data, vae, root / 'reference', losses
 
-    reference = uninterrupted_losses(data, vae, tmp_path / 'reference', flags, n_steps=12)
 
+@pytest.mark.slow
+def test_sigkill_and_rerun_gives_the_uninterrupted_losses(reference, tmp_path):
+    data, vae, ref_out, ref_losses = reference
     out = tmp_path / 'interrupted'
-    argv = train_args(data, vae, out, **flags)
+    argv = train_args(data, vae, out, **REFERENCE_FLAGS)
     # step 8 is logged after the interval checkpoint of step 7 was written: the resume is mid-epoch
     killed_at = kill_after_step(argv, out, step=8)
     assert killed_at < 11, 'the kill came too late to test anything'
@@ -35,11 +44,12 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_losses(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert 'ar-ckpt-last.pth: epoch 1, iteration 2' in resumed.stdout
     after = read_steps(out)
-    assert after == reference  # bit-identical per-step losses
+    assert after == ref_losses  # bit-identical per-step losses
     assert all(after[k] == v for k, v in before.items())  # steps replayed after the checkpoint agree too
-    assert_same_final_checkpoint(tmp_path / 'reference', out)  # weights, optimizer, scaler, RNG: bit for bit
+    assert_same_final_checkpoint(ref_out, out)  # weights, optimizer, scaler, RNG: bit for bit
 
 
+@pytest.mark.slow
 def test_resume_inside_an_accumulation_cycle_cut_by_the_epoch_end(tmp_path):
     """--ac=2 with 7 iterations per epoch: the epoch ends after the first half of a cycle, whose gradients exist only
     in memory. The epoch-end checkpoint points at the cycle's start; a run killed after it recomputes that half."""
@@ -60,25 +70,24 @@ def test_resume_inside_an_accumulation_cycle_cut_by_the_epoch_end(tmp_path):
     assert_same_final_checkpoint(tmp_path / 'reference', out)
 
 
-def test_train_py_feeds_the_official_schedule_to_the_optimizer(tmp_path):
-    """The lr and wd that train.py sets at every step are those of lr_wd_annealing with the derived values."""
+@pytest.mark.slow
+def test_train_py_feeds_the_official_schedule_to_the_optimizer(reference):
+    """The lr and wd that train.py sets at every step are those of lr_wd_annealing with the derived values (the
+    warm-up of --wp=0.5 epochs, 3 iterations, rounded as the official lr_wd_annealing does)."""
     import json
 
     import torch
 
     from utils import arg_util
     from utils.lr_control import build_param_groups, lr_wd_annealing
-    data = make_image_folder(tmp_path / 'data', n_classes=3, n_train=8, n_val=2)
-    vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth', X4)
-    argv = train_args(data, vae, tmp_path / 'out', patch_size=4, bs=4, ep=2, log_steps=1, wp=0.5)
-    r = run_train(argv)
-    assert r.returncode == 0, r.stderr[-3000:]
+    data, vae, ref_out, _ = reference
+    argv = train_args(data, vae, ref_out, **REFERENCE_FLAGS)
     cfg = arg_util.derive(arg_util.parse_args(argv), world_size=1)
     args = arg_util.parse_args(argv)
     iters = 6
     layer = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(build_param_groups(layer.named_parameters()), lr=cfg.tlr)
-    logged = [json.loads(line) for line in (tmp_path / 'out' / 'steps.jsonl').read_text().splitlines()]
+    logged = [json.loads(line) for line in (ref_out / 'steps.jsonl').read_text().splitlines()]
     assert [s['g_it'] for s in logged] == list(range(12))
     wds = set()
     for s in logged:
@@ -112,19 +121,17 @@ def signal_after_step(cmd, out, step: int, send, timeout: float = 150):
     return proc, log_path.read_text()
 
 
-def test_ctrl_c_writes_a_checkpoint_and_rerun_gives_the_uninterrupted_losses(tmp_path):
+@pytest.mark.slow
+def test_ctrl_c_writes_a_checkpoint_and_rerun_gives_the_uninterrupted_losses(reference, tmp_path):
     """SIGINT (Ctrl-C) mid-epoch, with no --ckpt_every_iters: the run saves at the next iteration, exits with 130, and
     the same command resumes there; steps.jsonl ends with one record per step."""
     import os
     import signal
 
     from train_support import train_cmd
-    data = make_image_folder(tmp_path / 'data', n_classes=3, n_train=8, n_val=2)
-    vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth', X4)
-    flags = dict(patch_size=4, bs=4, ep=2, fp16=1, hflip=1, log_steps=1)  # 6 iterations per epoch
-    reference = uninterrupted_losses(data, vae, tmp_path / 'reference', flags, n_steps=12)
-
-    out = tmp_path / 'interrupted'
+    data, vae, _, ref_losses = reference
+    flags = {k: v for k, v in REFERENCE_FLAGS.items() if k != 'ckpt_every_iters'}  # the periodic checkpoints are
+    out = tmp_path / 'interrupted'                                                   # not part of the losses
     argv = train_args(data, vae, out, **flags)
     proc, log = signal_after_step(train_cmd(argv), out, step=2, send=lambda p: os.killpg(p.pid, signal.SIGINT))
     assert proc.returncode == 130, log[-3000:]
@@ -133,10 +140,11 @@ def test_ctrl_c_writes_a_checkpoint_and_rerun_gives_the_uninterrupted_losses(tmp
     resumed = run_train(argv)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert '[auto-resume] loaded' in resumed.stdout and 'epoch 0, iteration' in resumed.stdout
-    assert read_steps(out) == reference
+    assert read_steps(out) == ref_losses
     assert len((out / 'steps.jsonl').read_text().splitlines()) == 12  # the replayed steps replace their records
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('how', ['sigterm_to_rank1', 'ctrl_c_to_the_job'])
 def test_torchrun_job_stops_with_a_checkpoint(tmp_path, how):
     """torchrun, 2 processes. SIGTERM (a preemption notice) to rank 1 only: both ranks agree to save at the same
@@ -150,7 +158,7 @@ def test_torchrun_job_stops_with_a_checkpoint(tmp_path, how):
     data = make_image_folder(tmp_path / 'data', n_classes=3, n_train=8, n_val=2)
     vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth', X4)
     out = tmp_path / 'ddp'
-    argv = train_args(data, vae, out, patch_size=4, bs=4, ep=2, log_steps=1)  # 2 per rank: 6 iterations per epoch
+    argv = train_args(data, vae, out, patch_size=4, bs=4, ep=1, log_steps=1)  # 2 per rank: 6 iterations per epoch
 
     def to_rank1(proc):
         children = [int(p) for p in os.listdir('/proc') if p.isdigit() and parent_pid(int(p)) == proc.pid]
@@ -170,7 +178,7 @@ def test_torchrun_job_stops_with_a_checkpoint(tmp_path, how):
     assert 0 < ckpt['iter'] < 6 and len(ckpt['rng']) == 2
     resumed = run_train(argv, nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert sorted(read_steps(out)) == list(range(12))
+    assert sorted(read_steps(out)) == list(range(6))
 
 
 def test_graceful_stop_counts_a_quick_repeat_as_the_same_ctrl_c(monkeypatch):

@@ -3,9 +3,13 @@ and TensorBoard events, and after a SIGKILL of the whole job (torchrun and its w
 losses and the same final checkpoint, bit for bit."""
 import json
 
+import pytest
+
 from train_support import (X4, assert_same_final_checkpoint, kill_after_step, make_image_folder, make_tiny_vae_ckpt,
                             read_steps, run_train, train_args)
 from utils.ckpt import load_checkpoint
+
+pytestmark = pytest.mark.slow
 
 
 def test_torchrun_two_processes_train_checkpoint_log_and_resume(tmp_path):

@@ -15,10 +15,11 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dist
-from models.vae_losses import (adaptive_gan_weight, d_loss_fn, dead_code_mask, g_loss_fn, psnr_per_image,
-                               replacement_codes, ssim_per_image)
+from tokenizer.codebook import dead_code_mask, replacement_codes
+from tokenizer.discriminator import adaptive_gan_weight, d_loss_fn, g_loss_fn
+from tokenizer.metrics import psnr_per_image, ssim_per_image
 from utils.amp_sc import AmpOptimizer
-from utils.ddp import unwrap
+from utils.ddp import ddp_of, settle_ddp_buckets, unwrap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,8 +166,33 @@ class VQVAETrainer:
 
     @staticmethod
     def _ddp(module: Optional[nn.Module]) -> Optional[DDP]:
-        module = getattr(module, '_orig_mod', module)
-        return module if isinstance(module, DDP) else None
+        return ddp_of(module)
+
+    def settle_ddp_buckets(self, batch_size: int, image_size: int, disc_too: bool) -> None:
+        """For a run that resumes: one zero-weighted synced backward through the VQVAE's DDP wrapper (and the
+        discriminator's when `disc_too`, i.e. when the uninterrupted run had already stepped it), so that DDP rebuilds
+        its buckets before the first real step (see `utils.ddp.settle_ddp_buckets`). The codebook-usage statistics
+        that the forward updates are put back. No-op without DDP."""
+        vae_ddp, disc_ddp = self._ddp(self.vae), self._ddp(self.disc) if disc_too else None
+        if vae_ddp is None and disc_ddp is None:
+            return
+        usage = self.usage_state()
+        zeros_B3HW = torch.zeros(batch_size, 3, image_size, image_size, device=self.device)
+
+        def throwaway_backward() -> None:
+            if vae_ddp is not None:
+                with self.vae_opt.autocast():
+                    rec_B3HW, _, vq_loss = self.vae(zeros_B3HW, ret_usages=False)
+                (rec_B3HW.float().sum() + vq_loss.float()).mul(0).backward()
+            if disc_ddp is not None:
+                with self.disc_opt.autocast():
+                    logits = self.disc(zeros_B3HW).float().sum() + self.disc(zeros_B3HW).float().sum()
+                logits.mul(0).backward()
+        optimizers = [self.vae_opt.optimizer] + ([self.disc_opt.optimizer] if self.disc_opt is not None else [])
+        settle_ddp_buckets(throwaway_backward, optimizers, self.device)
+        quantize = unwrap(self.vae_wo_ddp).quantize
+        quantize.record_hit = usage['config']['record_hit']
+        quantize.ema_vocab_hit_SV.copy_(usage['vae_wo_ddp']['quantize.ema_vocab_hit_SV'])
 
     @staticmethod
     def _no_sync(ddp: Optional[DDP], stepping: bool):

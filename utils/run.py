@@ -1,0 +1,346 @@
+"""The life cycle of a training run, written once for train.py (VAR) and train_vae.py (its tokenizer).
+
+`TrainingRun` holds what every run has: this process's place (rank, device, seeds, TF32), the console, the resume
+point that every rank must agree on, the loaders positioned at it, the logs (log.txt, TensorBoard held until the
+epoch's checkpoint is on disk, steps.jsonl), the restore, the DDP bucket warm-up, the graceful stop, the periodic and
+epoch checkpoints (none during a streak of skipped steps) and the epoch loop. A trainer's run subclasses it and
+supplies only what is its own: models, optimizers, one iteration (`step`), its meters, validation and visualisation,
+and the contents of its checkpoint. `main_of` runs one and maps its errors to exit codes, the same for both.
+"""
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import dist
+from utils.amp_sc import AmpOptimizer, NonFiniteError
+from utils.arg_util import REPO_ROOT
+from utils.ckpt import CheckpointError, CutCycle, auto_resume, remove_stale_tmp, save_run_checkpoint, set_rng_state
+from utils.data_sampler import DistInfiniteBatchSampler, EvalDistributedSampler
+from utils.logging import (Console, LogTxt, MetricLogger, TensorboardLogger, epoch_record, format_seconds, git_info,
+                           log_iters, open_steps_log)
+from utils.runtime import (ConfigError, GracefulStop, StopTraining, check_ranks_agree, rank_generator,
+                           resolve_device, seed_everything, set_tf32, user_errors)
+
+# (min_lr, max_lr, min_wd, max_wd) as utils.lr_control.lr_wd_annealing returns them
+LrWd = Tuple[float, float, float, float]
+
+
+class TrainingRun:
+    """One training run. A subclass's `__init__` reads like a recipe: `super().__init__` (process set-up),
+    its data, `open_data` (resume point and loaders), its models, optimizers and trainer, `resume`, `open_logs`.
+
+    The subclass provides: `last_name`, `best_name`, `ckpt_glob` (its checkpoint files), `self.trainer` (with
+    `state_dict()`), `self.best` (best validation metrics), and the methods marked "subclass" below.
+    """
+
+    last_name = best_name = ckpt_glob = ''
+    bar_name = 'Ep'  # the progress bar's and the iteration log's label
+
+    def __init__(self, args, derive: Callable[[Any, int], Any], cudnn_benchmark: bool):
+        self.args = args
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        with user_errors(ValueError):  # flags that do not fit together (e.g. --bs too small for the processes)
+            self.cfg = cfg = derive(args, self.world_size)
+        self.device = resolve_device(args.device)
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        self.console = Console(cfg.out_dir, enabled=dist.is_master())
+        self.stop = GracefulStop(self.device)
+        if getattr(args, 'unknown_args', None):
+            self.console.warn(f'ignoring unknown arguments (typos?): {args.unknown_args}')
+        seed_everything(args.seed, self.rank, self.world_size, benchmark=cudnn_benchmark)
+        set_tf32(args.tf32)
+        self.cut_cycle = CutCycle()  # an accumulation cycle that an epoch end cuts: checkpoints point at its start
+        self.best: Dict[str, float] = {}
+        self.tb: Optional[TensorboardLogger] = None
+        self.steps_file = None
+
+    # ------------------------------------------------------------------ set-up
+    def open_data(self, train_set: Dataset, val_set: Dataset) -> None:
+        """Iterations per epoch, the resume point (every rank reads its node's output folder; all must agree) and
+        the loaders, positioned at that point."""
+        args, cfg = self.args, self.cfg
+        self.train_set, self.val_set = train_set, val_set
+        self.iters_train = math.ceil(len(train_set) / cfg.glb_batch_size)
+        self.max_it = args.ep * self.iters_train
+        if dist.is_local_master():
+            remove_stale_tmp(cfg.out_dir)
+        self.ckpt, self.ckpt_path, notes = auto_resume(cfg.out_dir, self.ckpt_glob)
+        for note in notes:
+            self.console.warn(f'[auto-resume] skipped a broken checkpoint: {note}')
+        self.start_ep, self.start_it = (self.ckpt['epoch'], self.ckpt['iter']) if self.ckpt else (0, 0)
+        check_same_resume_point((self.start_ep, self.start_it))
+        if self.start_it >= self.iters_train:  # the data set shrank since: start the next epoch
+            self.start_ep, self.start_it = self.start_ep + 1, 0
+        sampler = DistInfiniteBatchSampler(self.world_size, self.rank, len(train_set), cfg.glb_batch_size,
+                                           same_seed_for_all_ranks=args.same_seed_for_all_ranks, fill_last=True,
+                                           shuffle=True, start_ep=self.start_ep, start_it=self.start_it,
+                                           aug_seed=args.seed)
+        pin = self.device.type == 'cuda'
+        self.ld_train = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=pin,
+                                   generator=rank_generator(args.seed, self.rank, self.world_size))
+        self.ld_val = DataLoader(val_set, batch_size=cfg.val_batch_size, num_workers=0, pin_memory=pin,
+                                 drop_last=False, sampler=EvalDistributedSampler(val_set, self.world_size, self.rank))
+
+    @property
+    def resume_g_it(self) -> int:
+        """The global iteration this run starts at (0 for a new run)."""
+        return self.start_ep * self.iters_train + self.start_it
+
+    def resume(self) -> None:
+        """From the checkpoint found by `open_data`, if any: the trainer's state, every rank's RNG, the best metrics;
+        then the DDP bucket warm-up, so that the first step reduces as the uninterrupted run's did."""
+        if self.ckpt is None:
+            return
+        ckpt, path = self.ckpt, self.ckpt_path
+        old_args = ckpt.get('args', {})
+        changed = {k: (old_args[k], v) for k, v in vars(self.args).items() if k in old_args and old_args[k] != v}
+        notes = self.load_trainer_state(ckpt, path, changed)
+        rngs = ckpt.get('rng')
+        if rngs is not None and len(rngs) == self.world_size:
+            set_rng_state(rngs[self.rank])
+        else:
+            notes.append('the checkpoint was written with another number of processes: RNG states not restored, '
+                         'the run continues but is not bit-identical to an uninterrupted one')
+        self.best.update(ckpt.get('best', {}))
+        if changed:
+            notes.append(f'arguments changed since the checkpoint (old, new): {changed}')
+        for note in notes:
+            self.console.warn(f'[auto-resume] {note}')
+        self.console.info(f'[auto-resume] loaded {path}: epoch {self.start_ep}, iteration {self.start_it}')
+        self.settle_ddp_buckets()
+        self.ckpt = None  # the weights now live in the models
+
+    def open_logs(self, init_line: str) -> None:
+        """log.txt (a header per process start), TensorBoard (purged past the resume point) and steps.jsonl."""
+        args, cfg = self.args, self.cfg
+        resumed = self.ckpt_path is not None
+        self.tb = TensorboardLogger(os.path.join(cfg.out_dir, cfg.tb_dir_name), enabled=dist.is_master(),
+                                    purge_step=self.resume_g_it if resumed else None)
+        self.log_txt = LogTxt(os.path.join(cfg.out_dir, 'log.txt'), enabled=dist.is_master())
+        git = git_info(str(REPO_ROOT))
+        self.header = {'is_master': dist.is_master(), 'name': args.exp_name, 'cmd': ' '.join(sys.argv),
+                       'commit': git['commit'], 'branch': git['branch'], 'tb_log_dir_path': self.tb.log_dir}
+        self.log_txt.write(self.header)
+        self.steps_file = open_steps_log(os.path.join(cfg.out_dir, 'steps.jsonl'), self.resume_g_it) \
+            if args.log_steps and dist.is_master() else None
+        self.console.info(f'[init] world_size={self.world_size} device={self.device} train={len(self.train_set)} '
+                          f'val={len(self.val_set)} iters/ep={self.iters_train} {init_line} '
+                          f'{json.dumps(dataclasses.asdict(cfg))}')
+
+    # ------------------------------------------------------------------ subclass
+    @property
+    def optimizers(self) -> List[AmpOptimizer]:
+        """Subclass: the run's optimizer steps, the first one the main one (its skips are reported per step)."""
+        raise NotImplementedError
+
+    def load_trainer_state(self, ckpt: Dict[str, Any], path: str, changed: Dict[str, Tuple[Any, Any]]) -> List[str]:
+        """Subclass: restore the trainer from `ckpt['trainer']` (raise ConfigError when it cannot); returns notes."""
+        raise NotImplementedError
+
+    def settle_ddp_buckets(self) -> None:
+        """Subclass: the trainer's throwaway zero-weighted backward (utils.ddp.settle_ddp_buckets)."""
+        raise NotImplementedError
+
+    def replicated_modules(self) -> List[torch.nn.Module]:
+        """Subclass: the trained modules whose replicas must agree across ranks before a save."""
+        raise NotImplementedError
+
+    def checkpoint_extras(self) -> Dict[str, Any]:
+        """Subclass: what its checkpoint holds besides position, trainer, args, derived values and best metrics."""
+        raise NotImplementedError
+
+    def cycle_patch(self) -> Dict[str, Dict[str, Any]]:
+        """Subclass: the trainer state that forward passes change, as a patch of its state dict (see CutCycle)."""
+        raise NotImplementedError
+
+    def epoch_meters(self) -> MetricLogger:
+        raise NotImplementedError
+
+    def step(self, me: MetricLogger, ep: int, it: int, g_it: int, batch: Any, stepping: bool, log_prefix: Optional[str]
+             ) -> Tuple[Dict[str, Any], LrWd]:
+        """Subclass: one iteration (schedules, the trainer's step, meters, per-iteration logs). `log_prefix` is the
+        start of the console line on the logged iterations (else None). Returns the trainer's output (with 'loss'
+        and 'grad_norm') and the (min_lr, max_lr, min_wd, max_wd) it set."""
+        raise NotImplementedError
+
+    def epoch_stats(self, me: MetricLogger, lr_wd: Optional[LrWd]) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def validate(self, ep: int, record: Dict[str, Any]) -> bool:
+        """Subclass: validation after epoch `ep` (logs, visualisation, `self.best`); True when the best improved."""
+        raise NotImplementedError
+
+    def log_epoch(self, ep: int, stats: Dict[str, Any], record: Dict[str, Any], remain: float,
+                  img_per_s: Optional[float]) -> None:
+        raise NotImplementedError
+
+    def summary(self) -> str:
+        """Subclass: the last console line of a finished run."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, epoch: int, it: int, best_updated: bool = False) -> None:
+        """The last (and on a better validation, the best) checkpoint on every node's local master, atomically.
+
+        When an epoch ends inside an accumulation cycle (--ac > 1), the checkpoint points at the cycle's first
+        iteration, with the RNG and the trainer state of that moment (see utils.ckpt.CutCycle).
+        """
+        for module in self.replicated_modules():
+            check_ranks_agree(module)
+        trainer_state = self.trainer.state_dict()
+        epoch, it, rng = self.cut_cycle.resume_point(epoch, it, trainer_state)
+        state = {'epoch': epoch, 'iter': it, 'trainer': trainer_state, 'args': vars(self.args),
+                 'derived': dataclasses.asdict(self.cfg), 'best': dict(self.best), **self.checkpoint_extras()}
+        save_run_checkpoint(state, self.cfg.out_dir, self.last_name, self.best_name, best_updated, rng=rng)
+
+    def may_save_periodically(self, g_it: int, it: int, stepping: bool) -> bool:
+        """--ckpt_every_iters: only at the end of an accumulation cycle, never during a streak of skipped
+        (non-finite) steps, and not at an epoch's last iteration (the epoch-end checkpoint covers it)."""
+        every = self.args.ckpt_every_iters
+        return every > 0 and (g_it + 1) % every == 0 and stepping and it + 1 < self.iters_train \
+            and all(opt.consecutive_skipped == 0 for opt in self.optimizers)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> None:
+        if self.start_ep >= self.args.ep:
+            self.console.info(f'[fit] nothing to do: the checkpoint is at epoch {self.start_ep} of {self.args.ep}')
+            return
+        with self.stop:
+            self.fit_epochs()
+
+    def fit_epochs(self) -> None:
+        args = self.args
+        ld_iter = iter(self.ld_train)
+        t_start, it_start = time.time(), self.resume_g_it
+        for ep in range(self.start_ep, args.ep):
+            first_it = self.start_it if ep == self.start_ep else 0
+            stats, img_per_s = self.train_one_ep(ep, first_it, ld_iter)
+            record, remain = epoch_record(ep, args.ep, self.iters_train, stats, t_start, it_start)
+            with self.tb.held():  # the epoch-axis events are written once the epoch's checkpoint is on disk
+                best_updated = False
+                if (ep + 1) % args.val_every_ep == 0 or ep + 1 == args.ep:
+                    best_updated = self.validate(ep, record)
+                self.log_epoch(ep, stats, record, remain, img_per_s)
+                if ep + 1 == args.ep:  # the run is over: a last unfinished cycle is dropped, as officially
+                    self.cut_cycle.start = None
+                self.save(ep + 1, 0, best_updated)
+            self.log_txt.write(self.header, record)
+            self.tb.flush()
+            self.stop.at_epoch_end(ep, args.ep)
+        self.console.info(self.summary())
+
+    def train_one_ep(self, ep: int, first_it: int, ld_iter) -> Tuple[Dict[str, Any], Optional[float]]:
+        """Iterations [first_it, iters_train) of epoch `ep`; returns the epoch's statistics and its images/s per
+        process (None when fewer than two iterations ran)."""
+        args, iters, main_opt = self.args, self.iters_train, self.optimizers[0]
+        me = self.epoch_meters()
+        log_its = log_iters(iters, first_it)
+        bar = tqdm(total=iters, initial=first_it, desc=f'[{self.bar_name} {ep}/{args.ep}]',
+                   disable=not dist.is_master(), mininterval=1.0 if sys.stderr.isatty() else 60.0, dynamic_ncols=True,
+                   leave=False)
+        t0 = t_after_first = time.time()
+        lr_wd = None
+        for it in range(first_it, iters):
+            g_it = ep * iters + it
+            self.cut_cycle.begin_iteration(ep, it, iters, args.ac, self.cycle_patch)
+            batch = next(ld_iter)
+            stepping = (g_it + 1) % args.ac == 0
+            skipped_before = main_opt.num_skipped
+            log_prefix = None
+            if it in log_its:
+                eta = (time.time() - t0) / (it - first_it + 1) * (iters - it - 1)
+                log_prefix = f'[{self.bar_name}]: [{ep:4d}/{args.ep}]  [{it:4d}/{iters}]  eta: {format_seconds(eta)}'
+            out, lr_wd = self.step(me, ep, it, g_it, batch, stepping, log_prefix)
+            self.cut_cycle.end_iteration(stepping)
+            if main_opt.num_skipped > skipped_before:
+                self.console.warn(f'[step {g_it}] non-finite loss or gradient (grad norm {out["grad_norm"]}): step '
+                                  f'skipped ({main_opt.consecutive_skipped} in a row, {main_opt.num_skipped} in '
+                                  f'total)')
+            if self.steps_file is not None:
+                self.steps_file.write(json.dumps({'g_it': g_it, 'ep': ep, 'it': it, 'loss': out['loss'].item(),
+                                             'grad_norm': out['grad_norm'], 'lr': lr_wd[1], 'wd': lr_wd[3]}) + '\n')
+                self.steps_file.flush()
+            bar.update(1)
+            if it == first_it:
+                t_after_first = time.time()  # throughput excludes the first (warm-up / compile) iteration
+            if stepping:  # SIGINT / SIGTERM on any rank: save at this cycle boundary
+                self.stop.at_cycle_end(ep, it, iters, self.save)
+            if self.may_save_periodically(g_it, it, stepping):
+                self.save(ep, it + 1)
+        bar.close()
+        img_per_s = None
+        if iters - first_it > 1:
+            if self.device.type == 'cuda':
+                torch.cuda.synchronize(self.device)
+            img_per_s = (iters - first_it - 1) * self.cfg.batch_size / (time.time() - t_after_first)
+            peak = f', peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GiB' \
+                if self.device.type == 'cuda' else ''
+            self.console.info(f'[ep{ep}] speed: {img_per_s:.1f} images/s per process{peak}')
+        me.synchronize_between_processes(self.device)
+        return self.epoch_stats(me, lr_wd), img_per_s
+
+    def close(self) -> None:
+        if self.steps_file is not None:
+            self.steps_file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def check_same_resume_point(point: Tuple[int, int]) -> None:
+    """Raise CheckpointError unless every rank found the same (epoch, iteration) to resume from (a collective)."""
+    points = dist.allgather_object(tuple(point))
+    if len(set(points)) != 1:
+        raise CheckpointError(f'the ranks found different resume points (epoch, iteration): {points}; make the '
+                              f'output folders of all nodes hold the same checkpoints')
+
+
+def report_error(run: Optional[TrainingRun], err: BaseException) -> None:
+    """The message alone: in the run's console (stderr and stderr.txt) on the master, else on stderr."""
+    if run is not None and dist.is_master():
+        run.console.warn(f'error: {err}')
+    else:
+        print(f'[rank {dist.get_rank()}] error: {err}', file=sys.stderr, flush=True)
+
+
+def main_of(make_run: Callable[[Any], TrainingRun], args, user_error_types: Tuple[type, ...] = ()) -> int:
+    """Run one training to its end under torch.distributed (if launched by torchrun); returns the exit code.
+
+    0 done; 2 a mistake of the set-up (a path, a flag, a checkpoint of another run: `ConfigError` and
+    `user_error_types`), reported as a message without a traceback; 3 a streak of non-finite steps; 4 the ranks'
+    checkpoints disagree; 130 stopped by SIGINT / SIGTERM (after writing a checkpoint) or a second Ctrl-C.
+    """
+    dist.initialize(device=args.device)  # gloo for a CPU run even with a GPU in sight: NCCL reduces CUDA tensors only
+    run = None
+    try:
+        run = make_run(args)
+        run.fit()
+        dist.barrier()
+        return 0
+    except StopTraining as e:  # SIGINT / SIGTERM: the checkpoint is written
+        if run is not None and dist.is_master():
+            run.console.info(f'[stop] {e}')
+        return 130
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, without a checkpoint
+        print(f'[rank {dist.get_rank()}] interrupted: no checkpoint written', file=sys.stderr, flush=True)
+        return 130
+    except NonFiniteError as e:  # raised on every rank at the same step: gradients are synchronised
+        report_error(run, e)
+        return 3
+    except CheckpointError as e:
+        report_error(run, e)
+        return 4
+    except (ConfigError, *user_error_types) as e:  # the message says what to change
+        report_error(run, e)
+        return 2
+    finally:
+        if run is not None:
+            run.close()
+        dist.finalize()
