@@ -41,9 +41,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--inception_weights', default=None,
                    help=f'local copy of {metrics.INCEPTION_URL} (default: torch-fidelity downloads it on first use)')
     p.add_argument('--batch_size', type=int, default=100, help='images per forward pass (default: %(default)s)')
-    p.add_argument('--device', default='',
-                   help="where the Inception network runs; '' picks this process's CUDA device when there is one, "
-                        'else the CPU')
+    p.add_argument('--device', default=None,
+                   help="where the Inception network runs, e.g. cpu, cuda:1 (default: this process's CUDA device when "
+                        'there is one, else the CPU)')
     p.add_argument('--recompute_ref_stats', action='store_true',
                    help="recompute the reference's FID statistics from its images instead of using its stored mu/sigma")
     p.add_argument('--out', default=None, help='also write the metrics to this JSON file')

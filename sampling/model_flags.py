@@ -38,7 +38,8 @@ def add_model_flags(parser: argparse.ArgumentParser, default_depth: int) -> None
                                                 'weights; add --vae_ckpt if it holds no tokenizer)')
     g.add_argument('--cache_dir', default=None, help='Hugging Face cache folder for the downloads')
     g.add_argument('--local_files_only', action='store_true', help='never touch the network')
-    g.add_argument('--device', default='', help="'' picks this process's CUDA device when there is one, else the CPU")
+    g.add_argument('--device', default=None,
+                   help="e.g. cpu, cuda:1 (default: this process's CUDA device when there is one, else the CPU)")
     g.add_argument('--fp16', type=int, choices=(0, 1, 2), default=1,
                    help='CUDA autocast: 0 fp32, 1 fp16, 2 bf16 (default: %(default)s)')
     g.add_argument('--tf32', type=int, choices=(0, 1), default=1,
@@ -65,7 +66,7 @@ def check_model_flags(args: argparse.Namespace) -> None:
 
 
 def model_device(args: argparse.Namespace) -> torch.device:
-    """The device of --device ('' = this process's CUDA device or the CPU), with TF32 set by --tf32 on CUDA (the
+    """The device of --device (None: this process's CUDA device or the CPU), with TF32 set by --tf32 on CUDA (the
     CPU's float32 matmul precision stays untouched, as the scripts always did)."""
     device = resolve_device(args.device)
     if device.type == 'cuda':
