@@ -306,6 +306,22 @@ def test_fid_refuses_to_resume_with_any_setting_that_changes_the_images(finished
     assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
 
 
+def test_fid_manifest_names_every_weight_file(tiny_ckpt, tmp_path):
+    """A train.py checkpoint with a separate tokenizer (--ckpt with --vae_ckpt, as edit.py always took it): both files'
+    hashes are part of the configuration, so that another tokenizer cannot resume the export."""
+    import argparse
+    vae = tmp_path / 'vae.pth'
+    vae.write_bytes(b'tokenizer weights')
+    args = argparse.Namespace(ckpt=tiny_ckpt, vae_ckpt=None, var_ckpt=None, depth=16)
+    assert fid_export.model_identity(args) == {'ckpt_sha256': fid_export.file_sha256(tiny_ckpt)}
+    args.vae_ckpt = str(vae)
+    assert fid_export.model_identity(args) == {'ckpt_sha256': fid_export.file_sha256(tiny_ckpt),
+                                               'vae': f'sha256:{fid_export.file_sha256(str(vae))}'}
+    hub = fid_export.model_identity(argparse.Namespace(ckpt=None, vae_ckpt=None, var_ckpt=None, depth=20))
+    assert hub == {'depth': '20', 'vae': 'hub:FoundationVision/var/vae_ch160v4096z32.pth',
+                   'var': 'hub:FoundationVision/var/var_d20.pth'}
+
+
 def test_fid_manifest_survives_a_failed_rewrite(tmp_path, monkeypatch):
     """Each (re)start rewrites manifest.json; a write cut short (disk full, kill) must leave the previous one whole."""
     import json
