@@ -11,9 +11,11 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 
 import models
+from models.vqvae import OFFICIAL_CH_MULT
 from utils.runtime import ConfigError, resolve_device, set_tf32
 
-PATCH_SIZE = 16  # image pixels per token side of the released tokenizer (vae_ch160v4096z32)
+# image pixels per token side of the released tokenizer: one halving per stage of its encoder after the first
+RELEASED_PATCH_SIZE = 2 ** (len(OFFICIAL_CH_MULT) - 1)
 
 
 def released_depths_help() -> str:
@@ -21,7 +23,7 @@ def released_depths_help() -> str:
     by_size: Dict[int, List[int]] = {}
     for name in models.PRESETS:
         cfg = models.preset_config(name)
-        by_size.setdefault(cfg['patch_nums'][-1] * PATCH_SIZE, []).append(cfg['depth'])
+        by_size.setdefault(cfg['patch_nums'][-1] * RELEASED_PATCH_SIZE, []).append(cfg['depth'])
     groups = [f'{", ".join(map(str, sorted(depths)))} ({size} px)' for size, depths in sorted(by_size.items())]
     return ' or '.join(groups)
 
