@@ -10,8 +10,9 @@ Samples are an `.npz` (`arr_0`, uint8 N x H x W x 3) or a folder of PNGs; the re
 * the TF-compatible Inception-v3 of torch-fidelity ('inception-v3-compat': TF1-style bilinear resize to 299, the 2015
   TF graph's weights), whose 2048-d pool features feed FID and precision/recall and whose bias-free 1008-way logits
   feed the Inception Score, as in OpenAI's evaluator;
-* the metric math is here, in float64, with the evaluator's conventions: FID of (mean, covariance with N-1) over the
-  pool features; IS over consecutive splits of 5,000 samples in file order; precision/recall with k=3 neighbourhoods.
+* the metric math is in sampling/metrics.py, in float64, with the evaluator's conventions: FID of (mean, covariance
+  with N-1) over the pool features; IS over consecutive splits of 5,000 samples in file order; precision/recall with
+  k=3 neighbourhoods.
 
 FID compares the samples with the reference file's stored `mu`/`sigma` when it has them, as OpenAI's evaluator does
 (the published VAR numbers were computed that way); `--recompute_ref_stats` recomputes them from its images with this
@@ -19,8 +20,6 @@ network instead, and a reference without stored statistics is always recomputed.
 reference images. The IS splits follow the file order: sample.py packs its `.npz` (and reads PNG folders) in a fixed
 shuffled order so that each split mixes the classes, as the official unsorted glob does. The Inception weights come
 from `--inception_weights PATH` or torch-fidelity's download into the torch hub cache on first use.
-
-Legend: N images, D feature width, K classifier logits; arrays are numpy unless the name says tensor.
 """
 import argparse
 import json
