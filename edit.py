@@ -1,5 +1,5 @@
 # Implements zero-shot editing with VAR (arXiv 2404.02905, section 5): in-painting, out-painting, class-conditional
-# editing of one image, as a command line over `editing.py`.
+# editing of one image, as a command line over `sampling/editing.py`.
 """Edit an image with a pretrained VAR, without any fine-tuning.
 
     # regenerate a box (relative y0,x0,y1,x1 of the centre-cropped square), unconditionally, 4 variations
@@ -18,12 +18,13 @@ train.py. The image is resized (shorter side) and centre-cropped to the model's 
 import argparse
 import os
 import sys
-from typing import List
+from typing import List, Optional
 
-import torch
-
-import editing
 from models.helpers import check_sampling_settings
+from sampling import editing
+from sampling.cli import run_script
+from sampling.model_flags import add_model_flags, check_model_flags, load_models_from_args, model_device
+from utils.runtime import ConfigError, autocast_dtype
 
 
 def parse_box(text: str) -> List[float]:
@@ -53,16 +54,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help='class to condition on (required for class-edit; default: unconditional)')
     p.add_argument('--out_dir', default='edits', help='folder for the PNGs, created if needed (default: %(default)s)')
     p.add_argument('--prefix', default=None, help='file name prefix (default: IMAGE-STEM_MODE)')
-    g = p.add_argument_group('model')
-    g.add_argument('--depth', type=int, default=36, help='released model: 36 (512 px) or 16, 20, 24, 30 (256 px) '
-                                                         '(default: %(default)s)')
-    g.add_argument('--vae_ckpt', default=None, help='local vae_ch160v4096z32.pth (default: from the Hub)')
-    g.add_argument('--var_ckpt', default=None, help='local var_d{depth}.pth (default: from the Hub)')
-    g.add_argument('--ckpt', default=None, help="a checkpoint of this project's train.py (instead of the official "
-                                                'weights; add --vae_ckpt if it holds no tokenizer)')
-    g.add_argument('--cache_dir', default=None, help='Hugging Face cache folder for the downloads')
-    g.add_argument('--local_files_only', action='store_true', help='never touch the network')
-    g.add_argument('--device', default=None, help='default: cuda when available, else cpu')
+    add_model_flags(p, default_depth=36)
     g = p.add_argument_group('sampling (defaults: the official editing notebook)')
     g.add_argument('-n', '--num_samples', type=int, default=1, help='number of variations (default: %(default)s)')
     g.add_argument('--seed', type=int, default=editing.DEFAULT_SEED,
@@ -75,31 +67,26 @@ def get_parser() -> argparse.ArgumentParser:
                    help='nucleus sampling mass in [0, 1], 0 = off (default: %(default)s)')
     g.add_argument('--more_smooth', type=int, choices=(0, 1), default=int(editing.DEFAULT_MORE_SMOOTH),
                    help='Gumbel soft codes (1, as the notebook) or sampled ids (0) (default: %(default)s)')
-    g.add_argument('--fp16', type=int, choices=(0, 1, 2), default=1,
-                   help='CUDA autocast: 0 fp32, 1 fp16, 2 bf16 (default: %(default)s)')
-    g.add_argument('--tf32', type=int, choices=(0, 1), default=1,
-                   help='CUDA: allow TF32 matmuls and convolutions (default: %(default)s)')
     return p
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Checks that need no model; they fail before any download."""
-    if args.ckpt and args.var_ckpt:
-        raise SystemExit('error: --ckpt is a whole train.py checkpoint; do not combine it with --var_ckpt')
-    for flag in ('image', 'mask', 'ckpt', 'vae_ckpt', 'var_ckpt'):
+    """Checks that need no model; they fail before any download. Raises ConfigError."""
+    check_model_flags(args)
+    for flag in ('image', 'mask'):
         path = getattr(args, flag)
         if path is not None and not os.path.isfile(path):
-            raise SystemExit(f'error: --{flag} {path}: no such file')
+            raise ConfigError(f'--{flag} {path}: no such file')
     if args.mode == 'class-edit' and args.class_label is None:
-        raise SystemExit('error: --mode class-edit needs --class_label (the target class)')
+        raise ConfigError('--mode class-edit needs --class_label (the target class)')
     if args.num_samples < 1:
-        raise SystemExit(f'error: --num_samples must be at least 1, got {args.num_samples}')
+        raise ConfigError(f'--num_samples must be at least 1, got {args.num_samples}')
     if not 0 < args.mask_threshold <= 1:
-        raise SystemExit(f'error: --mask_threshold must lie in (0, 1], got {args.mask_threshold:g}')
+        raise ConfigError(f'--mask_threshold must lie in (0, 1], got {args.mask_threshold:g}')
     try:
         check_sampling_settings(args.cfg, args.top_k, args.top_p)
     except ValueError as e:
-        raise SystemExit(f'error: {e}') from None
+        raise ConfigError(str(e)) from None
     try:
         editing.read_image(args.image, what='--image')
         if args.mask is not None:
@@ -107,33 +94,22 @@ def check_args(args: argparse.Namespace) -> None:
         if args.box is not None:
             editing.box_region((1,), args.box)  # validates the numbers only
     except ValueError as e:
-        raise SystemExit(f'error: {e}') from e
+        raise ConfigError(str(e)) from e
 
 
-def main(args: argparse.Namespace) -> List[str]:
-    """Run one edit; returns the written paths (the variations, then the strip)."""
+def run_edit(args: argparse.Namespace) -> List[str]:
+    """Run one edit; returns the written paths (the variations, then the strip). Raises ConfigError."""
     check_args(args)
-    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    if device.type == 'cuda':  # process-wide switches belong to the script, not to an import
-        torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
-        torch.backends.cudnn.allow_tf32 = bool(args.tf32)
-    try:
-        vae, var = editing.load_models(ckpt=args.ckpt, depth=args.depth, vae_ckpt=args.vae_ckpt,
-                                       var_ckpt=args.var_ckpt, device=device, cache_dir=args.cache_dir,
-                                       local_files_only=args.local_files_only)
-    except Exception as e:  # a missing, truncated or foreign file, or no network: say which, not a pickle trace
-        what = args.ckpt or ' and '.join(p for p in (args.vae_ckpt, args.var_ckpt) if p) or f'the d{args.depth} model'
-        raise SystemExit(f'error: cannot load {what}: {type(e).__name__}: {e}') from e
-
-    autocast_dtype = {0: None, 1: torch.float16, 2: torch.bfloat16}[args.fp16] if device.type == 'cuda' else None
+    device = model_device(args)
+    vae, var = load_models_from_args(args, device)
     try:
         result = editing.zero_shot_edit(
             vae, var, args.image, mode=args.mode, box=args.box or editing.DEFAULT_BOX, mask=args.mask,
             class_label=args.class_label, mask_threshold=args.mask_threshold, num_samples=args.num_samples,
             seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=bool(args.more_smooth),
-            autocast_dtype=autocast_dtype)
+            autocast_dtype=autocast_dtype(args.fp16) if device.type == 'cuda' else None)
     except ValueError as e:  # the library's messages name the argument (mask, box, class_label, region)
-        raise SystemExit(f'error: {e}') from e
+        raise ConfigError(str(e)) from e
 
     os.makedirs(args.out_dir, exist_ok=True)
     prefix = args.prefix or f'{os.path.splitext(os.path.basename(args.image))[0]}_{args.mode}'
@@ -154,5 +130,14 @@ def main(args: argparse.Namespace) -> List[str]:
     return paths
 
 
+def _run(args: argparse.Namespace) -> int:
+    run_edit(args)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run_script(get_parser(), _run, argv)
+
+
 if __name__ == '__main__':
-    main(get_parser().parse_args(sys.argv[1:]))
+    sys.exit(main())

@@ -24,7 +24,7 @@ import shutil
 import sys
 import time
 import warnings
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,11 +35,12 @@ from tqdm import tqdm
 import dist
 import models
 from models.loading import official_vae_path
+from sampling.cli import run_script
 from utils import pretok
 from utils.arg_util import bool_flag, parse_patch_nums, str2bool
 from utils.ckpt import atomic_write
 from utils.data import ValTransform, build_dataset, pil_rgb_loader
-from utils.runtime import resolve_device, set_tf32
+from utils.runtime import resolve_device, set_tf32, user_errors
 
 SPLITS = ('train', 'val')
 
@@ -261,16 +262,18 @@ def run(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    args = get_parser().parse_args(argv)
-    dist.initialize(backend='gloo' if args.device == 'cpu' else None)
+def _run_distributed(args: argparse.Namespace) -> int:
+    dist.initialize(backend='gloo' if args.device == 'cpu' else None)  # NCCL cannot reduce CPU tensors
     try:
-        return run(args)
-    except (FileNotFoundError, FileExistsError, ValueError, models.HubDownloadError) as e:
-        print(f'[rank {dist.get_rank()}] error: {e}', file=sys.stderr, flush=True)
-        return 2
+        # a wrong path or flag, a set of other settings, no network without --vae_ckpt: a message, exit code 2
+        with user_errors(FileNotFoundError, FileExistsError, ValueError, models.HubDownloadError):
+            return run(args)
     finally:
         dist.finalize()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run_script(get_parser(), _run_distributed, argv)
 
 
 if __name__ == '__main__':

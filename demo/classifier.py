@@ -3,7 +3,7 @@
 It gives two numbers for any set of 32x32 images with intended labels: the class accuracy (does a sample show its
 class?) and a Fréchet distance between its 128-d penultimate features and those of the real training set (do the
 samples look like the data, and vary like it?). Both are also measured on real validation images, the reference that
-generated samples are compared with. The Fréchet math is evaluate.py's.
+generated samples are compared with. The Fréchet math is evaluate.py's (sampling/metrics.py).
 
 Legend: N images, D feature width (128), K classes (10).
 """
@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from evaluate import feature_statistics, frechet_distance
+from sampling.metrics import feature_statistics, frechet_distance
 
 FEATURE_DIM = 128
 

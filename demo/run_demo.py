@@ -22,12 +22,10 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from demo import classifier as clf
+from demo import fashion_mnist as fm
 
-from demo import classifier as clf  # noqa: E402
-from demo import fashion_mnist as fm  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PN = '1_2_3_4_6_8'  # 8x8 latents: a x4 tokenizer on 32x32 images
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -102,20 +100,22 @@ def reconstruct(vae_path: str, images_NHW3: np.ndarray, bs: int = 250) -> Dict[s
         psnr.append(m['psnr_B'])
         ssim.append(m['ssim_B'])
         recs.append(m['rec_B3HW'].add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
-    return {'images': np.concatenate(recs), 'psnr': torch.cat(psnr).mean().item(), 'ssim': torch.cat(ssim).mean().item()}
+    return {'images': np.concatenate(recs), 'psnr': torch.cat(psnr).mean().item(),
+            'ssim': torch.cat(ssim).mean().item()}
 
 
 def generate(var_ckpt: str, per_class: int, seed: int, s: Dict[str, Any]):
     """`per_class` samples of every class (uint8 (N, 32, 32, 3), labels (N,)), with sample.py's per-image seeds."""
     import models
     import sample
+    from sampling.draw import image_seed, sample_uint8
     _, var = models.load_checkpoint_models(var_ckpt)
     var.eval()
     opts = sample.get_parser().parse_args(['--out', '-', '--cfg', str(s['cfg']), '--top_k', str(s['top_k']),
                                            '--top_p', str(s['top_p']), '--fp16', '0'])  # sample.py's own defaults
     items = [(c, k) for c in range(var.num_classes) for k in range(per_class)]
-    imgs = [sample.sample_uint8(var, [c for c, _ in items[i:i + s['bs']]],
-                                [sample.image_seed(seed, c, k) for c, k in items[i:i + s['bs']]], opts)
+    imgs = [sample_uint8(var, [c for c, _ in items[i:i + s['bs']]],
+                         [image_seed(seed, c, k) for c, k in items[i:i + s['bs']]], opts)
             for i in range(0, len(items), s['bs'])]
     return np.concatenate(imgs), np.array([c for c, _ in items])
 
@@ -173,10 +173,12 @@ def main(argv=None) -> Dict[str, Any]:
     with phase('5. samples: grid (sample.py) and evaluation set', timings):
         import sample
         classes = ','.join(str(c) for _ in range(S['grid_seeds']) for c in range(len(fm.CLASSES)))
-        sample.main(sample.get_parser().parse_args([
+        code = sample.main([
             '--ckpt', var_ckpt, '--classes', classes, '--nrow', str(len(fm.CLASSES)), '--cfg', str(S['cfg']),
             '--top_k', str(S['top_k']), '--top_p', str(S['top_p']), '--seed', str(args.seed), '--fp16', '0',
-            '--bs', str(S['bs']), '--out', paths['grid']]))
+            '--bs', str(S['bs']), '--out', paths['grid']])
+        if code != 0:
+            raise SystemExit(f'sample.py failed with exit code {code}; fix the error above and re-run the demo')
         gen_imgs, gen_labels = generate(var_ckpt, S['per_class'], args.seed, S)
 
     with phase('6. metrics', timings):

@@ -1,25 +1,23 @@
-"""Zero-shot editing (editing.py, edit.py) on a tiny 64px model: the kept tokens at every scale, the keep-everything
-round trip, per-variation seeds, the CLI on a real photo, and clear errors for bad input. CPU only."""
+"""Zero-shot editing (sampling/editing.py, edit.py) on a tiny 64px model: the kept tokens at every scale, the
+keep-everything round trip, per-variation seeds, the CLI on a real photo, and clear errors for bad input. CPU only."""
+import contextlib
 import functools
+import io
 import math
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import support
 import edit
-import editing
 from models import PATCH_NUMS as PRESET_PATCH_NUMS, build_vae_var
 from models.var import get_edit_mask
+from sampling import editing
+from support import TINY
 
-ROOT = str(support.ROOT)
-TINY = dict(patch_nums=(1, 2, 3, 4), V=64, Cvae=8, ch=32, share_quant_resi=4, depth=2, num_classes=10)
 PATCH_NUMS = TINY['patch_nums']
 NO_FILTER = dict(top_k=0, top_p=0.0)
 
@@ -32,22 +30,9 @@ def photo():
 
 
 @pytest.fixture(scope='module')
-def models_pair():
-    torch.manual_seed(0)
-    vae, var = build_vae_var(device='cpu', **TINY)
-    # the default gamma init (1e-5) makes the blocks near-identity; a larger one gives sampling a real signal
-    var.init_weights(init_adaln=0.5, init_adaln_gamma=0.5, init_head=1.0, init_std=-1)
-    return vae.eval(), var.eval()
-
-
-@pytest.fixture(scope='module')
-def tiny_ckpt(tmp_path_factory, models_pair):
-    """A checkpoint in this project's train.py format."""
-    vae, var = models_pair
-    path = tmp_path_factory.mktemp('ckpt') / 'tiny.pth'
-    torch.save({'trainer': {'var_wo_ddp': var.state_dict(), 'vae_local': vae.state_dict()},
-                'model_config': var.build_config, 'vae_config': vae.config}, path)
-    return str(path)
+def models_pair(sampling_models):
+    """The (vae, var) saved in the `tiny_ckpt` fixture (tests/sampling/conftest.py)."""
+    return sampling_models
 
 
 def _fitted(photo, size=64):
@@ -351,12 +336,9 @@ def test_cli_writes_the_variations_and_the_strip(tmp_path, tiny_ckpt, models_pai
     image = tmp_path / 'cat.png'
     photo.save(image)
     out_dir = tmp_path / 'out'
-    cmd = [sys.executable, os.path.join(ROOT, 'edit.py'), '--ckpt', tiny_ckpt, '--image', str(image),
-           '--mode', 'class-edit', '--class_label', '7', '--box', '0.1,0.2,0.9,0.8', '-n', '2', '--seed', '3',
-           '--out_dir', str(out_dir)]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES='')
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    argv = ['--ckpt', tiny_ckpt, '--image', str(image), '--mode', 'class-edit', '--class_label', '7',
+            '--box', '0.1,0.2,0.9,0.8', '-n', '2', '--seed', '3', '--out_dir', str(out_dir)]
+    assert edit.main(argv) == 0
     names = sorted(os.listdir(out_dir))
     assert names == ['cat_class-edit_0.png', 'cat_class-edit_1.png', 'cat_class-edit_strip.png']
     assert Image.open(out_dir / 'cat_class-edit_strip.png').size == (4 * 64 + 3 * 4, 64)
@@ -369,13 +351,26 @@ def test_cli_writes_the_variations_and_the_strip(tmp_path, tiny_ckpt, models_pai
         assert cli.shape == (64, 64, 3)
         assert np.abs(cli - np.asarray(editing.to_pil(lib.images_n3HW[i])).astype(int)).max() <= 1
 
-    bad = subprocess.run(cmd[:4] + ['--image', str(tmp_path / 'cat.txt')], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=120)
-    assert bad.returncode != 0 and 'error: --image' in bad.stderr and 'cat.txt' in bad.stderr
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = edit.main(argv[:2] + ['--image', str(tmp_path / 'cat.txt')])
+    assert code == 2 and 'error: --image' in err.getvalue() and 'cat.txt' in err.getvalue()
+    assert 'Traceback' not in err.getvalue()
 
 
 def _cli(*argv):
-    return edit.main(edit.get_parser().parse_args([str(a) for a in argv]))
+    """edit.main in this process; a user mistake (exit code 2) is raised as SystemExit with its stderr message."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = edit.main([str(a) for a in argv])
+    if code != 0:
+        assert code == 2 and 'Traceback' not in err.getvalue(), (code, err.getvalue())
+        raise SystemExit(err.getvalue().strip())
+
+
+def _edit_paths(*argv):
+    """The paths that edit.py's library function writes for this command line."""
+    return edit.run_edit(edit.get_parser().parse_args([str(a) for a in argv]))
 
 
 def test_cli_bad_inputs_exit_with_a_message(tmp_path, tiny_ckpt, photo):
@@ -423,7 +418,7 @@ def test_cli_says_which_files_it_replaces(tmp_path, tiny_ckpt, photo, capsys):
     image = tmp_path / 'cat.png'
     photo.save(image)
     argv = ['--ckpt', tiny_ckpt, '--image', image, '--out_dir', tmp_path / 'out', '--prefix', 'x']
-    paths = _cli(*argv, '-n', 2)
+    paths = _edit_paths(*argv, '-n', 2)
     assert 'replacing' not in capsys.readouterr().out
     _cli(*argv, '-n', 1)
     replaced = re.findall(r'^replacing (.*)$', capsys.readouterr().out, re.M)
@@ -432,4 +427,5 @@ def test_cli_says_which_files_it_replaces(tmp_path, tiny_ckpt, photo, capsys):
 
 def test_help_shows_the_defaults():
     from train_support import assert_help_shows_defaults
-    assert_help_shows_defaults(edit.get_parser(), {'--cfg': 3.0, '--top_k': 900, '--top_p': 0.95, '--more_smooth': 1, '--depth': 36})
+    assert_help_shows_defaults(edit.get_parser(), {'--cfg': 3.0, '--top_k': 900, '--top_p': 0.95, '--more_smooth': 1,
+                                                   '--depth': 36})

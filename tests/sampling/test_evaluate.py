@@ -1,5 +1,8 @@
-"""evaluate.py and image_batches.py: metric math against closed forms, the pipeline with a stand-in feature network,
-the npz format, and clear errors for bad input. Offline: the real Inception network is never loaded."""
+"""metrics.py and sampling/metrics.py: metric math against closed forms, the pipeline with a stand-in feature network,
+and clear errors for bad input. Offline: the real Inception network is never loaded."""
+import contextlib
+import io
+import json
 import os
 import urllib.error
 
@@ -10,8 +13,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import evaluate
-from image_batches import (ImageSetError, evaluation_order, iter_npz_images, npz_image_shape, save_png,
-                           write_npz_images)
+from sampling import metrics
+from sampling.image_sets import ImageSetError, save_png
 
 
 # ----------------------------------------------------------------------------------------------------- Frechet distance
@@ -25,8 +28,8 @@ def test_frechet_equal_covariances_is_squared_mean_distance():
     a = rng.standard_normal((6, 6))
     sigma = a @ a.T
     mu1, mu2 = rng.standard_normal(6), rng.standard_normal(6)
-    assert evaluate.frechet_distance(mu1, sigma, mu2, sigma) == pytest.approx(((mu1 - mu2) ** 2).sum(), abs=1e-9)
-    assert evaluate.frechet_distance(mu1, sigma, mu1, sigma) == pytest.approx(0, abs=1e-9)
+    assert metrics.frechet_distance(mu1, sigma, mu2, sigma) == pytest.approx(((mu1 - mu2) ** 2).sum(), abs=1e-9)
+    assert metrics.frechet_distance(mu1, sigma, mu1, sigma) == pytest.approx(0, abs=1e-9)
 
 
 def test_frechet_commuting_covariances():
@@ -36,7 +39,7 @@ def test_frechet_commuting_covariances():
     s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
     mu1, mu2 = np.zeros(5), np.full(5, 0.5)
     expected = 5 * 0.25 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert evaluate.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, abs=1e-9)
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, abs=1e-9)
 
 
 def test_frechet_non_commuting_2x2_closed_form():
@@ -48,15 +51,15 @@ def test_frechet_non_commuting_2x2_closed_form():
     tr_sqrt = np.sqrt(np.trace(m) + 2 * np.sqrt(np.linalg.det(m)))
     mu1, mu2 = np.array([1.0, -2.0]), np.array([0.0, 0.5])
     expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
-    got = evaluate.frechet_distance(mu1, s1, mu2, s2)
+    got = metrics.frechet_distance(mu1, s1, mu2, s2)
     assert got == pytest.approx(expected, abs=1e-9)
-    assert evaluate.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(got, abs=1e-9)
+    assert metrics.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(got, abs=1e-9)
 
 
 def test_frechet_of_sample_statistics_singular_covariance():
     # Fewer samples than dimensions: singular covariances must not produce NaN or complex values.
     feats = np.random.default_rng(2).standard_normal((5, 16))
-    d = evaluate.frechet_distance(*evaluate.feature_statistics(feats), *evaluate.feature_statistics(feats + 1.0))
+    d = metrics.frechet_distance(*metrics.feature_statistics(feats), *metrics.feature_statistics(feats + 1.0))
     assert d == pytest.approx(16.0, abs=1e-6)
 
 
@@ -67,13 +70,13 @@ def test_frechet_diagonal_closed_form_down_to_tiny_variances():
     s2 = np.array([1.0, 2.0, 1.2, 1e-2, 4e-4, 1e-6, 9e-6, 5e-5])
     mu1, mu2 = np.linspace(-1.0, 1.0, 8), np.linspace(0.5, -0.5, 8)
     expected = ((mu1 - mu2) ** 2).sum() + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum()
-    assert evaluate.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-12)
+    assert metrics.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-12)
     # The same in a rotated basis, and in units 1000x smaller (variances 1e-6 smaller): FID scales by 1e-6.
     q = _random_rotation(8, 6)
-    rotated = evaluate.frechet_distance(q @ mu1, q @ np.diag(s1) @ q.T, q @ mu2, q @ np.diag(s2) @ q.T)
+    rotated = metrics.frechet_distance(q @ mu1, q @ np.diag(s1) @ q.T, q @ mu2, q @ np.diag(s2) @ q.T)
     assert rotated == pytest.approx(expected, rel=1e-9)
     c = 1e-3
-    small = evaluate.frechet_distance(c * mu1, c ** 2 * np.diag(s1), c * mu2, c ** 2 * np.diag(s2))
+    small = metrics.frechet_distance(c * mu1, c ** 2 * np.diag(s1), c * mu2, c ** 2 * np.diag(s2))
     assert small == pytest.approx(c ** 2 * expected, rel=1e-9)
     # Every product c^4 s1 s2 is below 1e-3: a fixed cut-off of 1e-3 would drop all of tr (S1 S2)^(1/2) here.
     assert c ** 2 * (((mu1 - mu2) ** 2).sum() + (s1 + s2).sum()) > 1.5 * small
@@ -101,11 +104,11 @@ def test_frechet_rank_deficient_covariances(scale):
     stats1, stats2 = [(f.mean(0), np.cov(f, rowvar=False)) for f in (f1, f2)]
     assert np.linalg.matrix_rank(stats1[1]) == 5 and np.linalg.matrix_rank(stats2[1]) == 8
     expected = _frechet_of_samples(f1, f2)
-    got = evaluate.frechet_distance(*stats1, *stats2)
+    got = metrics.frechet_distance(*stats1, *stats2)
     assert np.isfinite(got) and got > 0
     assert got == pytest.approx(expected, rel=1e-9)
-    assert evaluate.frechet_distance(*stats2, *stats1) == pytest.approx(expected, rel=1e-9)
-    assert evaluate.frechet_distance(*stats1, *stats1) == pytest.approx(0, abs=1e-12 * expected)
+    assert metrics.frechet_distance(*stats2, *stats1) == pytest.approx(expected, rel=1e-9)
+    assert metrics.frechet_distance(*stats1, *stats1) == pytest.approx(0, abs=1e-12 * expected)
     try:
         import scipy.linalg
     except ImportError:  # scipy is no requirement of the project; the SVD form above is the exact reference
@@ -119,7 +122,7 @@ def test_frechet_rank_deficient_covariances(scale):
 
 def test_frechet_rejects_mismatched_statistics():
     with pytest.raises(ValueError, match='mismatched'):
-        evaluate.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+        metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
 # -------------------------------------------------------------------------------------------------- precision / recall
@@ -131,14 +134,14 @@ def _line(values, D=4):
 
 def test_precision_recall_identical_and_disjoint():
     real = np.random.default_rng(3).standard_normal((40, 8))
-    assert evaluate.precision_recall(real, real.copy()) == (1.0, 1.0)
-    assert evaluate.precision_recall(real, real + 100.0) == (0.0, 0.0)
+    assert metrics.precision_recall(real, real.copy()) == (1.0, 1.0)
+    assert metrics.precision_recall(real, real + 100.0) == (0.0, 0.0)
 
 
 def test_precision_recall_outliers_lower_precision_only():
     real = _line(np.arange(10.0))
     fake = _line(np.concatenate([np.arange(10.0), 1000.0 + np.arange(5.0)]))  # 10 good fakes, 5 far outliers
-    precision, recall = evaluate.precision_recall(real, fake)
+    precision, recall = metrics.precision_recall(real, fake)
     assert precision == pytest.approx(10 / 15)
     assert recall == 1.0
 
@@ -147,7 +150,7 @@ def test_precision_recall_dropped_mode_lowers_recall_only():
     # Real: two clusters {0..9} and {100..109}; fakes cover only the first -> precision 1, recall 1/2.
     real = _line(np.concatenate([np.arange(10.0), 100.0 + np.arange(10.0)]))
     fake = _line(0.5 + np.arange(9.0))
-    assert evaluate.precision_recall(real, fake) == (1.0, 0.5)
+    assert metrics.precision_recall(real, fake) == (1.0, 0.5)
 
 
 def test_precision_recall_batching_matches_brute_force():
@@ -161,7 +164,7 @@ def test_precision_recall_batching_matches_brute_force():
     recall = (d_fr.T <= r_fake[None]).any(1).mean()
     assert 0 < precision < 1 and 0 < recall < 1
     for batch in (7, 1000):
-        assert evaluate.precision_recall(real, fake, batch=batch) == (pytest.approx(precision), pytest.approx(recall))
+        assert metrics.precision_recall(real, fake, batch=batch) == (pytest.approx(precision), pytest.approx(recall))
 
 
 def _knn_precision_recall(real_ND: np.ndarray, fake_MD: np.ndarray, k: int = 3):
@@ -196,22 +199,22 @@ def test_precision_recall_against_brute_force(name):
         assert 0.2 < precision < 0.8 and 0.2 < recall < 0.8 and abs(precision - recall) > 0.1
     else:
         assert precision == 1.0 and recall < 0.5
-    assert evaluate.precision_recall(real, fake) == (pytest.approx(precision), pytest.approx(recall))
-    assert evaluate.precision_recall(fake, real) == (pytest.approx(recall), pytest.approx(precision))
+    assert metrics.precision_recall(real, fake) == (pytest.approx(precision), pytest.approx(recall))
+    assert metrics.precision_recall(fake, real) == (pytest.approx(recall), pytest.approx(precision))
 
 
 def test_precision_recall_needs_more_than_k_points():
     with pytest.raises(ValueError, match='more than 3'):
-        evaluate.precision_recall(np.zeros((3, 2)), np.zeros((10, 2)))
+        metrics.precision_recall(np.zeros((3, 2)), np.zeros((10, 2)))
 
 
 # ----------------------------------------------------------------------------------------------------- Inception Score
 def test_inception_score_bounds():
-    assert evaluate.inception_score(np.zeros((20, 7))) == pytest.approx(1.0)
+    assert metrics.inception_score(np.zeros((20, 7))) == pytest.approx(1.0)
     confident = 60.0 * np.eye(7)[np.arange(70) % 7]  # confident and evenly spread over the 7 classes -> IS = 7
-    assert evaluate.inception_score(confident) == pytest.approx(7.0, rel=1e-6)
+    assert metrics.inception_score(confident) == pytest.approx(7.0, rel=1e-6)
     # Consecutive splits, no shuffling: each split of 7 sees a single class -> every split scores 1.
-    assert evaluate.inception_score(60.0 * np.eye(7)[np.arange(70) // 10], split_size=10) == pytest.approx(1.0)
+    assert metrics.inception_score(60.0 * np.eye(7)[np.arange(70) // 10], split_size=10) == pytest.approx(1.0)
 
 
 def _inception_scores(probs_NK: np.ndarray, split_size: int) -> np.ndarray:
@@ -232,30 +235,30 @@ def test_inception_score_per_split_against_reference():
     logits = np.log(probs) + rng.uniform(-1000, 1000, (23, 1))  # a per-row shift leaves the softmax unchanged
     for split_size in (5, 7, 23, 100):
         scores = _inception_scores(probs, split_size)
-        assert evaluate.inception_score(logits, split_size=split_size) == pytest.approx(scores.mean(), rel=1e-10)
+        assert metrics.inception_score(logits, split_size=split_size) == pytest.approx(scores.mean(), rel=1e-10)
     scores = _inception_scores(probs, 5)  # splits of 5, 5, 5, 5 and 3 images, each with its own marginal
     assert len(scores) == 5 and scores.std() > 0.2
     assert scores.mean() != pytest.approx(_inception_scores(probs, 23)[0], rel=1e-2)
-    assert evaluate.inception_score(logits[:1], split_size=5) == pytest.approx(1.0)  # one image: p(y) = p(y|x)
+    assert metrics.inception_score(logits[:1], split_size=5) == pytest.approx(1.0)  # one image: p(y) = p(y|x)
 
 
 def test_inception_score_closed_forms():
     K, eps = 5, 0.2
     # Identical predictions: p(y|x) = p(y), every KL is 0.
     p = np.random.default_rng(9).dirichlet(np.ones(K))
-    assert evaluate.inception_score(np.tile(np.log(p), (12, 1)), split_size=5) == pytest.approx(1.0, abs=1e-12)
+    assert metrics.inception_score(np.tile(np.log(p), (12, 1)), split_size=5) == pytest.approx(1.0, abs=1e-12)
     # Soft predictions, 1 - eps on class i and eps / (K-1) elsewhere, spread evenly over the K classes: p(y) is
     # uniform, so IS = exp(log K - H(p(y|x))) = K exp(-H).
     soft = np.full((K, K), eps / (K - 1)) + (1 - eps - eps / (K - 1)) * np.eye(K)
     entropy = -(1 - eps) * np.log(1 - eps) - eps * np.log(eps / (K - 1))
     logits = np.log(soft[np.arange(3 * K) % K])
-    assert evaluate.inception_score(logits, split_size=K) == pytest.approx(K * np.exp(-entropy), rel=1e-12)
-    assert evaluate.inception_score(logits, split_size=3 * K) == pytest.approx(K * np.exp(-entropy), rel=1e-12)
+    assert metrics.inception_score(logits, split_size=K) == pytest.approx(K * np.exp(-entropy), rel=1e-12)
+    assert metrics.inception_score(logits, split_size=3 * K) == pytest.approx(K * np.exp(-entropy), rel=1e-12)
     # Splits of 8, 8 and 3: confident predictions over 4 classes (IS 4), one class only (IS 1), and 3 different
     # classes (IS 3): the mean over splits, the short last split counting as a whole one, is 8/3.
     onehot = 50.0 * np.eye(4)
     logits = np.concatenate([onehot[np.arange(8) % 4], onehot[np.zeros(8, int)], onehot[[1, 2, 3]]])
-    assert evaluate.inception_score(logits, split_size=8) == pytest.approx(8 / 3, rel=1e-9)
+    assert metrics.inception_score(logits, split_size=8) == pytest.approx(8 / 3, rel=1e-9)
 
 
 # ------------------------------------------------------------------------------------------------------- the pipeline
@@ -288,11 +291,11 @@ def test_pipeline_npz_and_folder(tmp_path):
     for i, img in enumerate(fake):
         save_png(img, str(tmp_path / 'fake' / f'{i:03d}.png'))
     net = StandInFeatures()
-    same = evaluate.evaluate(str(tmp_path / 'ref.npz'), str(tmp_path / 'ref.npz'), net, batch_size=8)
+    same = metrics.evaluate(str(tmp_path / 'ref.npz'), str(tmp_path / 'ref.npz'), net, batch_size=8)
     assert same['fid'] == pytest.approx(0, abs=1e-6)
     assert same['precision'] == same['recall'] == 1.0
-    m_npz = evaluate.evaluate(str(tmp_path / 'fake.npz'), str(tmp_path / 'ref.npz'), net, batch_size=8)
-    m_dir = evaluate.evaluate(str(tmp_path / 'fake'), str(tmp_path / 'ref.npz'), net, batch_size=7)
+    m_npz = metrics.evaluate(str(tmp_path / 'fake.npz'), str(tmp_path / 'ref.npz'), net, batch_size=8)
+    m_dir = metrics.evaluate(str(tmp_path / 'fake'), str(tmp_path / 'ref.npz'), net, batch_size=7)
     assert m_npz['fid'] > 0.1 and 1.0 <= m_npz['inception_score'] <= 5.0
     assert m_npz['num_samples'] == 25 and m_npz['num_ref'] == 30
     assert m_npz['fid_reference_statistics'] == 'recomputed'  # np.savez(arr_0=...) stores no mu/sigma
@@ -314,8 +317,8 @@ def test_pipeline_precision_is_of_the_samples_recall_of_the_reference(tmp_path):
         np.savez(tmp_path / name, arr_0=imgs)
     precision, recall = _knn_precision_recall(real.astype(float), fake.astype(float))
     assert precision == 1.0 and recall < 0.5
-    metrics = evaluate.evaluate(str(tmp_path / 'fake.npz'), str(tmp_path / 'ref.npz'), pixel_features, batch_size=16)
-    assert (metrics['precision'], metrics['recall']) == (pytest.approx(precision), pytest.approx(recall))
+    result = metrics.evaluate(str(tmp_path / 'fake.npz'), str(tmp_path / 'ref.npz'), pixel_features, batch_size=16)
+    assert (result['precision'], result['recall']) == (pytest.approx(precision), pytest.approx(recall))
 
 
 def test_fid_uses_the_stored_reference_statistics(tmp_path):
@@ -326,26 +329,26 @@ def test_fid_uses_the_stored_reference_statistics(tmp_path):
     rng = np.random.default_rng(0)
     mu, a = rng.normal(size=6), rng.normal(size=(6, 6))
     np.savez(tmp_path / 'ref.npz', arr_0=ref, mu=mu, sigma=a @ a.T, mu_s=mu[:2], sigma_s=np.eye(2))
-    fake_feats, _ = evaluate.extract_features(str(tmp_path / 'fake.npz'), net)
-    ref_feats, _ = evaluate.extract_features(str(tmp_path / 'ref.npz'), net)
-    stored = evaluate.evaluate(str(tmp_path / 'fake.npz'), str(tmp_path / 'ref.npz'), net)
+    fake_feats, _ = metrics.extract_features(str(tmp_path / 'fake.npz'), net)
+    ref_feats, _ = metrics.extract_features(str(tmp_path / 'ref.npz'), net)
+    stored = metrics.evaluate(str(tmp_path / 'fake.npz'), str(tmp_path / 'ref.npz'), net)
     assert stored['fid_reference_statistics'] == 'stored'
-    assert stored['fid'] == pytest.approx(evaluate.frechet_distance(*evaluate.feature_statistics(fake_feats), mu,
+    assert stored['fid'] == pytest.approx(metrics.frechet_distance(*metrics.feature_statistics(fake_feats), mu,
                                                                     a @ a.T), rel=1e-9)
-    assert stored['precision'] == pytest.approx(evaluate.precision_recall(ref_feats, fake_feats)[0])  # images
-    again = evaluate.evaluate(str(tmp_path / 'fake.npz'), str(tmp_path / 'ref.npz'), net, recompute_ref_stats=True)
+    assert stored['precision'] == pytest.approx(metrics.precision_recall(ref_feats, fake_feats)[0])  # images
+    again = metrics.evaluate(str(tmp_path / 'fake.npz'), str(tmp_path / 'ref.npz'), net, recompute_ref_stats=True)
     assert again['fid_reference_statistics'] == 'recomputed'
-    assert again['fid'] == pytest.approx(evaluate.frechet_distance(*evaluate.feature_statistics(fake_feats),
-                                                                   *evaluate.feature_statistics(ref_feats)), rel=1e-9)
+    assert again['fid'] == pytest.approx(metrics.frechet_distance(*metrics.feature_statistics(fake_feats),
+                                                                   *metrics.feature_statistics(ref_feats)), rel=1e-9)
     assert again['fid'] != pytest.approx(stored['fid'])
     np.savez(tmp_path / 'ref2048.npz', arr_0=ref, mu=np.zeros(2048), sigma=np.eye(2048))
     with pytest.raises(ValueError, match='--recompute_ref_stats'):
-        evaluate.evaluate(str(tmp_path / 'fake.npz'), str(tmp_path / 'ref2048.npz'), net)
+        metrics.evaluate(str(tmp_path / 'fake.npz'), str(tmp_path / 'ref2048.npz'), net)
 
 
 def test_feature_covariance_is_normalised_by_n_minus_1():
     feats = np.array([[0.0, 1.0], [2.0, 1.0], [4.0, 4.0]])
-    mu, sigma = evaluate.feature_statistics(feats)
+    mu, sigma = metrics.feature_statistics(feats)
     centred = feats - feats.mean(0)
     assert np.allclose(mu, [2.0, 2.0]) and np.allclose(sigma, centred.T @ centred / 2)
 
@@ -353,51 +356,26 @@ def test_feature_covariance_is_normalised_by_n_minus_1():
 def test_a_point_on_a_knn_radius_is_inside():
     real = np.array([[0.0], [1.0], [2.0], [3.0]])  # 3rd-neighbour radii: 3, 2, 2, 3
     on_radius, outside = np.array([[-3.0], [-3.0], [6.0], [6.0]]), np.array([[-3.5], [-3.5], [6.5], [6.5]])
-    assert evaluate.precision_recall(real, on_radius)[0] == 1.0  # distance 3 to the point 0 (or 3): on its ball
-    assert evaluate.precision_recall(real, outside)[0] == 0.0
+    assert metrics.precision_recall(real, on_radius)[0] == 1.0  # distance 3 to the point 0 (or 3): on its ball
+    assert metrics.precision_recall(real, outside)[0] == 0.0
 
 
 def test_inception_score_default_splits_of_5000():
     logits = np.random.default_rng(0).normal(size=(10001, 7)) * 3
     parts = (logits[:5000], logits[5000:10000], logits[10000:])
-    expected = np.mean([evaluate.inception_score(p, split_size=len(p)) for p in parts])
-    assert evaluate.inception_score(logits) == pytest.approx(expected, rel=1e-12)
-
-
-def test_evaluation_order_mixes_the_classes_of_every_is_split():
-    """sample.py's names sort by class; the evaluation order must give every 5,000-image split most classes."""
-    names = [f'/s/{c:04d}_{i:05d}.png' for c in range(1000) for i in range(50)]
-    order = evaluation_order(reversed(names))
-    assert order == evaluation_order(names) and sorted(order) == names  # a fixed order of the same files
-    for s in range(0, 50000, 5000):
-        classes = {n.split('/')[-1][:4] for n in order[s:s + 5000]}
-        assert len(classes) > 950, len(classes)  # sorted by name, each split would hold 100
+    expected = np.mean([metrics.inception_score(p, split_size=len(p)) for p in parts])
+    assert metrics.inception_score(logits) == pytest.approx(expected, rel=1e-12)
 
 
 def test_main_with_stand_in(tmp_path, monkeypatch, capsys):
     np.savez(tmp_path / 'ref.npz', arr_0=_images(12, 0))
     np.savez(tmp_path / 'fake.npz', arr_0=_images(12, 1))
-    monkeypatch.setattr(evaluate, 'InceptionFeatures', lambda weights_path: StandInFeatures())
-    args = evaluate.get_parser().parse_args(['--samples', str(tmp_path / 'fake.npz'), '--ref',
-                                             str(tmp_path / 'ref.npz'), '--device', 'cpu', '--out',
-                                             str(tmp_path / 'm.json')])
-    metrics = evaluate.main(args)
+    monkeypatch.setattr(metrics, 'InceptionFeatures', lambda weights_path: StandInFeatures())
+    argv = ['--samples', str(tmp_path / 'fake.npz'), '--ref', str(tmp_path / 'ref.npz'), '--device', 'cpu', '--out',
+            str(tmp_path / 'm.json')]
+    assert evaluate.main(argv) == 0
     assert 'fid' in capsys.readouterr().out
-    assert os.path.isfile(tmp_path / 'm.json') and metrics['num_samples'] == 12
-
-
-# --------------------------------------------------------------------------------------------------------- npz format
-def test_npz_writer_round_trip_and_deterministic_bytes(tmp_path):
-    imgs = _images(11, 5, size=8)
-    for name in ('a.npz', 'b.npz'):
-        write_npz_images(str(tmp_path / name), (imgs[i:i + 4] for i in range(0, 11, 4)), imgs.shape)
-    assert (tmp_path / 'a.npz').read_bytes() == (tmp_path / 'b.npz').read_bytes()
-    assert np.array_equal(np.load(tmp_path / 'a.npz')['arr_0'], imgs)
-    assert npz_image_shape(str(tmp_path / 'a.npz')) == imgs.shape
-    assert np.array_equal(np.concatenate(list(iter_npz_images(str(tmp_path / 'a.npz'), 3))), imgs)
-    with pytest.raises(ImageSetError, match='expected 12'):
-        write_npz_images(str(tmp_path / 'c.npz'), [imgs], (12, 8, 8, 3))
-    assert sorted(os.listdir(tmp_path)) == ['a.npz', 'b.npz']  # the failed write left nothing behind
+    assert os.path.isfile(tmp_path / 'm.json') and json.loads((tmp_path / 'm.json').read_text())['num_samples'] == 12
 
 
 # -------------------------------------------------------------------------------------------------------- bad input
@@ -411,11 +389,9 @@ def test_bad_reference_npz(tmp_path, bad, match):
     np.savez(tmp_path / 'ref.npz', **bad)
     np.savez(tmp_path / 'fake.npz', arr_0=_images(4, 0, size=8))
     with pytest.raises(ImageSetError, match=match):
-        evaluate.evaluate(str(tmp_path / 'fake.npz'), str(tmp_path / 'ref.npz'), StandInFeatures())
-    args = evaluate.get_parser().parse_args(['--samples', str(tmp_path / 'fake.npz'), '--ref',
-                                             str(tmp_path / 'ref.npz'), '--device', 'cpu'])
+        metrics.evaluate(str(tmp_path / 'fake.npz'), str(tmp_path / 'ref.npz'), StandInFeatures())
     with pytest.raises(SystemExit, match=match):
-        evaluate.main(args)
+        _main(_main_args(tmp_path / 'fake.npz', tmp_path / 'ref.npz'))
 
 
 def test_bad_inputs_other(tmp_path):
@@ -427,16 +403,26 @@ def test_bad_inputs_other(tmp_path):
              ('big.npz', '16x16 images but')]
     for name, match in cases:
         with pytest.raises(ImageSetError, match=match):
-            evaluate.check_image_sets(str(tmp_path / name), str(tmp_path / 'ref.npz'))
+            metrics.check_image_sets(str(tmp_path / name), str(tmp_path / 'ref.npz'))
     (tmp_path / 'mixed').mkdir()
     Image.new('RGB', (8, 8)).save(tmp_path / 'mixed' / 'a.png')
     Image.new('RGB', (9, 9)).save(tmp_path / 'mixed' / 'b.png')
     with pytest.raises(ImageSetError, match='has size'):
-        evaluate.extract_features(str(tmp_path / 'mixed'), StandInFeatures())
+        metrics.extract_features(str(tmp_path / 'mixed'), StandInFeatures())
 
 
 def _main_args(samples, ref):
-    return evaluate.get_parser().parse_args(['--samples', str(samples), '--ref', str(ref), '--device', 'cpu'])
+    return ['--samples', str(samples), '--ref', str(ref), '--device', 'cpu']
+
+
+def _main(argv):
+    """evaluate.main in this process; a user mistake (exit code 2) is raised as SystemExit with its stderr message."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = evaluate.main(argv)
+    if code != 0:
+        assert code == 2 and 'Traceback' not in err.getvalue(), (code, err.getvalue())
+        raise SystemExit(err.getvalue().strip())
 
 
 def _no_network(weights_path):
@@ -447,24 +433,24 @@ def _no_network(weights_path):
 def test_too_few_images_fail_before_any_feature_extraction(tmp_path, monkeypatch, n_fake, n_ref, short):
     np.savez(tmp_path / 'fake.npz', arr_0=_images(n_fake, 1))
     np.savez(tmp_path / 'ref.npz', arr_0=_images(n_ref, 0))
-    monkeypatch.setattr(evaluate, 'InceptionFeatures', _no_network)
+    monkeypatch.setattr(metrics, 'InceptionFeatures', _no_network)
     n = min(n_fake, n_ref)
     match = rf'^error: \S*{short} holds {n} image\(s\); precision/recall with k=3 needs at least 4 on each side'
     with pytest.raises(SystemExit, match=match):
-        evaluate.main(_main_args(tmp_path / 'fake.npz', tmp_path / 'ref.npz'))
+        _main(_main_args(tmp_path / 'fake.npz', tmp_path / 'ref.npz'))
 
     def net(img_B3HW):
         raise AssertionError('no feature extraction for inputs that cannot be evaluated')
     with pytest.raises(ImageSetError, match=f'{short} holds {n} image'):
-        evaluate.evaluate(str(tmp_path / 'fake.npz'), str(tmp_path / 'ref.npz'), net)
+        metrics.evaluate(str(tmp_path / 'fake.npz'), str(tmp_path / 'ref.npz'), net)
 
 
 def test_a_zip_that_is_no_npz_is_named_plainly(tmp_path, monkeypatch):
     torch.save({'weight': torch.zeros(3), 'bias': torch.zeros(3)}, tmp_path / 'ref.pt')  # a zip, not an .npz
     np.savez(tmp_path / 'fake.npz', arr_0=_images(12, 1))
-    monkeypatch.setattr(evaluate, 'InceptionFeatures', _no_network)
+    monkeypatch.setattr(metrics, 'InceptionFeatures', _no_network)
     with pytest.raises(SystemExit) as exc:
-        evaluate.main(_main_args(tmp_path / 'fake.npz', tmp_path / 'ref.pt'))
+        _main(_main_args(tmp_path / 'fake.npz', tmp_path / 'ref.pt'))
     message = str(exc.value)
     assert message.startswith(f'error: {tmp_path / "ref.pt"} is not a .npz of images or of reference statistics')
     assert 'Expected an .npz whose "arr_0" holds uint8 images (N, H, W, 3)' in message
@@ -483,12 +469,12 @@ def test_inception_offline_gives_clear_error(tmp_path, monkeypatch):
         raise urllib.error.URLError('no network')
     monkeypatch.setattr(tf_inception, 'load_state_dict_from_url', no_network)
     with pytest.raises(RuntimeError, match='--inception_weights PATH'):
-        evaluate.InceptionFeatures()
+        metrics.InceptionFeatures()
     with pytest.raises(FileNotFoundError, match='does not exist'):
-        evaluate.InceptionFeatures(str(tmp_path / 'missing.pth'))
+        metrics.InceptionFeatures(str(tmp_path / 'missing.pth'))
     (tmp_path / 'bad.pth').write_bytes(b'garbage')
     with pytest.raises(RuntimeError, match='cannot load the Inception weights'):
-        evaluate.InceptionFeatures(str(tmp_path / 'bad.pth'))
+        metrics.InceptionFeatures(str(tmp_path / 'bad.pth'))
 
 
 def test_inception_adapter_with_random_weights(tmp_path, monkeypatch):
@@ -496,7 +482,7 @@ def test_inception_adapter_with_random_weights(tmp_path, monkeypatch):
     tf_inception = pytest.importorskip('torch_fidelity.feature_extractor_inceptionv3')
     monkeypatch.setattr(tf_inception, 'load_state_dict_from_url', lambda *args, **kwargs: {})
     monkeypatch.setattr(tf_inception.FeatureExtractorInceptionV3, 'load_state_dict', lambda self, sd: None)
-    net = evaluate.InceptionFeatures()
+    net = metrics.InceptionFeatures()
     pool_BD, logits_BK = net(torch.from_numpy(_images(2, 0, size=32)).permute(0, 3, 1, 2))
     assert pool_BD.shape == (2, 2048) and logits_BK.shape == (2, 1008)
     assert pool_BD.dtype == logits_BK.dtype == torch.float32

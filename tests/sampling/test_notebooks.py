@@ -1,4 +1,5 @@
-"""The demo notebooks run top to bottom on CPU with a tiny checkpoint (VAR_DEMO_CKPT), and are committed clean.
+"""The demo notebooks run top to bottom on CPU with a tiny checkpoint (VAR_DEMO_CKPT, the `tiny_ckpt` fixture), and
+are committed clean.
 
 How they run: every code cell is exec'd, in order, in one namespace, with the repository root as the working
 directory, which is what a kernel started beside the notebooks does for code without IPython magics (a test below
@@ -7,29 +8,14 @@ jupyter_client, ipykernel and pyzmq) and a failing cell shows a plain traceback.
 each cell's last expression is what Jupyter would show, and the tests check those values instead.
 """
 import json
-from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 import support
-from models import build_vae_var
 
 ROOT = support.ROOT
 NOTEBOOKS = ('demo_sample.ipynb', 'demo_zero_shot_edit.ipynb')
-TINY = dict(patch_nums=(1, 2, 3, 4), V=64, Cvae=8, ch=32, share_quant_resi=4, depth=2, num_classes=10)
-
-
-@pytest.fixture(scope='module')
-def tiny_ckpt(tmp_path_factory):
-    """A checkpoint in this project's train.py format: 64 px images, 10 classes."""
-    torch.manual_seed(0)
-    vae, var = build_vae_var(device='cpu', **TINY)
-    path = tmp_path_factory.mktemp('ckpt') / 'tiny.pth'
-    torch.save({'trainer': {'var_wo_ddp': var.state_dict(), 'vae_local': vae.state_dict()},
-                'model_config': var.build_config, 'vae_config': vae.config}, path)
-    return str(path)
 
 
 def _load(name: str) -> dict:
@@ -73,6 +59,7 @@ def test_notebook_is_valid_v4_with_outputs_cleared(name):
     nbformat.validate(nbformat.reads(json.dumps(nb), as_version=4))
 
 
+@pytest.mark.slow
 def test_demo_sample_runs(tiny_ckpt, monkeypatch):
     ns = _run('demo_sample.ipynb', tiny_ckpt, monkeypatch)
     assert ns['var'].num_classes == 10 and not ns['var'].training
@@ -81,6 +68,7 @@ def test_demo_sample_runs(tiny_ckpt, monkeypatch):
     assert isinstance(ns['grid'], Image.Image) and ns['grid'].size == (8 * 64, 64)
 
 
+@pytest.mark.slow
 def test_demo_zero_shot_edit_runs(tiny_ckpt, monkeypatch):
     pytest.importorskip('skimage.data', reason='the editing notebook uses the photos of scikit-image')
     ns = _run('demo_zero_shot_edit.ipynb', tiny_ckpt, monkeypatch)

@@ -1,9 +1,10 @@
-"""sample.py on a tiny 64px model: grids, the FID export (1 vs 2 real processes, a real kill and restart), classifier
-rejection, and clear errors for bad input. CPU only."""
+"""sample.py and sampling/draw.py, sampling/fid_export.py on a tiny 64px model: grids, the FID export (1 vs 2 real
+processes, a real kill and restart), classifier rejection, and clear errors for bad input. CPU only."""
+import contextlib
+import io
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,40 +17,39 @@ from PIL import Image
 import support
 
 import sample
-from models import build_vae_var
-from image_batches import evaluation_order, npz_tmp_path
-from rejection import sample_best_of
+from sampling import draw, fid_export
+from sampling.image_sets import evaluation_order, npz_tmp_path
+from train_support import free_port
 
 ROOT = str(support.ROOT)
-TINY = dict(patch_nums=(1, 2, 3, 4), V=64, Cvae=8, ch=32, share_quant_resi=4, depth=2, num_classes=10)
 FID_ARGS = ['--mode', 'fid', '--per_class', '4', '--bs', '2', '--classes', '0,1,2,3,4,5,6,7,8,9']
 
 
-@pytest.fixture(scope='module')
-def tiny_ckpt(tmp_path_factory):
-    """A train.py-style checkpoint of a randomly initialised 64x64 model with 10 classes."""
-    torch.manual_seed(0)
-    vae, var = build_vae_var(device='cpu', **TINY)
-    path = tmp_path_factory.mktemp('ckpt') / 'tiny.pth'
-    torch.save({'trainer': {'var_wo_ddp': var.state_dict(), 'vae_local': vae.state_dict()}, 'args': {},
-                'model_config': dict(var.build_config)}, path)
-    return str(path)
-
-
 def _main(*argv):
-    sample.main(sample.get_parser().parse_args([str(a) for a in argv]))
+    """sample.main in this process; a user mistake (exit code 2) is raised as SystemExit with its stderr message."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = sample.main([str(a) for a in argv])
+    if code != 0:
+        assert code == 2 and 'Traceback' not in err.getvalue(), (code, err.getvalue())
+        raise SystemExit(err.getvalue().strip())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+@contextlib.contextmanager
+def _one_thread():
+    """The arithmetic of a process started with OMP_NUM_THREADS=1 (as the real-process runs below)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _command(argv, nproc):
     launcher = [sys.executable]
     if nproc > 1:
-        launcher += ['-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', f'--master_port={_free_port()}']
+        launcher += ['-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', f'--master_port={free_port()}']
     return launcher + [os.path.join(ROOT, 'sample.py')] + [str(a) for a in argv]
 
 
@@ -70,25 +70,26 @@ def _pngs(folder):
 
 def test_help_shows_the_defaults():
     from train_support import assert_help_shows_defaults
-    assert_help_shows_defaults(sample.get_parser(), {'--cfg': 1.5, '--top_k': 900, '--top_p': 0.96, '--more_smooth': 0, '--per_class': 50})
+    assert_help_shows_defaults(sample.get_parser(), {'--cfg': 1.5, '--top_k': 900, '--top_p': 0.96, '--more_smooth': 0,
+                                                     '--per_class': 50})
 
 
 def test_image_seed_is_a_pure_function():
-    seeds = {sample.image_seed(0, c, i, k) for c in range(10) for i in range(10) for k in range(3)}
+    seeds = {draw.image_seed(0, c, i, k) for c in range(10) for i in range(10) for k in range(3)}
     assert len(seeds) == 300 and all(0 <= s < 2 ** 63 for s in seeds)
-    assert sample.image_seed(0, 3, 4) == sample.image_seed(0, 3, 4, 0) != sample.image_seed(1, 3, 4)
+    assert draw.image_seed(0, 3, 4) == draw.image_seed(0, 3, 4, 0) != draw.image_seed(1, 3, 4)
 
 
 def test_to_uint8_truncates_x_times_255():
     """The demo's rule: x*255 in float32, then truncated toward 0 (not rounded), channels last."""
     x = torch.tensor([0.0, 0.999, 1.0, 0.5, 0.3, 1 / 255, 0.0039])
     img_B3HW = torch.stack([x, x.flip(0), x * 0.5]).view(1, 3, 1, -1)
-    out = sample.to_uint8_BHW3(img_B3HW)
+    out = draw.to_uint8_BHW3(img_B3HW)
     assert out.dtype == np.uint8 and out.shape == (1, 1, 7, 3)
     expected = np.floor(img_B3HW.numpy().astype(np.float32) * np.float32(255)).astype(np.uint8).transpose(0, 2, 3, 1)
     assert np.array_equal(out, expected)
     assert out[0, 0, :, 0].tolist() == [0, 254, 255, 127, 76, 1, 0]  # 254.7 -> 254, 127.5 -> 127, 0.99 -> 0
-    half = sample.to_uint8_BHW3(torch.full((1, 3, 1, 1), 0.999, dtype=torch.float16))  # widened first, then x255
+    half = draw.to_uint8_BHW3(torch.full((1, 3, 1, 1), 0.999, dtype=torch.float16))  # widened first, then x255
     assert half.tolist() == [[[[254, 254, 254]]]]
 
 
@@ -101,16 +102,16 @@ def test_rejection_candidates_get_their_own_seeds(monkeypatch):
     def fake_sample_uint8(var, labels, seeds, args):
         calls.append((list(labels), list(seeds)))
         return np.zeros((len(labels), 2, 2, 3), np.uint8)
-    monkeypatch.setattr(sample, 'sample_uint8', fake_sample_uint8)
+    monkeypatch.setattr(draw, 'sample_uint8', fake_sample_uint8)
     classifier = lambda img_BHW3: torch.full((len(img_BHW3), 10), 0.1)  # noqa: E731
     items = [(3, 0), (3, 1), (7, 0)]
     args = argparse.Namespace(seed=5, rej_candidates=3)
-    sample.sample_items(None, items, args, classifier)
-    assert calls == [([3, 3, 7], [sample.image_seed(5, c, i, k) for c, i in items]) for k in range(3)]
+    draw.sample_items(None, items, args, classifier)
+    assert calls == [([3, 3, 7], [draw.image_seed(5, c, i, k) for c, i in items]) for k in range(3)]
     assert len({s for _, seeds in calls for s in seeds}) == 9  # no two candidates (or images) share a seed
     calls.clear()
-    sample.sample_items(None, items, args, None)
-    assert calls == [([3, 3, 7], [sample.image_seed(5, c, i, 0) for c, i in items])]
+    draw.sample_items(None, items, args, None)
+    assert calls == [([3, 3, 7], [draw.image_seed(5, c, i, 0) for c, i in items])]
 
 
 # ------------------------------------------------------------------------------------------------------- grid mode
@@ -146,12 +147,15 @@ def test_grid_is_saved_in_the_format_of_its_extension(tiny_ckpt, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ FID export, processes
+@pytest.mark.slow
 def test_fid_export_1_vs_2_processes_and_restart_after_a_kill(tiny_ckpt, tmp_path):
-    """One process writes the reference. A second run is killed (SIGKILL) as soon as images appear, loses one image
-    and leaves a half-written file; a 2-process restart completes it. Every PNG and the npz must equal the reference
-    byte for byte: most of the images of the restarted run come from 2 processes, the rest from the killed one."""
+    """One process (this one) writes the reference. A second run is killed (SIGKILL) as soon as images appear, loses
+    one image and leaves a half-written file; a 2-process restart completes it. Every PNG and the npz must equal the
+    reference byte for byte: most of the images of the restarted run come from 2 processes, the rest from the killed
+    one."""
     one, resumed = tmp_path / 'one', tmp_path / 'resumed'
-    _run(['--ckpt', tiny_ckpt, *FID_ARGS, '--out', one])
+    with _one_thread():
+        _main('--ckpt', tiny_ckpt, *FID_ARGS, '--out', one)
     ref = _pngs(one)
     assert len(ref) == 40 and sorted(os.listdir(one)) == sorted(ref) + ['manifest.json']
     arr = np.load(tmp_path / 'one.npz')['arr_0']
@@ -222,19 +226,6 @@ def test_fid_export_recovers_from_an_empty_png_and_a_killed_npz_write(tiny_ckpt,
 
 
 # ------------------------------------------------------------------------------------------------------ rejection
-def test_sample_best_of_keeps_the_most_likely_candidate():
-    imgs = [np.full((3, 2, 2, 3), cand, np.uint8) for cand in range(3)]
-    # Candidate c gives row r the probability table[c][r] of its label.
-    table = torch.tensor([[0.2, 0.5, 0.1], [0.6, 0.5, 0.0], [0.4, 0.1, 0.3]])
-
-    def classifier(img_BHW3):
-        prob_BK = torch.zeros(3, 4)
-        prob_BK[torch.arange(3), torch.tensor([0, 3, 2])] = table[int(img_BHW3[0, 0, 0, 0])]
-        return prob_BK
-    best = sample_best_of(lambda cand: imgs[cand], classifier, [0, 3, 2], candidates=3)
-    assert best[:, 0, 0, 0].tolist() == [1, 0, 2]  # row 1 ties 0.5/0.5: the earlier candidate stays
-
-
 def test_grid_with_classifier_rejection(tiny_ckpt, tmp_path):
     import torchvision
     torch.manual_seed(0)
@@ -315,13 +306,29 @@ def test_fid_refuses_to_resume_with_any_setting_that_changes_the_images(finished
     assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
 
 
+def test_fid_manifest_names_every_weight_file(tiny_ckpt, tmp_path):
+    """A train.py checkpoint with a separate tokenizer (--ckpt with --vae_ckpt, as edit.py always took it): both files'
+    hashes are part of the configuration, so that another tokenizer cannot resume the export."""
+    import argparse
+    vae = tmp_path / 'vae.pth'
+    vae.write_bytes(b'tokenizer weights')
+    args = argparse.Namespace(ckpt=tiny_ckpt, vae_ckpt=None, var_ckpt=None, depth=16)
+    assert fid_export.model_identity(args) == {'ckpt_sha256': fid_export.file_sha256(tiny_ckpt)}
+    args.vae_ckpt = str(vae)
+    assert fid_export.model_identity(args) == {'ckpt_sha256': fid_export.file_sha256(tiny_ckpt),
+                                               'vae': f'sha256:{fid_export.file_sha256(str(vae))}'}
+    hub = fid_export.model_identity(argparse.Namespace(ckpt=None, vae_ckpt=None, var_ckpt=None, depth=20))
+    assert hub == {'depth': '20', 'vae': 'hub:FoundationVision/var/vae_ch160v4096z32.pth',
+                   'var': 'hub:FoundationVision/var/var_d20.pth'}
+
+
 def test_fid_manifest_survives_a_failed_rewrite(tmp_path, monkeypatch):
     """Each (re)start rewrites manifest.json; a write cut short (disk full, kill) must leave the previous one whole."""
     import json
     out, npz = str(tmp_path / 'fid'), str(tmp_path / 'fid.npz')
-    manifest = {'version': sample.MANIFEST_VERSION, 'seed': 0, 'cfg': 1.5, 'top_p': 0.96, 'classes': [0, 1]}
-    sample.prepare_out_dir(out, npz, manifest, set())
-    path = os.path.join(out, sample.MANIFEST)
+    manifest = {'version': fid_export.MANIFEST_VERSION, 'seed': 0, 'cfg': 1.5, 'top_p': 0.96, 'classes': [0, 1]}
+    fid_export.prepare_out_dir(out, npz, manifest, set())
+    path = os.path.join(out, fid_export.MANIFEST)
     original = open(path).read()
     real_dump = json.dump
 
@@ -331,11 +338,11 @@ def test_fid_manifest_survives_a_failed_rewrite(tmp_path, monkeypatch):
         raise OSError(28, 'No space left on device')
     monkeypatch.setattr(json, 'dump', dump_then_fail)
     with pytest.raises(OSError, match='No space left'):
-        sample.prepare_out_dir(out, npz, manifest, set())
+        fid_export.prepare_out_dir(out, npz, manifest, set())
     assert open(path).read() == original
     monkeypatch.setattr(json, 'dump', real_dump)
-    sample.prepare_out_dir(out, npz, manifest, set())  # the next start cleans up and goes on
-    assert sorted(os.listdir(out)) == [sample.MANIFEST]
+    fid_export.prepare_out_dir(out, npz, manifest, set())  # the next start cleans up and goes on
+    assert sorted(os.listdir(out)) == [fid_export.MANIFEST]
     with open(path) as f:
         assert json.load(f) == manifest
 

@@ -1,4 +1,6 @@
 """The pre-tokenised dataset: pretokenize.py (real processes, torchrun, SIGKILL) and train.py --pretok."""
+import contextlib
+import io
 import json
 import os
 import signal
@@ -6,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 import models
+import pretokenize
 from train_support import (ROOT, TINY_PN, cpu_env, free_port, make_image_folder, make_tiny_vae_ckpt, read_steps,
                             run_train, train_args, write_image)
 from utils import pretok
@@ -35,6 +39,25 @@ def run_pretok(*args, **kw) -> subprocess.CompletedProcess:
     return r
 
 
+def pretok_here(data: Path, vae: Path, out: Path, **extra) -> subprocess.CompletedProcess:
+    """pretokenize.main in this process, with one intra-op thread like the real processes' OMP_NUM_THREADS=1 (the
+    same arithmetic, so the same bytes); its exit code and output as a CompletedProcess."""
+    argv = pretok_cmd(data, vae, out, **extra)[2:]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            code = pretokenize.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    # a process prints its warnings on stderr; pytest would keep them to itself
+    shown = ''.join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+    return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue() + shown)
+
+
 def set_files(out: Path):
     """The bytes of every file of a finished set (meta.json without its absolute paths)."""
     files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != 'meta.json'}
@@ -53,7 +76,7 @@ def tokset(tmp_path_factory):
     write_image(data / 'train' / 'class_02' / 'odd_margin.png', 2, 99, size=(97, 80))  # 97x80 -> 87x72: odd margin
     vae = make_tiny_vae_ckpt(root / 'vae.pth')
     out = root / 'tokens'
-    r = run_pretok(data, vae, out, hflip=1)
+    r = pretok_here(data, vae, out, hflip=1)
     assert r.returncode == 0, r.stderr[-3000:]
     return data, vae, out, r
 
@@ -118,10 +141,10 @@ def test_second_run_finds_the_set_complete_and_other_settings_are_refused(tokset
     data, vae, out, _ = tokset
     before = set_files(out)
     (out / 'parts').mkdir()  # as if killed between writing meta.json and removing the parts
-    r = run_pretok(data, vae, out, hflip=1)
+    r = pretok_here(data, vae, out, hflip=1)
     assert r.returncode == 0 and 'complete already' in r.stdout
     assert set_files(out) == before and not (out / 'parts').exists()
-    r = run_pretok(data, vae, out, hflip=0)
+    r = pretok_here(data, vae, out, hflip=0)
     assert r.returncode == 2 and 'other settings (variants)' in r.stderr
 
     unfinished = tmp_path / 'unfinished'
@@ -129,11 +152,12 @@ def test_second_run_finds_the_set_complete_and_other_settings_are_refused(tokset
     settings = json.loads(json.dumps(pretok.read_meta(str(out))))
     settings.update(mid_reso=1.5, sizes={})
     (unfinished / 'parts' / 'settings.json').write_text(json.dumps(settings))
-    r = run_pretok(data, vae, unfinished, hflip=1)
+    r = pretok_here(data, vae, unfinished, hflip=1)
     assert r.returncode == 2 and 'unfinished token set made with other settings' in r.stderr
     assert 'mid_reso' in r.stderr and not (unfinished / 'meta.json').exists()
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_same_set(tokset, tmp_path):
     data, vae, out, _ = tokset
     r = run_pretok(data, vae, tmp_path / 'tok2', nproc=2, hflip=1)
@@ -141,11 +165,12 @@ def test_two_processes_write_the_same_set(tokset, tmp_path):
     assert set_files(tmp_path / 'tok2') == set_files(out)
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_completes_the_same_set(tmp_path):
     data = make_image_folder(tmp_path / 'data', n_train=40, n_val=2)
     vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth')
     ref = tmp_path / 'ref'
-    assert run_pretok(data, vae, ref, chunk=2, bs=2).returncode == 0
+    assert pretok_here(data, vae, ref, chunk=2, bs=2).returncode == 0
 
     out = tmp_path / 'killed'
     log = open(tmp_path / 'killed.log', 'w')
@@ -165,7 +190,7 @@ def test_sigkill_then_rerun_completes_the_same_set(tmp_path):
     assert proc.returncode == -signal.SIGKILL and not (out / 'meta.json').exists()
     n_parts = len(list((out / 'parts').glob('train_*.npz')))
     assert 3 <= n_parts < 60
-    r = run_pretok(data, vae, out, chunk=2, bs=2)
+    r = pretok_here(data, vae, out, chunk=2, bs=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f'{n_parts} already on disk' in r.stdout or f'{n_parts + 1} already on disk' in r.stdout
     assert set_files(out) == set_files(ref)
@@ -185,12 +210,13 @@ def write_square_folder(root: Path, n_classes: int = 3, n_train: int = 8, n_val:
     return root
 
 
+@pytest.mark.slow
 def test_training_from_tokens_equals_training_from_images(tmp_path):
     """Same flips (per-sample seeds), same crops, progressive stages included: bit-identical losses and validation."""
     data = write_square_folder(tmp_path / 'data')
     vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth')
     tok = tmp_path / 'tok'
-    r = run_pretok(data, vae, tok, hflip=1, mid_reso=1.0, bs=8)
+    r = pretok_here(data, vae, tok, hflip=1, mid_reso=1.0, bs=8)
     assert r.returncode == 0, r.stderr[-3000:]
     common = dict(hflip=1, mid_reso=1.0, ep=3, pg=0.6, pg0=1, log_steps=1)
     r_img = run_train(train_args(data, vae, tmp_path / 'img', **common))
@@ -273,6 +299,7 @@ def test_loader_workers_read_the_same_batches(tokset):
         assert torch.equal(ids_a, ids_b) and torch.equal(lab_a, lab_b)
 
 
+@pytest.mark.slow
 def test_offline_without_a_tokenizer_path_is_a_clean_error(tokset, tmp_path):
     """No --vae_ckpt and no network: train.py and pretokenize.py end with a message naming the flag, no traceback."""
     data, _, _, _ = tokset
@@ -288,8 +315,8 @@ def test_offline_without_a_tokenizer_path_is_a_clean_error(tokset, tmp_path):
     cwd = tmp_path / 'cwd'
     cwd.mkdir()
     shutil.copy(vae, cwd / 'vae_ch160v4096z32.pth')
-    r = subprocess.run(pretok_cmd(data, '', tmp_path / 'tok_cwd', hflip=1), cwd=cwd, env=env, capture_output=True,
-                       text=True, timeout=150)
+    with contextlib.chdir(cwd):
+        r = pretok_here(data, '', tmp_path / 'tok_cwd', hflip=1)
     assert r.returncode == 0, r.stderr[-3000:]
     assert set_files(tmp_path / 'tok_cwd') == set_files(out)
 
@@ -373,7 +400,6 @@ def test_synthetic_set_reads_rows_variants_and_refuses_inconsistent_files(tmp_pa
 
 
 def test_chunk_batches_cover_each_chunk_without_straddling():
-    import pretokenize
     assert pretokenize.chunk_batches([0, 2], n=12, chunk=5, bs=2) == [[0, 1], [2, 3], [4], [10, 11]]
     assert pretokenize.chunk_batches([1], n=12, chunk=5, bs=3) == [[5, 6, 7], [8, 9]]
     all_batches = pretokenize.chunk_batches(range(3), n=12, chunk=5, bs=4)
@@ -382,7 +408,6 @@ def test_chunk_batches_cover_each_chunk_without_straddling():
 
 def test_a_complete_set_ignores_another_chunk_size_but_refuses_another_crop(tokset, capsys):
     """--chunk only splits the work: a finished set is complete whatever its value; --mid_reso changes the ids."""
-    import pretokenize
     data, vae, out, _ = tokset
     flags = [f'--data_path={data}', f'--vae_ckpt={vae}', f'--out={out}', f'--pn={TINY_PN}', '--hflip=1',
              '--workers=0', '--tf32=0', '--device=cpu']

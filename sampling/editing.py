@@ -1,4 +1,4 @@
-# Implements zero-shot editing with VAR (arXiv 2404.02905, section 5 and Fig. 8), per VAR_SPEC.md §5.
+# Implements zero-shot editing with VAR (arXiv 2404.02905, section 5 and Fig. 8).
 """Zero-shot editing for users: in-painting, out-painting and class-conditional editing of a real image.
 
 The model never saw a mask in training. Editing works because sampling is scale by scale: at every scale the
@@ -260,17 +260,3 @@ def comparison_strip(input_3HW: torch.Tensor, keep_mask_hw: torch.Tensor, images
     for i, panel_3HW in enumerate(panels):
         strip.paste(to_pil(panel_3HW), (i * (W + gap), 0))
     return strip
-
-
-# ----------------------------------------------------------------------------------------------------------- models
-def load_models(ckpt: Optional[str] = None, depth: int = 36, vae_ckpt: Optional[str] = None,
-                var_ckpt: Optional[str] = None, device: Union[str, torch.device] = 'cpu',
-                cache_dir: Optional[str] = None, local_files_only: bool = False) -> Tuple[models.VQVAE, models.VAR]:
-    """(vae, var) in eval mode: a checkpoint of this project's train.py (`ckpt`, with `vae_ckpt` if it holds no
-    tokenizer), or the official model of `depth` from local files (`vae_ckpt`, `var_ckpt`) or the Hub."""
-    if ckpt:
-        vae, var = models.load_checkpoint_models(ckpt, device=device, vae_path=vae_ckpt)
-    else:
-        vae, var = models.load_pretrained(depth, vae_path=vae_ckpt, var_path=var_ckpt, device=device,
-                                          cache_dir=cache_dir, local_files_only=local_files_only)
-    return vae.eval(), var.eval()

@@ -1,14 +1,10 @@
-"""The helpers around sampling, against their definitions: the rejection classifier's transform (short side to 256,
-centre crop 224, antialiased, ImageNet normalisation) and its best-of rule, and the PNG / npz image-set readers and
-writers of the FID export (VAR_SPEC.md section 10). CPU only, under a second."""
+"""Classifier rejection sampling (sampling/rejection.py), against its definitions: the classifier's transform (short
+side to 256, centre crop 224, antialiased, ImageNet normalisation) and the best-of rule. CPU only, under a second."""
 import numpy as np
-import pytest
 import torch
 import torch.nn as nn
-from PIL import Image
 
-from image_batches import ImageSetError, iter_png_images, list_png_files, read_png, write_npz_images
-from rejection import IMAGENET_MEAN, IMAGENET_STD, ImageNetClassifier, sample_best_of
+from sampling.rejection import IMAGENET_MEAN, IMAGENET_STD, ImageNetClassifier, sample_best_of
 
 
 # ------------------------------------------------------------------------------------------------ rejection sampling
@@ -58,34 +54,14 @@ def test_sample_best_of_compares_with_the_best_so_far():
     assert sample_best_of(lambda cand: imgs[cand], classifier, [0], candidates=3)[0, 0, 0, 0] == 0
 
 
-# ------------------------------------------------------------------------------------------------ image sets (§10)
-def test_png_folder_lists_both_extension_cases(tmp_path):
-    img = np.zeros((4, 4, 3), np.uint8)
-    for name in ('a.png', 'B.PNG', 'c.jpg'):
-        Image.fromarray(img).save(tmp_path / name, format='PNG')
-    assert sorted(p.split('/')[-1] for p in list_png_files(str(tmp_path))) == ['B.PNG', 'a.png']
+def test_sample_best_of_keeps_the_most_likely_candidate():
+    imgs = [np.full((3, 2, 2, 3), cand, np.uint8) for cand in range(3)]
+    # Candidate c gives row r the probability table[c][r] of its label.
+    table = torch.tensor([[0.2, 0.5, 0.1], [0.6, 0.5, 0.0], [0.4, 0.1, 0.3]])
 
-
-def test_read_png_gives_rgb_for_grey_and_rgba(tmp_path):
-    grey = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
-    Image.fromarray(grey, 'L').save(tmp_path / 'g.png')
-    rgba = np.random.default_rng(0).integers(0, 256, size=(3, 4, 4), dtype=np.uint8)
-    rgba[..., 3] = 255
-    Image.fromarray(rgba, 'RGBA').save(tmp_path / 'a.png')
-    g = read_png(str(tmp_path / 'g.png'))
-    assert g.shape == (3, 4, 3) and g.dtype == np.uint8 and all(np.array_equal(g[..., i], grey) for i in range(3))
-    assert np.array_equal(read_png(str(tmp_path / 'a.png')), rgba[..., :3])
-
-
-def test_png_batches_refuse_mixed_sizes(tmp_path):
-    Image.new('RGB', (4, 4)).save(tmp_path / 'a.png')
-    Image.new('RGB', (5, 4)).save(tmp_path / 'b.png')
-    with pytest.raises(ImageSetError, match='b.png has size'):
-        list(iter_png_images([str(tmp_path / 'a.png'), str(tmp_path / 'b.png')], batch_size=1))
-
-
-def test_npz_writer_refuses_a_short_set(tmp_path):
-    imgs = np.zeros((3, 4, 4, 3), np.uint8)
-    with pytest.raises(ImageSetError, match='got 3 images, expected 4'):
-        write_npz_images(str(tmp_path / 'x.npz'), [imgs], (4, 4, 4, 3))
-    assert list(tmp_path.iterdir()) == []  # no file, no temporary left behind
+    def classifier(img_BHW3):
+        prob_BK = torch.zeros(3, 4)
+        prob_BK[torch.arange(3), torch.tensor([0, 3, 2])] = table[int(img_BHW3[0, 0, 0, 0])]
+        return prob_BK
+    best = sample_best_of(lambda cand: imgs[cand], classifier, [0, 3, 2], candidates=3)
+    assert best[:, 0, 0, 0].tolist() == [1, 0, 2]  # row 1 ties 0.5/0.5: the earlier candidate stays
