@@ -18,6 +18,7 @@ from torchvision.utils import make_grid
 
 import dist
 import models
+from models.basic_var import flex_block_mask
 from models.inspect_ckpt import describe_mismatch
 from models.loading import official_vae_path
 from trainer import VARTrainer
@@ -66,7 +67,7 @@ def build_models(args, cfg: arg_util.Derived, num_classes: int, device: torch.de
     if args.flex:
         var_wo_ddp.attn_impl = 'flex'
         for _, ed in var_wo_ddp.begin_ends:  # build the block masks eagerly, outside any compiled region
-            var_wo_ddp.flex_block_mask(ed)
+            flex_block_mask(var_wo_ddp.patch_nums, ed, var_wo_ddp.lvl_1L.device)
     return vae_local, var_wo_ddp, vae_cfg
 
 

@@ -294,8 +294,7 @@ def test_auto_resume_prefers_the_newest_and_falls_back_when_it_is_broken(tmp_pat
 
 
 SLOW_SAVE = '''
-import sys, time, torch
-sys.path.insert(0, {root!r})
+import time, torch
 from utils.ckpt import atomic_save
 
 class Slow:  # pickled in the middle of the write: lets the test kill the writer mid-save
@@ -312,8 +311,8 @@ atomic_save({{'epoch': 2, 'iter': 0, 'trainer': {{'w': torch.zeros(100000)}}, 's
 def test_an_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     target, flag = tmp_path / 'ar-ckpt-last.pth', tmp_path / 'writing'
     atomic_save({'epoch': 1, 'iter': 0, 'trainer': {'w': torch.ones(3)}}, str(target))
-    script = SLOW_SAVE.format(root=str(ROOT), flag=str(flag), target=str(target))
-    proc = subprocess.Popen([sys.executable, '-c', script], env=cpu_env())
+    script = SLOW_SAVE.format(flag=str(flag), target=str(target))
+    proc = subprocess.Popen([sys.executable, '-c', script], env=cpu_env(), cwd=str(ROOT))  # `-c` imports from cwd
     try:
         deadline = time.time() + 60
         while not flag.exists():
