@@ -172,3 +172,19 @@ def test_a_run_resumed_at_a_stage_boundary_keeps_the_stages_and_their_warm_up(pr
     assert load_checkpoint(str(tmp_path / 'out' / 'ar-ckpt-last.pth'))['iter'] == 4
     code, calls = run_recording_stages(argv)
     assert code == 0 and calls == reference[4:]
+
+
+def test_flex_builds_every_scales_block_mask_through_the_models_cache(tmp_path):
+    """train.py --flex 1 (CUDA-only in training) builds its FlexAttention masks eagerly through
+    models.basic_var.flex_block_mask; the same set-up runs here on the CPU, where the masks can be built."""
+    from models.basic_var import flex_block_mask
+    from utils import arg_util
+    vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth')
+    args = arg_util.parse_args(train_args(tmp_path, vae, tmp_path / 'out', flex=1))
+    cfg = arg_util.derive(args, 1)
+    _, var, _ = train.build_models(args, cfg, 3, torch.device('cpu'))
+    assert var.attn_impl == 'flex'
+    for _, ed in var.begin_ends:  # built once by build_models: the cache hands back the same object
+        mask = flex_block_mask(var.patch_nums, ed, var.lvl_1L.device)
+        assert mask is flex_block_mask(var.patch_nums, ed, 'cpu')
+        assert mask.shape[-2:] == (ed, ed)
