@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import peak_gib, print_table, write_json
 from models import PATCH_NUMS, VQVAE, load_vae_checkpoint
+from utils.runtime import set_tf32
 
 VARIANTS = ('eager', 'channels_last', 'compiled', 'compiled_cl')
 
@@ -92,7 +93,7 @@ def main(argv=None):
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise SystemExit(f'unknown variants {unknown}; choose from {", ".join(VARIANTS)}')
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.tf32)
+    set_tf32(bool(args.tf32))
 
     patch_nums = PATCH_NUMS.get(str(args.reso)) or tuple(range(1, args.reso // 16 + 1))
     if args.vae_ckpt:

@@ -14,11 +14,11 @@ import gc
 
 import torch
 
-from benchmarks.common import peak_gib, print_table, time_cuda, write_json
+from benchmarks.common import DTYPES, peak_gib, print_table, time_cuda, write_json
 from models import PRESETS, build_vae_var
 from models.engine import release_cuda_graphs
+from utils.runtime import set_tf32
 
-DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 COLUMNS = ['model', 'batch', 'dtype', 'path', 'img_per_s', 'sec_per_batch', 'peak_gib', 'speedup', 'mem_ratio', 'note']
 PATHS = {
     'reference': dict(kv_cache='concat', partial_sort=False, cuda_graph=False),
@@ -70,7 +70,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit('bench_sample needs a CUDA GPU')
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.tf32)
+    set_tf32(bool(args.tf32))
     rows = []
     configs = [(int(d), int(b), DTYPES[t]) for d in args.depths.split(',') for b in args.batches.split(',')
                for t in args.dtypes.split(',')]

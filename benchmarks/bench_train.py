@@ -15,11 +15,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import peak_gib, print_table, time_cuda, write_json
+from benchmarks.common import DTYPES, peak_gib, print_table, time_cuda, write_json
 from models import PRESETS, build_vae_var
 from models.basic_var import flex_block_mask
+from utils.runtime import set_tf32
 
-DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 def make_step(vae, var, model, opt, scaler, dtype, B, with_encode):
@@ -109,7 +109,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit('bench_train needs a CUDA GPU')
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # official tf32=True
+    set_tf32(True)  # official tf32=True
     cols = ['model', 'batch', 'dtype', 'path', 'encode', 'img_per_s', 'sec_per_step', 'peak_gib', 'first_step_s',
             'speedup', 'mem_ratio', 'note']
     rows = []

@@ -7,6 +7,11 @@ from typing import Callable, Dict, List
 
 import torch
 
+from utils.runtime import autocast_dtype
+
+# the --dtypes names of the benchmarks, on the --fp16 codes of every script (utils.runtime)
+DTYPES = {'fp16': autocast_dtype(1), 'bf16': autocast_dtype(2)}
+
 
 def machine() -> Dict[str, str]:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'

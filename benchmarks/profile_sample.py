@@ -12,6 +12,7 @@ from models import PRESETS, build_vae_var
 from models.basic_var import kv_caching
 from models.engine import release_cuda_graphs, sampling_engine, scale_step
 from models.helpers import filter_top_k_top_p_, filter_top_k_top_p_partial_
+from utils.runtime import set_tf32
 
 
 def main(argv=None):
@@ -19,7 +20,7 @@ def main(argv=None):
     p.add_argument('--depth', type=int, default=16)
     p.add_argument('--batch', type=int, default=64)
     args = p.parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    set_tf32(True)
     B, dt = args.batch, torch.bfloat16
     vae, var = build_vae_var(device='cuda', **PRESETS[f'd{args.depth}'])
     var.eval()
