@@ -8,11 +8,10 @@ tokenizer's own flags are below. `derive_vae(args, world_size)` is the one pure 
 import argparse
 import dataclasses
 import re
-import warnings
 from typing import Optional, Sequence, Tuple
 
 from utils.arg_util import (REPO_ROOT, add_precision_flags, add_run_flags, add_schedule_flags, bool_flag, flag,
-                            parse_int_tuple, parse_patch_nums)
+                            parse_int_tuple, parse_patch_nums, parse_tolerant)
 
 OFFICIAL_CH_MULT = '1_1_2_2_4'
 
@@ -86,12 +85,8 @@ def build_vae_parser() -> argparse.ArgumentParser:
 
 
 def parse_vae_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse the command line; unknown flags are tolerated with a warning (as train.py)."""
-    args, unknown = build_vae_parser().parse_known_args(argv)
-    if unknown:
-        warnings.warn(f'ignoring unknown arguments: {unknown}', stacklevel=2)
-    args.unknown_args = unknown  # the run also writes them to its log
-    return args
+    """Parse train_vae.py's command line; unknown flags are tolerated with a warning (as train.py)."""
+    return parse_tolerant(build_vae_parser(), argv)
 
 
 @dataclasses.dataclass(frozen=True)

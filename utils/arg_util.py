@@ -159,13 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse the command line. Unknown flags are tolerated with a warning, as in the official code."""
-    args, unknown = build_parser().parse_known_args(argv)
+def parse_tolerant(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse a trainer's command line. Unknown flags are tolerated with a warning, as in the official code."""
+    args, unknown = parser.parse_known_args(argv)
     if unknown:
-        warnings.warn(f'ignoring unknown arguments: {unknown}', stacklevel=2)
+        warnings.warn(f'ignoring unknown arguments: {unknown}', stacklevel=3)
     args.unknown_args = unknown  # the run also writes them to its log
     return args
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse train.py's command line (unknown flags: a warning, as officially)."""
+    return parse_tolerant(build_parser(), argv)
 
 
 @dataclasses.dataclass(frozen=True)
