@@ -21,23 +21,71 @@ _VAR_CONFIG_KEYS = ('num_classes', 'depth', 'embed_dim', 'num_heads', 'mlp_ratio
                     'patch_nums', 'drop_path_rate', 'cond_drop_rate')
 
 
+class UnsafeCheckpointError(RuntimeError):
+    """A file holding Python objects outside the allow-list: unpickling it could run code, so it is not loaded."""
+
+
+def _allowed_globals() -> list:
+    """The few non-tensor types that checkpoints are known to hold and that carry data only: argparse.Namespace
+    (arguments saved by older training code), paths, and numpy arrays, dtypes and scalars (under both the numpy 1
+    and numpy 2 module names). Everything torch's weights_only loader allows (tensors, containers, numbers,
+    strings) is allowed as well."""
+    import argparse
+    import pathlib
+    allowed = [argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath,
+               pathlib.PureWindowsPath]
+    try:
+        import numpy as np
+    except ImportError:
+        return allowed
+    try:
+        from numpy._core import multiarray  # numpy 2
+    except ImportError:
+        from numpy.core import multiarray  # numpy 1
+    for mod in ('numpy.core.multiarray', 'numpy._core.multiarray'):
+        allowed += [(multiarray._reconstruct, f'{mod}._reconstruct'), (multiarray.scalar, f'{mod}.scalar')]
+    allowed += [np.ndarray, np.dtype]
+    allowed += [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32,
+                                            np.int64, np.uint8, np.bool_)]
+    return allowed
+
+
+def _why_unsafe(path: str, error: Exception) -> str:
+    """What the safe loader refused: the Python globals the file names, or where it stopped."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint (a plain pickle or garbage): torch cannot list its globals safely
+        names = []
+    if names:
+        more = f' and {len(names) - 8} more' if len(names) > 8 else ''
+        return f'it holds Python objects that are not on the allow-list ({", ".join(names[:8])}{more})'
+    detail = str(error).split('WeightsUnpickler error:')[-1].strip().split('\n')[0].strip()
+    return (f'it is no torch.save file of tensors and plain values (the safe loader stopped at: {detail}): a '
+            'plain pickle, objects that could run code, or a corrupt file')
+
+
 def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
-    """torch.load on the CPU with errors that say what is wrong with the file."""
+    """torch.load on the CPU that never runs code from the file, with errors that say what is wrong with it.
+
+    Loading is `weights_only=True` with an explicit allow-list (`_allowed_globals`): official release files and
+    this project's checkpoints are tensors, containers and plain values only. A file that needs anything else is
+    refused (UnsafeCheckpointError) before any of its objects is built.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint not found: {path}')
     if os.path.getsize(path) == 0:
         raise RuntimeError(f'checkpoint {path} is empty (0 bytes): the download or save was interrupted')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:
-        pass  # our own training checkpoints may hold non-tensor state (e.g. RNG states); they are the user's files
-    except (RuntimeError, EOFError, OSError) as e:
-        raise RuntimeError(f'checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e}); '
-                           'download it again or use an earlier checkpoint') from e
-    try:
-        return torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as e:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f'refusing to load {path}: {_why_unsafe(path, e)}. Unpickling it could run code from the file, so it is '
+            'not loaded. Model loading reads safetensors folders, plain state '
+            'dicts and this project\'s checkpoints. If the file is yours and you trust it, load it once yourself '
+            '(torch.load(path, weights_only=False)) and save its state dicts.') from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise RuntimeError(f'checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e}); '
                            'download it again or use an earlier checkpoint') from e
 
@@ -192,7 +240,12 @@ def load_checkpoint_models(path: Union[str, os.PathLike], device: Union[str, tor
 
     A checkpoint without VQVAE weights needs `vae_path` (e.g. an official VAR file plus the official VAE).
     """
-    ckpt = read_checkpoint(path)
+    return models_from_checkpoint(read_checkpoint(path), os.fspath(path), device=device, vae_path=vae_path)
+
+
+def models_from_checkpoint(ckpt: Any, path: str, device: Union[str, torch.device] = 'cpu',
+                           vae_path: Optional[str] = None) -> Tuple[VQVAE, VAR]:
+    """`load_checkpoint_models` on a checkpoint already read (`path` names it in errors)."""
     var_sd = _var_state_dict(ckpt)
     if var_sd is None:
         raise ValueError(f'{path} holds no VAR weights (looked for pos_1LC at the top level and under '

@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 
 from .basic_var import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, flex_block_mask
 from .engine import autocast_dtype, sampling_engine
@@ -25,7 +26,7 @@ from .helpers import gumbel_softmax_with_rng, sample_with_top_k_top_p_
 from .inspect_ckpt import describe_mismatch, describe_var_fit
 from .vqvae import VQVAE
 
-__all__ = ['VAR', 'AdaLNSelfAttn', 'sample_with_top_k_top_p_', 'gumbel_softmax_with_rng', 'get_edit_mask',
+__all__ = ['VAR', 'VARHF', 'AdaLNSelfAttn', 'sample_with_top_k_top_p_', 'gumbel_softmax_with_rng', 'get_edit_mask',
            'replace_embedding', 'sample_codes']
 
 
@@ -88,6 +89,12 @@ class VAR(nn.Module):
                  flash_if_available: bool = True, fused_if_available: bool = True):
         super().__init__()
         assert embed_dim % num_heads == 0
+        # the constructor's arguments (the VQVAE aside): what a whole-model folder's config.json holds (models.hub)
+        self.config = dict(num_classes=num_classes, depth=depth, embed_dim=embed_dim, num_heads=num_heads,
+                           mlp_ratio=mlp_ratio, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                           drop_path_rate=drop_path_rate, norm_eps=norm_eps, shared_aln=shared_aln,
+                           cond_drop_rate=cond_drop_rate, attn_l2_norm=attn_l2_norm, patch_nums=list(patch_nums),
+                           flash_if_available=flash_if_available, fused_if_available=fused_if_available)
         self.Cvae, self.V = vae_local.Cvae, vae_local.vocab_size
         self.depth, self.C, self.D, self.num_heads = depth, embed_dim, embed_dim, num_heads
         self.cond_drop_rate = cond_drop_rate
@@ -414,3 +421,26 @@ class VAR(nn.Module):
     def extra_repr(self) -> str:
         return f'depth={self.depth}, C={self.C}, heads={self.num_heads}, patch_nums={self.patch_nums}, ' \
                f'drop_path_rate={self.drop_path_rate:g}, cond_drop_rate={self.cond_drop_rate:g}'
+
+
+class VARHF(VAR, PyTorchModelHubMixin):
+    """The official Hugging Face class: a VAR that builds its own VQVAE from `vae_kwargs`, with the Hub mixin's
+    `save_pretrained` / `from_pretrained` / `push_to_hub` (config.json: `vae_kwargs` and the VAR arguments).
+
+    Kept as officially, flaw included: the VQVAE is held outside VAR's modules, so `save_pretrained` saves no
+    tokenizer weights and `from_pretrained` returns an untrained tokenizer. `models.hub.save_pretrained` /
+    `models.hub.from_pretrained` save and load both models; their folders are also readable by this class.
+    """
+
+    def __init__(self, vae_kwargs, num_classes: int = 1000, depth: int = 16, embed_dim: int = 1024,
+                 num_heads: int = 16, mlp_ratio: float = 4.0, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, norm_eps: float = 1e-6, shared_aln: bool = False,
+                 cond_drop_rate: float = 0.1, attn_l2_norm: bool = False,
+                 patch_nums: Sequence[int] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+                 flash_if_available: bool = True, fused_if_available: bool = True):
+        vae_local = VQVAE(**vae_kwargs)
+        super().__init__(vae_local=vae_local, num_classes=num_classes, depth=depth, embed_dim=embed_dim,
+                         num_heads=num_heads, mlp_ratio=mlp_ratio, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                         drop_path_rate=drop_path_rate, norm_eps=norm_eps, shared_aln=shared_aln,
+                         cond_drop_rate=cond_drop_rate, attn_l2_norm=attn_l2_norm, patch_nums=patch_nums,
+                         flash_if_available=flash_if_available, fused_if_available=fused_if_available)

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 
 import models
+from models import hub
 from models.vqvae import OFFICIAL_CH_MULT
 from utils.runtime import ConfigError, resolve_device, set_tf32
 
@@ -36,8 +37,10 @@ def add_model_flags(parser: argparse.ArgumentParser, default_depth: int) -> None
                    help=f'released model: {released_depths_help()} (default: %(default)s)')
     g.add_argument('--vae_ckpt', default=None, help='local vae_ch160v4096z32.pth (default: from the Hub)')
     g.add_argument('--var_ckpt', default=None, help='local var_d{depth}.pth (default: from the Hub)')
-    g.add_argument('--ckpt', default=None, help="a checkpoint of this project's train.py (instead of the official "
-                                                'weights; add --vae_ckpt if it holds no tokenizer)')
+    g.add_argument('--ckpt', default=None,
+                   help="instead of the official weights: a checkpoint of this project's train.py (add --vae_ckpt if "
+                        'it holds no tokenizer), a model folder (hub.py save, models.hub.save_pretrained) or a '
+                        'Hugging Face Hub repo id of such a folder (owner/name)')
     g.add_argument('--cache_dir', default=None, help='Hugging Face cache folder for the downloads')
     g.add_argument('--local_files_only', action='store_true', help='never touch the network')
     g.add_argument('--device', default=None,
@@ -57,7 +60,9 @@ def check_model_flags(args: argparse.Namespace) -> None:
             models.preset_config(args.depth)
         except ValueError as e:
             raise ConfigError(f'--depth: {e}') from e
-    for flag in ('ckpt', 'vae_ckpt', 'var_ckpt'):
+    if args.ckpt is not None and not os.path.exists(args.ckpt) and not hub.is_repo_id(args.ckpt):
+        raise ConfigError(f'--ckpt {args.ckpt} does not exist (and is no Hub repo id, owner/name)')
+    for flag in ('vae_ckpt', 'var_ckpt'):
         path = getattr(args, flag)
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f'--{flag} {path} does not exist')
@@ -79,9 +84,13 @@ def model_device(args: argparse.Namespace) -> torch.device:
 def load_models(ckpt: Optional[str] = None, depth: int = 36, vae_ckpt: Optional[str] = None,
                 var_ckpt: Optional[str] = None, device: Union[str, torch.device] = 'cpu',
                 cache_dir: Optional[str] = None, local_files_only: bool = False) -> Tuple[models.VQVAE, models.VAR]:
-    """(vae, var) in eval mode: a checkpoint of this project's train.py (`ckpt`, with `vae_ckpt` if it holds no
-    tokenizer), or the official model of `depth` from local files (`vae_ckpt`, `var_ckpt`) or the Hub."""
-    if ckpt:
+    """(vae, var) in eval mode: `ckpt` (a checkpoint of this project's train.py, with `vae_ckpt` if it holds no
+    tokenizer; a model folder; or a Hub repo id of one), or the official model of `depth` from local files
+    (`vae_ckpt`, `var_ckpt`) or the Hub."""
+    if ckpt and (os.path.isdir(ckpt) or hub.is_repo_id(ckpt)):
+        vae, var = hub.from_pretrained(ckpt, device=device, vae_path=vae_ckpt, cache_dir=cache_dir,
+                                       local_files_only=local_files_only)
+    elif ckpt:
         vae, var = models.load_checkpoint_models(ckpt, device=device, vae_path=vae_ckpt)
     else:
         vae, var = models.load_pretrained(depth, vae_path=vae_ckpt, var_path=var_ckpt, device=device,

@@ -306,7 +306,7 @@ def test_cast_linear_weights_refresh_picks_up_replaced_parameters(tiny_models):
 
 # the model's own attributes (nn.Module's internals aside): no cache of any fast path is among them
 MODEL_ATTRIBUTES = {'C', 'Cvae', 'D', 'L', 'V', '_rng', '_uniform_prob', 'attn_impl', 'begin_ends', 'build_config',
-                    'cond_drop_rate', 'depth', 'drop_path_rate', 'first_l', 'num_classes', 'num_heads',
+                    'config', 'cond_drop_rate', 'depth', 'drop_path_rate', 'first_l', 'num_classes', 'num_heads',
                     'num_stages_minus_1', 'patch_nums', 'prog_si', 'using_fused_add_norm_fn', 'vae_proxy',
                     'vae_quant_proxy'}
 
