@@ -13,7 +13,8 @@ Writes OUT_DIR/PREFIX_0.png ... PREFIX_{n-1}.png and OUT_DIR/PREFIX_strip.png (i
 is white where VAR generates), with PREFIX = IMAGE-STEM_MODE unless --prefix is given.
 Models: `--depth 36` (default; 512 px, the paper's choice for editing) or 16/20/24/30 (256 px) downloads the released
 weights from the Hub; `--vae_ckpt/--var_ckpt` use local copies; `--ckpt` loads a checkpoint of this project's
-train.py. The image is resized (shorter side) and centre-cropped to the model's resolution.
+train.py, a model folder (`hub.py save`) or a Hub repo id of one. The image is resized (shorter side) and
+centre-cropped to the model's resolution.
 """
 import argparse
 import os

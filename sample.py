@@ -9,7 +9,8 @@ FID export (official settings by default: cfg 1.5, top-k 900, top-p 0.96, more_s
     torchrun --nproc_per_node=8 sample.py --mode fid --depth 16 --out samples/d16   # -> samples/d16/*.png + d16.npz
 
 Models: `--depth D` downloads the released `var_dD.pth` and the VAE from the Hub (FoundationVision/var);
-`--vae_ckpt/--var_ckpt` use local copies of those files; `--ckpt` loads a checkpoint written by this project's train.py.
+`--vae_ckpt/--var_ckpt` use local copies of those files; `--ckpt` loads a checkpoint written by this project's train.py,
+a model folder (`hub.py save`) or a Hub repo id of one.
 
 Reproducibility: image k of class c is drawn with its own generator seeded from (seed, c, k) (`image_seed`), so the
 output depends neither on the number of processes nor on which images share a batch, apart from floating-point

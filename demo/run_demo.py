@@ -190,7 +190,7 @@ def main(argv=None) -> Dict[str, Any]:
         gen = clf.quality(model, gen_imgs, gen_labels, ref, gen_feats_logits)
         gen_pred = gen_feats_logits[1].argmax(1)
         per_class_acc = [float((gen_pred[gen_labels == c] == c).mean() * 100) for c in range(len(fm.CLASSES))]
-        vae_ck = torch.load(vae_ckpt, map_location='cpu', weights_only=False)
+        vae_ck = torch.load(vae_ckpt, map_location='cpu', weights_only=True)
         metrics = {
             'preset': args.preset, 'seed': args.seed, 'device': 'cuda' if torch.cuda.is_available() else 'cpu',
             'cpu_threads': torch.get_num_threads(),

@@ -282,3 +282,25 @@ def test_allow_listed_types_of_older_checkpoints_still_load(tiny_models, tmp_pat
     assert ckpt['args'].depth == 2 and float(ckpt['metrics']['fid']) == 3.5
     _, var2 = load_checkpoint_models(tmp_path / 'old.pth')
     _assert_same_tensors(var2.state_dict(), var.state_dict())
+
+
+def test_no_library_code_unpickles_arbitrary_objects():
+    """No torch.load(..., weights_only=False) outside the tests: resume, sampling, editing, the app and the Hub
+    code all load through the weights-only unpickler."""
+    import ast
+    offenders = []
+    for path in sorted(support.ROOT.rglob('*.py')):
+        rel = path.relative_to(support.ROOT)
+        if rel.parts[0] in ('tests', '.venv') or rel.parts[0].startswith('.'):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(rel))):
+            if isinstance(node, ast.Call) and any(
+                    k.arg == 'weights_only' and not (isinstance(k.value, ast.Constant) and k.value.value is True)
+                    for k in node.keywords):
+                offenders.append(f'{rel}:{node.lineno}')
+    assert offenders == []
+
+
+def test_imagenet_class_names_come_with_torchvision():
+    names = hub_script.imagenet_class_names()
+    assert len(names) == 1000 and names[0] == 'tench' and names[980] == 'volcano'
