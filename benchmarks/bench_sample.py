@@ -5,7 +5,8 @@ reference = the official-equivalent path: KV cache grown by concatenation, full-
 fast      = preallocated KV cache written in place, top-p over the top-k survivors, torch.compile of the
             per-scale transformer steps and of the decoder, CUDA graphs of the per-scale steps.
 Both run under the same autocast dtype, with CFG (2B rows), top-k 900, top-p 0.96, including the VQVAE decode.
-Random weights: speed does not depend on them.
+Random weights: speed does not depend on them. Each row also gives ms per image, the achieved TFLOP/s of the model
+FLOPs (benchmarks.flops: transformer with CFG plus decode) and their % of the dense bf16 peak (--peak_tflops).
 
     python -m benchmarks.bench_sample --depths 16,20,24,30 --batches 16,64,256 --dtypes bf16,fp16 --d36 --d36_batches 16
 """
@@ -15,21 +16,24 @@ import gc
 import torch
 
 from benchmarks.common import DTYPES, peak_gib, print_table, time_cuda, write_json
+from benchmarks.flops import device_peak_tflops, sampling_flops
 from models import PRESETS, build_vae_var
 from models.engine import release_cuda_graphs
 from utils.runtime import set_tf32
 
-COLUMNS = ['model', 'batch', 'dtype', 'path', 'img_per_s', 'sec_per_batch', 'peak_gib', 'speedup', 'mem_ratio', 'note']
+COLUMNS = ['model', 'batch', 'dtype', 'path', 'img_per_s', 'ms_per_img', 'peak_gib', 'tflops', 'pct_peak', 'speedup',
+           'mem_ratio', 'note']
 PATHS = {
     'reference': dict(kv_cache='concat', partial_sort=False, cuda_graph=False),
     'fast': dict(kv_cache='prealloc', partial_sort=True, cuda_graph=True, compiled=True),
 }
 
 
-def bench_one(depth: int, B: int, dtype: torch.dtype, repeats: int):
+def bench_one(depth: int, B: int, dtype: torch.dtype, repeats: int, peak_tflops: float):
     torch.manual_seed(0)
     vae, var = build_vae_var(device='cuda', **PRESETS[f'd{depth}'])
     var.eval()
+    flops_per_img = sampling_flops(vae, var, cfg=True)['total']  # model FLOPs: transformer with CFG + decode
     labels = torch.arange(B, device='cuda') % 1000
     rows = []
     for name, kw in PATHS.items():
@@ -42,7 +46,10 @@ def bench_one(depth: int, B: int, dtype: torch.dtype, repeats: int):
             run()  # compile/capture and allocator warm-up, untimed
             mem = peak_gib(run)
             sec = time_cuda(run, warmup=1, repeats=repeats)
-            row.update(img_per_s=B / sec, sec_per_batch=sec, peak_gib=mem)
+            tflops = flops_per_img * B / sec / 1e12
+            row.update(img_per_s=B / sec, ms_per_img=1000 * sec / B, sec_per_batch=sec, peak_gib=mem, tflops=tflops,
+                       pct_peak=100 * tflops / peak_tflops if peak_tflops else None,
+                       gflop_per_img=flops_per_img / 1e9)
         except torch.cuda.OutOfMemoryError:
             row.update(note='out of memory')  # a row, not a crash: the other path and configurations still run
             release_cuda_graphs(var)
@@ -63,7 +70,9 @@ def main(argv=None):
     p.add_argument('--batches', default='64')
     p.add_argument('--dtypes', default='bf16')
     p.add_argument('--d36', action='store_true', help='also d36 at 512 px, at the batches of --d36_batches')
-    p.add_argument('--d36_batches', default='16', help='d36 batches (512 px: the reference path needs ~4x the memory)')
+    p.add_argument('--d36_batches', default='32,64', help='d36 batches (512 px: the reference needs ~4x the memory)')
+    p.add_argument('--peak_tflops', type=float, default=0.0,
+                   help="the device's dense bf16 peak for the %% column (default: from benchmarks.flops by GPU name)")
     p.add_argument('--repeats', type=int, default=5)
     p.add_argument('--tf32', type=int, default=1)
     p.add_argument('--json', default='bench_sample.json')
@@ -71,18 +80,19 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit('bench_sample needs a CUDA GPU')
     set_tf32(bool(args.tf32))
+    peak = args.peak_tflops or device_peak_tflops(torch.cuda.get_device_name())
     rows = []
-    configs = [(int(d), int(b), DTYPES[t]) for d in args.depths.split(',') for b in args.batches.split(',')
-               for t in args.dtypes.split(',')]
+    configs = [(int(d), int(b), DTYPES[t]) for d in args.depths.split(',') if d for b in args.batches.split(',')
+               for t in args.dtypes.split(',')]  # --depths '' with --d36: d36 alone
     if args.d36:
         configs += [(36, int(b), DTYPES[t]) for b in args.d36_batches.split(',') for t in args.dtypes.split(',')]
     for depth, B, dtype in configs:
-        rows += bench_one(depth, B, dtype, args.repeats)
+        rows += bench_one(depth, B, dtype, args.repeats, peak)
         gc.collect()  # the models of bench_one are garbage now
         torch.cuda.empty_cache()
         print_table('VAR sampling (cfg 1.5, top-k 900, top-p 0.96, VQVAE decode included)', rows[-2:], COLUMNS)
         # after every configuration: a cut run keeps its rows
-        write_json(args.json, {'benchmark': 'sample', 'rows': rows})
+        write_json(args.json, {'benchmark': 'sample', 'peak_tflops': peak, 'rows': rows})
     print_table('VAR sampling, all configurations', rows, COLUMNS)
 
 

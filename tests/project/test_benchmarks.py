@@ -53,3 +53,42 @@ def test_table_leaves_cells_of_failed_rows_empty(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-2].split() == ['d36', 'reference', 'out', 'of', 'memory']
     assert lines[-1].split() == ['d36', 'fast', '12.3', '150']
+
+
+def test_transformer_flops_match_a_hand_count():
+    """depth 1, width 8 (FFN 32), scales 1 and 2 (1 + 4 tokens), 5 codes of width 2, CFG (2 rows per image)."""
+    from benchmarks.flops import transformer_flops
+    f = transformer_flops(1, 8, (1, 2), 5, 2)
+    # blocks: (1 + 4) tokens x 2 rows x (8*64 + 4*8*32); attention: 2 rows x 4*8 x (1*1 + 4*5)
+    assert f['blocks'] == 10 * 1536 and f['attention'] == 2 * 32 * 21
+    # AdaLN 12*8*8 per row and scale; head 2*8*5 per token + its AdaLN 4*8*8 per row and scale
+    assert f['adaln'] == 2 * 2 * 768 and f['head'] == 10 * 80 + 2 * 2 * 256
+    # the next scale's 4 tokens embedded once (B rows); Phi 18*2*2 per position of the 2x2 last scale, twice
+    assert f['embed'] == 4 * 2 * 2 * 8 and f['phi'] == 2 * 4 * 18 * 4
+    assert f['total'] == 22304
+    assert transformer_flops(1, 8, (1, 2), 5, 2, cfg=False)['blocks'] == 5 * 1536
+
+
+@pytest.mark.parametrize('shared_aln', [False, True])
+def test_sampling_flops_equal_torchs_flop_counter_on_a_real_sample(shared_aln):
+    """The whole count against torch's FLOP counter around a real autoregressive_infer_cfg on the CPU, decode
+    included. The counter does not see the CPU's fused attention kernel, so that term is compared by hand above."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.flops import sampling_flops
+    from models import build_vae_var
+    torch.manual_seed(0)
+    vae, var = build_vae_var('cpu', patch_nums=(1, 2, 3, 4), V=64, Cvae=8, ch=32, depth=2, num_classes=10,
+                             shared_aln=shared_aln)
+    with FlopCounterMode(display=False) as counter:
+        var.eval().autoregressive_infer_cfg(B=3, label_B=torch.tensor([1, 2, 3]), g_seed=0, cfg=1.5, top_k=1)
+    f = sampling_flops(vae, var)
+    assert counter.get_total_flops() / 3 == f['total'] - f['attention']
+    assert f['decode'] > f['total'] / 2  # at this size the decoder dominates
+
+
+def test_device_peaks():
+    from benchmarks.flops import device_peak_tflops
+    assert device_peak_tflops('NVIDIA H200') == 790 and device_peak_tflops('NVIDIA H100 80GB HBM3') == 989
+    assert device_peak_tflops('some new GPU') == 0
