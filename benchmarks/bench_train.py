@@ -2,7 +2,8 @@
 
 reference = the official-equivalent step: dense additive block-causal mask through SDPA, eager (no compile),
             fused AdamW (official default), autocast + GradScaler for fp16, clipping at 2.0.
-fast      = FlexAttention block mask, torch.compile of the transformer, fused AdamW; same numerics otherwise.
+fast      = FlexAttention block mask, torch.compile of the transformer, fused AdamW; same numerics otherwise; the
+            tokenizer encode compiled as train.py --vfast=3 does (--fast_encode 0: eager, as the reference).
 "with encode" includes the frozen VQVAE tokenisation (fp32, as official) of 256 px images; "without" reuses
 precomputed tokens (what a pre-tokenised dataset gives).
 
@@ -56,7 +57,7 @@ def make_step(vae, var, model, opt, scaler, dtype, B, with_encode):
     return step
 
 
-def bench_one(depth, dtype, B, repeats):
+def bench_one(depth, dtype, B, repeats, fast_encode=True):
     rows = []
     for path in ('reference', 'fast'):
         torch.manual_seed(0)
@@ -71,6 +72,8 @@ def bench_one(depth, dtype, B, repeats):
             var.attn_impl = 'flex'
             flex_block_mask(var.patch_nums, var.L, var.lvl_1L.device)  # built eagerly, outside the compiled region
             model = torch.compile(var)
+            if fast_encode:  # as train.py --vfast: img_to_idxBl through torch.compile (float32, as official)
+                vae.img_to_idxBl = torch.compile(vae.img_to_idxBl)
         for with_encode in (True, False):
             row = dict(model=f'd{depth}', batch=B, dtype=str(dtype).split('.')[-1], path=path,
                        encode='with' if with_encode else 'without')
@@ -105,6 +108,8 @@ def main(argv=None):
     p.add_argument('--dtypes', default='bf16')
     p.add_argument('--batch', type=int, default=64, help='images per GPU')
     p.add_argument('--repeats', type=int, default=5)
+    p.add_argument('--fast_encode', type=int, choices=(0, 1), default=1,
+                   help='fast path: compile the tokenizer encode (train.py --vfast=3) (default: %(default)s)')
     p.add_argument('--json', default='bench_train.json')
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -115,7 +120,7 @@ def main(argv=None):
     rows = []
     for d in args.depths.split(','):
         for t in args.dtypes.split(','):
-            rows += bench_one(int(d), DTYPES[t], args.batch, args.repeats)
+            rows += bench_one(int(d), DTYPES[t], args.batch, args.repeats, bool(args.fast_encode))
             print_table('VAR training step per GPU (256 px)', rows[-4:], cols)
             write_json(args.json, {'benchmark': 'train', 'rows': rows})  # after every configuration
     print_table('VAR training step per GPU (256 px), all configurations', rows, cols)

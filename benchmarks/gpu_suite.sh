@@ -27,6 +27,8 @@ step sample_d30 120 $PY -m benchmarks.bench_sample --depths 30 --batches 64 --dt
 # 3. the training step, d16 with and without the tokenizer encode, then d24
 step train_d16_d24 150 $PY -m benchmarks.bench_train --depths 16,24 --dtypes bf16 --batch 64 --repeats 5 \
   --json "$OUT/train.json"
+# 4. the tokenizer encode candidates with the share of token ids they change (never measured so far)
+step encode 60 $PY -m benchmarks.bench_encode --batch 64 --json "$OUT/encode.json"
 step sample_d36 150 $PY -m benchmarks.bench_sample --depths '' --dtypes bf16 --repeats 2 --d36 \
   --d36_batches 32,64 --json "$OUT/sample_d36.json"
 cat "$OUT/summary.txt"
