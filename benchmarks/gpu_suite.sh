@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The one GPU run of issue 14 (at most 595 s of step limits, under the device tool's 600 s per command): the GPU tests, then every benchmark row with its reference
-# row in the same process. Logs and JSON go to $OUT (the device tool's folder; elsewhere /tmp/gpu_suite).
+# The one GPU run of issue 14: the GPU tests, then every benchmark row with its reference row in the same process.
+# The step limits add up to 595 s, under the device tool's 600 s per command, most important first. Logs and JSON
+# go to $OUT (the device tool's folder; elsewhere /tmp/gpu_suite).
 #   bash benchmarks/gpu_suite.sh            # everything, most important first; each step has its own time limit
 set -u
 OUT=${OUT:-/tmp/gpu_suite}
