@@ -304,3 +304,26 @@ def test_no_library_code_unpickles_arbitrary_objects():
 def test_imagenet_class_names_come_with_torchvision():
     names = hub_script.imagenet_class_names()
     assert len(names) == 1000 and names[0] == 'tench' and names[980] == 'volcano'
+
+
+def test_save_of_the_official_release_names_the_imagenet_classes(monkeypatch, tmp_path):
+    """`hub.py save --depth D` loads through models.load_pretrained (stubbed here with a tiny 1000-class model: the
+    released files cannot be downloaded offline) and writes ImageNet's class names and the source into the folder."""
+    import models
+    from models import build_vae_var
+    torch.manual_seed(0)
+    vae, var = build_vae_var('cpu', patch_nums=(1, 2), V=16, Cvae=4, ch=32, depth=1, num_classes=1000)
+    seen = {}
+
+    def fake_load(depth, **kw):
+        seen.update(depth=depth, **kw)
+        return vae, var
+
+    monkeypatch.setattr(models, 'load_pretrained', fake_load)
+    code, _, err = _cli(hub_script, 'save', tmp_path / 'f', '--depth', '20', '--local_files_only', '--cfg', '4')
+    assert code == 0, err
+    assert seen['depth'] == 20 and seen['local_files_only'] is True
+    cfg = hub.check_folder(str(tmp_path / 'f'))
+    assert cfg['class_names'][0] == 'tench' and cfg['sampling']['cfg'] == 4.0
+    card = (tmp_path / 'f' / 'README.md').read_text()
+    assert 'the official release' in card and 'var_d20.pth' in card and 'cfg=4.0' in card
