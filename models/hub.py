@@ -314,8 +314,9 @@ def model_card(cfg: Mapping[str, Any], *, title: Optional[str] = None, source: O
               f"% {n_cls}, g_seed=0, cfg={s.get('cfg', 1.5)}, top_k={s.get('top_k', 900)}, "
               f"top_p={s.get('top_p', 0.96)}, more_smooth={bool(s.get('more_smooth', False))})  # in [0, 1]",
               '```', '',
-              f'or from the command line: `python sample.py --ckpt {where} --out grid.png`. The official `VARHF` '
-              'class reads this folder too (its tokenizer stays untrained, as officially).']
+              f'or from the command line of this project\'s checkout: `python sample.py --ckpt {where} --classes '
+              f'{",".join(str(i % n_cls) for i in range(4))} --out grid.png`. The official `VARHF` class reads this '
+              'folder too (its tokenizer stays untrained, as officially).']
     if s:
         lines += ['', '## Sampling settings', '', '| setting | value |', '|---|---|']
         lines += [f'| {k} | {v} |' for k, v in s.items()]
