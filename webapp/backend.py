@@ -4,7 +4,7 @@
 - `generate`: class-conditional images, drawn exactly as sample.py draws them (image k of class c uses the generator
   seed `sampling.draw.image_seed(seed, c, k)`), so a seed shown in the page reproduces with sample.py.
 - `scales`: one of those images decoded after every scale (1x1 ... 16x16 tokens for the released models): the
-  coarse-to-fine picture of next-scale prediction; the last is the final sample.
+  coarse-to-fine picture of next-scale prediction; the last is exactly the generated image.
 - `edit`: zero-shot in-painting, out-painting and class editing through `sampling.editing`, as edit.py does.
 
 Every user mistake is a ValueError whose message can be shown as it is.
@@ -126,24 +126,26 @@ def generate(model: DemoModel, cls: int, num_images: int, seed: int, cfg: float,
     return sample_uint8(model.var, [cls] * len(seeds), seeds, args, on_scale=on_scale)
 
 
-def scales(model: DemoModel, cls: int, index: int, seed: int, cfg: float, top_k: int, top_p: float,
+def scales(model: DemoModel, cls: int, num_images: int, index: int, seed: int, cfg: float, top_k: int, top_p: float,
            more_smooth: bool, on_scale: Optional[ScaleHook] = None) -> List[np.ndarray]:
-    """Image `index` of `generate(...)` decoded after every scale -> one uint8 (H, W, 3) per scale, coarse to fine;
-    the last is that image itself (the cumulative latent after the last scale is what sampling decodes)."""
-    if not 0 <= int(index) < MAX_IMAGES:
-        raise ValueError(f'image index must lie in 0..{MAX_IMAGES - 1}, got {index}')
-    cls = parse_class(cls, model.var.num_classes)
-    args = sampling_args(model, seed, cfg, top_k, top_p, more_smooth)
+    """Image `index` of `generate(model, cls, num_images, ...)` after every scale -> one uint8 (H, W, 3) per scale,
+    coarse to fine. The whole batch is drawn again, as generate draws it, so that the last entry is exactly that
+    gallery image (a batch of another size may round differently); the earlier ones decode its cumulative latent."""
+    if not 0 <= int(index) < int(num_images):
+        raise ValueError(f'image {index} is not among the {num_images} generated images (0..{int(num_images) - 1})')
+    row = int(index)
     decoded: List[np.ndarray] = []
 
     def decode(si: int, f_hat_BChw: torch.Tensor) -> None:
-        # the decode of the sampling engine's plain path: images in [-1, 1] -> [0, 1]
-        decoded.append(to_uint8_BHW3(model.vae.fhat_to_img(f_hat_BChw).add_(1).mul_(0.5))[0])
+        if si < len(model.var.patch_nums) - 1:  # the last one is the sample itself, decoded by the sampling
+            # the plain path's decode: [-1, 1] -> [0, 1]
+            img_13HW = model.vae.fhat_to_img(f_hat_BChw[row:row + 1]).add_(1).mul_(0.5)
+            decoded.append(to_uint8_BHW3(img_13HW)[0])
         if on_scale is not None:
             on_scale(si, f_hat_BChw)
 
-    sample_uint8(model.var, [cls], [image_seed(args.seed, cls, int(index))], args, on_scale=decode)
-    return decoded
+    imgs = generate(model, cls, num_images, seed, cfg, top_k, top_p, more_smooth, on_scale=decode)
+    return decoded + [imgs[row]]
 
 
 # ----------------------------------------------------------------------------------------------------------- editing

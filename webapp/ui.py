@@ -19,7 +19,8 @@ from webapp.backend import DemoModel
 
 MODEL_GROUP = 'model'  # the concurrency id of every event that runs the model
 # small models (the offline demo's 32 px) are shown enlarged with hard pixel edges instead of a blur
-CSS = '.pixelated img { image-rendering: pixelated; }'
+CSS = ('.pixelated img { image-rendering: pixelated; }\n'
+       '#edit_strip img { width: 100%; height: auto; max-height: none; }')  # the strip spans the page
 # the defaults of the README's sample.py example and of the official editing notebook
 GENERATE_DEFAULTS = dict(cfg=4.0, top_k=900, top_p=0.95, more_smooth=False)
 
@@ -41,14 +42,14 @@ def _user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-class PhotoEditor(gr.ImageEditor):
-    """The image editor, with an upload that is not a readable image refused in a sentence (Gradio's own message
-    quotes its internal data model). `is_template`: the page draws it with the ImageEditor's front end."""
-    is_template = True
+def _refuse_unreadable_uploads(editor: gr.ImageEditor) -> gr.ImageEditor:
+    """Make an upload that is not a readable image fail with a sentence (Gradio's own message quotes its internal data
+    model). Wraps this one component's preprocess: a subclass would make Gradio write a .pyi stub beside this file."""
+    preprocess = editor.preprocess
 
-    def preprocess(self, payload):
+    def checked(payload):
         try:
-            return super().preprocess(payload)
+            return preprocess(payload)
         except Image.UnidentifiedImageError:
             raise gr.Error('the upload is not an image (PNG, JPEG, WebP, ...)', print_exception=False) from None
         except Image.DecompressionBombError as e:
@@ -56,6 +57,8 @@ class PhotoEditor(gr.ImageEditor):
         except (OSError, ValueError) as e:  # truncated or otherwise broken
             raise gr.Error(f'the upload cannot be read as an image ({type(e).__name__}: {e})',
                            print_exception=False) from None
+    editor.preprocess = checked
+    return editor
 
 
 def _scale_progress(progress: gr.Progress, num_scales: int, what: str) -> backend.ScaleHook:
@@ -91,8 +94,8 @@ def build(model: DemoModel) -> gr.Blocks:
         return [(img, f'image {k}') for k, img in enumerate(imgs)], info
 
     @_user_errors
-    def run_scales(cls, index, seed, cfg, top_k, top_p, more_smooth, progress=gr.Progress()):
-        imgs = backend.scales(model, cls, index, seed, cfg, top_k, top_p, more_smooth,
+    def run_scales(cls, num_images, index, seed, cfg, top_k, top_p, more_smooth, progress=gr.Progress()):
+        imgs = backend.scales(model, cls, num_images, index, seed, cfg, top_k, top_p, more_smooth,
                               on_scale=_scale_progress(progress, num_scales, 'decoding every scale'))
         return [(img, f'{pn}x{pn}') for pn, img in zip(var.patch_nums, imgs)]
 
@@ -134,7 +137,7 @@ def build(model: DemoModel) -> gr.Blocks:
                                   info='type to search; an id works too')
                 num_images = gr.Slider(1, backend.MAX_IMAGES, value=4, step=1, label='images', scale=1)
                 seed = gr.Number(0, precision=0, minimum=0, label='seed', scale=1)
-                random_seed = gr.Button('🎲 random seed', scale=0, min_width=120)
+                random_seed = gr.Button('random seed', scale=0, min_width=120)
             cfg, top_k, top_p, more_smooth = _sampling_controls(GENERATE_DEFAULTS)
             generate_btn = gr.Button('Generate', variant='primary')
             gallery = gr.Gallery(label='samples', columns=4, height='auto', object_fit='contain',
@@ -152,10 +155,11 @@ def build(model: DemoModel) -> gr.Blocks:
         with gr.Tab('Edit', id='edit'):
             with gr.Row():
                 with gr.Column(scale=3):
-                    editor = PhotoEditor(label='photo: paint over the region with the brush', type='numpy',
-                                            sources=('upload', 'clipboard'), transforms=(), layers=False,
-                                            brush=gr.Brush(default_size=24, colors=['#ff00ff'], color_mode='fixed'),
-                                            eraser=gr.Eraser(default_size=24), elem_id='editor', height=520)
+                    brush = gr.Brush(default_size=32, colors=['#ff00ff'], color_mode='fixed')
+                    editor = _refuse_unreadable_uploads(gr.ImageEditor(
+                        label='photo: paint over the region with the brush', type='numpy',
+                        sources=('upload', 'clipboard'), transforms=(), layers=False, brush=brush,
+                        eraser=gr.Eraser(default_size=32), elem_id='editor', height=520))
                 with gr.Column(scale=2):
                     example = gr.Dropdown(list(backend.EXAMPLE_PHOTOS), value=None, label='example photo',
                                           info="scikit-image's bundled photos")
@@ -186,9 +190,9 @@ def build(model: DemoModel) -> gr.Blocks:
                            **work)
         random_seed.click(new_seed, None, seed, api_name='random_seed', queue=False).then(
             run_generate, [cls, num_images] + sampling_inputs, [gallery, info], api_visibility='private', **work)
-        scales_btn.click(run_scales, [cls, index] + sampling_inputs, strip, api_name='scales', **work)
+        scales_btn.click(run_scales, [cls, num_images, index] + sampling_inputs, strip, api_name='scales', **work)
         gallery.select(pick_image, None, index, api_visibility='private', queue=False).then(
-            run_scales, [cls, index] + sampling_inputs, strip, api_visibility='private', **work)
+            run_scales, [cls, num_images, index] + sampling_inputs, strip, api_visibility='private', **work)
         example.input(load_example, example, editor, api_name='example_photo')
         edit_btn.click(run_edit, [editor, box, mode, edit_cls, num_samples, edit_seed, e_cfg, e_top_k, e_top_p,
                                   e_smooth], [edits, edit_strip, edit_info], api_name='edit', **work)

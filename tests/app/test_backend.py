@@ -13,6 +13,7 @@ import app
 import sample
 from models import build_vae_var
 from sampling import editing
+from sampling.draw import to_uint8_BHW3
 from support import TINY
 from webapp import backend
 
@@ -56,12 +57,19 @@ def test_generate_gives_the_images_of_sample_py(model, tiny_ckpt, tmp_path):
 
 def test_scales_end_in_the_sample(model):
     calls = []
-    strip = backend.scales(model, 7, index=2, seed=11, on_scale=lambda si, f: calls.append(si), **SETTINGS)
+    strip = backend.scales(model, 7, 3, index=2, seed=11, on_scale=lambda si, f: calls.append(si), **SETTINGS)
     assert calls == list(range(len(TINY['patch_nums'])))
     assert len(strip) == len(TINY['patch_nums']) and all(s.shape == (64, 64, 3) for s in strip)
     final = backend.generate(model, 7, 3, seed=11, **SETTINGS)[2]
     np.testing.assert_array_equal(strip[-1], final)
     assert not np.array_equal(strip[0], strip[-1])  # one token is a coarse picture, not the final one
+    # decoding the cumulative latent after the last scale gives the sample too (the hook sees what is decoded)
+    last = []
+    backend.scales(model, 7, 1, 0, seed=11, on_scale=lambda si, f: last.append(model.vae.fhat_to_img(f)), **SETTINGS)
+    alone = backend.generate(model, 7, 1, seed=11, **SETTINGS)[0]
+    np.testing.assert_array_equal(to_uint8_BHW3(last[-1].add(1).mul(0.5))[0], alone)
+    with pytest.raises(ValueError, match='not among the 3'):
+        backend.scales(model, 7, 3, index=3, seed=11, **SETTINGS)
 
 
 def test_class_names(tmp_path, tiny_ckpt):
