@@ -12,6 +12,7 @@ with its tokenizer) when demo_output/ holds one, else the released d16. Runs on 
 autocast by default, --fp16), else on the CPU. Seeds give the same images as sample.py with the same settings.
 """
 import argparse
+import importlib.util
 import os
 import sys
 from typing import List, Optional, Tuple
@@ -73,16 +74,15 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     hint = choose_default_model(args)
     check_args(args)
-    os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')  # no calls home from a local demo
-    try:
-        from webapp import backend, ui
-    except ImportError as e:
-        raise ConfigError(f'the web demo needs {e.name or "gradio"}: pip install -r requirements.txt') from e
+    if importlib.util.find_spec('gradio') is None:  # before a model is loaded (or downloaded) in vain
+        raise ConfigError('the web demo needs gradio: pip install -r requirements.txt')
     device = model_device(args)
     try:
         vae, var = load_models_from_args(args, device)
     except ConfigError as e:
         raise ConfigError(f'{e}\n{hint}' if hint else str(e)) from e
+    os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')  # no calls home from a local demo
+    from webapp import backend, ui
     source = f'--ckpt {args.ckpt}' if args.ckpt else f'--depth {args.depth}'
     if args.vae_ckpt:
         source += f' --vae_ckpt {args.vae_ckpt}'

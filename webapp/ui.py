@@ -20,7 +20,7 @@ from webapp.backend import DemoModel
 MODEL_GROUP = 'model'  # the concurrency id of every event that runs the model
 # small models (the offline demo's 32 px) are shown enlarged with hard pixel edges instead of a blur
 CSS = ('.pixelated img { image-rendering: pixelated; }\n'
-       '#edit_strip img { width: 100%; height: auto; max-height: none; }')  # the strip spans the page
+       '#edit_strip img { width: 100% !important; height: auto !important; max-height: none !important; }')  # the strip spans the page
 # the defaults of the README's sample.py example and of the official editing notebook
 GENERATE_DEFAULTS = dict(cfg=4.0, top_k=900, top_p=0.95, more_smooth=False)
 
@@ -159,7 +159,7 @@ def build(model: DemoModel) -> gr.Blocks:
                     editor = _refuse_unreadable_uploads(gr.ImageEditor(
                         label='photo: paint over the region with the brush', type='numpy',
                         sources=('upload', 'clipboard'), transforms=(), layers=False, brush=brush,
-                        eraser=gr.Eraser(default_size=32), elem_id='editor', height=520))
+                        eraser=gr.Eraser(default_size=32), elem_id='editor', height=460))
                 with gr.Column(scale=2):
                     example = gr.Dropdown(list(backend.EXAMPLE_PHOTOS), value=None, label='example photo',
                                           info="scikit-image's bundled photos")
