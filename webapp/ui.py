@@ -19,8 +19,12 @@ from webapp.backend import DemoModel
 
 MODEL_GROUP = 'model'  # the concurrency id of every event that runs the model
 # small models (the offline demo's 32 px) are shown enlarged with hard pixel edges instead of a blur
-CSS = ('.pixelated img { image-rendering: pixelated; }\n'
-       '#edit_strip img { width: 100% !important; height: auto !important; max-height: none !important; }')  # the strip spans the page
+CSS = '''
+.pixelated img { image-rendering: pixelated; }
+#edit_strip button, #edit_strip .image-frame { width: 100%; }
+#edit_strip img { width: 100% !important; height: auto !important; max-height: none !important;
+                 object-fit: contain !important; }
+'''  # the strip of a small model spans the page
 # the defaults of the README's sample.py example and of the official editing notebook
 GENERATE_DEFAULTS = dict(cfg=4.0, top_k=900, top_p=0.95, more_smooth=False)
 

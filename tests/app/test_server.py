@@ -3,8 +3,10 @@ gradio_client (every event by its api_name, the editor's mask dict, bad input an
 browser (Playwright driving Debian's chromium: pick a class, generate, paint a brush stroke, in-paint).
 
 One server serves the whole module. Screenshots of both tabs land in the test's tmp folder; with
-VAR_APP_SCREENSHOTS=DIR they are also copied there (the README's are made with
-`VAR_APP_SCREENSHOTS=docs/img VAR_APP_TEST_CKPT=demo_output/var/ar-ckpt-last.pth`, the offline demo's model).
+VAR_APP_SCREENSHOTS=DIR they are also copied there. The README's come from the offline demo's model and one of its
+validation images, enlarged 8x (the photo to upload: VAR_APP_TEST_PHOTO):
+    VAR_APP_SCREENSHOTS=docs/img VAR_APP_TEST_CKPT=demo_output/var/ar-ckpt-last.pth VAR_APP_TEST_PHOTO=boot.png \
+        pytest tests/app/test_server.py -k browser
 """
 import os
 import shutil
@@ -151,11 +153,14 @@ def test_in_a_browser(server, tmp_path):
             page.screenshot(path=tmp_path / 'app_generate.png', full_page=True)
             _keep(tmp_path / 'app_generate.png')
 
-            # Edit: an example photo, a brush stroke across its upper half, in-painting
+            # Edit: an example photo (or an upload), a brush stroke across its upper half, in-painting
             page.get_by_role('tab', name='Edit').click()
-            page.get_by_label('example photo').click()
-            page.get_by_role('option', name='chelsea').click()
-            page.wait_for_selector('#editor button[aria-label="Pan"]:not([disabled])')  # the canvas holds a photo
+            if os.environ.get('VAR_APP_TEST_PHOTO'):
+                page.locator('#editor input[type=file]').set_input_files(os.environ['VAR_APP_TEST_PHOTO'])
+            else:
+                page.get_by_label('example photo').click()
+                page.get_by_role('option', name='chelsea').click()
+            page.wait_for_selector('#editor button[aria-label="Brush"].highlight')  # a photo is in: the brush is on
             box = page.locator('#editor canvas').first.bounding_box()
             left, top = box['x'] + box['width'] * 0.3, box['y'] + box['height'] * 0.25
             page.mouse.move(left, top)
