@@ -1,9 +1,9 @@
-# The two entry points of the README: `make demo` (the main job, offline) and `make test` (the CPU suite).
+# The entry points of the README: `make demo` (the main job, offline), `make app` (the web demo) and `make test`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-fast lint
+.PHONY: install demo app test test-fast lint
 install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -14,6 +14,11 @@ $(VENV)/.installed: requirements.txt
 
 demo: install
 	$(PY) -m demo.run_demo
+
+# the local web demo on http://127.0.0.1:7860 (the model of `make demo` when there is one, else d16 from the Hub);
+# more flags: make app ARGS='--depth 16 --port 7861'
+app: install
+	$(PY) app.py $(ARGS)
 
 # everything: unit tests, real torchrun / script / kill runs, the notebooks (GPU tests skip without a GPU)
 test: install lint

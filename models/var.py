@@ -13,7 +13,7 @@ graphs, chunked decode); the FlexAttention block masks of training (`attn_impl =
 import math
 import numbers
 from functools import partial
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -345,7 +345,8 @@ class VAR(nn.Module):
                                  input_img_tokens: Optional[List[torch.Tensor]] = None,
                                  edit_mask: Optional[torch.Tensor] = None, kv_cache: str = 'prealloc',
                                  partial_sort: bool = False, cuda_graph: bool = False,
-                                 compiled: bool = False) -> torch.Tensor:
+                                 compiled: bool = False,
+                                 on_scale: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
         """Class-conditional sampling with classifier-free guidance -> images (B, 3, H, W) in [0, 1].
 
         Args:
@@ -364,6 +365,9 @@ class VAR(nn.Module):
             cuda_graph: replay CUDA graphs of the per-scale transformer steps (captured on the first call for
                 this batch size and autocast dtype; implies the preallocated KV cache). CUDA only.
             compiled: run the per-scale steps and the VQVAE decoder through torch.compile (fuses elementwise work).
+        on_scale: called as on_scale(si, f_hat_BChw) after each scale with the cumulative latent so far (to watch the
+            image form, e.g. `VQVAE.fhat_to_img`, or to report progress). It must not change f_hat, which the loop
+            keeps adding to in place; the last call's f_hat is the one decoded into the result.
         The caller puts the model in eval mode, as with the official code.
         """
         if (input_img_tokens is None) != (edit_mask is None):
@@ -394,6 +398,8 @@ class VAR(nn.Module):
                     gt_BChw = gt_BlCvae.transpose_(1, 2).reshape(B, self.Cvae, pn, pn)
                     h_BChw = replace_embedding(edit_mask.to(device), h_BChw, gt_BChw, pn, pn)
                 f_hat, next_token_map = self._next_scale_input(si, f_hat, h_BChw, lvl_pos)
+                if on_scale is not None:
+                    on_scale(si, f_hat)
         return engine.decode(f_hat, cuda_graph=cuda_graph, compiled=compiled)
 
     def _next_scale_input(self, si: int, f_hat: torch.Tensor, h_BChw: torch.Tensor,

@@ -9,7 +9,7 @@ devices. `args` is sample.py's namespace (cfg, top_k, top_p, more_smooth, fp16, 
 import argparse
 import hashlib
 import sys
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -34,16 +34,17 @@ def to_uint8_BHW3(img_B3HW: torch.Tensor) -> np.ndarray:
 
 
 @torch.inference_mode()
-def sample_uint8(var: models.VAR, labels: Sequence[int], seeds: Sequence[int], args: argparse.Namespace
-                 ) -> np.ndarray:
-    """One image per (label, seed) -> uint8 (B, H, W, 3)."""
+def sample_uint8(var: models.VAR, labels: Sequence[int], seeds: Sequence[int], args: argparse.Namespace,
+                 on_scale: Optional[Callable[[int, torch.Tensor], None]] = None) -> np.ndarray:
+    """One image per (label, seed) -> uint8 (B, H, W, 3). `on_scale(si, f_hat_BChw)` runs after every scale, inside
+    the sampling's inference mode and autocast (see `VAR.autoregressive_infer_cfg`)."""
     device = var.class_emb.weight.device
     label_B = torch.tensor(list(labels), dtype=torch.long, device=device)
     with autocast_context(args.fp16, device):
         fast = dict(partial_sort=True, compiled=True, cuda_graph=True) if args.fast and device.type == 'cuda' else {}
         img_B3HW = var.autoregressive_infer_cfg(len(labels), label_B, g_seed=list(seeds), cfg=args.cfg,
                                                 top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth,
-                                                **fast)
+                                                on_scale=on_scale, **fast)
     return to_uint8_BHW3(img_B3HW)
 
 

@@ -393,7 +393,8 @@ def test_flex_block_masks_are_cached_beside_the_model(tiny_models):
 
 
 def test_sampling_keeps_the_official_signature_and_the_fast_path_switches():
-    """The official parameters and defaults first, then this project's editing keywords and the engine's switches."""
+    """The official parameters and defaults first, then this project's editing keywords, the engine's switches and the
+    per-scale hook (webapp's next-scale view)."""
     import inspect
     from models.var import VAR
     params = inspect.signature(VAR.autoregressive_infer_cfg).parameters
@@ -401,4 +402,4 @@ def test_sampling_keeps_the_official_signature_and_the_fast_path_switches():
         ('self', inspect.Parameter.empty), ('B', inspect.Parameter.empty), ('label_B', inspect.Parameter.empty),
         ('g_seed', None), ('cfg', 1.5), ('top_k', 0), ('top_p', 0.0), ('more_smooth', False),
         ('input_img_tokens', None), ('edit_mask', None), ('kv_cache', 'prealloc'), ('partial_sort', False),
-        ('cuda_graph', False), ('compiled', False)]
+        ('cuda_graph', False), ('compiled', False), ('on_scale', None)]

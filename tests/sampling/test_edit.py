@@ -31,7 +31,7 @@ def photo():
 
 @pytest.fixture(scope='module')
 def models_pair(sampling_models):
-    """The (vae, var) saved in the `tiny_ckpt` fixture (tests/sampling/conftest.py)."""
+    """The (vae, var) saved in the `tiny_ckpt` fixture (tests/conftest.py)."""
     return sampling_models
 
 

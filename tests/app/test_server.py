@@ -1,0 +1,180 @@
+"""The web demo as users meet it: `python app.py --ckpt tiny.pth` started as a real server on a free port, driven by
+gradio_client (every event by its api_name, the editor's mask dict, bad input answered with a message) and by a real
+browser (Playwright driving Debian's chromium: pick a class, generate, paint a brush stroke, in-paint).
+
+One server serves the whole module. Screenshots of both tabs land in the test's tmp folder; with
+VAR_APP_SCREENSHOTS=DIR they are also copied there. The README's come from the offline demo's model and one of its
+validation images, enlarged 8x (the photo to upload: VAR_APP_TEST_PHOTO):
+    VAR_APP_SCREENSHOTS=docs/img VAR_APP_TEST_CKPT=demo_output/var/ar-ckpt-last.pth VAR_APP_TEST_PHOTO=boot.png \
+        pytest tests/app/test_server.py -k browser
+"""
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from support import ROOT
+from train_support import cpu_env, free_port, kill_tree
+
+pytestmark = pytest.mark.slow
+CHROMIUM = '/usr/bin/chromium'
+GEN = dict(seed=3, cfg=2.0, top_k=20, top_p=0.9, more_smooth=False)
+EDIT = dict(mode='inpaint', cls='none (unconditional)', num_samples=2, seed=0, cfg=3.0, top_k=900, top_p=0.95,
+            more_smooth=True)
+
+
+@pytest.fixture(scope='module')
+def server(tiny_ckpt, tmp_path_factory):
+    """(url, image side) of `python app.py` serving the tiny checkpoint (or VAR_APP_TEST_CKPT) on 127.0.0.1."""
+    ckpt = os.environ.get('VAR_APP_TEST_CKPT', tiny_ckpt)
+    log_path = tmp_path_factory.mktemp('app') / 'server.log'
+    port = free_port()
+    with open(log_path, 'w') as log:
+        proc = subprocess.Popen([sys.executable, str(ROOT / 'app.py'), '--ckpt', ckpt, '--port', str(port),
+                                 '--device', 'cpu'], cwd=ROOT, env=cpu_env(threads=2), stdout=log,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while 'running on http://127.0.0.1' not in log_path.read_text():
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        side = int(log_path.read_text().split(' px, ')[0].rsplit(' ', 1)[1])  # 'model: ... (10 classes, 64 px, cpu)'
+        yield f'http://127.0.0.1:{port}/', side
+    finally:
+        kill_tree(proc.pid)
+        proc.wait(timeout=30)
+    assert 'Traceback' not in log_path.read_text(), log_path.read_text()  # every bad input was answered cleanly
+
+
+@pytest.fixture(scope='module')
+def client(server):
+    from gradio_client import Client
+    return Client(server[0], verbose=False)
+
+
+def _png(path: Path, array: np.ndarray) -> str:
+    Image.fromarray(array).save(path)
+    return str(path)
+
+
+def _editor(tmp_path: Path, painted=None, size=(96, 128)):
+    """The image editor's value as a client sends it: photo, one RGBA brush layer, composite."""
+    from gradio_client import handle_file
+    h, w = size
+    photo = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    layer = np.zeros((h, w, 4), np.uint8)
+    if painted is not None:
+        layer[painted] = (255, 0, 255, 255)
+    bg = handle_file(_png(tmp_path / 'photo.png', photo))
+    return {'background': bg, 'layers': [handle_file(_png(tmp_path / 'layer.png', layer))], 'composite': bg}
+
+
+def _error(client, *args, api_name):
+    from gradio_client.exceptions import AppError
+    with pytest.raises(AppError) as e:
+        client.predict(*args, api_name=api_name)
+    return str(e.value)
+
+
+def test_generate_scales_and_edit_through_the_api(client, server, tmp_path):
+    side = server[1]
+    gallery, info = client.predict('1', 2, *GEN.values(), api_name='/generate')
+    imgs = [np.asarray(Image.open(item['image'])) for item in gallery]
+    assert [im.shape for im in imgs] == [(side, side, 3)] * 2 and '--seed 3' in info
+    strip = client.predict('1', 2, 1, *GEN.values(), api_name='/scales')
+    assert len(strip) >= 2 and strip[0]['caption'] == '1x1'
+    np.testing.assert_array_equal(np.asarray(Image.open(strip[-1]['image'])), imgs[1])  # the strip ends in the image
+
+    edits, strip_path, info = client.predict(_editor(tmp_path, painted=(slice(0, 48), slice(None))), '',
+                                             *EDIT.values(), api_name='/edit')
+    assert [Image.open(e['image']).size for e in edits] == [(side, side)] * 2 and 'brush stroke' in info
+    assert Image.open(strip_path).size == (4 * side + 3 * 4, side)  # input | mask | 2 edits
+    edits, _, info = client.predict(_editor(tmp_path), '0.1,0.1,0.6,0.6', *EDIT.values(), api_name='/edit')
+    assert len(edits) == 2 and 'the box' in info
+    photo = client.predict('coffee', api_name='/example_photo')
+    assert Image.open(photo['background']).size == (600, 400)
+
+
+def test_bad_input_gets_a_message(client, tmp_path):
+    assert 'out of range' in _error(client, '12', 1, *GEN.values(), api_name='/generate')
+    assert 'no region' in _error(client, _editor(tmp_path), '', *EDIT.values(), api_name='/edit')
+    everything = _editor(tmp_path, painted=(slice(None), slice(None)))
+    assert 'covers the whole image' in _error(client, everything, '', *EDIT.values(), api_name='/edit')
+    not_an_image = _editor(tmp_path)
+    from gradio_client import handle_file
+    (tmp_path / 'notes.png').write_text('not an image')
+    not_an_image['background'] = handle_file(str(tmp_path / 'notes.png'))
+    assert 'not an image' in _error(client, not_an_image, '', *EDIT.values(), api_name='/edit')
+    class_edit = dict(EDIT, mode='class-edit')
+    assert 'needs a target class' in _error(client, _editor(tmp_path), '0.1,0.1,0.6,0.6', *class_edit.values(),
+                                            api_name='/edit')
+    gallery, _ = client.predict('1', 1, *GEN.values(), api_name='/generate')  # still serving
+    assert len(gallery) == 1
+
+
+def _browser():
+    sync_api = pytest.importorskip('playwright.sync_api', reason='the browser test needs the playwright package')
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f'the browser test drives Debian\'s chromium ({CHROMIUM} is missing: apt-get install chromium)')
+    return sync_api
+
+
+def _keep(shot: Path) -> None:
+    folder = os.environ.get('VAR_APP_SCREENSHOTS')
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        shutil.copy(shot, Path(folder) / shot.name)
+
+
+def test_in_a_browser(server, tmp_path):
+    sync_api = _browser()
+    with sync_api.sync_playwright() as p:
+        # --disable-gpu: the editor's canvas then draws in software at once (chromium's emulated GL is far slower)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=['--no-sandbox', '--disable-gpu'])
+        try:
+            page = browser.new_page(viewport={'width': 1200, 'height': 900})
+            page.set_default_timeout(60_000)
+            page.goto(server[0])
+            # Generate: pick a class by its name in the list, generate, watch the scales
+            page.get_by_label('class', exact=True).first.click()
+            options = page.get_by_role('option')
+            options.nth(min(7, options.count() - 1)).click()
+            page.get_by_role('button', name='Generate', exact=True).click()
+            page.wait_for_function("document.querySelectorAll('#samples img').length == 4")
+            page.get_by_role('button', name='Show the scales').click()
+            page.wait_for_function("document.querySelectorAll('#scales img').length >= 2")
+            assert 'seed 0' in page.locator('#generate_info').inner_text()
+            page.screenshot(path=tmp_path / 'app_generate.png', full_page=True)
+            _keep(tmp_path / 'app_generate.png')
+
+            # Edit: an example photo (or an upload), a brush stroke across its upper half, in-painting
+            page.get_by_role('tab', name='Edit').click()
+            if os.environ.get('VAR_APP_TEST_PHOTO'):
+                page.locator('#editor input[type=file]').set_input_files(os.environ['VAR_APP_TEST_PHOTO'])
+            else:
+                page.get_by_label('example photo').click()
+                page.get_by_role('option', name='chelsea').click()
+            page.wait_for_selector('#editor button[aria-label="Brush"].highlight')  # a photo is in: the brush is on
+            box = page.locator('#editor canvas').first.bounding_box()
+            left, top = box['x'] + box['width'] * 0.3, box['y'] + box['height'] * 0.25
+            page.mouse.move(left, top)
+            page.mouse.down()  # one thick zig-zag stroke over a band of the canvas (each move redraws it: few moves)
+            for i in range(4):
+                page.mouse.move(left + box['width'] * (0.4 if i % 2 == 0 else 0), top + box['height'] * 0.06 * i)
+            page.mouse.up()
+            page.get_by_role('button', name='Edit', exact=True).click()
+            page.wait_for_function("document.querySelectorAll('#edits img').length == 3")
+            assert 'brush stroke' in page.locator('#edit_info').inner_text()
+            page.screenshot(path=tmp_path / 'app_edit.png', full_page=True)
+            _keep(tmp_path / 'app_edit.png')
+        except Exception:
+            page.screenshot(path=tmp_path / 'failure.png', full_page=True)
+            raise
+        finally:
+            browser.close()

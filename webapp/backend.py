@@ -1,0 +1,234 @@
+# Implements the sampling and zero-shot editing of VAR (arXiv 2404.02905, sections 3.2 and 5) for the web demo.
+"""The web demo's work, as plain functions of a loaded model: no Gradio here.
+
+- `generate`: class-conditional images, drawn exactly as sample.py draws them (image k of class c uses the generator
+  seed `sampling.draw.image_seed(seed, c, k)`), so a seed shown in the page reproduces with sample.py.
+- `scales`: one of those images decoded after every scale (1x1 ... 16x16 tokens for the released models): the
+  coarse-to-fine picture of next-scale prediction; the last is exactly the generated image.
+- `edit`: zero-shot in-painting, out-painting and class editing through `sampling.editing`, as edit.py does.
+
+Every user mistake is a ValueError whose message can be shown as it is.
+Shape legend: B batch, H/W image size, pn a scale's side; images leave here as uint8 (H, W, 3) arrays.
+"""
+import argparse
+import os
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+import models
+from models.helpers import check_sampling_settings
+from sampling import editing
+from sampling.draw import image_seed, sample_uint8, to_uint8_BHW3
+from utils.runtime import autocast_dtype
+
+MAX_IMAGES = 16  # per request: CPU sampling is slow, and the queue is shared
+MAX_VARIATIONS = 8
+MAX_PIXELS = 40_000_000  # a larger upload is refused rather than decoded and resized
+UNCONDITIONAL = 'none (unconditional)'
+# scikit-image's real photos (no download): the bundled examples of the Edit tab
+EXAMPLE_PHOTOS = ('astronaut', 'chelsea', 'coffee', 'rocket')
+
+ScaleHook = Callable[[int, torch.Tensor], None]  # (si, f_hat_BChw), see VAR.autoregressive_infer_cfg
+
+
+@dataclass
+class DemoModel:
+    """A loaded (vae, var) pair and what the page says about it."""
+    vae: models.VQVAE
+    var: models.VAR
+    class_names: List[str]
+    fp16: int = 1  # the --fp16 code: CUDA autocast dtype (the CPU runs float32)
+    source: str = ''
+    choices: List[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.choices = [f'{i}: {name}' for i, name in enumerate(self.class_names)]
+
+    @property
+    def device(self) -> torch.device:
+        return self.var.class_emb.weight.device
+
+    @property
+    def image_size(self) -> int:
+        return self.vae.image_size
+
+
+# ------------------------------------------------------------------------------------------------------ class names
+def imagenet_class_names() -> List[str]:
+    """ImageNet-1k's 1000 class names in id order, from torchvision's weights metadata (no download)."""
+    from torchvision.models import ResNet50_Weights
+    return list(ResNet50_Weights.IMAGENET1K_V2.meta['categories'])
+
+
+def checkpoint_class_names(ckpt: Optional[str]) -> Optional[List[str]]:
+    """The `class_names` that train.py stores in its checkpoint (class id i = i-th training folder), or None when
+    `ckpt` is not such a file or holds none."""
+    if not ckpt or not os.path.isfile(ckpt):
+        return None
+    try:  # mmap: only the small pickle is read, not the weights
+        data = torch.load(ckpt, map_location='cpu', mmap=True, weights_only=False)
+    except Exception:  # the model loaded from it already; a file torch cannot map just has no names here
+        return None
+    names = data.get('class_names') if isinstance(data, dict) else None
+    return [str(n) for n in names] if isinstance(names, (list, tuple)) else None
+
+
+def class_names_for(num_classes: int, ckpt: Optional[str] = None) -> List[str]:
+    """Names for the model's classes: the checkpoint's own, else ImageNet's for 1000 classes, else 'class i'."""
+    names = checkpoint_class_names(ckpt)
+    if names is not None and len(names) == num_classes:
+        return names
+    if num_classes == models.presets.NUM_CLASSES:
+        return imagenet_class_names()
+    return [f'class {i}' for i in range(num_classes)]
+
+
+def parse_class(value: Union[str, int, float, None], num_classes: int, allow_none: bool = False) -> Optional[int]:
+    """A class picker's value ('291: lion', '291' or 291) -> the class id; the unconditional entry -> None."""
+    if value is None or (isinstance(value, str) and value.strip() in ('', UNCONDITIONAL)):
+        if allow_none:
+            return None
+        raise ValueError('pick a class')
+    text = str(value).split(':', 1)[0].strip()
+    try:
+        cls = int(float(text))
+    except ValueError:
+        raise ValueError(f'class {value!r}: expected a class id or a "id: name" entry of the list') from None
+    if not 0 <= cls < num_classes:
+        raise ValueError(f'class {cls} is out of range: this model has classes 0..{num_classes - 1}')
+    return cls
+
+
+# ----------------------------------------------------------------------------------------------------------- sampling
+def sampling_args(model: DemoModel, seed: int, cfg: float, top_k: int, top_p: float, more_smooth: bool
+                  ) -> argparse.Namespace:
+    """sample.py's sampling namespace for `sampling.draw` (checked as sample.py checks it)."""
+    check_sampling_settings(float(cfg), int(top_k), float(top_p))
+    if seed is None or not float(seed).is_integer() or not 0 <= int(seed) < 2 ** 63:
+        raise ValueError(f'seed must be a whole number in 0..2^63-1, got {seed}')
+    return argparse.Namespace(cfg=float(cfg), top_k=int(top_k), top_p=float(top_p), more_smooth=bool(more_smooth),
+                              seed=int(seed), fp16=model.fp16, fast=0)
+
+
+def generate(model: DemoModel, cls: int, num_images: int, seed: int, cfg: float, top_k: int, top_p: float,
+             more_smooth: bool, on_scale: Optional[ScaleHook] = None) -> np.ndarray:
+    """Images 0..num_images-1 of class `cls` -> uint8 (B, H, W, 3); the same as
+    `sample.py --classes cls,cls,... --seed seed` with these settings (one batch, as sample.py's --bs 25 draws them)."""
+    if not 1 <= int(num_images) <= MAX_IMAGES:
+        raise ValueError(f'number of images must lie in 1..{MAX_IMAGES}, got {num_images}')
+    cls = parse_class(cls, model.var.num_classes)
+    args = sampling_args(model, seed, cfg, top_k, top_p, more_smooth)
+    seeds = [image_seed(args.seed, cls, k) for k in range(int(num_images))]
+    return sample_uint8(model.var, [cls] * len(seeds), seeds, args, on_scale=on_scale)
+
+
+def scales(model: DemoModel, cls: int, num_images: int, index: int, seed: int, cfg: float, top_k: int, top_p: float,
+           more_smooth: bool, on_scale: Optional[ScaleHook] = None) -> List[np.ndarray]:
+    """Image `index` of `generate(model, cls, num_images, ...)` after every scale -> one uint8 (H, W, 3) per scale,
+    coarse to fine. The whole batch is drawn again, as generate draws it, so that the last entry is exactly that
+    gallery image (a batch of another size may round differently); the earlier ones decode its cumulative latent."""
+    if not 0 <= int(index) < int(num_images):
+        raise ValueError(f'image {index} is not among the {num_images} generated images (0..{int(num_images) - 1})')
+    row = int(index)
+    decoded: List[np.ndarray] = []
+
+    def decode(si: int, f_hat_BChw: torch.Tensor) -> None:
+        if si < len(model.var.patch_nums) - 1:  # the last one is the sample itself, decoded by the sampling
+            # the plain path's decode: [-1, 1] -> [0, 1]
+            img_13HW = model.vae.fhat_to_img(f_hat_BChw[row:row + 1]).add_(1).mul_(0.5)
+            decoded.append(to_uint8_BHW3(img_13HW)[0])
+        if on_scale is not None:
+            on_scale(si, f_hat_BChw)
+
+    imgs = generate(model, cls, num_images, seed, cfg, top_k, top_p, more_smooth, on_scale=decode)
+    return decoded + [imgs[row]]
+
+
+# ----------------------------------------------------------------------------------------------------------- editing
+def check_photo(img: Image.Image) -> None:
+    if img.width * img.height > MAX_PIXELS:
+        raise ValueError(f'the image is {img.width}x{img.height} pixels, more than this demo takes '
+                         f'({MAX_PIXELS // 1_000_000} megapixels); scale it down first')
+    if min(img.size) < 8:
+        raise ValueError(f'the image is {img.width}x{img.height} pixels: too small to edit')
+
+
+def example_photo(name: str) -> np.ndarray:
+    """One of scikit-image's bundled photos (EXAMPLE_PHOTOS) as uint8 (H, W, 3)."""
+    if name not in EXAMPLE_PHOTOS:
+        raise ValueError(f'example photo must be one of {", ".join(EXAMPLE_PHOTOS)}, got {name!r}')
+    from skimage import data as photos
+    return np.asarray(getattr(photos, name)())
+
+
+def _as_image(value, what: str, mode: str) -> Optional[Image.Image]:
+    """An editor's image (array, PIL image or file path; None stays None) -> PIL image in `mode`."""
+    if value is None:
+        return None
+    if isinstance(value, np.ndarray) and value.dtype != np.uint8:
+        raise ValueError(f'{what}: expected uint8 pixels, got {value.dtype}')
+    return editing.read_image(value, what=what, mode=mode)
+
+
+def editor_region(value: Optional[dict]) -> Tuple[Image.Image, Optional[np.ndarray]]:
+    """An image editor's value {'background', 'layers', 'composite'} -> (the photo, the painted region or None).
+
+    The region is every pixel that any layer paints (alpha > 0), as a uint8 (H, W) map with 255 inside, at the
+    photo's size (a layer of another size is resized to it)."""
+    if not isinstance(value, dict) or value.get('background') is None:
+        raise ValueError('no photo: upload one or pick an example photo')
+    photo = _as_image(value['background'], 'photo', 'RGBA')
+    check_photo(photo)
+    painted: Optional[np.ndarray] = None
+    for i, layer in enumerate(value.get('layers') or []):
+        alpha = _as_image(layer, f'brush layer {i}', 'RGBA').getchannel('A')
+        if alpha.size != photo.size:
+            alpha = alpha.resize(photo.size, Image.Resampling.NEAREST)
+        inside = np.asarray(alpha) > 0
+        painted = inside if painted is None else painted | inside
+    region = None if painted is None or not painted.any() else painted.astype(np.uint8) * 255
+    # a transparent photo is flattened on white, as the editor shows it
+    flat = Image.alpha_composite(Image.new('RGBA', photo.size, 'white'), photo).convert('RGB')
+    return flat, region
+
+
+def parse_box(text: Optional[str]) -> Optional[Tuple[float, float, float, float]]:
+    """'y0,x0,y1,x1' (relative, of the centre-cropped square) -> the box; empty -> None."""
+    if text is None or not str(text).strip():
+        return None
+    try:
+        values = tuple(float(v) for v in str(text).replace(' ', '').split(','))
+    except ValueError:
+        raise ValueError(f'box: expected four numbers y0,x0,y1,x1 in [0, 1], got {text!r}') from None
+    editing.box_region((1,), values)  # checks the count and the ranges
+    return values  # type: ignore[return-value]
+
+
+def edit(model: DemoModel, photo: Image.Image, region: Optional[np.ndarray], box: Optional[Sequence[float]],
+         mode: str, cls: Optional[int], num_samples: int, seed: int, cfg: float, top_k: int, top_p: float,
+         more_smooth: bool) -> editing.EditResult:
+    """Zero-shot edit of `photo` through `sampling.editing.zero_shot_edit` (edit.py's path): the painted `region`
+    (uint8 (H, W), 255 inside, at the photo's size) or else the relative `box`; `cls` None = unconditional."""
+    if mode not in editing.MODES:
+        raise ValueError(f'mode must be one of {", ".join(editing.MODES)}, got {mode!r}')
+    if region is None and box is None:
+        raise ValueError('no region: paint over the part of the photo to edit with the brush, or give a box')
+    if not 1 <= int(num_samples) <= MAX_VARIATIONS:
+        raise ValueError(f'number of variations must lie in 1..{MAX_VARIATIONS}, got {num_samples}')
+    check_photo(photo)
+    args = sampling_args(model, seed, cfg, top_k, top_p, more_smooth)
+    device = model.device
+    return editing.zero_shot_edit(
+        model.vae, model.var, photo, mode=mode, box=box, mask=region, class_label=cls, num_samples=int(num_samples),
+        seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth,
+        autocast_dtype=autocast_dtype(model.fp16) if device.type == 'cuda' else None)
+
+
+def edit_images(result: editing.EditResult) -> Tuple[List[np.ndarray], np.ndarray]:
+    """An edit's variations and its input | mask | edits strip as uint8 (H, W, 3) arrays."""
+    variations = [np.asarray(editing.to_pil(img_3HW)) for img_3HW in result.images_n3HW]
+    return variations, np.asarray(result.strip())
