@@ -82,12 +82,13 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         raise ConfigError(f'{e}\n{hint}' if hint else str(e)) from e
     os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')  # no calls home from a local demo
+    from sampling.class_names import class_names_for
     from webapp import backend, ui
     source = f'--ckpt {args.ckpt}' if args.ckpt else f'--depth {args.depth}'
     if args.vae_ckpt:
         source += f' --vae_ckpt {args.vae_ckpt}'
-    model = backend.DemoModel(vae, var, backend.class_names_for(var.num_classes, args.ckpt), fp16=args.fp16,
-                              source=source)
+    names = class_names_for(var.num_classes, args.ckpt, args.cache_dir, args.local_files_only)
+    model = backend.DemoModel(vae, var, names, fp16=args.fp16, source=source)
     print(f'model: {source} ({var.num_classes} classes, {vae.image_size} px, {device})', flush=True)
     try:
         ui.run_app(ui.build(model), args.host, args.port, args.share, args.max_queue,

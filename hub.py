@@ -21,17 +21,12 @@ from typing import Any, Dict, List, Optional
 import models
 from models import hub
 from models.loading import models_from_checkpoint, read_checkpoint
+from sampling.class_names import imagenet_class_names
 from sampling.cli import run_script
 from utils.runtime import ConfigError
 
 # sample.py's defaults: the official FID settings
 DEFAULT_SAMPLING = dict(cfg=1.5, top_k=900, top_p=0.96, more_smooth=False)
-
-
-def imagenet_class_names() -> List[str]:
-    """ImageNet-1k's 1000 class names, from the metadata torchvision ships with its weights (no download)."""
-    from torchvision.models import ResNet50_Weights
-    return list(ResNet50_Weights.IMAGENET1K_V2.meta['categories'])
 
 
 def training_command(ckpt: Dict[str, Any]) -> Optional[str]:

@@ -64,12 +64,13 @@ def _why_unsafe(path: str, error: Exception) -> str:
             'plain pickle, objects that could run code, or a corrupt file')
 
 
-def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
+def read_checkpoint(path: Union[str, os.PathLike], mmap: bool = False) -> Any:
     """torch.load on the CPU that never runs code from the file, with errors that say what is wrong with it.
 
     Loading is `weights_only=True` with an explicit allow-list (`_allowed_globals`): official release files and
     this project's checkpoints are tensors, containers and plain values only. A file that needs anything else is
-    refused (UnsafeCheckpointError) before any of its objects is built.
+    refused (UnsafeCheckpointError) before any of its objects is built. `mmap` maps the tensors instead of reading
+    them (for a look at a checkpoint's small entries).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -78,7 +79,7 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
         raise RuntimeError(f'checkpoint {path} is empty (0 bytes): the download or save was interrupted')
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
-            return torch.load(path, map_location='cpu', weights_only=True)
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
             f'refusing to load {path}: {_why_unsafe(path, e)}. Unpickling it could run code from the file, so it is '

@@ -11,7 +11,6 @@ Every user mistake is a ValueError whose message can be shown as it is.
 Shape legend: B batch, H/W image size, pn a scale's side; images leave here as uint8 (H, W, 3) arrays.
 """
 import argparse
-import os
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -55,36 +54,6 @@ class DemoModel:
     @property
     def image_size(self) -> int:
         return self.vae.image_size
-
-
-# ------------------------------------------------------------------------------------------------------ class names
-def imagenet_class_names() -> List[str]:
-    """ImageNet-1k's 1000 class names in id order, from torchvision's weights metadata (no download)."""
-    from torchvision.models import ResNet50_Weights
-    return list(ResNet50_Weights.IMAGENET1K_V2.meta['categories'])
-
-
-def checkpoint_class_names(ckpt: Optional[str]) -> Optional[List[str]]:
-    """The `class_names` that train.py stores in its checkpoint (class id i = i-th training folder), or None when
-    `ckpt` is not such a file or holds none."""
-    if not ckpt or not os.path.isfile(ckpt):
-        return None
-    try:  # mmap: only the small pickle is read, not the weights
-        data = torch.load(ckpt, map_location='cpu', mmap=True, weights_only=False)
-    except Exception:  # the model loaded from it already; a file torch cannot map just has no names here
-        return None
-    names = data.get('class_names') if isinstance(data, dict) else None
-    return [str(n) for n in names] if isinstance(names, (list, tuple)) else None
-
-
-def class_names_for(num_classes: int, ckpt: Optional[str] = None) -> List[str]:
-    """Names for the model's classes: the checkpoint's own, else ImageNet's for 1000 classes, else 'class i'."""
-    names = checkpoint_class_names(ckpt)
-    if names is not None and len(names) == num_classes:
-        return names
-    if num_classes == models.presets.NUM_CLASSES:
-        return imagenet_class_names()
-    return [f'class {i}' for i in range(num_classes)]
 
 
 def parse_class(value: Union[str, int, float, None], num_classes: int, allow_none: bool = False) -> Optional[int]:

@@ -13,6 +13,7 @@ import app
 import sample
 from models import build_vae_var
 from sampling import editing
+from sampling.class_names import class_names_for, imagenet_class_names
 from sampling.draw import to_uint8_BHW3
 from support import TINY
 from webapp import backend
@@ -25,7 +26,7 @@ def model(tiny_ckpt):
     """The tiny checkpoint loaded as app.py loads it."""
     from sampling.model_flags import load_models
     vae, var = load_models(ckpt=tiny_ckpt)
-    return backend.DemoModel(vae, var, backend.class_names_for(var.num_classes, tiny_ckpt), fp16=1)
+    return backend.DemoModel(vae, var, class_names_for(var.num_classes, tiny_ckpt), fp16=1)
 
 
 @pytest.fixture(scope='module')
@@ -73,14 +74,18 @@ def test_scales_end_in_the_sample(model):
 
 
 def test_class_names(tmp_path, tiny_ckpt):
-    names = backend.imagenet_class_names()
+    names = imagenet_class_names()
     assert len(names) == 1000 and names[0] == 'tench' and names[980] == 'volcano'
-    assert backend.class_names_for(1000) == names
-    assert backend.class_names_for(10, tiny_ckpt) == [f'class {i}' for i in range(10)]  # it stores no names
+    assert class_names_for(1000) == names
+    assert class_names_for(10, tiny_ckpt) == [f'class {i}' for i in range(10)]  # it stores no names
     ckpt = torch.load(tiny_ckpt, weights_only=False)
     ckpt['class_names'] = [f'folder_{i}' for i in range(10)]  # what train.py stores
     torch.save(ckpt, tmp_path / 'named.pth')
-    assert backend.class_names_for(10, str(tmp_path / 'named.pth'))[4] == 'folder_4'
+    assert class_names_for(10, str(tmp_path / 'named.pth'))[4] == 'folder_4'
+    from models import hub, load_checkpoint_models  # a model folder (and so a Hub repo) keeps them in config.json
+    vae, var = load_checkpoint_models(tmp_path / 'named.pth')
+    hub.save_pretrained(vae, var, tmp_path / 'folder', class_names=ckpt['class_names'])
+    assert class_names_for(10, str(tmp_path / 'folder'))[7] == 'folder_7'
     assert backend.parse_class('4: folder_4', 10) == 4 and backend.parse_class(4.0, 10) == 4
     assert backend.parse_class(backend.UNCONDITIONAL, 10, allow_none=True) is None
     for bad, msg in (('10', 'out of range'), (-1, 'out of range'), ('lion', 'expected a class id'), (None, 'pick')):
