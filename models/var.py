@@ -365,9 +365,9 @@ class VAR(nn.Module):
             cuda_graph: replay CUDA graphs of the per-scale transformer steps (captured on the first call for
                 this batch size and autocast dtype; implies the preallocated KV cache). CUDA only.
             compiled: run the per-scale steps and the VQVAE decoder through torch.compile (fuses elementwise work).
-        on_scale: called as on_scale(si, f_hat_BChw) after each scale with the cumulative latent so far (to watch the
-            image form, e.g. `VQVAE.fhat_to_img`, or to report progress). It must not change f_hat, which the loop
-            keeps adding to in place; the last call's f_hat is the one decoded into the result.
+            on_scale: called as on_scale(si, f_hat_BChw) after each scale with the cumulative latent so far (to
+                watch the image form, e.g. `VQVAE.fhat_to_img`, or to report progress). It must not change f_hat,
+                which the loop keeps adding to in place; the last call's f_hat is the one decoded into the result.
         The caller puts the model in eval mode, as with the official code.
         """
         if (input_img_tokens is None) != (edit_mask is None):
