@@ -231,20 +231,26 @@ class VARTrainer:
     def progressive_state(self) -> Dict[str, Any]:
         return {'prog_it': self.prog_it, 'last_prog_si': self.last_prog_si, 'first_prog': self.first_prog}
 
-    def state_dict(self) -> Dict[str, Any]:
-        """The official layout: config, var_wo_ddp, vae_local, var_opt (optimizer [+ scaler])."""
-        return {
+    def state_dict(self, weights: bool = True) -> Dict[str, Any]:
+        """The official layout: config, var_wo_ddp, vae_local, var_opt (optimizer [+ scaler]). With `weights` False,
+        without VAR's weights and the optimizer state (a sharded checkpoint holds those apart)."""
+        sd = {
             'config': {'patch_nums': self.patch_nums, 'resos': self.resos, 'label_smooth': self.label_smooth,
                        **self.progressive_state()},
-            'var_wo_ddp': unwrap(self.var_wo_ddp).state_dict(),
             'vae_local': unwrap(self.vae_local).state_dict(),
-            'var_opt': self.var_opt.state_dict(),
+            'var_opt': self.var_opt.state_dict(optimizer=weights),
         }
+        if weights:
+            sd['var_wo_ddp'] = unwrap(self.var_wo_ddp).state_dict()
+        return sd
 
     def load_state_dict(self, state: Dict[str, Any], strict: bool = True, skip_vae: bool = False) -> List[str]:
-        """Restore VAR, (the VAE,) the optimizer/scaler and the progressive state; returns notes to report."""
+        """Restore VAR, (the VAE,) the optimizer/scaler and the progressive state; returns notes to report. VAR's
+        weights and the optimizer state are skipped when absent (a sharded checkpoint loads them apart)."""
         notes = []
-        missing, unexpected = unwrap(self.var_wo_ddp).load_state_dict(state['var_wo_ddp'], strict=False)
+        missing, unexpected = [], []
+        if 'var_wo_ddp' in state:
+            missing, unexpected = unwrap(self.var_wo_ddp).load_state_dict(state['var_wo_ddp'], strict=False)
         if missing or unexpected:
             msg = f'VAR state dict: missing keys {list(missing)}, unexpected keys {list(unexpected)}'
             if strict:

@@ -1,0 +1,121 @@
+"""Sharded checkpoints of an FSDP run (`--fsdp 1`), beside the single-file ones of utils/ckpt.py.
+
+A sharded checkpoint is two things in the run's output folder:
+- a folder `ar-ckpt-shards-e{epoch}-i{iter}-{nonce}/` written collectively with `torch.distributed.checkpoint` (DCP):
+  each rank writes its shards of the model weights and of the optimizer state, rank 0 the metadata;
+- the usual `ar-ckpt-last.pth` (and `ar-ckpt-best.pth`), written atomically by rank 0 once the folder is complete:
+  everything else a resume needs (position, every rank's RNG state, scaler, progressive state, args, best metrics,
+  the frozen tokenizer) and, under the key `shards`, the name of that folder.
+
+So the file is the commit point: a crash while the shards are written leaves the previous file, which names the
+previous, complete folder; folders no file names are deleted after each save. Auto-resume (utils/ckpt.py) finds the
+file as usual. Loading goes through DCP's resharding, so a checkpoint written by N ranks resumes on M ranks, with
+FSDP or with DDP / one process (full tensors on every rank). The folder must be on a file system all ranks share.
+"""
+import os
+import shutil
+import uuid
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+import dist
+from utils.ckpt import CheckpointError, save_run_checkpoint
+
+SHARDS_KEY = 'shards'  # the file's entry naming its folder of shards (relative to the file's folder)
+
+
+def shards_prefix(last_name: str) -> str:
+    """'ar-ckpt-last.pth' -> 'ar-ckpt-shards-': the name start of a run's shard folders."""
+    return last_name.rsplit('-last', 1)[0] + '-shards-'
+
+
+def _model_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
+    """{'model': ..., 'optim': ...} keyed by parameter names: DTensor shards under FSDP, full tensors otherwise."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {'model': model_sd, 'optim': optim_sd}
+
+
+def save_sharded_run_checkpoint(state: Dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                                out_dir: str, last_name: str, best_name: str, best_updated: bool,
+                                rng: Optional[Dict[str, Any]] = None) -> str:
+    """Write the shards of `model` and `optimizer`, then the file (see the module docstring); a collective.
+
+    `state` holds everything else (without the weights and the optimizer state). Returns the folder's name.
+    """
+    import torch.distributed.checkpoint as dcp
+    epoch, it = state['epoch'], state['iter']
+    name = dist.broadcast_object(f'{shards_prefix(last_name)}e{epoch}-i{it}-{uuid.uuid4().hex[:8]}')
+    folder = os.path.join(out_dir, name)
+    dcp.save(_model_optim_state(model, optimizer), checkpoint_id=folder)
+    dist.barrier()  # every rank's shards are on disk before the file names the folder
+    save_run_checkpoint({**state, SHARDS_KEY: name}, out_dir, last_name, best_name, best_updated, rng=rng,
+                        master_only=True)
+    if dist.is_master():
+        remove_unreferenced_shards(out_dir, last_name, best_name)
+    return name
+
+
+def remove_unreferenced_shards(out_dir: str, last_name: str, best_name: str) -> list:
+    """Delete the shard folders that neither the last nor the best file names (older saves, killed writes)."""
+    keep = set()
+    for file_name in (last_name, best_name):
+        keep.add(referenced_shards(os.path.join(out_dir, file_name)))
+    removed = []
+    prefix = shards_prefix(last_name)
+    for entry in os.listdir(out_dir):
+        if entry.startswith(prefix) and entry not in keep and os.path.isdir(os.path.join(out_dir, entry)):
+            shutil.rmtree(os.path.join(out_dir, entry), ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def referenced_shards(path: str) -> Optional[str]:
+    """The shard folder that a checkpoint file names, or None (no file, a single-file checkpoint, a broken file)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:
+        return None
+    return ckpt.get(SHARDS_KEY) if isinstance(ckpt, dict) else None
+
+
+def shards_folder(ckpt: Dict[str, Any], ckpt_path: str) -> str:
+    """The folder of shards that a checkpoint file names; CheckpointError when it is missing."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), ckpt[SHARDS_KEY])
+    if not os.path.isfile(os.path.join(folder, '.metadata')):
+        raise CheckpointError(f'{ckpt_path} names the sharded checkpoint {folder}, which is missing or incomplete; '
+                              f'the output folder must be on a file system that every rank (every node) shares')
+    return folder
+
+
+def load_sharded(ckpt: Dict[str, Any], ckpt_path: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load the weights and optimizer state a sharded checkpoint names into `model` (FSDP, DDP's inner module or a
+    plain one) and `optimizer`, resharded for this run's ranks. Raises ValueError naming the mismatch when the
+    checkpoint belongs to another model configuration."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    folder = shards_folder(ckpt, ckpt_path)
+    state = _model_optim_state(model, optimizer)
+    try:
+        dcp.load(state, checkpoint_id=folder)
+    except Exception as e:  # DCP wraps shape and key mismatches of the ranks into one error
+        raise ValueError(f'the sharded checkpoint {folder} does not fit this model: {e}') from e
+    set_state_dict(model, optimizer, model_state_dict=state['model'], optim_state_dict=state['optim'])
+
+
+def read_full_model_state(folder: str) -> Dict[str, torch.Tensor]:
+    """The full model state dict (official keys, float32, CPU) of a folder of shards, in one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    metadata = FileSystemReader(folder).read_metadata()
+    model_sd = {}
+    for key, md in metadata.state_dict_metadata.items():  # keys flattened as 'model.<parameter name>'
+        if key.startswith('model.') and isinstance(md, TensorStorageMetadata):
+            model_sd[key[len('model.'):]] = torch.empty(md.size, dtype=md.properties.dtype)
+    dcp.load({'model': model_sd}, checkpoint_id=folder, no_dist=True)
+    return model_sd
