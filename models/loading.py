@@ -194,6 +194,10 @@ def load_checkpoint_models(path: Union[str, os.PathLike], device: Union[str, tor
     """
     ckpt = read_checkpoint(path)
     var_sd = _var_state_dict(ckpt)
+    if var_sd is None and isinstance(ckpt, Mapping) and 'shards' in ckpt:
+        raise ValueError(f'{path} is a sharded (--fsdp 1) training checkpoint: its weights are in the folder '
+                         f'{ckpt["shards"]} beside it. Gather them into one file first: python -m utils.export_ckpt '
+                         f'{path} --out model.pth')
     if var_sd is None:
         raise ValueError(f'{path} holds no VAR weights (looked for pos_1LC at the top level and under '
                          f"'trainer'/'var_wo_ddp', 'var', 'var_state_dict')")

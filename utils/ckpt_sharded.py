@@ -12,10 +12,12 @@ previous, complete folder; folders no file names are deleted after each save. Au
 file as usual. Loading goes through DCP's resharding, so a checkpoint written by N ranks resumes on M ranks, with
 FSDP or with DDP / one process (full tensors on every rank). The folder must be on a file system all ranks share.
 """
+import contextlib
 import os
 import shutil
 import uuid
-from typing import Any, Dict, Optional
+import warnings
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -24,6 +26,14 @@ import dist
 from utils.ckpt import CheckpointError, save_run_checkpoint
 
 SHARDS_KEY = 'shards'  # the file's entry naming its folder of shards (relative to the file's folder)
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns on every load without a process group, which is what a single process means to do."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='torch.distributed is disabled')
+        yield
 
 
 def shards_prefix(last_name: str) -> str:
@@ -101,21 +111,23 @@ def load_sharded(ckpt: Dict[str, Any], ckpt_path: str, model: nn.Module, optimiz
     folder = shards_folder(ckpt, ckpt_path)
     state = _model_optim_state(model, optimizer)
     try:
-        dcp.load(state, checkpoint_id=folder)
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
     except Exception as e:  # DCP wraps shape and key mismatches of the ranks into one error
         raise ValueError(f'the sharded checkpoint {folder} does not fit this model: {e}') from e
     set_state_dict(model, optimizer, model_state_dict=state['model'], optim_state_dict=state['optim'])
 
 
-def read_full_model_state(folder: str) -> Dict[str, torch.Tensor]:
-    """The full model state dict (official keys, float32, CPU) of a folder of shards, in one process."""
+def read_full_tensors(folder: str, prefix: str = 'model.') -> Dict[str, torch.Tensor]:
+    """The full tensors of a folder of shards whose flattened keys start with `prefix`, without it, in one process on
+    the CPU: 'model.' gives VAR's state dict (official keys, float32), 'optim.state.' the optimizer's moments."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     metadata = FileSystemReader(folder).read_metadata()
-    model_sd = {}
-    for key, md in metadata.state_dict_metadata.items():  # keys flattened as 'model.<parameter name>'
-        if key.startswith('model.') and isinstance(md, TensorStorageMetadata):
-            model_sd[key[len('model.'):]] = torch.empty(md.size, dtype=md.properties.dtype)
-    dcp.load({'model': model_sd}, checkpoint_id=folder, no_dist=True)
-    return model_sd
+    tensors = {key: torch.empty(md.size, dtype=md.properties.dtype)
+               for key, md in metadata.state_dict_metadata.items()  # keys flattened as 'model.<parameter name>', ...
+               if key.startswith(prefix) and isinstance(md, TensorStorageMetadata)}
+    with _quiet_single_process():
+        dcp.load(tensors, checkpoint_id=folder, no_dist=True)
+    return {key[len(prefix):]: t for key, t in tensors.items()}
