@@ -12,9 +12,12 @@ from train_support import (X4, assert_same_state, kill_after_step, make_image_fo
 from utils.ckpt import load_checkpoint
 from utils.ckpt_sharded import SHARDS_KEY, read_full_tensors, remove_unreferenced_shards, shards_folder
 
-# global batch 8 = 2 ranks x 4: 3 iterations per epoch, 6 in all; checkpoints every 2 iterations and at epoch ends; a
-# large lr (0.5 * 8 / 256) so that any state not restored shows; fp32, where FSDP and DDP agree up to round-off
-FLAGS = dict(patch_size=4, bs=8, ep=2, fp16=0, ckpt_every_iters=2, log_steps=1, tblr=0.5)
+# global batch 8 = 2 ranks x 4, --ac 2 (bs 16): 3 iterations per epoch, 6 in all, optimizer steps at odd g_it, and each
+# epoch end cuts an accumulation cycle; progressive training for the first half (from scale 1); checkpoints every 2
+# iterations and at epoch ends; validation at the end; a large lr so that any state not restored shows; fp32, where
+# FSDP and DDP agree up to round-off
+FLAGS = dict(patch_size=4, bs=16, ac=2, ep=2, fp16=0, ckpt_every_iters=2, log_steps=1, tblr=0.5, pg=0.5, pg0=1,
+             val_every_ep=2)
 
 
 def full_state(out):
@@ -42,7 +45,9 @@ def runs(tmp_path_factory):
 @pytest.mark.slow
 def test_fsdp_with_act_ckpt_trains_as_ddp(runs):
     """Losses and final weights of FSDP (sharded weights, gradients reduce-scattered, global-norm clipping on the
-    shards) with activation checkpointing equal DDP's up to float32 round-off."""
+    shards) with activation checkpointing equal DDP's up to float32 round-off. FSDP reduces every micro-batch of an
+    accumulation cycle while DDP adds the micro-batches locally and reduces once: the sums differ in their last bits,
+    which AdamW's normalisation lifts to ~1e-5 in weights whose gradients are near zero."""
     _, _, _, ddp_out, fsdp_out = runs
     ddp_losses, fsdp_losses = read_steps(ddp_out), read_steps(fsdp_out)
     for g_it, loss in ddp_losses.items():
@@ -52,7 +57,7 @@ def test_fsdp_with_act_ckpt_trains_as_ddp(runs):
     assert (ckpt['epoch'], ckpt['iter']) == (2, 0) and len(ckpt['rng']) == 2 and optim_sd
     assert sorted(var_sd) == sorted(ddp_sd)
     for k, t in ddp_sd.items():
-        torch.testing.assert_close(var_sd[k], t, rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(var_sd[k], t, rtol=1e-4, atol=5e-5)
     # only the shard folder the files name is kept
     assert [p.name for p in fsdp_out.glob('ar-ckpt-shards-*')] == [ckpt[SHARDS_KEY]]
 
@@ -88,7 +93,7 @@ def test_fsdp_sigterm_and_sigkill_then_rerun_give_the_uninterrupted_run(runs, tm
 def test_fsdp_checkpoint_resumes_in_one_process_without_fsdp_and_exports(runs, tmp_path):
     """The 2-process FSDP checkpoint resumes in one process on the DDP code path (train.main in this process: no
     process group, so no wrapper; weights and optimizer state gathered: with lr 0 the weights stay the checkpoint's,
-    the optimizer counts on from its 6 steps); its exports load strictly through models.load_checkpoint_models and
+    the optimizer counts on from its 3 steps); its exports load strictly through models.load_checkpoint_models and
     the official-format path load_var_weights."""
     import models
     import train
@@ -106,7 +111,7 @@ def test_fsdp_checkpoint_resumes_in_one_process_without_fsdp_and_exports(runs, t
     assert SHARDS_KEY not in ckpt and ckpt['epoch'] == 3
     assert_same_state(var_sd, ckpt['trainer']['var_wo_ddp'], 'weights')
     steps = {int(s['step']) for s in ckpt['trainer']['var_opt']['optimizer']['state'].values()}
-    assert steps == {6 + 3}
+    assert steps == {3 + 1}  # 3 steps before; then g_it 6-7 steps, g_it 8 opens a cycle that the run's end drops
 
     project = export(str(fsdp_out), str(tmp_path / 'model.pth'))
     vae_m, var_m = models.load_checkpoint_models(project)  # strict
