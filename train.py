@@ -142,7 +142,8 @@ class Run(TrainingRun):
                                     grad_clip=args.tclip, n_gradient_accumulation=args.ac,
                                     max_nonfinite=args.max_nonfinite, sharded=args.fsdp)
         self.trainer = VARTrainer(self.device, cfg.patch_nums, cfg.resos, self.vae_local, self.var_wo_ddp, var,
-                                  self.var_opt, label_smooth=args.ls)
+                                  self.var_opt, label_smooth=args.ls,
+                                  eval_in_autocast=args.fsdp and args.fp16 > 0)
         self.best = {'vL_mean': math.inf, 'vL_tail': math.inf, 'vacc_mean': -1.0, 'vacc_tail': -1.0}
         self.last_grad_norm = None
 

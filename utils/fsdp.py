@@ -3,9 +3,11 @@
 `shard_model` applies PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`) to every transformer block and then to
 the root, so each block's weights are gathered just before its forward (and again before its backward) and freed
 after; the root group holds the embeddings, the AdaLN condition and the head. The sharded parameters stay float32
-(the optimizer's master weights); compute runs in the `--fp16` dtype and gradients are reduce-scattered in float32
-(`MixedPrecisionPolicy`). `checkpoint_blocks` recomputes each block's activations in the backward pass instead of
-keeping them (with or without FSDP); the module tree and its state-dict keys are unchanged by both.
+(the optimizer's master weights); the blocks compute in the `--fp16` dtype, the root in float32 (as VAR's forward
+does under autocast), and gradients are reduce-scattered in float32 (`MixedPrecisionPolicy`). Under --fp16 1/2 the
+validation and the sample grid therefore run under autocast too, not in float32 as with DDP (official).
+`checkpoint_blocks` recomputes each block's activations in the backward pass instead of keeping them (with or without
+FSDP); the module tree and its state-dict keys are unchanged by both.
 """
 from typing import Any, Iterable
 
@@ -52,11 +54,14 @@ def shard_model(model: nn.Module, device: torch.device, fp16: int) -> nn.Module:
         for t in [*model.parameters(), *model.buffers()]:
             dist.broadcast(t.data, src=0)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    # float32 reduction and master weights; compute in the --fp16 dtype (the sharded parameters stay float32)
-    mp = MixedPrecisionPolicy(param_dtype=autocast_dtype(fp16), reduce_dtype=torch.float32)
+    # the blocks compute in the --fp16 dtype (their gathered weights, and their floating inputs, cast to it); the root
+    # (embeddings, AdaLN condition, head) stays float32, as VAR's forward computes its embeddings in float32 outside
+    # autocast; gradients are reduced in float32 and the sharded master weights stay float32
+    blocks_mp = MixedPrecisionPolicy(param_dtype=autocast_dtype(fp16), reduce_dtype=torch.float32)
+    root_mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
     for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=blocks_mp)
+    fully_shard(model, mesh=mesh, mp_policy=root_mp)
     # sampling (the validation's image grid) calls a method, not forward: gather the root's weights around it too
     register_fsdp_forward_method(model, 'autoregressive_infer_cfg')
     return model
