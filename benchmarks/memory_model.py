@@ -8,8 +8,8 @@ Terms (bytes; P parameters, P_blk those of one transformer block, B per-GPU batc
 - model states, DDP: fp32 weights 4P + fp32 gradients 4P + DDP's gradient buckets 4P + AdamW's two moments 8P, and
   under autocast the half-precision weight copies the backward keeps (2P);
 - model states, FSDP over N GPUs: (4 + 4 + 8)P/N sharded, plus the working copies: the gathered half-precision
-  weights and their fp32 unsharded gradients of two blocks at a time (the current and the prefetched one) and of the
-  root group (embeddings, AdaLN condition, head), which stays gathered through the step;
+  weights and their fp32 unsharded gradients of two blocks at a time (the current and the prefetched one), and the
+  root group's (embeddings, AdaLN condition, head: float32, gathered through the step);
 - activations: what autograd saves. A block saves about ACT_ELEMS_PER_TOKEN_C * C elements per token (counted with
   saved-tensor hooks on the CPU; `tests/project/test_memory_model.py` checks the model against that count on a tiny
   VAR), with a GPU attention kernel keeping O(L) per head and no L x L scores; the head keeps its logits (half) and the
@@ -64,8 +64,8 @@ def state_bytes(shape: Dict[str, int], world: int, fsdp: bool, half: bool = True
     if not fsdp:
         return 20 * P + (2 * P if half else 0)
     P_root = P - shape['depth'] * P_blk
-    gathered = 2 if half else 4
-    return 16 * P // world + (2 * P_blk + P_root) * (gathered + 4)
+    gathered = 2 if half else 4  # the blocks' weights are gathered in the compute dtype, the root's in float32
+    return 16 * P // world + 2 * P_blk * (gathered + 4) + P_root * (4 + 4)
 
 
 def estimate(depth: int, patch_nums: Sequence[int], shared_aln: bool, batch: int, world: int, fsdp: bool,
