@@ -21,29 +21,29 @@ CASES = (('d30', 256, 16), ('d36', 512, 8))  # preset, image side, the fixed per
 MAX_BATCH = 512
 
 
-def build(preset: str, fsdp: bool, act_ckpt: bool):
+def build(preset: str, fsdp: bool, act_ckpt: bool, device: str = 'cuda'):
     from models import PRESETS, build_vae_var
     from utils.fsdp import checkpoint_blocks, shard_model
     torch.manual_seed(0)
-    vae, var = build_vae_var(device='cuda', **PRESETS[preset])
+    vae, var = build_vae_var(device=device, **PRESETS[preset])
     del vae
     var.train()
     if act_ckpt:
         checkpoint_blocks(var.blocks)
     if fsdp:
-        shard_model(var, torch.device('cuda'), fp16=2)
-    opt = torch.optim.AdamW(var.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
+        shard_model(var, torch.device(device), fp16=2)
+    opt = torch.optim.AdamW(var.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=device == 'cuda')
     return var, opt
 
 
-def make_step(var, opt, B: int):
+def make_step(var, opt, B: int, device: str = 'cuda'):
     V, L = var.V, var.L
-    label_B = torch.randint(0, 1000, (B,), device='cuda')
-    x_BLCv = torch.randn(B, L - var.first_l, var.Cvae, device='cuda')
-    gt_BL = torch.randint(0, V, (B, L), device='cuda')
+    label_B = torch.randint(0, var.num_classes, (B,), device=device)
+    x_BLCv = torch.randn(B, L - var.first_l, var.Cvae, device=device)
+    gt_BL = torch.randint(0, V, (B, L), device=device)
 
     def step() -> None:
-        with torch.autocast('cuda', dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             logits_BLV = var(label_B, x_BLCv)
             loss = F.cross_entropy(logits_BLV.view(-1, V), gt_BL.view(-1))
         loss.backward()
