@@ -1,14 +1,15 @@
-"""train.py --fsdp 1 (FSDP2) and --act_ckpt 1 in real 2-process torchrun jobs (gloo, CPU): the same losses and weights
-as DDP, exact resume after SIGTERM to one rank and after a SIGKILL, resume at another world size under DDP, and the
-export of a sharded checkpoint to the single-file formats, loaded strictly. One uninterrupted FSDP run (module
-fixture) serves every comparison; the unit tests of the sharded checkpoint files run in-process."""
+"""train.py --fsdp 1 (FSDP2) and --act_ckpt 1 on the CPU (gloo): in real 2-process torchrun jobs, the same losses and
+weights as DDP and an exact resume after a SIGKILL; in this process (a gloo group of one rank, no start-up cost), the
+resume of the 2-process checkpoint on one rank with and without FSDP, a SIGTERM, and the exports of a sharded
+checkpoint to the single-file formats, loaded strictly. One uninterrupted FSDP run (module fixture) serves every
+comparison."""
 import shutil
 
 import pytest
 import torch
 
 from train_support import (X4, assert_same_state, kill_after_step, make_image_folder, make_tiny_vae_ckpt, read_steps,
-                           run_train, sigterm_to_rank1, signal_after_step, train_args, train_cmd)
+                           run_train, train_args)
 from utils.ckpt import load_checkpoint
 from utils.ckpt_sharded import SHARDS_KEY, read_full_tensors, remove_unreferenced_shards, shards_folder
 
@@ -63,17 +64,14 @@ def test_fsdp_with_act_ckpt_trains_as_ddp(runs):
 
 
 @pytest.mark.slow
-def test_fsdp_sigterm_and_sigkill_then_rerun_give_the_uninterrupted_run(runs, tmp_path):
-    """SIGTERM to rank 1 (a preemption): a sharded checkpoint, exit 130. The same command again, SIGKILLed after a
-    periodic checkpoint; then once more to the end. Per-step losses, weights, optimizer moments, RNG states and the
-    position equal the uninterrupted run's bit for bit. These runs go without --act_ckpt: that the uninterrupted
-    run used it and still matches bit for bit is the test that activation checkpointing changes no number."""
+def test_fsdp_sigkill_then_rerun_gives_the_uninterrupted_run(runs, tmp_path):
+    """A 2-process FSDP job SIGKILLed after a periodic checkpoint, then the same command: per-step losses, weights,
+    optimizer moments, RNG states and the position equal the uninterrupted run's bit for bit. These runs go without
+    --act_ckpt: that the uninterrupted run used it and still matches bit for bit is the test that activation
+    checkpointing changes no number."""
     data, vae, _, _, ref_out = runs
     out = tmp_path / 'interrupted'
     argv = train_args(data, vae, out, **FLAGS, fsdp=1)
-    proc, log = signal_after_step(train_cmd(argv, nproc=2), out, step=0, send=sigterm_to_rank1)
-    assert 'SIGTERM: saving a checkpoint' in log and 'exitcode  : 130' in log, log[-3000:]  # the workers' code
-    assert '[stop] stopped on request at epoch 0, iteration' in log, log[-3000:]
     # g_it 3 writes the periodic checkpoint (1, 1); the kill comes once step 4 is logged
     killed_at = kill_after_step(argv, out, step=4, nproc=2)
     assert killed_at < 5, 'the kill came too late to test anything'
@@ -89,29 +87,50 @@ def test_fsdp_sigterm_and_sigkill_then_rerun_give_the_uninterrupted_run(runs, tm
     assert_same_state(ref_optim, got_optim, 'optimizer')
 
 
-@pytest.mark.slow
-def test_fsdp_checkpoint_resumes_in_one_process_without_fsdp_and_exports(runs, tmp_path):
-    """The 2-process FSDP checkpoint resumes in one process on the DDP code path (train.main in this process: no
-    process group, so no wrapper; weights and optimizer state gathered: with lr 0 the weights stay the checkpoint's,
-    the optimizer counts on from its 3 steps); its exports load strictly through models.load_checkpoint_models and
-    the official-format path load_var_weights."""
-    import models
+@pytest.fixture
+def one_rank_group(monkeypatch):
+    """The torchrun environment of one process, so that train.main in this process joins a gloo group of one rank
+    (and leaves it at its end): FSDP without the cost of starting processes."""
+    from train_support import free_port
+    for k, v in dict(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', LOCAL_WORLD_SIZE='1', MASTER_ADDR='127.0.0.1',
+                     MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)
+
+
+def resume_with_lr0(argv, out, fsdp):
+    """train.main in this process, one more epoch at lr 0 from the 2-process checkpoint in `out`: the weights must
+    stay the checkpoint's and the optimizer count on -> the new last checkpoint's (weights, AdamW step counts)."""
     import train
-    from models.loading import load_var_weights, read_checkpoint
-    from utils.export_ckpt import export, main as export_main
-    data, vae, _, _, fsdp_out = runs
-    out = tmp_path / 'one_process'
-    shutil.copytree(fsdp_out, out)
-    _, var_sd, _ = full_state(fsdp_out)
-    assert train.main(train_args(data, vae, out, **{**FLAGS, 'ep': 3, 'tblr': 0.0})) == 0
+    assert train.main(argv + [f'--fsdp={fsdp}']) == 0
     console = (out / 'stdout.txt').read_text() + (out / 'stderr.txt').read_text()
     assert 'ar-ckpt-last.pth: epoch 2, iteration 0' in console
     assert 'written with another number of processes' in console
-    ckpt = load_checkpoint(str(out / 'ar-ckpt-last.pth'))  # DDP writes the single-file format
-    assert SHARDS_KEY not in ckpt and ckpt['epoch'] == 3
-    assert_same_state(var_sd, ckpt['trainer']['var_wo_ddp'], 'weights')
-    steps = {int(s['step']) for s in ckpt['trainer']['var_opt']['optimizer']['state'].values()}
-    assert steps == {3 + 1}  # 3 steps before; then g_it 6-7 steps, g_it 8 opens a cycle that the run's end drops
+    ckpt, var_sd, optim_sd = full_state(out)
+    assert ckpt['epoch'] == 3 and (SHARDS_KEY in ckpt) == bool(fsdp)
+    if optim_sd is None:
+        steps = {int(s['step']) for s in ckpt['trainer']['var_opt']['optimizer']['state'].values()}
+    else:
+        steps = {int(t) for k, t in optim_sd.items() if k.endswith('.step')}
+    return var_sd, steps
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_resumes_on_one_process_with_and_without_fsdp_and_exports(runs, tmp_path, one_rank_group):
+    """The 2-process FSDP checkpoint resumes in one process (train.main here, one gloo rank) with FSDP (resharded)
+    and without it (the DDP code path: full tensors); with lr 0 the weights stay the checkpoint's and AdamW counts on
+    from its 3 steps. Its exports load strictly through models.load_checkpoint_models and the official-format path
+    load_var_weights."""
+    import models
+    from models.loading import load_var_weights, read_checkpoint
+    from utils.export_ckpt import export, main as export_main
+    data, vae, _, _, fsdp_out = runs
+    _, var_sd, _ = full_state(fsdp_out)
+    for fsdp in (1, 0):
+        out = tmp_path / f'one_process_fsdp{fsdp}'
+        shutil.copytree(fsdp_out, out)
+        got_sd, steps = resume_with_lr0(train_args(data, vae, out, **{**FLAGS, 'ep': 3, 'tblr': 0.0}), out, fsdp)
+        assert_same_state(var_sd, got_sd, f'weights, fsdp={fsdp}')
+        assert steps == {3 + 1}  # g_it 6-7 step; g_it 8 opens a cycle that the run's end drops
 
     project = export(str(fsdp_out), str(tmp_path / 'model.pth'))
     vae_m, var_m = models.load_checkpoint_models(project)  # strict
@@ -124,6 +143,41 @@ def test_fsdp_checkpoint_resumes_in_one_process_without_fsdp_and_exports(runs, t
     assert_same_state(var_sd, var_o.state_dict(), 'official export')
     with pytest.raises(ValueError, match='export_ckpt'):
         models.load_checkpoint_models(fsdp_out / 'ar-ckpt-last.pth')
+
+
+@pytest.mark.slow
+def test_fsdp_sigterm_writes_a_sharded_checkpoint_and_exits_130(tmp_path, one_rank_group):
+    """A preemption notice (SIGTERM) during an FSDP run: a sharded checkpoint at the next cycle end, exit code 130;
+    the same command resumes from it and finishes."""
+    import json
+    import os
+    import signal
+    import threading
+    import time
+
+    import train
+    data = make_image_folder(tmp_path / 'data', n_classes=2, n_train=4, n_val=1)
+    vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth', X4)
+    out = tmp_path / 'out'
+    argv = train_args(data, vae, out, patch_size=4, bs=2, ep=1, log_steps=1, fsdp=1)  # 4 iterations
+
+    def sigterm_after_step_0() -> None:
+        steps, deadline = out / 'steps.jsonl', time.time() + 60
+        while time.time() < deadline:
+            lines = steps.read_text().splitlines() if steps.exists() else []
+            if lines and json.loads(lines[0])['g_it'] == 0:
+                os.kill(os.getpid(), signal.SIGTERM)  # handled in the main thread, by the run's GracefulStop
+                return
+            time.sleep(0.005)
+    sender = threading.Thread(target=sigterm_after_step_0)
+    sender.start()
+    assert train.main(argv) == 130
+    sender.join()
+    ckpt = load_checkpoint(str(out / 'ar-ckpt-last.pth'))
+    assert 0 < ckpt['iter'] < 4 and SHARDS_KEY in ckpt
+    shards_folder(ckpt, str(out / 'ar-ckpt-last.pth'))  # complete
+    assert train.main(argv) == 0
+    assert sorted(read_steps(out)) == list(range(4))
 
 
 def test_fsdp_needs_torchrun(tmp_path, capsys):
