@@ -11,7 +11,6 @@ import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from utils.runtime import autocast_dtype
 
@@ -87,7 +86,7 @@ class AmpOptimizer:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-        if isinstance(norm, DTensor):  # FSDP: the norm over every rank's shards (a collective)
+        if hasattr(norm, 'full_tensor'):  # a DTensor under FSDP: the norm over every rank's shards (a collective)
             norm = norm.full_tensor()
         grad_norm = float(norm)
         finite = math.isfinite(grad_norm)
