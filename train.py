@@ -25,7 +25,7 @@ from trainer import VARTrainer
 from utils import arg_util
 from utils.amp_sc import AmpOptimizer
 from utils.ckpt import BEST_NAME, CKPT_GLOB, LAST_NAME
-from utils.ckpt_sharded import SHARDS_KEY, load_sharded
+from utils.ckpt_sharded import SHARDS_KEY, load_full_into, load_sharded
 from utils.data import build_dataset
 from utils.fsdp import checkpoint_blocks, shard_model
 from utils.logging import MetricLogger, SmoothedValue
@@ -171,14 +171,19 @@ class Run(TrainingRun):
                 raise ConfigError(f'{path} belongs to a run of another configuration, so this one cannot resume '
                                   f'from it. Flags that differ (that run, this one): {flags}.\n{e}') from e
             return self.trainer.load_state_dict(ckpt['trainer'], strict=False, skip_vae=True)
-        if self.args.fsdp:
-            raise ConfigError(f'{path} is a single-file (DDP) checkpoint; --fsdp 1 resumes sharded ones only. Resume '
-                              f'it with --fsdp 0 (DDP), or start a new run in another --local_out_dir_path')
         mismatch = describe_mismatch(self.var_wo_ddp, ckpt['trainer']['var_wo_ddp'], 'VAR checkpoint')
         if mismatch:
             raise ConfigError(f'{path} belongs to a run of another configuration, so this one cannot resume from it. '
                               f'Flags that differ (that run, this one): {flags}. Pass that run\'s flags, or another '
                               f'--local_out_dir_path for a new run.\n{mismatch}')
+        if self.args.fsdp:  # a single-file (DDP) checkpoint into FSDP: every rank keeps its shards of the full state
+            trainer_state = dict(ckpt['trainer'])
+            var_opt_state = dict(trainer_state['var_opt'])
+            with user_errors(ValueError):
+                load_full_into(self.var_wo_ddp, self.var_opt.optimizer, trainer_state.pop('var_wo_ddp'),
+                               var_opt_state.pop('optimizer'))
+            return self.trainer.load_state_dict({**trainer_state, 'var_opt': var_opt_state}, strict=False,
+                                                skip_vae=True)
         return self.trainer.load_state_dict(ckpt['trainer'], strict=False, skip_vae=True)
 
     def settle_ddp_buckets(self) -> None:

@@ -10,7 +10,8 @@ A sharded checkpoint is two things in the run's output folder:
 So the file is the commit point: a crash while the shards are written leaves the previous file, which names the
 previous, complete folder; folders no file names are deleted after each save. Auto-resume (utils/ckpt.py) finds the
 file as usual. Loading goes through DCP's resharding, so a checkpoint written by N ranks resumes on M ranks, with
-FSDP or with DDP / one process (full tensors on every rank). The folder must be on a file system all ranks share.
+FSDP or with DDP / one process (full tensors on every rank); `load_full_into` takes a single-file (DDP) checkpoint
+into an FSDP run. The folder must be on a file system all ranks share.
 """
 import contextlib
 import os
@@ -116,6 +117,23 @@ def load_sharded(ckpt: Dict[str, Any], ckpt_path: str, model: nn.Module, optimiz
     except Exception as e:  # DCP wraps shape and key mismatches of the ranks into one error
         raise ValueError(f'the sharded checkpoint {folder} does not fit this model: {e}') from e
     set_state_dict(model, optimizer, model_state_dict=state['model'], optim_state_dict=state['optim'])
+
+
+def load_full_into(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: Dict[str, torch.Tensor],
+                   optim_sd: Dict[str, Any]) -> None:
+    """Load a single-file checkpoint's full state (a plain state dict, and `torch.optim`'s own state dict, whose
+    parameters are numbered in the order of `optimizer.param_groups`) into a sharded `model` and its optimizer: each
+    rank keeps its shards. Raises ValueError when the parameters do not correspond."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group['params']]  # torch.optim's numbering
+    saved_ids = [i for group in optim_sd['param_groups'] for i in group['params']]
+    if len(saved_ids) != len(order) or sorted(saved_ids) != list(range(len(order))):
+        raise ValueError(f'the optimizer state holds {len(saved_ids)} parameters, this model {len(order)}')
+    by_name = {'state': {order[i]: st for i, st in optim_sd['state'].items()},
+               'param_groups': [{**g, 'params': [order[i] for i in g['params']]} for g in optim_sd['param_groups']]}
+    set_state_dict(model, optimizer, model_state_dict=dict(model_sd), optim_state_dict=by_name,
+                   options=StateDictOptions(full_state_dict=True))
 
 
 def read_full_tensors(folder: str, prefix: str = 'model.') -> Dict[str, torch.Tensor]:

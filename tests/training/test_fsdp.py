@@ -146,6 +146,19 @@ def test_fsdp_checkpoint_resumes_on_one_process_with_and_without_fsdp_and_export
 
 
 @pytest.mark.slow
+def test_ddp_checkpoint_resumes_under_fsdp(runs, tmp_path, one_rank_group):
+    """A 2-process DDP (single-file) checkpoint continues under --fsdp 1 on one rank: the full weights and AdamW state
+    are sharded on load; the next checkpoint is sharded."""
+    data, vae, _, ddp_out, _ = runs
+    out = tmp_path / 'ddp_to_fsdp'
+    shutil.copytree(ddp_out, out)
+    _, ddp_sd, _ = full_state(ddp_out)
+    got_sd, steps = resume_with_lr0(train_args(data, vae, out, **{**FLAGS, 'ep': 3, 'tblr': 0.0}), out, fsdp=1)
+    assert_same_state(ddp_sd, got_sd, 'weights')
+    assert steps == {3 + 1}
+
+
+@pytest.mark.slow
 def test_fsdp_sigterm_writes_a_sharded_checkpoint_and_exits_130(tmp_path, one_rank_group):
     """A preemption notice (SIGTERM) during an FSDP run: a sharded checkpoint at the next cycle end, exit code 130;
     the same command resumes from it and finishes."""
