@@ -132,6 +132,11 @@ class Run(TrainingRun):
                 self.console.warn('--tfast=1 (reduce-overhead: CUDA graphs) cannot accumulate gradients over --ac '
                                   'micro-batches; compiling VAR in the default mode instead')
                 mode = 'default'
+            if mode == 'reduce-overhead' and args.fsdp:
+                # FSDP gathers and frees weights around every block, which a captured CUDA graph cannot replay
+                self.console.warn('--tfast=1 (reduce-overhead: CUDA graphs) does not compose with --fsdp 1; compiling '
+                                  'VAR in the default mode instead')
+                mode = 'default'
             var = torch.compile(var, mode=mode)
         if args.vfast:  # the tokenizer runs through img_to_idxBl, not forward: compile that method
             self.vae_local.img_to_idxBl = torch.compile(self.vae_local.img_to_idxBl, mode=COMPILE_MODES[args.vfast])

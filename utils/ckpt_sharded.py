@@ -71,15 +71,14 @@ def save_sharded_run_checkpoint(state: Dict[str, Any], model: nn.Module, optimiz
 
 def remove_unreferenced_shards(out_dir: str, last_name: str, best_name: str) -> list:
     """Delete the shard folders that neither the last nor the best file names (older saves, killed writes)."""
-    keep = set()
-    for file_name in (last_name, best_name):
-        keep.add(referenced_shards(os.path.join(out_dir, file_name)))
-    removed = []
     prefix = shards_prefix(last_name)
-    for entry in os.listdir(out_dir):
-        if entry.startswith(prefix) and entry not in keep and os.path.isdir(os.path.join(out_dir, entry)):
-            shutil.rmtree(os.path.join(out_dir, entry), ignore_errors=True)
-            removed.append(entry)
+    folders = [e for e in os.listdir(out_dir) if e.startswith(prefix) and os.path.isdir(os.path.join(out_dir, e))]
+    if not folders:  # the files are only read when there is something to delete
+        return []
+    keep = {referenced_shards(os.path.join(out_dir, file_name)) for file_name in (last_name, best_name)}
+    removed = [e for e in folders if e not in keep]
+    for entry in removed:
+        shutil.rmtree(os.path.join(out_dir, entry), ignore_errors=True)
     return removed
 
 

@@ -23,7 +23,7 @@ import dist
 from utils.amp_sc import AmpOptimizer, NonFiniteError
 from utils.arg_util import REPO_ROOT
 from utils.ckpt import CheckpointError, CutCycle, auto_resume, remove_stale_tmp, save_run_checkpoint, set_rng_state
-from utils.ckpt_sharded import save_sharded_run_checkpoint
+from utils.ckpt_sharded import remove_unreferenced_shards, save_sharded_run_checkpoint
 from utils.data_sampler import DistInfiniteBatchSampler, EvalDistributedSampler
 from utils.logging import (Console, LogTxt, MetricLogger, TensorboardLogger, epoch_record, format_seconds, git_info,
                            log_iters, open_steps_log)
@@ -209,6 +209,8 @@ class TrainingRun:
                  'derived': dataclasses.asdict(self.cfg), 'best': dict(self.best), **self.checkpoint_extras()}
         if sharded is None:
             save_run_checkpoint(state, self.cfg.out_dir, self.last_name, self.best_name, best_updated, rng=rng)
+            if dist.is_local_master():  # a run that resumed a sharded checkpoint leaves its folders behind
+                remove_unreferenced_shards(self.cfg.out_dir, self.last_name, self.best_name)
         else:
             save_sharded_run_checkpoint(state, *sharded, self.cfg.out_dir, self.last_name, self.best_name,
                                         best_updated, rng=rng)
