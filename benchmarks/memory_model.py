@@ -20,6 +20,7 @@ transient gradients of activations during the backward (about one block's worth)
 """
 import argparse
 import contextlib
+import functools
 import json
 import sys
 from typing import Callable, Dict, Iterator, Optional, Sequence
@@ -30,9 +31,11 @@ ACT_ELEMS_PER_TOKEN_C = 24  # saved elements per token and block, in units of th
 GIB = 2 ** 30
 
 
+@functools.lru_cache(maxsize=None)
 def model_shape(depth: int, patch_nums: Sequence[int], shared_aln: bool, V: int = 4096, num_classes: int = 1000,
                 embed_dim: Optional[int] = None) -> Dict[str, int]:
-    """P, P_blk, C, heads, L, V of a VAR, counted on the meta device (nothing is allocated)."""
+    """P, P_blk, C, heads, L, V of a VAR, counted on the meta device (nothing is allocated; `patch_nums` a tuple).
+    Cached: treat the result as read-only."""
     from models import build_vae_var
     _, var = build_vae_var(device='meta', patch_nums=tuple(patch_nums), V=V, depth=depth, shared_aln=shared_aln,
                            num_classes=num_classes, embed_dim=embed_dim)
@@ -71,7 +74,7 @@ def state_bytes(shape: Dict[str, int], world: int, fsdp: bool, half: bool = True
 def estimate(depth: int, patch_nums: Sequence[int], shared_aln: bool, batch: int, world: int, fsdp: bool,
              act_ckpt: bool, half: bool = True) -> Dict[str, float]:
     """GiB per GPU: states, activations and their total, for one configuration."""
-    shape = model_shape(depth, patch_nums, shared_aln)
+    shape = model_shape(depth, tuple(patch_nums), shared_aln)
     states = state_bytes(shape, world, fsdp, half)
     act_bytes = 2 if half else 4
     acts = activation_bytes(shape, batch, act_ckpt, act_bytes)
