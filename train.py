@@ -25,7 +25,9 @@ from trainer import VARTrainer
 from utils import arg_util
 from utils.amp_sc import AmpOptimizer
 from utils.ckpt import BEST_NAME, CKPT_GLOB, LAST_NAME
+from utils.ckpt_sharded import SHARDS_KEY, load_full_into, load_sharded
 from utils.data import build_dataset
+from utils.fsdp import checkpoint_blocks, shard_model
 from utils.logging import MetricLogger, SmoothedValue
 from utils.lr_control import build_param_groups, lr_wd_annealing, progressive_si
 from utils.pretok import TOKEN_CONFIG_KEYS, build_pretok_dataset, check_compatible, vae_fingerprint
@@ -115,7 +117,11 @@ class Run(TrainingRun):
                 check_compatible(self.pretok_meta, args.pretok, cfg.patch_nums, self.vae_local.vocab_size,
                                  vae_fingerprint(self.vae_local), cfg.data_load_reso)
         var = self.var_wo_ddp
-        if dist.is_initialized():
+        if args.act_ckpt:
+            checkpoint_blocks(var.blocks)
+        if args.fsdp:
+            shard_model(var, self.device, args.fp16)  # in place: var_wo_ddp is the FSDP module (no DDP around it)
+        elif dist.is_initialized():
             var = DDP(var, device_ids=[self.device.index] if self.device.type == 'cuda' else None,
                       find_unused_parameters=False, broadcast_buffers=False)
         if args.tfast:
@@ -126,6 +132,11 @@ class Run(TrainingRun):
                 self.console.warn('--tfast=1 (reduce-overhead: CUDA graphs) cannot accumulate gradients over --ac '
                                   'micro-batches; compiling VAR in the default mode instead')
                 mode = 'default'
+            if mode == 'reduce-overhead' and args.fsdp:
+                # FSDP gathers and frees weights around every block, which a captured CUDA graph cannot replay
+                self.console.warn('--tfast=1 (reduce-overhead: CUDA graphs) does not compose with --fsdp 1; compiling '
+                                  'VAR in the default mode instead')
+                mode = 'default'
             var = torch.compile(var, mode=mode)
         if args.vfast:  # the tokenizer runs through img_to_idxBl, not forward: compile that method
             self.vae_local.img_to_idxBl = torch.compile(self.vae_local.img_to_idxBl, mode=COMPILE_MODES[args.vfast])
@@ -134,9 +145,10 @@ class Run(TrainingRun):
                                 fused=args.afuse and self.device.type in ('cuda', 'cpu'))
         self.var_opt = AmpOptimizer(opt, list(self.var_wo_ddp.parameters()), self.device.type, fp16=args.fp16,
                                     grad_clip=args.tclip, n_gradient_accumulation=args.ac,
-                                    max_nonfinite=args.max_nonfinite)
+                                    max_nonfinite=args.max_nonfinite, sharded=args.fsdp)
         self.trainer = VARTrainer(self.device, cfg.patch_nums, cfg.resos, self.vae_local, self.var_wo_ddp, var,
-                                  self.var_opt, label_smooth=args.ls)
+                                  self.var_opt, label_smooth=args.ls,
+                                  eval_in_autocast=args.fsdp and args.fp16 > 0)
         self.best = {'vL_mean': math.inf, 'vL_tail': math.inf, 'vacc_mean': -1.0, 'vacc_tail': -1.0}
         self.last_grad_norm = None
 
@@ -156,19 +168,37 @@ class Run(TrainingRun):
         return [self.var_opt]
 
     def load_trainer_state(self, ckpt: Dict[str, Any], path: str, changed: Dict[str, Tuple[Any, Any]]) -> List[str]:
+        flags = {k: v for k, v in changed.items() if k != 'unknown_args'}
+        if SHARDS_KEY in ckpt:  # an FSDP checkpoint: weights and optimizer resharded for this run (FSDP or not)
+            try:
+                load_sharded(ckpt, path, self.var_wo_ddp, self.var_opt.optimizer)
+            except ValueError as e:
+                raise ConfigError(f'{path} belongs to a run of another configuration, so this one cannot resume '
+                                  f'from it. Flags that differ (that run, this one): {flags}.\n{e}') from e
+            return self.trainer.load_state_dict(ckpt['trainer'], strict=False, skip_vae=True)
         mismatch = describe_mismatch(self.var_wo_ddp, ckpt['trainer']['var_wo_ddp'], 'VAR checkpoint')
         if mismatch:
-            flags = {k: v for k, v in changed.items() if k != 'unknown_args'}
             raise ConfigError(f'{path} belongs to a run of another configuration, so this one cannot resume from it. '
                               f'Flags that differ (that run, this one): {flags}. Pass that run\'s flags, or another '
                               f'--local_out_dir_path for a new run.\n{mismatch}')
+        if self.args.fsdp:  # a single-file (DDP) checkpoint into FSDP: every rank keeps its shards of the full state
+            trainer_state = dict(ckpt['trainer'])
+            var_opt_state = dict(trainer_state['var_opt'])
+            with user_errors(ValueError):
+                load_full_into(self.var_wo_ddp, self.var_opt.optimizer, trainer_state.pop('var_wo_ddp'),
+                               var_opt_state.pop('optimizer'))
+            return self.trainer.load_state_dict({**trainer_state, 'var_opt': var_opt_state}, strict=False,
+                                                skip_vae=True)
         return self.trainer.load_state_dict(ckpt['trainer'], strict=False, skip_vae=True)
 
     def settle_ddp_buckets(self) -> None:
         self.trainer.settle_ddp_buckets(self.cfg.batch_size)
 
     def replicated_modules(self) -> List[torch.nn.Module]:
-        return [self.var_wo_ddp]
+        return [] if self.args.fsdp else [self.var_wo_ddp]  # FSDP ranks hold different shards by design
+
+    def sharded_state(self) -> Optional[Tuple[torch.nn.Module, torch.optim.Optimizer]]:
+        return (self.var_wo_ddp, self.var_opt.optimizer) if self.args.fsdp else None
 
     def checkpoint_extras(self) -> Dict[str, Any]:
         return {'model_config': dict(getattr(self.var_wo_ddp, 'build_config', {})), 'vae_config': self.vae_cfg,
@@ -260,8 +290,9 @@ class Run(TrainingRun):
                           f'Remain: {record["remain_time"]}, Finish: {record["finish_time"]}')
 
     def visualize(self, step: int) -> None:
-        """A grid of class-conditional samples in TensorBoard (master only; uses its own seeded generator)."""
-        if not dist.is_master():
+        """A grid of class-conditional samples in TensorBoard (written by the master; uses its own seeded generator).
+        Under FSDP every rank samples, since each block gathers its weights from all ranks."""
+        if not dist.is_master() and not self.args.fsdp:
             return
         label_B = torch.linspace(0, self.num_classes - 1, VIS_SAMPLES).round().long().to(self.device)
         img_B3HW = self.trainer.sample_images(label_B, g_seed=self.args.seed if self.args.seed is not None else 0)

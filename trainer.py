@@ -29,16 +29,20 @@ class VARTrainer:
         var: the module the training forward goes through (DDP and/or compiled VAR, or var_wo_ddp itself).
         var_opt: the optimizer step (autocast, scaler, clipping, accumulation).
         label_smooth: label smoothing of the training loss.
+        eval_in_autocast: validate and sample under `var_opt`'s autocast rather than in fp32 (official): needed when
+            the blocks' weights are gathered in half precision for every forward (--fsdp 1 --fp16 1/2).
     """
 
     def __init__(self, device: torch.device, patch_nums: Sequence[int], resos: Sequence[int], vae_local: nn.Module,
-                 var_wo_ddp: nn.Module, var: nn.Module, var_opt: AmpOptimizer, label_smooth: float):
+                 var_wo_ddp: nn.Module, var: nn.Module, var_opt: AmpOptimizer, label_smooth: float,
+                 eval_in_autocast: bool = False):
         self.device = device
         self.patch_nums, self.resos = tuple(patch_nums), tuple(resos)
         self.vae_local, self.quantize_local = vae_local, vae_local.quantize
         self.var_wo_ddp, self.var = var_wo_ddp, var
         self.var_opt = var_opt
         self.label_smooth = label_smooth
+        self.eval_in_autocast = eval_in_autocast
         self.V = vae_local.vocab_size
         self.L = sum(pn * pn for pn in self.patch_nums)
         self.last_l = self.patch_nums[-1] ** 2
@@ -180,6 +184,9 @@ class VARTrainer:
         return m
 
     # ------------------------------------------------------------------ evaluation
+    def _eval_autocast(self) -> contextlib.AbstractContextManager:
+        return self.var_opt.autocast() if self.eval_in_autocast else contextlib.nullcontext()
+
     @torch.no_grad()
     def eval_ep(self, ld_val) -> Tuple[float, float, float, float, int, float]:
         """Validation in fp32 (official): (L_mean, L_tail, acc_mean, acc_tail, number of images, seconds).
@@ -198,7 +205,8 @@ class VARTrainer:
             label_B = label_B.to(self.device, non_blocking=True)
             B = label_B.shape[0]
             gt_BL, x_BLCv_wo_first_l = self.tokenize(inp)
-            logits_BLV = var(label_B, x_BLCv_wo_first_l)
+            with self._eval_autocast():
+                logits_BLV = var(label_B, x_BLCv_wo_first_l).float()
             tail_BlV, tail_Bl = logits_BLV[:, -last_l:], gt_BL[:, -last_l:]
             sums[0] += self.val_loss(logits_BLV.reshape(-1, V), gt_BL.reshape(-1)).double() * B
             sums[1] += self.val_loss(tail_BlV.reshape(-1, V), tail_Bl.reshape(-1)).double() * B
@@ -222,8 +230,9 @@ class VARTrainer:
         was_training = var.training
         var.eval()
         try:
-            return var.autoregressive_infer_cfg(B=label_B.shape[0], label_B=label_B, g_seed=g_seed, cfg=cfg,
-                                                top_k=min(top_k, self.V), top_p=top_p, more_smooth=False)
+            with self._eval_autocast():
+                return var.autoregressive_infer_cfg(B=label_B.shape[0], label_B=label_B, g_seed=g_seed, cfg=cfg,
+                                                    top_k=min(top_k, self.V), top_p=top_p, more_smooth=False).float()
         finally:
             var.train(was_training)
 
@@ -231,20 +240,26 @@ class VARTrainer:
     def progressive_state(self) -> Dict[str, Any]:
         return {'prog_it': self.prog_it, 'last_prog_si': self.last_prog_si, 'first_prog': self.first_prog}
 
-    def state_dict(self) -> Dict[str, Any]:
-        """The official layout: config, var_wo_ddp, vae_local, var_opt (optimizer [+ scaler])."""
-        return {
+    def state_dict(self, weights: bool = True) -> Dict[str, Any]:
+        """The official layout: config, var_wo_ddp, vae_local, var_opt (optimizer [+ scaler]). With `weights` False,
+        without VAR's weights and the optimizer state (a sharded checkpoint holds those apart)."""
+        sd = {
             'config': {'patch_nums': self.patch_nums, 'resos': self.resos, 'label_smooth': self.label_smooth,
                        **self.progressive_state()},
-            'var_wo_ddp': unwrap(self.var_wo_ddp).state_dict(),
             'vae_local': unwrap(self.vae_local).state_dict(),
-            'var_opt': self.var_opt.state_dict(),
+            'var_opt': self.var_opt.state_dict(optimizer=weights),
         }
+        if weights:
+            sd['var_wo_ddp'] = unwrap(self.var_wo_ddp).state_dict()
+        return sd
 
     def load_state_dict(self, state: Dict[str, Any], strict: bool = True, skip_vae: bool = False) -> List[str]:
-        """Restore VAR, (the VAE,) the optimizer/scaler and the progressive state; returns notes to report."""
+        """Restore VAR, (the VAE,) the optimizer/scaler and the progressive state; returns notes to report. VAR's
+        weights and the optimizer state are skipped when absent (a sharded checkpoint loads them apart)."""
         notes = []
-        missing, unexpected = unwrap(self.var_wo_ddp).load_state_dict(state['var_wo_ddp'], strict=False)
+        missing, unexpected = [], []
+        if 'var_wo_ddp' in state:
+            missing, unexpected = unwrap(self.var_wo_ddp).load_state_dict(state['var_wo_ddp'], strict=False)
         if missing or unexpected:
             msg = f'VAR state dict: missing keys {list(missing)}, unexpected keys {list(unexpected)}'
             if strict:

@@ -248,6 +248,10 @@ def models_from_checkpoint(ckpt: Any, path: str, device: Union[str, torch.device
                            vae_path: Optional[str] = None) -> Tuple[VQVAE, VAR]:
     """`load_checkpoint_models` on a checkpoint already read (`path` names it in errors)."""
     var_sd = _var_state_dict(ckpt)
+    if var_sd is None and isinstance(ckpt, Mapping) and 'shards' in ckpt:
+        raise ValueError(f'{path} is a sharded (--fsdp 1) training checkpoint: its weights are in the folder '
+                         f'{ckpt["shards"]} beside it. Gather them into one file first: python -m utils.export_ckpt '
+                         f'{path} --out model.pth')
     if var_sd is None:
         raise ValueError(f'{path} holds no VAR weights (looked for pos_1LC at the top level and under '
                          f"'trainer'/'var_wo_ddp', 'var', 'var_state_dict')")

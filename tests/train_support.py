@@ -174,6 +174,35 @@ def kill_after_step(argv: Sequence[str], out: Path, step: int, nproc: int = 1, t
     return last
 
 
+def signal_after_step(cmd, out, step: int, send, timeout: float = 150):
+    """Start `cmd`, call `send(proc)` once steps.jsonl shows global step `step`, wait for the exit -> (proc, log)."""
+    import json
+    import time
+    log_path = out.parent / f'{out.name}.signalled.log'
+    with open(log_path, 'w') as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=cpu_env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        steps_file, deadline = out / 'steps.jsonl', time.time() + timeout
+        while True:
+            lines = steps_file.read_text().splitlines() if steps_file.exists() else []
+            if lines and lines[-1].endswith('}') and json.loads(lines[-1])['g_it'] >= step:
+                send(proc)
+                break
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.01)
+        proc.wait(timeout=timeout)
+    return proc, log_path.read_text()
+
+
+def sigterm_to_rank1(proc) -> None:
+    """SIGTERM (a preemption notice) to rank 1 alone of a 2-process torchrun job `proc`."""
+    import signal
+    children = [int(p) for p in os.listdir('/proc') if p.isdigit() and parent_pid(int(p)) == proc.pid]
+    workers = sorted(children)
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGTERM)  # the second worker started: rank 1
+
+
 def assert_same_state(a, b, where: str = 'checkpoint') -> None:
     """Two nested checkpoint structures hold equal values, tensors bit for bit (names the first difference)."""
     if isinstance(a, torch.Tensor):

@@ -34,10 +34,13 @@ class AmpOptimizer:
         grad_clip: clip the global L2 norm to this; <= 0 disables clipping (the norm is still measured).
         n_gradient_accumulation: the loss is divided by it.
         max_nonfinite: raise after this many consecutive skipped steps (<= 0: never).
+        sharded: the parameters are FSDP shards (DTensors): the fp16 scaler then agrees on inf/NaN across ranks, and
+            the clipped norm is the global one over all shards.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: List[torch.nn.Parameter], device_type: str,
-                 fp16: int = 0, grad_clip: float = 2.0, n_gradient_accumulation: int = 1, max_nonfinite: int = 100):
+                 fp16: int = 0, grad_clip: float = 2.0, n_gradient_accumulation: int = 1, max_nonfinite: int = 100,
+                 sharded: bool = False):
         self.optimizer = optimizer
         self.params = list(params)
         self.device_type = device_type
@@ -48,7 +51,11 @@ class AmpOptimizer:
         if self.dtype is torch.bfloat16 and device_type == 'cuda' and not torch.cuda.is_bf16_supported():
             raise RuntimeError('--fp16=2 (bf16) is not supported by this GPU; use --fp16=1 (fp16) or 0')
         self.scaler = None
-        if fp16 == 1:
+        if fp16 == 1 and sharded:  # a rank's shards may hold an inf that the others' lack: all-reduce the flag
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+            self.scaler = ShardedGradScaler(device_type, init_scale=FP16_INIT_SCALE,
+                                            growth_interval=FP16_GROWTH_INTERVAL)
+        elif fp16 == 1:
             self.scaler = torch.amp.GradScaler(device_type, init_scale=FP16_INIT_SCALE,
                                                growth_interval=FP16_GROWTH_INTERVAL)
         self.grad_clip = grad_clip
@@ -79,6 +86,8 @@ class AmpOptimizer:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        if hasattr(norm, 'full_tensor'):  # a DTensor under FSDP: the norm over every rank's shards (a collective)
+            norm = norm.full_tensor()
         grad_norm = float(norm)
         finite = math.isfinite(grad_norm)
         if finite:
@@ -110,16 +119,21 @@ class AmpOptimizer:
                                  f'(last grad norm {grad_norm}); stopping. The last saved checkpoint is untouched. '
                                  f'Lower the lr (--tblr), use --fp16=2 or fp32, or raise --max_nonfinite.')
 
-    def state_dict(self) -> Dict:
-        sd = {'optimizer': self.optimizer.state_dict(), 'num_skipped': self.num_skipped,
-              'consecutive_skipped': self.consecutive_skipped}
+    def state_dict(self, optimizer: bool = True) -> Dict:
+        """The optimizer's (unless `optimizer` is False: a sharded checkpoint holds it apart), scaler's and skip
+        counters' state."""
+        sd = {'num_skipped': self.num_skipped, 'consecutive_skipped': self.consecutive_skipped}
+        if optimizer:
+            sd['optimizer'] = self.optimizer.state_dict()
         if self.scaler is not None:
             sd['scaler'] = self.scaler.state_dict()
         return sd
 
     def load_state_dict(self, state: Dict) -> List[str]:
-        """Load the optimizer (and scaler); returns warnings (a scaler mismatch is only reported, as officially)."""
-        self.optimizer.load_state_dict(state['optimizer'])
+        """Load the optimizer (unless absent: a sharded checkpoint loads it apart) and the scaler; returns warnings (a
+        scaler mismatch is only reported, as officially)."""
+        if 'optimizer' in state:
+            self.optimizer.load_state_dict(state['optimizer'])
         self.num_skipped = state.get('num_skipped', 0)
         self.consecutive_skipped = state.get('consecutive_skipped', 0)
         notes = []

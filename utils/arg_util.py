@@ -137,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     bool_flag(m, ['--flex', '--flex_attn'], False,
               'block-causal attention through a FlexAttention block mask instead of the dense additive mask (CUDA)')
 
+    s = p.add_argument_group('scale-out')
+    bool_flag(s, ['--fsdp'], False,
+              'shard VAR with FSDP2 per transformer block (weights, gradients, optimizer state) instead of DDP; '
+              'sharded checkpoints (torch.distributed.checkpoint); needs torchrun')
+    bool_flag(s, ['--act_ckpt', '--activation_checkpointing'], False,
+              'recompute each transformer block in the backward pass instead of keeping its activations')
+
     t = p.add_argument_group('tokenizer')
     flag(t, ['--vae_ckpt'], default='',
          help='local VQVAE checkpoint: the official state dict or one carrying its config (its architecture is read '

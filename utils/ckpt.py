@@ -178,15 +178,16 @@ class CutCycle:
 
 
 def save_run_checkpoint(state: Dict[str, Any], out_dir: str, last_name: str, best_name: str,
-                        best_updated: bool, rng: Optional[Dict[str, Any]] = None) -> None:
+                        best_updated: bool, rng: Optional[Dict[str, Any]] = None, master_only: bool = False) -> None:
     """Every rank's RNG state (`rng`, or its current one) is gathered into `state['rng']` (a collective: all ranks
-    call this); then each node's local master writes `best_name` when `best_updated`, and `last_name`, atomically.
+    call this); then each node's local master (with `master_only`, rank 0 alone: a folder all nodes share) writes
+    `best_name` when `best_updated`, and `last_name`, atomically.
 
     The best copy is written first: a kill between the two leaves the new state in `best_name`, which auto-resume
     finds too, rather than a best copy that no later run would refresh.
     """
     rngs = dist.allgather_object(rng if rng is not None else rng_state())
-    if not dist.is_local_master():
+    if not (dist.is_master() if master_only else dist.is_local_master()):
         return
     last = os.path.join(out_dir, last_name)
     if best_updated:

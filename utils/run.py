@@ -23,6 +23,7 @@ import dist
 from utils.amp_sc import AmpOptimizer, NonFiniteError
 from utils.arg_util import REPO_ROOT
 from utils.ckpt import CheckpointError, CutCycle, auto_resume, remove_stale_tmp, save_run_checkpoint, set_rng_state
+from utils.ckpt_sharded import remove_unreferenced_shards, save_sharded_run_checkpoint
 from utils.data_sampler import DistInfiniteBatchSampler, EvalDistributedSampler
 from utils.logging import (Console, LogTxt, MetricLogger, TensorboardLogger, epoch_record, format_seconds, git_info,
                            log_iters, open_steps_log)
@@ -153,6 +154,12 @@ class TrainingRun:
         """Subclass: the trained modules whose replicas must agree across ranks before a save."""
         raise NotImplementedError
 
+    def sharded_state(self) -> Optional[Tuple[torch.nn.Module, torch.optim.Optimizer]]:
+        """(model, optimizer) whose state a sharded checkpoint holds (utils/ckpt_sharded.py), or None (the default:
+        single-file checkpoints). A trainer that supports it returns them under --fsdp 1, and then saves the rest
+        through `trainer.state_dict(weights=False)`."""
+        return None
+
     def checkpoint_extras(self) -> Dict[str, Any]:
         """Subclass: what its checkpoint holds besides position, trainer, args, derived values and best metrics."""
         raise NotImplementedError
@@ -195,11 +202,18 @@ class TrainingRun:
         """
         for module in self.replicated_modules():
             check_ranks_agree(module)
-        trainer_state = self.trainer.state_dict()
+        sharded = self.sharded_state()
+        trainer_state = self.trainer.state_dict() if sharded is None else self.trainer.state_dict(weights=False)
         epoch, it, rng = self.cut_cycle.resume_point(epoch, it, trainer_state)
         state = {'epoch': epoch, 'iter': it, 'trainer': trainer_state, 'args': vars(self.args),
                  'derived': dataclasses.asdict(self.cfg), 'best': dict(self.best), **self.checkpoint_extras()}
-        save_run_checkpoint(state, self.cfg.out_dir, self.last_name, self.best_name, best_updated, rng=rng)
+        if sharded is None:
+            save_run_checkpoint(state, self.cfg.out_dir, self.last_name, self.best_name, best_updated, rng=rng)
+            if dist.is_local_master():  # a run that resumed a sharded checkpoint leaves its folders behind
+                remove_unreferenced_shards(self.cfg.out_dir, self.last_name, self.best_name)
+        else:
+            save_sharded_run_checkpoint(state, *sharded, self.cfg.out_dir, self.last_name, self.best_name,
+                                        best_updated, rng=rng)
 
     def may_save_periodically(self, g_it: int, it: int, stepping: bool) -> bool:
         """--ckpt_every_iters: only at the end of an accumulation cycle, never during a streak of skipped

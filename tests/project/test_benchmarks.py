@@ -10,7 +10,8 @@ import pytest
 from benchmarks.common import print_table
 from train_support import ROOT, cpu_env
 
-BENCHMARKS = ('bench_data', 'bench_encode', 'bench_sample', 'bench_train', 'kernel_profile', 'profile_sample')
+BENCHMARKS = ('bench_data', 'bench_encode', 'bench_sample', 'bench_train', 'kernel_profile', 'profile_sample',
+              'memory_model', 'fsdp_gpu_check')
 
 
 @pytest.mark.parametrize('name', BENCHMARKS)

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from train_support import (X4, assert_same_final_checkpoint, kill_after_step, make_image_folder, make_tiny_vae_ckpt,
-                            read_steps, run_train, train_args)
+                            read_steps, run_train, signal_after_step, train_args)
 
 # 24 images, batch 4: 6 iterations per epoch, 12 in all; checkpoints every 4 iterations and at epoch ends; a large lr
 # (0.5 * 4 / 256) so that any state not restored shows in the losses and weights; a fractional lr warm-up (3 its)
@@ -98,29 +98,6 @@ def test_train_py_feeds_the_official_schedule_to_the_optimizer(reference):
     assert wds == {0.05}  # the official default --twde=0 means a constant wd (twde = twd)
 
 
-def signal_after_step(cmd, out, step: int, send, timeout: float = 150):
-    """Start `cmd`, call `send(proc)` once steps.jsonl shows global step `step`, wait for the exit -> (proc, log)."""
-    import json
-    import subprocess
-    import time
-
-    from train_support import ROOT, cpu_env
-    log_path = out.parent / f'{out.name}.signalled.log'
-    with open(log_path, 'w') as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=cpu_env(), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        steps_file, deadline = out / 'steps.jsonl', time.time() + timeout
-        while True:
-            lines = steps_file.read_text().splitlines() if steps_file.exists() else []
-            if lines and lines[-1].endswith('}') and json.loads(lines[-1])['g_it'] >= step:
-                send(proc)
-                break
-            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.01)
-        proc.wait(timeout=timeout)
-    return proc, log_path.read_text()
-
-
 @pytest.mark.slow
 def test_ctrl_c_writes_a_checkpoint_and_rerun_gives_the_uninterrupted_losses(reference, tmp_path):
     """SIGINT (Ctrl-C) mid-epoch, with no --ckpt_every_iters: the run saves at the next iteration, exits with 130, and
@@ -154,22 +131,16 @@ def test_torchrun_job_stops_with_a_checkpoint(tmp_path, how):
 
     import torch
 
-    from train_support import parent_pid, train_cmd
+    from train_support import sigterm_to_rank1, train_cmd
     data = make_image_folder(tmp_path / 'data', n_classes=3, n_train=8, n_val=2)
     vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth', X4)
     out = tmp_path / 'ddp'
     argv = train_args(data, vae, out, patch_size=4, bs=4, ep=1, log_steps=1)  # 2 per rank: 6 iterations per epoch
 
-    def to_rank1(proc):
-        children = [int(p) for p in os.listdir('/proc') if p.isdigit() and parent_pid(int(p)) == proc.pid]
-        workers = sorted(children)
-        assert len(workers) == 2, workers
-        os.kill(workers[1], signal.SIGTERM)  # the second worker started: rank 1
-
     def ctrl_c(proc):
         os.killpg(proc.pid, signal.SIGINT)
 
-    send = to_rank1 if how == 'sigterm_to_rank1' else ctrl_c
+    send = sigterm_to_rank1 if how == 'sigterm_to_rank1' else ctrl_c
     proc, log = signal_after_step(train_cmd(argv, nproc=2), out, step=1, send=send)
     assert ('SIGTERM' if how == 'sigterm_to_rank1' else 'SIGINT') + ': saving a checkpoint' in log, log[-3000:]
     assert 'KeyboardInterrupt' not in log, log[-3000:]

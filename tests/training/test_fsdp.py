@@ -1,0 +1,215 @@
+"""train.py --fsdp 1 (FSDP2) and --act_ckpt 1 on the CPU (gloo): in real 2-process torchrun jobs, the same losses and
+weights as DDP and an exact resume after a SIGKILL; in this process (a gloo group of one rank, no start-up cost), the
+resume of the 2-process checkpoint on one rank with and without FSDP, a SIGTERM, and the exports of a sharded
+checkpoint to the single-file formats, loaded strictly. One uninterrupted FSDP run (module fixture) serves every
+comparison."""
+import shutil
+
+import pytest
+import torch
+
+from train_support import (X4, assert_same_state, kill_after_step, make_image_folder, make_tiny_vae_ckpt, read_steps,
+                           run_train, train_args)
+from utils.ckpt import load_checkpoint
+from utils.ckpt_sharded import SHARDS_KEY, read_full_tensors, remove_unreferenced_shards, shards_folder
+
+# global batch 8 = 2 ranks x 4, --ac 2 (bs 16): 3 iterations per epoch, 6 in all, optimizer steps at odd g_it, and each
+# epoch end cuts an accumulation cycle; progressive training for the first half (from scale 1); checkpoints every 2
+# iterations and at epoch ends; validation at the end; a large lr so that any state not restored shows; fp32, where
+# FSDP and DDP agree up to round-off
+FLAGS = dict(patch_size=4, bs=16, ac=2, ep=2, fp16=0, ckpt_every_iters=2, log_steps=1, tblr=0.5, pg=0.5, pg0=1,
+             val_every_ep=2)
+
+
+def full_state(out):
+    """(the last checkpoint file, VAR's full weights, the optimizer's full moments) of a run's output folder."""
+    ckpt = load_checkpoint(str(out / 'ar-ckpt-last.pth'))
+    if SHARDS_KEY not in ckpt:
+        return ckpt, ckpt['trainer']['var_wo_ddp'], None
+    folder = shards_folder(ckpt, str(out / 'ar-ckpt-last.pth'))
+    return ckpt, read_full_tensors(folder), read_full_tensors(folder, 'optim.state.')
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    """The same 2-process job with DDP and with FSDP + activation checkpointing: (data, vae, root, ddp, fsdp)."""
+    root = tmp_path_factory.mktemp('fsdp')
+    data = make_image_folder(root / 'data', n_classes=3, n_train=8, n_val=2)
+    vae = make_tiny_vae_ckpt(root / 'vae.pth', X4)
+    for name, extra in (('ddp', {}), ('fsdp', dict(fsdp=1, act_ckpt=1))):
+        done = run_train(train_args(data, vae, root / name, **FLAGS, **extra), nproc=2)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert sorted(read_steps(root / name)) == list(range(6))
+    return data, vae, root, root / 'ddp', root / 'fsdp'
+
+
+@pytest.mark.slow
+def test_fsdp_with_act_ckpt_trains_as_ddp(runs):
+    """Losses and final weights of FSDP (sharded weights, gradients reduce-scattered, global-norm clipping on the
+    shards) with activation checkpointing equal DDP's up to float32 round-off. FSDP reduces every micro-batch of an
+    accumulation cycle while DDP adds the micro-batches locally and reduces once: the sums differ in their last bits,
+    which AdamW's normalisation lifts to ~1e-5 in weights whose gradients are near zero."""
+    _, _, _, ddp_out, fsdp_out = runs
+    ddp_losses, fsdp_losses = read_steps(ddp_out), read_steps(fsdp_out)
+    for g_it, loss in ddp_losses.items():
+        assert fsdp_losses[g_it] == pytest.approx(loss, rel=1e-5, abs=1e-6), g_it
+    ckpt, var_sd, optim_sd = full_state(fsdp_out)
+    _, ddp_sd, _ = full_state(ddp_out)
+    assert (ckpt['epoch'], ckpt['iter']) == (2, 0) and len(ckpt['rng']) == 2 and optim_sd
+    assert sorted(var_sd) == sorted(ddp_sd)
+    for k, t in ddp_sd.items():
+        torch.testing.assert_close(var_sd[k], t, rtol=1e-4, atol=5e-5)
+    # only the shard folder the files name is kept
+    assert [p.name for p in fsdp_out.glob('ar-ckpt-shards-*')] == [ckpt[SHARDS_KEY]]
+
+
+@pytest.mark.slow
+def test_fsdp_sigkill_then_rerun_gives_the_uninterrupted_run(runs, tmp_path):
+    """A 2-process FSDP job SIGKILLed after a periodic checkpoint, then the same command: per-step losses, weights,
+    optimizer moments, RNG states and the position equal the uninterrupted run's bit for bit. These runs go without
+    --act_ckpt: that the uninterrupted run used it and still matches bit for bit is the test that activation
+    checkpointing changes no number."""
+    data, vae, _, _, ref_out = runs
+    out = tmp_path / 'interrupted'
+    argv = train_args(data, vae, out, **FLAGS, fsdp=1)
+    # g_it 3 writes the periodic checkpoint (1, 1); the kill comes once step 4 is logged
+    killed_at = kill_after_step(argv, out, step=4, nproc=2)
+    assert killed_at < 5, 'the kill came too late to test anything'
+    resumed = run_train(argv, nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert 'ar-ckpt-last.pth: epoch 1, iteration 1' in resumed.stdout
+    assert read_steps(out) == read_steps(ref_out)
+    ref_ckpt, ref_sd, ref_optim = full_state(ref_out)
+    got_ckpt, got_sd, got_optim = full_state(out)
+    for key in ('epoch', 'iter', 'trainer', 'best', 'rng'):
+        assert_same_state(ref_ckpt[key], got_ckpt[key], key)
+    assert_same_state(ref_sd, got_sd, 'weights')
+    assert_same_state(ref_optim, got_optim, 'optimizer')
+
+
+@pytest.fixture
+def one_rank_group(monkeypatch):
+    """The torchrun environment of one process, so that train.main in this process joins a gloo group of one rank
+    (and leaves it at its end): FSDP without the cost of starting processes."""
+    from train_support import free_port
+    for k, v in dict(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', LOCAL_WORLD_SIZE='1', MASTER_ADDR='127.0.0.1',
+                     MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)
+
+
+def resume_with_lr0(argv, out, fsdp):
+    """train.main in this process, one more epoch at lr 0 from the 2-process checkpoint in `out`: the weights must
+    stay the checkpoint's and the optimizer count on -> the new last checkpoint's (weights, AdamW step counts)."""
+    import train
+    assert train.main(argv + [f'--fsdp={fsdp}']) == 0
+    console = (out / 'stdout.txt').read_text() + (out / 'stderr.txt').read_text()
+    assert 'ar-ckpt-last.pth: epoch 2, iteration 0' in console
+    assert 'written with another number of processes' in console
+    ckpt, var_sd, optim_sd = full_state(out)
+    assert ckpt['epoch'] == 3 and (SHARDS_KEY in ckpt) == bool(fsdp)
+    if optim_sd is None:
+        steps = {int(s['step']) for s in ckpt['trainer']['var_opt']['optimizer']['state'].values()}
+    else:
+        steps = {int(t) for k, t in optim_sd.items() if k.endswith('.step')}
+    return var_sd, steps
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_resumes_on_one_process_with_and_without_fsdp_and_exports(runs, tmp_path, one_rank_group):
+    """The 2-process FSDP checkpoint resumes in one process (train.main here, one gloo rank) with FSDP (resharded)
+    and without it (the DDP code path: full tensors); with lr 0 the weights stay the checkpoint's and AdamW counts on
+    from its 3 steps. Its exports load strictly through models.load_checkpoint_models and the official-format path
+    load_var_weights."""
+    import models
+    from models.loading import load_var_weights, read_checkpoint
+    from utils.export_ckpt import export, main as export_main
+    data, vae, _, _, fsdp_out = runs
+    _, var_sd, _ = full_state(fsdp_out)
+    for fsdp in (1, 0):
+        out = tmp_path / f'one_process_fsdp{fsdp}'
+        shutil.copytree(fsdp_out, out)
+        got_sd, steps = resume_with_lr0(train_args(data, vae, out, **{**FLAGS, 'ep': 3, 'tblr': 0.0}), out, fsdp)
+        assert_same_state(var_sd, got_sd, f'weights, fsdp={fsdp}')
+        assert steps == {3 + 1}  # g_it 6-7 step; g_it 8 opens a cycle that the run's end drops
+
+    project = export(str(fsdp_out), str(tmp_path / 'model.pth'))
+    vae_m, var_m = models.load_checkpoint_models(project)  # strict
+    assert_same_state(var_sd, var_m.state_dict(), 'export')
+    official = tmp_path / 'var_d2.pth'
+    assert export_main([str(fsdp_out / 'ar-ckpt-last.pth'), '--out', str(official), '--format', 'official']) == 0
+    official_sd = torch.load(official, map_location='cpu', weights_only=True)
+    assert sorted(official_sd) == sorted(var_m.state_dict())
+    var_o = load_var_weights(vae_m, official_sd, var_config=read_checkpoint(project)['model_config'])  # strict
+    assert_same_state(var_sd, var_o.state_dict(), 'official export')
+    with pytest.raises(ValueError, match='export_ckpt'):
+        models.load_checkpoint_models(fsdp_out / 'ar-ckpt-last.pth')
+
+
+@pytest.mark.slow
+def test_ddp_checkpoint_resumes_under_fsdp(runs, tmp_path, one_rank_group):
+    """A 2-process DDP (single-file) checkpoint continues under --fsdp 1 on one rank: the full weights and AdamW state
+    are sharded on load; the next checkpoint is sharded."""
+    data, vae, _, ddp_out, _ = runs
+    out = tmp_path / 'ddp_to_fsdp'
+    shutil.copytree(ddp_out, out)
+    _, ddp_sd, _ = full_state(ddp_out)
+    got_sd, steps = resume_with_lr0(train_args(data, vae, out, **{**FLAGS, 'ep': 3, 'tblr': 0.0}), out, fsdp=1)
+    assert_same_state(ddp_sd, got_sd, 'weights')
+    assert steps == {3 + 1}
+
+
+@pytest.mark.slow
+def test_fsdp_sigterm_writes_a_sharded_checkpoint_and_exits_130(tmp_path, one_rank_group):
+    """A preemption notice (SIGTERM) during an FSDP run: a sharded checkpoint at the next cycle end, exit code 130;
+    the same command resumes from it and finishes."""
+    import json
+    import os
+    import signal
+    import threading
+    import time
+
+    import train
+    data = make_image_folder(tmp_path / 'data', n_classes=2, n_train=4, n_val=1)
+    vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth', X4)
+    out = tmp_path / 'out'
+    argv = train_args(data, vae, out, patch_size=4, bs=2, ep=1, log_steps=1, fsdp=1)  # 4 iterations
+
+    def sigterm_after_step_0() -> None:
+        steps, deadline = out / 'steps.jsonl', time.time() + 60
+        while time.time() < deadline:
+            lines = steps.read_text().splitlines() if steps.exists() else []
+            if lines and json.loads(lines[0])['g_it'] == 0:
+                os.kill(os.getpid(), signal.SIGTERM)  # handled in the main thread, by the run's GracefulStop
+                return
+            time.sleep(0.005)
+    sender = threading.Thread(target=sigterm_after_step_0)
+    sender.start()
+    assert train.main(argv) == 130
+    sender.join()
+    ckpt = load_checkpoint(str(out / 'ar-ckpt-last.pth'))
+    assert 0 < ckpt['iter'] < 4 and SHARDS_KEY in ckpt
+    shards_folder(ckpt, str(out / 'ar-ckpt-last.pth'))  # complete
+    assert train.main(argv) == 0
+    assert sorted(read_steps(out)) == list(range(4))
+
+
+def test_fsdp_needs_torchrun(tmp_path, capsys):
+    """--fsdp 1 in a plain single process says how to launch it (exit code 2, no traceback)."""
+    from train import main
+    data = make_image_folder(tmp_path / 'data', n_classes=2, n_train=2, n_val=1)
+    vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth', X4)
+    assert main(train_args(data, vae, tmp_path / 'out', patch_size=4, bs=2, ep=1, fsdp=1)) == 2
+    assert 'torchrun --nproc_per_node=1' in capsys.readouterr().err
+
+
+def test_unreferenced_shard_folders_are_removed(tmp_path):
+    """After a save, only the shard folders that ar-ckpt-last.pth / ar-ckpt-best.pth name remain (a killed write
+    leaves a folder no file names)."""
+    for name in ('ar-ckpt-shards-e0-i2-aaaa', 'ar-ckpt-shards-e1-i0-bbbb', 'ar-ckpt-shards-e1-i1-cccc'):
+        (tmp_path / name).mkdir()
+    torch.save({SHARDS_KEY: 'ar-ckpt-shards-e1-i0-bbbb'}, tmp_path / 'ar-ckpt-last.pth')
+    torch.save({SHARDS_KEY: 'ar-ckpt-shards-e0-i2-aaaa'}, tmp_path / 'ar-ckpt-best.pth')
+    removed = remove_unreferenced_shards(str(tmp_path), 'ar-ckpt-last.pth', 'ar-ckpt-best.pth')
+    assert removed == ['ar-ckpt-shards-e1-i1-cccc']
+    assert sorted(p.name for p in tmp_path.glob('ar-ckpt-shards-*')) == ['ar-ckpt-shards-e0-i2-aaaa',
+                                                                          'ar-ckpt-shards-e1-i0-bbbb']
