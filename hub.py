@@ -2,7 +2,8 @@
 
     # the official release (Hub or local files) -> a folder with config.json, safetensors and a model card
     python hub.py save hf/var-d16 --depth 16 [--vae_ckpt vae_ch160v4096z32.pth --var_ckpt var_d16.pth]
-    # a checkpoint of this project's train.py -> a folder (class names, training command, metrics in the card)
+    # a checkpoint of this project's train.py (DDP or sharded --fsdp 1) -> a folder (class names, training command,
+    # metrics in the card)
     python hub.py save hf/my-var --ckpt local_output/ar-ckpt-best.pth [--metrics metrics.json]
     # a folder or repo id -> the official .pth files and this project's checkpoint format (bit-identical tensors)
     python hub.py export hf/my-var pth/
@@ -23,6 +24,8 @@ from models import hub
 from models.loading import models_from_checkpoint, read_checkpoint
 from sampling.class_names import imagenet_class_names
 from sampling.cli import run_script
+from utils.ckpt_sharded import SHARDS_KEY
+from utils.export_ckpt import exported_state
 from utils.runtime import ConfigError
 
 # sample.py's defaults: the official FID settings
@@ -71,6 +74,8 @@ def save(args: argparse.Namespace) -> None:
         if not os.path.isfile(args.ckpt):
             raise ConfigError(f'--ckpt {args.ckpt} does not exist')
         ckpt = read_checkpoint(args.ckpt)
+        if isinstance(ckpt, dict) and SHARDS_KEY in ckpt:  # a --fsdp 1 run: gather its shards (one process, no GPU)
+            ckpt = exported_state(ckpt, args.ckpt, 'project')
         vae, var = models_from_checkpoint(ckpt, args.ckpt, vae_path=args.vae_ckpt)
         names = ckpt.get('class_names') if isinstance(ckpt, dict) else None
         command = training_command(ckpt) if isinstance(ckpt, dict) else None
