@@ -5,14 +5,15 @@ Shape legend: B batch, L tokens, C width, D condition width, H heads, c head dim
 """
 import functools
 import math
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
-
 from .helpers import DropPath
+
+if TYPE_CHECKING:  # FlexAttention is imported where it is used: its import (torch._dynamo) costs ~1.5 s per process
+    from torch.nn.attention.flex_attention import BlockMask
 
 __all__ = ['FFN', 'SelfAttention', 'AdaLNSelfAttn', 'AdaLNBeforeHead', 'SharedAdaLin', 'kv_caching', 'flex_block_mask']
 
@@ -47,11 +48,12 @@ def compiled_flex_attention() -> Callable:
     validation passes can reach ~9 of them, past dynamo's recompile limit (8), after which the remaining shapes run
     eagerly (slow). Not yet measured on a GPU: whether `dynamic=None` kernels are as fast.
     """
+    from torch.nn.attention.flex_attention import flex_attention
     return torch.compile(flex_attention, dynamic=False)
 
 
 @functools.lru_cache(maxsize=64)
-def _block_mask(patch_nums: tuple, ed: int, device: str) -> BlockMask:
+def _block_mask(patch_nums: tuple, ed: int, device: str) -> 'BlockMask':
     from torch.nn.attention.flex_attention import create_block_mask
     lvl_L = torch.cat([torch.full((pn * pn,), si, device=device) for si, pn in enumerate(patch_nums)])[:ed]
 
@@ -61,7 +63,7 @@ def _block_mask(patch_nums: tuple, ed: int, device: str) -> BlockMask:
     return create_block_mask(block_causal, B=None, H=None, Q_LEN=ed, KV_LEN=ed, device=device)
 
 
-def flex_block_mask(patch_nums: Sequence[int], ed: int, device: Union[str, torch.device]) -> BlockMask:
+def flex_block_mask(patch_nums: Sequence[int], ed: int, device: Union[str, torch.device]) -> 'BlockMask':
     """VAR's block-causal mask (position i sees j iff scale(i) >= scale(j)) of the first `ed` positions, as a
     FlexAttention BlockMask whose fully masked tiles are skipped.
 
@@ -169,7 +171,7 @@ class SelfAttention(nn.Module):
         qkv_bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(input=x, weight=self.mat_qkv.weight, bias=qkv_bias).view(B, L, 3, self.num_heads, self.head_dim)
         main_type = qkv.dtype
-        using_flex = isinstance(attn_bias, BlockMask)
+        using_flex = attn_bias is not None and not isinstance(attn_bias, torch.Tensor)  # a BlockMask
         using_flash = self.flash_attn_func is not None and attn_bias is None and qkv.dtype != torch.float32 \
             and qkv.is_cuda
         using_xform = not (using_flash or using_flex) and self.xformers_attn is not None and qkv.is_cuda
@@ -194,6 +196,7 @@ class SelfAttention(nn.Module):
         if using_flex:
             if dropout_p > 0:
                 raise ValueError('FlexAttention does not support attention dropout; use the SDPA path')
+            from torch.nn.attention.flex_attention import flex_attention
             flex = compiled_flex_attention() if qkv.is_cuda else flex_attention
             oup = flex(q.to(main_type), k.to(main_type), v.to(main_type), block_mask=attn_bias,
                        scale=self.scale).transpose(1, 2).reshape(B, L, C)
