@@ -44,6 +44,37 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_ddp_job_writes_checkpoints_log_and_tensorboard(runs):
+    """The 2-process DDP job (the reference of the FSDP tests) as any run: one RNG state per rank in its checkpoints,
+    the class names in sorted folder order, a best checkpoint, log.txt's epoch records and TensorBoard's scalars and
+    sample grid."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    data, _, _, ddp_out, _ = runs
+    ckpt = load_checkpoint(str(ddp_out / 'ar-ckpt-last.pth'))
+    assert (ckpt['epoch'], ckpt['iter']) == (2, 0) and len(ckpt['rng']) == 2  # one RNG state per rank
+    assert ckpt['derived']['world_size'] == 2 and SHARDS_KEY not in ckpt
+    assert ckpt['class_names'] == sorted(p.name for p in (data / 'train').iterdir())  # id i = i-th sorted folder
+    assert '3 classes, ids in sorted folder order (0: ' in (ddp_out / 'stdout.txt').read_text()
+    assert (ddp_out / 'ar-ckpt-best.pth').exists()
+    records = [json.loads(line) for line in (ddp_out / 'log.txt').read_text().splitlines()]
+    assert records[0]['is_master'] and [r['ep'] for r in records[1:]] == [1, 2] and 'vL_tail' in records[-1]
+    tb_dirs = list(ddp_out.glob('tb-VARd2__pn1_2_3_4__*'))
+    assert len(tb_dirs) == 1
+    ea = EventAccumulator(str(tb_dirs[0]))
+    ea.Reload()
+    scalars = set(ea.Tags()['scalars'])
+    # the iteration scalars come at g_it 0: no optimizer step there with --ac 2 (no grad norm), and progressive
+    # training at scale index 1 (losses and accuracies of the 4 and 8 px scales)
+    for tag in ('AR_opt_lr/lr_max/sche_tlr', 'AR_opt_grad/nonfinite/skipped_total', 'AR_iter_loss/z_voc_usage',
+                'AR_iter_loss/acc_8', 'AR_iter_loss/L_4', 'AR_iter_schedule/prog_si', 'AR_ep_loss/L_mean',
+                'AR_ep_loss/vL_tail', 'AR_z_burnout/rest_hours'):
+        assert tag in scalars, tag
+    assert ea.Tags()['images'] == ['AR_samples/cfg1.5']
+
+
+@pytest.mark.slow
 def test_fsdp_with_act_ckpt_trains_as_ddp(runs):
     """Losses and final weights of FSDP (sharded weights, gradients reduce-scattered, global-norm clipping on the
     shards) with activation checkpointing equal DDP's up to float32 round-off. FSDP reduces every micro-batch of an

@@ -300,15 +300,22 @@ def test_loader_workers_read_the_same_batches(tokset):
 
 
 @pytest.mark.slow
-def test_offline_without_a_tokenizer_path_is_a_clean_error(tokset, tmp_path):
-    """No --vae_ckpt and no network: train.py and pretokenize.py end with a message naming the flag, no traceback."""
+def test_offline_without_a_tokenizer_path_is_a_clean_error(tokset, tmp_path, monkeypatch, capfd):
+    """No --vae_ckpt and no network (the Hub's offline mode, HF_HUB_OFFLINE=1): pretokenize.py and train.py end with
+    a message naming the flag, exit code 2, no traceback (their main()s in this process)."""
+    import huggingface_hub.constants
+
+    import train
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)  # what HF_HUB_OFFLINE=1 sets at import
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     data, _, _, _ = tokset
-    env = dict(cpu_env(), HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf'))
-    for cmd in (pretok_cmd(data, '', tmp_path / 'tok'), [sys.executable, str(ROOT / 'train.py'),
-                                                          *train_args(data, '', tmp_path / 'run', ep=1)]):
-        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2 and '--vae_ckpt' in r.stdout + r.stderr, r.stderr[-2000:]
-        assert 'Traceback' not in r.stderr
+    r = pretok_here(data, '', tmp_path / 'tok')
+    assert r.returncode == 2 and '--vae_ckpt' in r.stdout + r.stderr, r.stderr[-2000:]
+    assert 'Traceback' not in r.stderr
+    capfd.readouterr()
+    assert train.main(train_args(data, '', tmp_path / 'run', ep=1)) == 2
+    console = capfd.readouterr()
+    assert '--vae_ckpt' in console.out + console.err and 'Traceback' not in console.err, console.err[-2000:]
 
     # as officially, vae_ch160v4096z32.pth in the working directory is used without any flag (and without the Hub)
     data, vae, out, _ = tokset
