@@ -317,3 +317,15 @@ def test_save_of_the_official_release_names_the_imagenet_classes(monkeypatch, tm
     assert cfg['class_names'][0] == 'tench' and cfg['sampling']['cfg'] == 4.0
     card = (tmp_path / 'f' / 'README.md').read_text()
     assert 'the official release' in card and 'var_d20.pth' in card and 'cfg=4.0' in card
+
+
+def test_importing_models_loads_neither_the_hub_nor_safetensors():
+    """`import models` stays torch-only and offline: VARHF's base class and the folders' formats load on first use."""
+    import subprocess
+    import sys
+    code = ("import sys, models, models.hub, models.var; "
+            "print(sorted(m for m in ('huggingface_hub', 'safetensors') if m in sys.modules)); "
+            "from models.var import VARHF; print('huggingface_hub' in sys.modules)")
+    r = subprocess.run([sys.executable, '-c', code], cwd=support.ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ['[]', 'True']
