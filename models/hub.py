@@ -13,6 +13,7 @@ The official `VARHF.from_pretrained` therefore reads these folders (with its unt
 Nothing here unpickles: weights are safetensors and the config is JSON. Hub access (huggingface_hub) happens only
 in `resolve_folder` for a repo id and in `push_to_hub`.
 """
+import io
 import json
 import os
 import re
@@ -169,14 +170,20 @@ def _load_tensors(path: str) -> Dict[str, torch.Tensor]:
                           'it is corrupt or truncated: download or save it again') from e
 
 
-def _build(cfg: Mapping[str, Any], device) -> Tuple[VQVAE, VAR]:
-    vae_kwargs = dict(cfg['vae_kwargs'])
-    vae_kwargs['v_patch_nums'] = list(cfg['patch_nums'])
-    vae_kwargs['test_mode'] = True
+def _build_vae(cfg: Mapping[str, Any], device) -> VQVAE:
+    vae_kwargs = {**cfg['vae_kwargs'], 'v_patch_nums': list(cfg['patch_nums']), 'test_mode': True}
     with torch.device(device):
-        vae = VQVAE(**vae_kwargs)
-        var = VAR(vae_local=vae, **{k: cfg[k] for k in _VAR_ARG_KEYS if k in cfg})
-    return vae, var
+        return VQVAE(**vae_kwargs)
+
+
+def _build_var(cfg: Mapping[str, Any], vae: VQVAE, device) -> VAR:
+    with torch.device(device):
+        return VAR(vae_local=vae, **{k: cfg[k] for k in _VAR_ARG_KEYS if k in cfg})
+
+
+def _build(cfg: Mapping[str, Any], device) -> Tuple[VQVAE, VAR]:
+    vae = _build_vae(cfg, device)
+    return vae, _build_var(cfg, vae, device)
 
 
 def _strict_load(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str, device) -> None:
@@ -218,22 +225,20 @@ def from_pretrained(name_or_path: Union[str, os.PathLike], device: Union[str, to
     folder = resolve_folder(name_or_path, revision=revision, cache_dir=cache_dir,
                             local_files_only=local_files_only, token=token)
     cfg = read_config(folder)
-    vae, var = _build(cfg, 'meta')
     if vae_path is not None:
         from .loading import load_vae_checkpoint
         vae = load_vae_checkpoint(vae_path, device=device, patch_nums=cfg['patch_nums'])
-        with torch.device('meta'):
-            var = VAR(vae_local=vae, **{k: cfg[k] for k in _VAR_ARG_KEYS if k in cfg})
     else:
         vae_file = os.path.join(folder, cfg.get('vae_weights') or VAE_WEIGHTS_NAME)
         if not os.path.isfile(vae_file):
             raise FolderError(f'{folder} holds no tokenizer weights ({os.path.basename(vae_file)}), as folders '
                               'written by the official VARHF.save_pretrained; pass the tokenizer (vae_path=, '
                               '--vae_ckpt) or save the folder with models.hub.save_pretrained')
-        _strict_load(vae, _load_tensors(vae_file), f'VQVAE weights in {vae_file}', device)
+        vae = _build_vae(cfg, 'meta')
+        _strict_load(vae, _load_tensors(vae_file), f'VQVAE weights in {vae_file}', device)  # materialised in place
+    var = _build_var(cfg, vae, 'meta')
     _strict_load(var, _load_tensors(os.path.join(folder, VAR_WEIGHTS_NAME)),
                  f'VAR weights in {os.path.join(folder, VAR_WEIGHTS_NAME)}', device)
-    var.vae_proxy, var.vae_quant_proxy = (vae,), (vae.quantize,)
     return vae.eval(), var.eval()
 
 
@@ -264,13 +269,9 @@ def export_pth(name_or_path: Union[str, os.PathLike], out_dir: Union[str, os.Pat
     project = {'trainer': {'var_wo_ddp': var_sd, 'vae_local': vae_sd}, 'model_config': model_config,
                'vae_config': vae_config, 'class_names': cfg.get('class_names')}
     for path, obj in ((vae_path, vae_sd), (var_path, var_sd), (ckpt_path, project)):
-        tmp = f'{path}.tmp-{os.getpid()}'
-        try:
-            torch.save(obj, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        _atomic_write_bytes(path, buffer.getvalue())
     return [vae_path, var_path, ckpt_path]
 
 
