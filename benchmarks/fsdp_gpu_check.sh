@@ -12,18 +12,8 @@ export PYTHONUNBUFFERED=1
 python3 -m benchmarks.fsdp_gpu_check --out "$OUT/fsdp_gpu_check.json" --budget_s 150 > "$OUT/memory_speed.log" 2>&1
 echo "== memory/speed rc=$?"; tail -12 "$OUT/memory_speed.log"
 
-python3 - <<'PY'
-import os, numpy as np, torch
-from PIL import Image
-from models import VQVAE
-rng = np.random.default_rng(0)
-for split, n in (('train', 128), ('val', 16)):
-    for c in range(4):
-        d = f'/tmp/fsdp_data/{split}/class{c}'; os.makedirs(d, exist_ok=True)
-        for i in range(n // 4):
-            Image.fromarray(rng.integers(0, 255, (9, 9, 3), dtype=np.uint8)).resize((288, 288), Image.BICUBIC).save(f'{d}/{i}.jpg')
-torch.save(VQVAE(vocab_size=4096, z_channels=32, ch=160).state_dict(), '/tmp/fsdp_vae.pth')
-PY
+python3 -m benchmarks.synthetic_data --out /tmp/fsdp_data --train 128 --val 16 --size 288x288 --quality 75 \
+  --vae /tmp/fsdp_vae.pth
 FLAGS="--depth=8 --bs=32 --fp16=2 --alng=1e-3 --wpe=0.1 --data_path=/tmp/fsdp_data --vae_ckpt=/tmp/fsdp_vae.pth --workers=4 --seed=0 --log_steps=1 --ckpt_every_iters=2 --local_out_dir_path=/tmp/out_fsdp --fsdp=1 --act_ckpt=1 --flex=1"
 torchrun --nproc_per_node=1 train.py $FLAGS --tfast=3 --ep=1 > "$OUT/train_fsdp.log" 2>&1
 echo "== fsdp + compile + flex + act_ckpt, ep1 rc=$?"; grep -E "speed|error|Traceback" "$OUT/train_fsdp.log" | tail -4

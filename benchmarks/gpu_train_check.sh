@@ -4,19 +4,7 @@ set -u
 OUT=${OUT:-/tmp/gpu_train_check}  # the device tool sets OUT; elsewhere the logs go here
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-python3 - <<'PY'
-import os, numpy as np, torch
-from PIL import Image
-from models import VQVAE
-rng = np.random.default_rng(0)
-for split, n in (('train', 1024), ('val', 64)):
-    for c in range(4):
-        d = f'/tmp/data/{split}/class{c}'; os.makedirs(d, exist_ok=True)
-        for i in range(n // 4):
-            base = rng.integers(0, 255, (9, 9, 3), dtype=np.uint8)  # smooth random images, 300x280
-            Image.fromarray(base).resize((300, 280), Image.BICUBIC).save(f'{d}/{i}.jpg', quality=90)
-torch.save(VQVAE(vocab_size=4096, z_channels=32, ch=160).state_dict(), '/tmp/vae.pth')
-PY
+python3 -m benchmarks.synthetic_data --out /tmp/data --train 1024 --val 64 --size 300x280 --vae /tmp/vae.pth
 for fp in 2 1; do
   python3 train.py --depth=16 --bs=64 --ep=1 --fp16=$fp --alng=1e-3 --wpe=0.1 --data_path=/tmp/data --vae_ckpt=/tmp/vae.pth \
     --local_out_dir_path=/tmp/out_fp$fp --workers=8 --val_every_ep=1 --seed=0 > $OUT/train_fp$fp.log 2>&1

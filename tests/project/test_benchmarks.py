@@ -85,3 +85,16 @@ def test_device_peaks():
     from benchmarks.flops import device_peak_tflops
     assert device_peak_tflops('NVIDIA H200') == 790 and device_peak_tflops('NVIDIA H100 80GB HBM3') == 989
     assert device_peak_tflops('some new GPU') == 0
+
+
+def test_synthetic_data_of_the_gpu_checks_is_an_image_folder(tmp_path):
+    from PIL import Image
+
+    from benchmarks import synthetic_data
+    from utils.data import build_dataset
+    assert synthetic_data.main(['--out', str(tmp_path), '--train', '8', '--val', '4', '--size', '40x30']) == 0
+    files = sorted(tmp_path.rglob('*.jpg'))
+    assert len(files) == 12 and {f.parent.name for f in files} == {f'class{c}' for c in range(4)}
+    assert Image.open(files[0]).size == (40, 30)
+    num_classes, train_set, val_set = build_dataset(str(tmp_path), final_reso=16)  # what train.py reads
+    assert (num_classes, len(train_set), len(val_set)) == (4, 8, 4) and train_set[0][0].shape == (3, 16, 16)
