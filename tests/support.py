@@ -2,7 +2,10 @@
 
 Importable as `support` (pyproject.toml puts `tests/` on pytest's path); fixtures live in conftest.py.
 """
+import contextlib
+import io
 from pathlib import Path
+from typing import Callable, List
 
 import pytest
 import torch
@@ -23,3 +26,14 @@ def shared_path(*parts: str) -> Path:
 
 def requires_cuda():
     return pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+
+
+def main_in_process(main: Callable[[List[str]], int], *argv) -> None:
+    """A script's main() in this process; a user mistake (exit code 2, no traceback) is raised as SystemExit with its
+    stderr message."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    if code != 0:
+        assert code == 2 and 'Traceback' not in err.getvalue(), (code, err.getvalue())
+        raise SystemExit(err.getvalue().strip())

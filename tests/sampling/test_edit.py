@@ -16,6 +16,7 @@ import edit
 from models import PATCH_NUMS as PRESET_PATCH_NUMS, build_vae_var
 from models.var import get_edit_mask
 from sampling import editing
+import support
 from support import TINY
 
 PATCH_NUMS = TINY['patch_nums']
@@ -360,12 +361,7 @@ def test_cli_writes_the_variations_and_the_strip(tmp_path, tiny_ckpt, models_pai
 
 def _cli(*argv):
     """edit.main in this process; a user mistake (exit code 2) is raised as SystemExit with its stderr message."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = edit.main([str(a) for a in argv])
-    if code != 0:
-        assert code == 2 and 'Traceback' not in err.getvalue(), (code, err.getvalue())
-        raise SystemExit(err.getvalue().strip())
+    support.main_in_process(edit.main, *argv)
 
 
 def _edit_paths(*argv):

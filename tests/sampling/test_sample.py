@@ -1,7 +1,6 @@
 """sample.py and sampling/draw.py, sampling/fid_export.py on a tiny 64px model: grids, the FID export (1 vs 2 real
 processes, a real kill and restart), classifier rejection, and clear errors for bad input. CPU only."""
 import contextlib
-import io
 import os
 import re
 import signal
@@ -27,12 +26,7 @@ FID_ARGS = ['--mode', 'fid', '--per_class', '4', '--bs', '2', '--classes', '0,1,
 
 def _main(*argv):
     """sample.main in this process; a user mistake (exit code 2) is raised as SystemExit with its stderr message."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = sample.main([str(a) for a in argv])
-    if code != 0:
-        assert code == 2 and 'Traceback' not in err.getvalue(), (code, err.getvalue())
-        raise SystemExit(err.getvalue().strip())
+    support.main_in_process(sample.main, *argv)
 
 
 @contextlib.contextmanager
