@@ -30,6 +30,19 @@ def full_state(out):
     return ckpt, read_full_tensors(folder), read_full_tensors(folder, 'optim.state.')
 
 
+def run_fsdp_job(argv, out):
+    """run_train with 2 processes. Once in about a dozen suite runs under load, a rank of a finished FSDP job (its
+    last checkpoint written, '[fit] done' logged) has aborted in the interpreter's teardown ('terminate called without
+    an active exception', exit -6), never alone on an idle machine; such a job is run once more from scratch, so that
+    the checks below see a job that exits 0. The abort is a known, open issue (README, scale-out)."""
+    done = run_train(argv, nproc=2)
+    if done.returncode != 0 and 'terminate called without an active exception' in done.stderr \
+            and (out / 'stdout.txt').exists() and '[fit] done' in (out / 'stdout.txt').read_text():
+        shutil.rmtree(out)
+        done = run_train(argv, nproc=2)
+    return done
+
+
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
     """The same 2-process job with DDP and with FSDP + activation checkpointing: (data, vae, root, ddp, fsdp)."""
@@ -37,7 +50,7 @@ def runs(tmp_path_factory):
     data = make_image_folder(root / 'data', n_classes=3, n_train=8, n_val=2)
     vae = make_tiny_vae_ckpt(root / 'vae.pth', X4)
     for name, extra in (('ddp', {}), ('fsdp', dict(fsdp=1, act_ckpt=1))):
-        done = run_train(train_args(data, vae, root / name, **FLAGS, **extra), nproc=2)
+        done = run_fsdp_job(train_args(data, vae, root / name, **FLAGS, **extra), root / name)
         assert done.returncode == 0, done.stderr[-3000:]
         assert sorted(read_steps(root / name)) == list(range(6))
     return data, vae, root, root / 'ddp', root / 'fsdp'
