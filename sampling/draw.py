@@ -33,6 +33,16 @@ def to_uint8_BHW3(img_B3HW: torch.Tensor) -> np.ndarray:
     return img_B3HW.float().permute(0, 2, 3, 1).mul(255).to(torch.uint8).cpu().numpy()
 
 
+def fast_switches(fast: int, device: torch.device) -> dict:
+    """sample.py's --fast level -> `autoregressive_infer_cfg`'s fast-path switches (CUDA only; none elsewhere)."""
+    if not fast or device.type != 'cuda':
+        return {}
+    switches = dict(partial_sort=True, compiled=True, cuda_graph=True)
+    if fast >= 2:
+        switches['stream_dtype'] = torch.bfloat16
+    return switches
+
+
 @torch.inference_mode()
 def sample_uint8(var: models.VAR, labels: Sequence[int], seeds: Sequence[int], args: argparse.Namespace,
                  on_scale: Optional[Callable[[int, torch.Tensor], None]] = None) -> np.ndarray:
@@ -41,7 +51,7 @@ def sample_uint8(var: models.VAR, labels: Sequence[int], seeds: Sequence[int], a
     device = var.class_emb.weight.device
     label_B = torch.tensor(list(labels), dtype=torch.long, device=device)
     with autocast_context(args.fp16, device):
-        fast = dict(partial_sort=True, compiled=True, cuda_graph=True) if args.fast and device.type == 'cuda' else {}
+        fast = fast_switches(args.fast, device)
         img_B3HW = var.autoregressive_infer_cfg(len(labels), label_B, g_seed=list(seeds), cfg=args.cfg,
                                                 top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth,
                                                 on_scale=on_scale, **fast)

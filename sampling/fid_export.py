@@ -60,7 +60,7 @@ def fid_manifest(args: argparse.Namespace, var: models.VAR, classes: Sequence[in
         classes='all' if list(classes) == list(range(var.num_classes)) else list(classes), per_class=args.per_class,
         seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth,
         fp16=args.fp16 if device.type == 'cuda' else 0, tf32=bool(args.tf32) if device.type == 'cuda' else False,
-        fast=bool(args.fast) and device.type == 'cuda',
+        fast=int(args.fast) if device.type == 'cuda' else 0,  # 0/1 compare equal to the older false/true
         device=device.type, to_uint8='x*255, truncated',
         rejection=None if args.classifier_ckpt is None else dict(
             arch=args.classifier_arch, sha256=file_sha256(args.classifier_ckpt), candidates=args.rej_candidates),

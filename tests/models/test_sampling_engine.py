@@ -402,4 +402,4 @@ def test_sampling_keeps_the_official_signature_and_the_fast_path_switches():
         ('self', inspect.Parameter.empty), ('B', inspect.Parameter.empty), ('label_B', inspect.Parameter.empty),
         ('g_seed', None), ('cfg', 1.5), ('top_k', 0), ('top_p', 0.0), ('more_smooth', False),
         ('input_img_tokens', None), ('edit_mask', None), ('kv_cache', 'prealloc'), ('partial_sort', False),
-        ('cuda_graph', False), ('compiled', False), ('on_scale', None)]
+        ('cuda_graph', False), ('compiled', False), ('stream_dtype', None), ('on_scale', None)]
