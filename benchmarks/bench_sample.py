@@ -4,11 +4,14 @@ reference = the official-equivalent path: KV cache grown by concatenation, full-
             NCHW decoder, no graphs.
 fast      = preallocated KV cache written in place, top-p over the top-k survivors, torch.compile of the
             per-scale transformer steps and of the decoder, CUDA graphs of the per-scale steps.
+fast_bf16 = fast with the bf16 residual stream and bf16 decoder (models/lowp.py; bf16 rows only: it is the one
+            path whose numbers differ from the reference's, within bf16 tolerance).
 Both run under the same autocast dtype, with CFG (2B rows), top-k 900, top-p 0.96, including the VQVAE decode.
 Random weights: speed does not depend on them. Each row also gives ms per image, the achieved TFLOP/s of the model
 FLOPs (benchmarks.flops: transformer with CFG plus decode) and their % of the dense bf16 peak (--peak_tflops).
 
     python -m benchmarks.bench_sample --depths 16,20,24,30 --batches 16,64,256 --dtypes bf16,fp16 --d36 --d36_batches 16
+    python -m benchmarks.bench_sample --depths 30 --paths reference,fast_bf16
 """
 import argparse
 import gc
@@ -18,7 +21,7 @@ import torch
 from benchmarks.common import DTYPES, peak_gib, print_table, time_cuda, write_json
 from benchmarks.flops import device_peak_tflops, sampling_flops
 from models import PRESETS, build_vae_var
-from models.engine import release_cuda_graphs
+from models.engine import release_sampling_caches
 from utils.runtime import set_tf32
 
 COLUMNS = ['model', 'batch', 'dtype', 'path', 'img_per_s', 'ms_per_img', 'peak_gib', 'tflops', 'pct_peak', 'speedup',
@@ -26,17 +29,22 @@ COLUMNS = ['model', 'batch', 'dtype', 'path', 'img_per_s', 'ms_per_img', 'peak_g
 PATHS = {
     'reference': dict(kv_cache='concat', partial_sort=False, cuda_graph=False),
     'fast': dict(kv_cache='prealloc', partial_sort=True, cuda_graph=True, compiled=True),
+    'fast_bf16': dict(kv_cache='prealloc', partial_sort=True, cuda_graph=True, compiled=True,
+                      stream_dtype=torch.bfloat16),
 }
 
 
-def bench_one(depth: int, B: int, dtype: torch.dtype, repeats: int, peak_tflops: float):
+def bench_one(depth: int, B: int, dtype: torch.dtype, repeats: int, peak_tflops: float, paths=tuple(PATHS)):
     torch.manual_seed(0)
     vae, var = build_vae_var(device='cuda', **PRESETS[f'd{depth}'])
     var.eval()
     flops_per_img = sampling_flops(vae, var, cfg=True)['total']  # model FLOPs: transformer with CFG + decode
     labels = torch.arange(B, device='cuda') % 1000
     rows = []
-    for name, kw in PATHS.items():
+    for name in paths:
+        kw = PATHS[name]
+        if kw.get('stream_dtype', dtype) != dtype:
+            continue  # the bf16 stream under fp16 autocast would be a bf16 row in an fp16 table
         def run():
             with torch.inference_mode(), torch.autocast('cuda', dtype=dtype):
                 var.autoregressive_infer_cfg(B=B, label_B=labels, g_seed=0, cfg=1.5, top_k=900, top_p=0.96, **kw)
@@ -51,16 +59,16 @@ def bench_one(depth: int, B: int, dtype: torch.dtype, repeats: int, peak_tflops:
                        pct_peak=100 * tflops / peak_tflops if peak_tflops else None,
                        gflop_per_img=flops_per_img / 1e9)
         except torch.cuda.OutOfMemoryError:
-            row.update(note='out of memory')  # a row, not a crash: the other path and configurations still run
-            release_cuda_graphs(var)
-            torch.cuda.empty_cache()
+            row.update(note='out of memory')  # a row, not a crash: the other paths and configurations still run
+        release_sampling_caches(var)  # each path's graphs and copies go before the next path's peak is measured
+        torch.cuda.empty_cache()
         rows.append(row)
-    release_cuda_graphs(var)
     torch._dynamo.reset()  # compiled code holds references to this model's parameters
-    ref, fast = rows
-    if 'img_per_s' in ref and 'img_per_s' in fast:
-        fast['speedup'] = fast['img_per_s'] / ref['img_per_s']
-        fast['mem_ratio'] = fast['peak_gib'] / ref['peak_gib']
+    ref = next((r for r in rows if r['path'] == 'reference' and 'img_per_s' in r), None)
+    for row in rows:
+        if ref is not None and row is not ref and 'img_per_s' in row:
+            row['speedup'] = row['img_per_s'] / ref['img_per_s']
+            row['mem_ratio'] = row['peak_gib'] / ref['peak_gib']
     return rows
 
 
@@ -71,6 +79,7 @@ def main(argv=None):
     p.add_argument('--dtypes', default='bf16')
     p.add_argument('--d36', action='store_true', help='also d36 at 512 px, at the batches of --d36_batches')
     p.add_argument('--d36_batches', default='32,64', help='d36 batches (512 px: the reference needs ~4x the memory)')
+    p.add_argument('--paths', default=','.join(PATHS), help='of: ' + ', '.join(PATHS))
     p.add_argument('--peak_tflops', type=float, default=0.0,
                    help="the device's dense bf16 peak for the %% column (default: from benchmarks.flops by GPU name)")
     p.add_argument('--repeats', type=int, default=5)
@@ -86,11 +95,16 @@ def main(argv=None):
                for t in args.dtypes.split(',')]  # --depths '' with --d36: d36 alone
     if args.d36:
         configs += [(36, int(b), DTYPES[t]) for b in args.d36_batches.split(',') for t in args.dtypes.split(',')]
+    paths = [p for p in args.paths.split(',') if p]
+    unknown = set(paths) - set(PATHS)
+    if unknown:
+        raise SystemExit(f'unknown --paths {sorted(unknown)}; known: {", ".join(PATHS)}')
     for depth, B, dtype in configs:
-        rows += bench_one(depth, B, dtype, args.repeats, peak)
+        new = bench_one(depth, B, dtype, args.repeats, peak, paths)
+        rows += new
         gc.collect()  # the models of bench_one are garbage now
         torch.cuda.empty_cache()
-        print_table('VAR sampling (cfg 1.5, top-k 900, top-p 0.96, VQVAE decode included)', rows[-2:], COLUMNS)
+        print_table('VAR sampling (cfg 1.5, top-k 900, top-p 0.96, VQVAE decode included)', new, COLUMNS)
         # after every configuration: a cut run keeps its rows
         write_json(args.json, {'benchmark': 'sample', 'peak_tflops': peak, 'rows': rows})
     print_table('VAR sampling, all configurations', rows, COLUMNS)

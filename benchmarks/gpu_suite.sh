@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one GPU run of issue 14: the GPU tests, then every benchmark row with its reference row in the same process.
-# The step limits add up to 595 s, under the device tool's 600 s per command, most important first. Logs and JSON
+# The step limits add up to 590 s, under the device tool's 600 s per command, most important first. Logs and JSON
 # go to $OUT (the device tool's folder; elsewhere /tmp/gpu_suite).
 #   bash benchmarks/gpu_suite.sh            # everything, most important first; each step has its own time limit
 set -u
@@ -19,17 +19,20 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu
 $PY -c "import torch; print(torch.__version__, torch.version.cuda)" >> "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 # 1. correctness on the GPU: fast paths against the reference (greedy equality in fp32, bf16 tolerance)
-step gpu_tests 120 $PY -m pytest -q -m gpu -x tests
-# 2. sampling, d16 at the targets' batch (the headline row), then d30, then d36 at 512 px
-step sample_d16 100 $PY -m benchmarks.bench_sample --depths 16 --batches 64 --dtypes bf16 --repeats 5 \
+step gpu_tests 80 $PY -m pytest -q -m gpu -x tests
+# 2. sampling, d16 at the targets' batch (the headline rows: reference, fast, fast with the bf16 stream)
+step sample_d16 120 $PY -m benchmarks.bench_sample --depths 16 --batches 64 --dtypes bf16 --repeats 5 \
   --json "$OUT/sample_d16.json"
-step sample_d30 100 $PY -m benchmarks.bench_sample --depths 30 --batches 64 --dtypes bf16 --repeats 3 \
-  --json "$OUT/sample_d30.json"
-# 3. the training step, d16 with and without the tokenizer encode, then d24
-step train_d16_d24 140 $PY -m benchmarks.bench_train --depths 16,24 --dtypes bf16 --batch 64 --repeats 5 \
+# 3. where d16's time goes, and the candidates that choose the defaults (bf16 stream, decoder memory format)
+step profile_d16 80 $PY -m benchmarks.profile_sample --depth 16 --batch 64 --json "$OUT/profile_d16.json"
+step sample_d30 80 $PY -m benchmarks.bench_sample --depths 30 --batches 64 --dtypes bf16 --repeats 3 \
+  --paths reference,fast_bf16 --json "$OUT/sample_d30.json"
+# 4. the training step, d16 with and without the tokenizer encode, then d24
+step train_d16_d24 100 $PY -m benchmarks.bench_train --depths 16,24 --dtypes bf16 --batch 64 --repeats 5 \
   --json "$OUT/train.json"
-# 4. the tokenizer encode candidates with the share of token ids they change (never measured so far)
-step encode 50 $PY -m benchmarks.bench_encode --batch 64 --json "$OUT/encode.json"
-step sample_d36 85 $PY -m benchmarks.bench_sample --depths '' --dtypes bf16 --repeats 2 --d36 \
-  --d36_batches 32,64 --json "$OUT/sample_d36.json"
+# 5. the tokenizer encode candidates with the share of token ids they change (never measured so far)
+step encode 30 $PY -m benchmarks.bench_encode --batch 64 --json "$OUT/encode.json"
+# 6. d36 at 512 px: reference and the bf16 fast path, batch 32 then 64 (rows are written as they finish)
+step sample_d36 100 $PY -m benchmarks.bench_sample --depths '' --dtypes bf16 --repeats 2 --d36 \
+  --d36_batches 32,64 --paths reference,fast_bf16 --json "$OUT/sample_d36.json"
 cat "$OUT/summary.txt"

@@ -98,3 +98,43 @@ def test_synthetic_data_of_the_gpu_checks_is_an_image_folder(tmp_path):
     assert Image.open(files[0]).size == (40, 30)
     num_classes, train_set, val_set = build_dataset(str(tmp_path), final_reso=16)  # what train.py reads
     assert (num_classes, len(train_set), len(val_set)) == (4, 8, 4) and train_set[0][0].shape == (3, 16, 16)
+
+
+def _suite_commands(script: str):
+    """The `python -m benchmarks.NAME ARGS` commands of a GPU script (continuation lines joined, $OUT and $PY read
+    as a folder and python) -> [(name, argv)], and the sum of its step time limits."""
+    import re
+    import shlex
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[2] / 'benchmarks' / script).read_text().replace('\\\n', ' ')
+    commands, limit_s = [], 0
+    for line in text.splitlines():
+        step = re.match(r'\s*step \S+ (\d+) ', line)
+        limit_s += int(step.group(1)) if step else 0
+        found = re.search(r'-m benchmarks\.(\w+)(.*?)(?:>|$)', line.split('#')[0])
+        if found:
+            argv = shlex.split(found.group(2).replace('"$OUT', '"/tmp/suite_out'))
+            commands.append((found.group(1), argv))
+    return commands, limit_s
+
+
+@pytest.mark.parametrize('script', ['gpu_suite.sh', 'fsdp_gpu_check.sh'])
+def test_gpu_scripts_pass_flags_their_benchmarks_accept(script, monkeypatch):
+    """Before a GPU's minutes are spent: every benchmark a GPU script runs accepts its flags (each main is stopped
+    right after its parser has read them), and the suite's step limits fit the device tool's 600 s per command."""
+    import argparse
+    commands, limit_s = _suite_commands(script)
+    assert commands
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        parse(self, args, namespace)  # a wrong flag exits with code 2 here
+        raise SystemExit('flags parsed')
+    monkeypatch.setattr(argparse.ArgumentParser, 'parse_args', parse_then_stop)
+    for name, argv in commands:
+        module = importlib.import_module(f'benchmarks.{name}')
+        with pytest.raises(SystemExit) as stop:
+            module.main(argv)
+        assert stop.value.code == 'flags parsed', (name, argv, stop.value.code)
+    if script == 'gpu_suite.sh':
+        assert 0 < limit_s <= 595
