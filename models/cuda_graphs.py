@@ -1,4 +1,5 @@
-"""CUDA-graph capture of VAR's per-scale inference steps (the `cuda_graph=True` sampling path of `models.engine`).
+"""CUDA-graph capture of VAR's sampling: the per-scale inference steps (`cuda_graph=True`, `ScaleStepGraphs`) or the
+whole loop as one graph (`cuda_graph='loop'`, `SamplingLoopGraph`), for the sampling paths of `models.engine`.
 
 Every scale has static shapes (2B rows, pn*pn tokens, a KV cache that ends at the scale's end), so the whole
 transformer step of each scale -- all blocks and the head -- is captured once and replayed. The captured
@@ -139,3 +140,116 @@ class ScaleStepGraphs:
         self.static_x[si].copy_(x_BlC)
         self.graphs[si].replay()
         return self.static_logits[si]
+
+
+def rng_layout(rng) -> str:
+    """'global' (no generator: the device's default one), 'one' (one generator for the batch) or 'rows:B'."""
+    if rng is None:
+        return 'global'
+    if isinstance(rng, torch.Generator):
+        return 'one'
+    return f'rows:{len(rng)}'
+
+
+class SamplingLoopGraph:
+    """The whole sampling loop of a VAR for one batch size, one set of sampling settings and one generator layout,
+    captured as one CUDA graph: the first scale's input from the labels, then for every scale the transformer step,
+    CFG, top-k/top-p filtering, sampling, and the next scale's input; out comes the final latent f_hat (decoded
+    outside the graph, in chunks).
+
+    Random numbers: the graph owns generators of its own (one, or one per row), registered with it before capture.
+    Each run copies the caller's generator states in, replays, and copies the advanced states back: the same random
+    numbers as the plain path (CUDA's graph-safe Philox reads the seed and offset at replay), and the caller's
+    generators end where the plain path would leave them. With no generator the device's default one is used,
+    which CUDA graphs handle themselves. Filtering uses the full sort (the partial sort needs a host sync).
+
+    `capture=False` runs the same loop eagerly (on any device) instead of replaying a graph: the CPU tests check the
+    loop, the static buffers and the generator hand-over that way; only the capture itself needs a GPU.
+    """
+
+    def __init__(self, var: nn.Module, model: nn.Module, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 B: int, settings: dict, layout: str, amp_dtype: Optional[torch.dtype], device: torch.device,
+                 capture: bool = True):
+        self._var, self._model = weakref.ref(var), weakref.ref(model)
+        self.step, self.settings, self.capture = step, dict(settings), capture
+        self.static_label = torch.zeros(B, dtype=torch.long, device=device)
+        n_gens = {'global': 0, 'one': 1}.get(layout, B)
+        self.gens = [torch.Generator(device=device) for _ in range(n_gens)]
+        self.rng = None if layout == 'global' else (self.gens[0] if layout == 'one' else self.gens)
+        # Under autocast: pre-cast Linear weights for what runs under it, the whole model or, when the steps run on
+        # a bf16 copy with autocast off, the word embedding of the next-scale input
+        self.amp_dtype = amp_dtype
+        cast_root = var if model is var else var.word_embed
+        self.cast = CastLinearWeights(cast_root, amp_dtype) if amp_dtype is not None else None
+        quant = var.vae_quant_proxy[0]
+        self.addresses = tensor_addresses(var) + tensor_addresses(quant) + tensor_addresses(model)
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.static_f_hat: Optional[torch.Tensor] = None
+        if capture:
+            self._capture(var, model, device)
+
+    def _amp(self):
+        torch.clear_autocast_cache()  # see ScaleStepGraphs: a captured graph must not read autocast's cached casts
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.static_label.device.type, dtype=self.amp_dtype, cache_enabled=False)
+
+    def _loop(self, var: nn.Module) -> torch.Tensor:
+        cond_BD, lvl_pos, next_token_map, f_hat = var._first_scale_input(self.static_label)
+        return var._sample_scales(lambda si, x_BlC: self.step(x_BlC, cond_BD), next_token_map, f_hat, lvl_pos,
+                                  self.rng, partial_sort=False, **self.settings)
+
+    def _capture(self, var: nn.Module, model: nn.Module, device: torch.device) -> None:
+        kv_caching(model.blocks, True, model.L)
+        try:
+            with torch.cuda.device(device), self._amp(), \
+                    (self.cast.swapped_in() if self.cast is not None else contextlib.nullcontext()):
+                # warm up on a side stream (allocates the KV caches, compiles, picks kernels); the default
+                # generator's state is put back: the warm-up's draws are not the caller's
+                rng_state = torch.cuda.get_rng_state(device)
+                side = torch.cuda.Stream(device=device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    self._loop(var)
+                torch.cuda.current_stream(device).wait_stream(side)
+                torch.cuda.set_rng_state(rng_state, device)
+                self.kv = [(b.attn.cached_k, b.attn.cached_v) for b in model.blocks]
+                for b in model.blocks:
+                    b.attn.cached_len = 0
+                self.graph = torch.cuda.CUDAGraph()
+                for g in self.gens:
+                    self.graph.register_generator_state(g)
+                with torch.cuda.graph(self.graph):
+                    self.static_f_hat = self._loop(var)
+        finally:
+            kv_caching(model.blocks, False)  # the graph keeps writing into self.kv
+
+    def still_valid(self) -> bool:
+        """False once a tensor the graph reads has moved, or its model is gone."""
+        var, model = self._var(), self._model()
+        if var is None or model is None:
+            return False
+        addresses = tensor_addresses(var) + tensor_addresses(var.vae_quant_proxy[0]) + tensor_addresses(model)
+        return addresses == self.addresses
+
+    def run(self, label_B: torch.Tensor, rng) -> torch.Tensor:
+        """Sample for `label_B`, drawing from `rng` (the layout this graph was made for) -> the final f_hat."""
+        self.static_label.copy_(label_B)
+        if self.cast is not None:
+            self.cast.refresh()
+        callers = [] if rng is None else ([rng] if isinstance(rng, torch.Generator) else list(rng))
+        for own, theirs in zip(self.gens, callers):
+            own.set_state(theirs.get_state())
+        if self.capture:
+            self.graph.replay()
+        else:
+            var, model = self._var(), self._model()
+            kv_caching(model.blocks, True, model.L)
+            try:
+                with self._amp(), (self.cast.swapped_in() if self.cast is not None else contextlib.nullcontext()):
+                    self.static_f_hat = self._loop(var)
+            finally:
+                kv_caching(model.blocks, False)
+        for own, theirs in zip(self.gens, callers):
+            theirs.set_state(own.get_state())
+        return self.static_f_hat

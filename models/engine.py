@@ -87,8 +87,11 @@ class SamplingEngine:
         """Refuse unknown or impossible switches before anything is drawn from a generator."""
         if kv_cache not in KV_CACHE_MODES:
             raise ValueError(f"kv_cache must be 'concat' or 'prealloc', got {kv_cache!r}")
+        if cuda_graph not in (False, True, 'loop'):
+            raise ValueError(f"cuda_graph must be False, True (per-scale graphs) or 'loop' (one graph), "
+                             f"got {cuda_graph!r}")
         if cuda_graph and device.type != 'cuda':
-            raise ValueError('cuda_graph=True needs the model on a CUDA device')
+            raise ValueError(f'cuda_graph={cuda_graph!r} needs the model on a CUDA device')
         check_stream_dtype(stream_dtype)
 
     def compiled_step(self) -> Callable:
@@ -129,7 +132,7 @@ class SamplingEngine:
         mode (captured on first use, and again when the model's tensors have moved; the static input buffers of a
         capture under inference_mode cannot be written outside it). `model` is the VAR, or its bf16 step copy."""
         from .cuda_graphs import ScaleStepGraphs
-        key = (cond_BD.shape[0], amp_dtype, str(cond_BD.device), compiled, torch.is_inference_mode_enabled(),
+        key = ('scales', cond_BD.shape[0], amp_dtype, str(cond_BD.device), compiled, torch.is_inference_mode_enabled(),
                self.var.training, id(model))
         if key not in self._graphs or not self._graphs[key].still_valid():
             self._graphs.clear()  # one captured batch size at a time: graphs pin their memory
@@ -137,6 +140,36 @@ class SamplingEngine:
         graphs = self._graphs[key]
         graphs.set_condition(cond_BD)
         return graphs
+
+    def step_function(self, device: torch.device, compiled: bool, stream_dtype: Optional[torch.dtype]):
+        """-> (the module the steps run on: the VAR or its bf16 copy; `step(x_2BlC, cond_2BD) -> logits`; the
+        autocast dtype a graph capture must reproduce, None when the copy runs without autocast)."""
+        check_stream_dtype(stream_dtype)
+        model = self.var if stream_dtype is None else self.step_copy(stream_dtype)
+        base = self.compiled_step() if compiled else scale_step
+        if stream_dtype is None:
+            return model, functools.partial(base, model), autocast_dtype(device.type)
+        # the copy is already in its dtype: nothing for autocast or the graphs' weight casts
+        return model, functools.partial(_low_precision_step, base, model), None
+
+    def sample_in_one_graph(self, label_B: torch.Tensor, rng, settings: dict, compiled: bool = False,
+                            stream_dtype: Optional[torch.dtype] = None, capture: bool = True) -> torch.Tensor:
+        """The whole sampling loop for these labels as one CUDA graph (`models.cuda_graphs.SamplingLoopGraph`),
+        captured on first use per batch size, settings, generator layout, autocast dtype and switches -> the final
+        f_hat (a static buffer, valid until the next call). `capture=False` runs the same loop without a graph (how
+        the CPU tests check everything but the capture)."""
+        from .cuda_graphs import SamplingLoopGraph, rng_layout
+        var = self.var
+        device = label_B.device
+        model, step, _ = self.step_function(device, compiled, stream_dtype)
+        amp_dtype = autocast_dtype(device.type)  # the caller's: CFG, sampling and the next-scale input run under it
+        key = ('loop', label_B.shape[0], tuple(sorted(settings.items())), rng_layout(rng), amp_dtype, str(device),
+               compiled, stream_dtype, torch.is_inference_mode_enabled(), var.training, id(model), capture)
+        if key not in self._graphs or not self._graphs[key].still_valid():
+            self._graphs.clear()  # one capture at a time: graphs pin their memory
+            self._graphs[key] = SamplingLoopGraph(var, model, step, label_B.shape[0], settings, rng_layout(rng),
+                                                  amp_dtype, device, capture=capture)
+        return self._graphs[key].run(label_B, rng)
 
     def release_cuda_graphs(self) -> None:
         """Free the memory held by captured sampling graphs."""
@@ -153,15 +186,7 @@ class SamplingEngine:
               stream_dtype: Optional[torch.dtype] = None) -> Iterator[ScaleStep]:
         """Within: `step(si, x_2BlC) -> logits_2BlV`, the transformer step of scale si, to be called for every scale
         in order; afterwards no KV cache stays switched on, whatever was raised."""
-        check_stream_dtype(stream_dtype)
-        model = self.var if stream_dtype is None else self.step_copy(stream_dtype)
-        base = self.compiled_step() if compiled else scale_step
-        if stream_dtype is None:
-            step = functools.partial(base, model)
-            amp_dtype = autocast_dtype(cond_BD.device.type)
-        else:
-            step = functools.partial(_low_precision_step, base, model)
-            amp_dtype = None  # the copy is already in its dtype: nothing for autocast or the graphs' weight casts
+        model, step, amp_dtype = self.step_function(cond_BD.device, compiled, stream_dtype)
         if cuda_graph:
             graphs = self.scale_graphs(model, cond_BD, first_x, step, compiled, amp_dtype)
             yield graphs.run  # the graphs own their KV caches; the model's stay off

@@ -343,7 +343,7 @@ class VAR(nn.Module):
                                  cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
                                  input_img_tokens: Optional[List[torch.Tensor]] = None,
                                  edit_mask: Optional[torch.Tensor] = None, kv_cache: str = 'prealloc',
-                                 partial_sort: bool = False, cuda_graph: bool = False,
+                                 partial_sort: bool = False, cuda_graph: Union[bool, str] = False,
                                  compiled: bool = False, stream_dtype: Optional[torch.dtype] = None,
                                  on_scale: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
         """Class-conditional sampling with classifier-free guidance -> images (B, 3, H, W) in [0, 1].
@@ -363,6 +363,10 @@ class VAR(nn.Module):
             partial_sort: top-p over the top-k survivors only (see `helpers.filter_top_k_top_p_partial_`).
             cuda_graph: replay CUDA graphs of the per-scale transformer steps (captured on the first call for
                 this batch size and autocast dtype; implies the preallocated KV cache). CUDA only.
+                'loop': the whole loop -- every scale's step, CFG, filtering, sampling and next-scale input -- as
+                one graph, captured per batch size and sampling settings; the same random numbers as the plain
+                path (its generators are registered with the graph). It filters with the full sort (partial_sort's
+                tie handling needs a host sync); editing and on_scale use the per-scale graphs.
             compiled: run the per-scale steps and the VQVAE decoder through torch.compile (fuses elementwise work).
             stream_dtype: None (default: the official float32 residual stream) or torch.bfloat16: the steps and the
                 decoder run on bf16 copies of their modules, autocast off inside (`models.lowp`). Faster on a GPU;
@@ -377,33 +381,51 @@ class VAR(nn.Module):
         engine = sampling_engine(self)
         engine.check_switches(self.class_emb.weight.device, kv_cache, cuda_graph, stream_dtype)
         label_B, rng = self._sampling_labels(B, label_B, g_seed)
-        device = label_B.device
+        if cuda_graph == 'loop' and edit_mask is None and on_scale is None:
+            settings = dict(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth)
+            f_hat = engine.sample_in_one_graph(label_B, rng, settings, compiled=compiled, stream_dtype=stream_dtype)
+        else:
+            cond_BD, lvl_pos, next_token_map, f_hat = self._first_scale_input(label_B)
+            with engine.steps(cond_BD, next_token_map, kv_cache=kv_cache, cuda_graph=bool(cuda_graph),
+                              compiled=compiled, stream_dtype=stream_dtype) as step:
+                f_hat = self._sample_scales(step, next_token_map, f_hat, lvl_pos, rng, cfg, top_k, top_p, more_smooth,
+                                            partial_sort, input_img_tokens, edit_mask, on_scale)
+        return engine.decode(f_hat, cuda_graph=bool(cuda_graph), compiled=compiled, stream_dtype=stream_dtype)
 
+    def _first_scale_input(self, label_B: torch.Tensor):
+        """-> (cond_BD: the 2B class embeddings, conditional rows then unconditional; lvl_pos (1, L, C); the first
+        scale's 2B input tokens; f_hat, the (B, Cvae, pn, pn) latent of zeros that every scale adds to)."""
+        B = label_B.shape[0]
         uncond_B = torch.full_like(label_B, fill_value=self.num_classes)
-        sos = cond_BD = self.class_emb(torch.cat((label_B, uncond_B), dim=0))  # 2B rows: conditional, unconditional
+        sos = cond_BD = self.class_emb(torch.cat((label_B, uncond_B), dim=0))
         lvl_pos = self.lvl_embed(self.lvl_1L) + self.pos_1LC
         next_token_map = sos.unsqueeze(1).expand(2 * B, self.first_l, -1) \
             + self.pos_start.expand(2 * B, self.first_l, -1) + lvl_pos[:, :self.first_l]
         f_hat = sos.new_zeros(B, self.Cvae, self.patch_nums[-1], self.patch_nums[-1])
+        return cond_BD, lvl_pos, next_token_map, f_hat
+
+    def _sample_scales(self, step, next_token_map: torch.Tensor, f_hat: torch.Tensor, lvl_pos: torch.Tensor, rng,
+                       cfg: float, top_k: int, top_p: float, more_smooth: bool, partial_sort: bool = False,
+                       input_img_tokens=None, edit_mask=None, on_scale=None) -> torch.Tensor:
+        """Every scale in order: transformer step -> CFG -> filtered sampling -> (editing) -> f_hat and the next
+        scale's input. `step(si, x_2BlC) -> logits_2BlV`. -> the final f_hat."""
+        B, device = f_hat.shape[0], f_hat.device
         quant = self.vae_quant_proxy[0]
-        with engine.steps(cond_BD, next_token_map, kv_cache=kv_cache, cuda_graph=cuda_graph, compiled=compiled,
-                          stream_dtype=stream_dtype) as step:
-            for si, pn in enumerate(self.patch_nums):
-                ratio = si / self.num_stages_minus_1
-                logits_2BlV = step(si, next_token_map)
-                t = cfg * ratio
-                logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
-                h_BlCvae = sample_codes(logits_BlV, ratio, quant.embedding, rng, top_k, top_p, more_smooth,
-                                        partial_sort)
-                h_BChw = h_BlCvae.transpose_(1, 2).reshape(B, self.Cvae, pn, pn)
-                if edit_mask is not None:  # zero-shot editing: the input image's codes where the mask says so
-                    gt_BlCvae = quant.embedding(input_img_tokens[si].to(device))
-                    gt_BChw = gt_BlCvae.transpose_(1, 2).reshape(B, self.Cvae, pn, pn)
-                    h_BChw = replace_embedding(edit_mask.to(device), h_BChw, gt_BChw, pn, pn)
-                f_hat, next_token_map = self._next_scale_input(si, f_hat, h_BChw, lvl_pos)
-                if on_scale is not None:
-                    on_scale(si, f_hat)
-        return engine.decode(f_hat, cuda_graph=cuda_graph, compiled=compiled, stream_dtype=stream_dtype)
+        for si, pn in enumerate(self.patch_nums):
+            ratio = si / self.num_stages_minus_1
+            logits_2BlV = step(si, next_token_map)
+            t = cfg * ratio
+            logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
+            h_BlCvae = sample_codes(logits_BlV, ratio, quant.embedding, rng, top_k, top_p, more_smooth, partial_sort)
+            h_BChw = h_BlCvae.transpose_(1, 2).reshape(B, self.Cvae, pn, pn)
+            if edit_mask is not None:  # zero-shot editing: the input image's codes where the mask says so
+                gt_BlCvae = quant.embedding(input_img_tokens[si].to(device))
+                gt_BChw = gt_BlCvae.transpose_(1, 2).reshape(B, self.Cvae, pn, pn)
+                h_BChw = replace_embedding(edit_mask.to(device), h_BChw, gt_BChw, pn, pn)
+            f_hat, next_token_map = self._next_scale_input(si, f_hat, h_BChw, lvl_pos)
+            if on_scale is not None:
+                on_scale(si, f_hat)
+        return f_hat
 
     def _next_scale_input(self, si: int, f_hat: torch.Tensor, h_BChw: torch.Tensor,
                           lvl_pos: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
