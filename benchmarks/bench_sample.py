@@ -4,8 +4,10 @@ reference = the official-equivalent path: KV cache grown by concatenation, full-
             NCHW decoder, no graphs.
 fast      = preallocated KV cache written in place, top-p over the top-k survivors, torch.compile of the
             per-scale transformer steps and of the decoder, CUDA graphs of the per-scale steps.
-fast_bf16 = fast with the bf16 residual stream and bf16 decoder (models/lowp.py; bf16 rows only: it is the one
-            path whose numbers differ from the reference's, within bf16 tolerance).
+fast_bf16 = fast with the bf16 residual stream and bf16 decoder (models/lowp.py; bf16 rows only: the paths with
+            the bf16 stream are the ones whose numbers differ from the reference's, within bf16 tolerance).
+loop_bf16 = fast_bf16 with the whole loop as one CUDA graph (cuda_graph='loop': every scale's step, CFG, filtering
+            with the full sort, sampling and next-scale input in one replay).
 Both run under the same autocast dtype, with CFG (2B rows), top-k 900, top-p 0.96, including the VQVAE decode.
 Random weights: speed does not depend on them. Each row also gives ms per image, the achieved TFLOP/s of the model
 FLOPs (benchmarks.flops: transformer with CFG plus decode) and their % of the dense bf16 peak (--peak_tflops).
@@ -21,7 +23,7 @@ import torch
 from benchmarks.common import DTYPES, peak_gib, print_table, time_cuda, write_json
 from benchmarks.flops import device_peak_tflops, sampling_flops
 from models import PRESETS, build_vae_var
-from models.engine import release_sampling_caches
+from models.engine import release_cuda_graphs, release_sampling_caches
 from utils.runtime import set_tf32
 
 COLUMNS = ['model', 'batch', 'dtype', 'path', 'img_per_s', 'ms_per_img', 'peak_gib', 'tflops', 'pct_peak', 'speedup',
@@ -31,6 +33,7 @@ PATHS = {
     'fast': dict(kv_cache='prealloc', partial_sort=True, cuda_graph=True, compiled=True),
     'fast_bf16': dict(kv_cache='prealloc', partial_sort=True, cuda_graph=True, compiled=True,
                       stream_dtype=torch.bfloat16),
+    'loop_bf16': dict(kv_cache='prealloc', cuda_graph='loop', compiled=True, stream_dtype=torch.bfloat16),
 }
 
 
@@ -60,9 +63,10 @@ def bench_one(depth: int, B: int, dtype: torch.dtype, repeats: int, peak_tflops:
                        gflop_per_img=flops_per_img / 1e9)
         except torch.cuda.OutOfMemoryError:
             row.update(note='out of memory')  # a row, not a crash: the other paths and configurations still run
-        release_sampling_caches(var)  # each path's graphs and copies go before the next path's peak is measured
+        release_cuda_graphs(var)  # each path's graphs go before the next path's peak is measured
         torch.cuda.empty_cache()
         rows.append(row)
+    release_sampling_caches(var)
     torch._dynamo.reset()  # compiled code holds references to this model's parameters
     ref = next((r for r in rows if r['path'] == 'reference' and 'img_per_s' in r), None)
     for row in rows:

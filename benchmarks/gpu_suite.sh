@@ -19,20 +19,20 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu
 $PY -c "import torch; print(torch.__version__, torch.version.cuda)" >> "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 # 1. correctness on the GPU: fast paths against the reference (greedy equality in fp32, bf16 tolerance)
-step gpu_tests 80 $PY -m pytest -q -m gpu -x tests
-# 2. sampling, d16 at the targets' batch (the headline rows: reference, fast, fast with the bf16 stream)
-step sample_d16 120 $PY -m benchmarks.bench_sample --depths 16 --batches 64 --dtypes bf16 --repeats 5 \
+step gpu_tests 90 $PY -m pytest -q -m gpu -x tests
+# 2. sampling, d16 at the targets' batch (the headline rows: reference, fast, + the bf16 stream, + the loop graph)
+step sample_d16 150 $PY -m benchmarks.bench_sample --depths 16 --batches 64 --dtypes bf16 --repeats 5 \
   --json "$OUT/sample_d16.json"
 # 3. where d16's time goes, and the candidates that choose the defaults (bf16 stream, decoder memory format)
-step profile_d16 80 $PY -m benchmarks.profile_sample --depth 16 --batch 64 --json "$OUT/profile_d16.json"
+step profile_d16 60 $PY -m benchmarks.profile_sample --depth 16 --batch 64 --json "$OUT/profile_d16.json"
 step sample_d30 80 $PY -m benchmarks.bench_sample --depths 30 --batches 64 --dtypes bf16 --repeats 3 \
-  --paths reference,fast_bf16 --json "$OUT/sample_d30.json"
+  --paths reference,loop_bf16 --json "$OUT/sample_d30.json"
 # 4. the training step, d16 with and without the tokenizer encode, then d24
-step train_d16_d24 100 $PY -m benchmarks.bench_train --depths 16,24 --dtypes bf16 --batch 64 --repeats 5 \
+step train_d16_d24 90 $PY -m benchmarks.bench_train --depths 16,24 --dtypes bf16 --batch 64 --repeats 5 \
   --json "$OUT/train.json"
 # 5. the tokenizer encode candidates with the share of token ids they change (never measured so far)
-step encode 30 $PY -m benchmarks.bench_encode --batch 64 --json "$OUT/encode.json"
-# 6. d36 at 512 px: reference and the bf16 fast path, batch 32 then 64 (rows are written as they finish)
-step sample_d36 100 $PY -m benchmarks.bench_sample --depths '' --dtypes bf16 --repeats 2 --d36 \
-  --d36_batches 32,64 --paths reference,fast_bf16 --json "$OUT/sample_d36.json"
+step encode 25 $PY -m benchmarks.bench_encode --batch 64 --json "$OUT/encode.json"
+# 6. d36 at 512 px: reference and the fastest path (loop graph, bf16 stream), batch 32 then 64 (rows are written as they finish)
+step sample_d36 95 $PY -m benchmarks.bench_sample --depths '' --dtypes bf16 --repeats 2 --d36 \
+  --d36_batches 32,64 --paths reference,loop_bf16 --json "$OUT/sample_d36.json"
 cat "$OUT/summary.txt"

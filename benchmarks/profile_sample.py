@@ -82,7 +82,9 @@ def main(argv=None):
         for name, kw in [('full reference', dict(kv_cache='concat')), ('full prealloc+partial', fast),
                          ('full +graph', dict(fast, cuda_graph=True)),
                          ('full +bf16 stream', dict(fast, stream_dtype=BF16)),
-                         ('full +bf16 stream+graph', dict(fast, cuda_graph=True, stream_dtype=BF16))]:
+                         ('full +bf16 stream+graph', dict(fast, cuda_graph=True, stream_dtype=BF16)),
+                         ('full +loop graph', dict(fast, cuda_graph='loop')),
+                         ('full +bf16 stream+loop graph', dict(fast, cuda_graph='loop', stream_dtype=BF16))]:
             # (the compiled whole paths are bench_sample's fast and fast_bf16 rows)
             def full(kw=kw):
                 var.autoregressive_infer_cfg(B=B, label_B=labels, g_seed=0, cfg=1.5, top_k=900, top_p=0.96, **kw)
