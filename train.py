@@ -21,6 +21,7 @@ import models
 from models.basic_var import flex_block_mask
 from models.inspect_ckpt import describe_mismatch
 from models.loading import official_vae_path
+from models.lowp import EncoderCopy
 from trainer import VARTrainer
 from utils import arg_util
 from utils.amp_sc import AmpOptimizer
@@ -138,8 +139,15 @@ class Run(TrainingRun):
                                   'VAR in the default mode instead')
                 mode = 'default'
             var = torch.compile(var, mode=mode)
+        encode = None  # the tokenizer's own img_to_idxBl
+        if args.vbf16:
+            encode = EncoderCopy(self.vae_local, torch.bfloat16).img_to_idxBl
         if args.vfast:  # the tokenizer runs through img_to_idxBl, not forward: compile that method
-            self.vae_local.img_to_idxBl = torch.compile(self.vae_local.img_to_idxBl, mode=COMPILE_MODES[args.vfast])
+            if encode is None:
+                self.vae_local.img_to_idxBl = torch.compile(self.vae_local.img_to_idxBl,
+                                                            mode=COMPILE_MODES[args.vfast])
+            else:
+                encode = torch.compile(encode, mode=COMPILE_MODES[args.vfast])
         groups = build_param_groups(self.var_wo_ddp.named_parameters())
         opt = torch.optim.AdamW(groups, lr=cfg.tlr, betas=(0.9, 0.95), weight_decay=0.0,
                                 fused=args.afuse and self.device.type in ('cuda', 'cpu'))
@@ -148,7 +156,7 @@ class Run(TrainingRun):
                                     max_nonfinite=args.max_nonfinite, sharded=args.fsdp)
         self.trainer = VARTrainer(self.device, cfg.patch_nums, cfg.resos, self.vae_local, self.var_wo_ddp, var,
                                   self.var_opt, label_smooth=args.ls,
-                                  eval_in_autocast=args.fsdp and args.fp16 > 0)
+                                  eval_in_autocast=args.fsdp and args.fp16 > 0, encode=encode)
         self.best = {'vL_mean': math.inf, 'vL_tail': math.inf, 'vacc_mean': -1.0, 'vacc_tail': -1.0}
         self.last_grad_norm = None
 

@@ -7,7 +7,7 @@ Cvae code width).
 """
 import contextlib
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,11 +31,13 @@ class VARTrainer:
         label_smooth: label smoothing of the training loss.
         eval_in_autocast: validate and sample under `var_opt`'s autocast rather than in fp32 (official): needed when
             the blocks' weights are gathered in half precision for every forward (--fsdp 1 --fp16 1/2).
+        encode: images -> per-scale ids for training and validation batches; None: `vae_local.img_to_idxBl`
+            (official), else e.g. a bf16 copy's (`models.lowp.EncoderCopy`, train.py --vbf16).
     """
 
     def __init__(self, device: torch.device, patch_nums: Sequence[int], resos: Sequence[int], vae_local: nn.Module,
                  var_wo_ddp: nn.Module, var: nn.Module, var_opt: AmpOptimizer, label_smooth: float,
-                 eval_in_autocast: bool = False):
+                 eval_in_autocast: bool = False, encode: Optional[Callable] = None):
         self.device = device
         self.patch_nums, self.resos = tuple(patch_nums), tuple(resos)
         self.vae_local, self.quantize_local = vae_local, vae_local.quantize
@@ -43,6 +45,7 @@ class VARTrainer:
         self.var_opt = var_opt
         self.label_smooth = label_smooth
         self.eval_in_autocast = eval_in_autocast
+        self.encode = encode
         self.V = vae_local.vocab_size
         self.L = sum(pn * pn for pn in self.patch_nums)
         self.last_l = self.patch_nums[-1] ** 2
@@ -76,11 +79,12 @@ class VARTrainer:
     def tokenize(self, inp: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """A batch -> (ground-truth ids gt_BL, teacher-forcing input x_BLCv_wo_first_l).
 
-        `inp` is either images inp_B3HW in [-1, 1], encoded by the frozen VQVAE in fp32 outside autocast (official),
-        or integer ids gt_BL from a pre-tokenised dataset (utils/pretok.py), which skip the encoder.
+        `inp` is either images inp_B3HW in [-1, 1], encoded by the frozen VQVAE in fp32 outside autocast (official;
+        or by `encode`), or integer ids gt_BL from a pre-tokenised dataset (utils/pretok.py), which skip the encoder.
         """
         if inp.is_floating_point():
-            gt_idx_Bl: List[torch.Tensor] = self.vae_local.img_to_idxBl(inp)
+            encode = self.encode or self.vae_local.img_to_idxBl  # looked up per call: --vfast replaces the method
+            gt_idx_Bl: List[torch.Tensor] = encode(inp)
             gt_BL = torch.cat(gt_idx_Bl, dim=1)
         else:
             if inp.dim() != 2 or inp.shape[1] != self.L:

@@ -6,6 +6,9 @@ encode" rows), so this measures what could speed it up, and what each candidate 
     channels_last    the encoder's weights and input in channels-last memory format
     compiled         torch.compile of the encoder and quant_conv (the quantiser stays eager)
     compiled_cl      both
+    bf16, bf16_cl    a bf16 copy of the encoder and quant_conv (models.lowp.EncoderCopy, train.py --vbf16 1), NCHW or
+                     channels-last; the latent goes back to float32 for the quantiser
+    compiled_bf16    the bf16 copy through torch.compile
 `ids_equal_%` is the share of token ids equal to the eager path's on the same images: any other kernel rounds
 differently, so ids near a tie between two codes may flip. The images are real photos (scikit-image's samples);
 the weights are random unless --vae_ckpt is given, and a trained tokenizer's ties may be rarer or commoner.
@@ -23,9 +26,10 @@ import torch.nn.functional as F
 
 from benchmarks.common import peak_gib, print_table, write_json
 from models import PATCH_NUMS, VQVAE, load_vae_checkpoint
+from models.lowp import EncoderCopy
 from utils.runtime import set_tf32
 
-VARIANTS = ('eager', 'channels_last', 'compiled', 'compiled_cl')
+VARIANTS = ('eager', 'channels_last', 'compiled', 'compiled_cl', 'bf16', 'bf16_cl', 'compiled_bf16')
 
 
 def photo_batch(B: int, reso: int, device: torch.device) -> torch.Tensor:
@@ -58,18 +62,21 @@ def timer(device: torch.device, fn, warmup: int, repeats: int) -> float:
 
 def encoder_fn(vae: VQVAE, variant: str):
     """A function images -> concatenated ids (B, L) for one candidate."""
-    cl = variant in ('channels_last', 'compiled_cl')
+    cl = variant in ('channels_last', 'compiled_cl', 'bf16_cl')
     fmt = torch.channels_last if cl else torch.contiguous_format
-    vae.encoder.to(memory_format=fmt)
-    vae.quant_conv.to(memory_format=fmt)
-    features = torch.nn.Sequential(vae.encoder, vae.quant_conv)
+    if 'bf16' in variant:
+        features = EncoderCopy(vae, torch.bfloat16, channels_last=cl)
+    else:
+        vae.encoder.to(memory_format=fmt)
+        vae.quant_conv.to(memory_format=fmt)
+        features = torch.nn.Sequential(vae.encoder, vae.quant_conv)
     if variant.startswith('compiled'):
         torch._dynamo.reset()
         features = torch.compile(features)
 
     def run(img: torch.Tensor) -> torch.Tensor:
         f = features(img.contiguous(memory_format=fmt)).contiguous()
-        return torch.cat(vae.quantize.f_to_idxBl_or_fhat(f, to_fhat=False), dim=1)
+        return torch.cat(vae.quantize.f_to_idxBl_or_fhat(f.float(), to_fhat=False), dim=1)
     return run
 
 

@@ -3,7 +3,9 @@
 reference = the official-equivalent step: dense additive block-causal mask through SDPA, eager (no compile),
             fused AdamW (official default), autocast + GradScaler for fp16, clipping at 2.0.
 fast      = FlexAttention block mask, torch.compile of the transformer, fused AdamW; same numerics otherwise; the
-            tokenizer encode compiled as train.py --vfast=3 does (--fast_encode 0: eager, as the reference).
+            tokenizer encode compiled as train.py --vfast=3 does (--fast_encode 0: eager, as the reference; 2: a
+            compiled bf16 copy of the encoder, as train.py --vbf16=1 --vfast=3, whose ids may differ near ties:
+            bench_encode reports the share).
 "with encode" includes the frozen VQVAE tokenisation (fp32, as official) of 256 px images; "without" reuses
 precomputed tokens (what a pre-tokenised dataset gives).
 
@@ -19,11 +21,12 @@ import torch.nn.functional as F
 from benchmarks.common import DTYPES, peak_gib, print_table, time_cuda, write_json
 from models import PRESETS, build_vae_var
 from models.basic_var import flex_block_mask
+from models.lowp import EncoderCopy
 from utils.runtime import set_tf32
 
 
 
-def make_step(vae, var, model, opt, scaler, dtype, B, with_encode):
+def make_step(vae, var, model, opt, scaler, dtype, B, with_encode, encode=None):
     img = torch.rand(B, 3, 256, 256, device='cuda') * 2 - 1
     label = torch.randint(0, 1000, (B,), device='cuda')
     with torch.no_grad():
@@ -34,7 +37,7 @@ def make_step(vae, var, model, opt, scaler, dtype, B, with_encode):
     def step():
         if with_encode:
             with torch.no_grad():
-                ms_idx = vae.img_to_idxBl(img)
+                ms_idx = (encode or vae.img_to_idxBl)(img)
                 gt_BL, x_BLCv = torch.cat(ms_idx, 1), vae.quantize.idxBl_to_var_input(ms_idx)
         else:
             gt_BL, x_BLCv = fixed
@@ -57,7 +60,7 @@ def make_step(vae, var, model, opt, scaler, dtype, B, with_encode):
     return step
 
 
-def bench_one(depth, dtype, B, repeats, fast_encode=True):
+def bench_one(depth, dtype, B, repeats, fast_encode=1):
     rows = []
     for path in ('reference', 'fast'):
         torch.manual_seed(0)
@@ -67,18 +70,20 @@ def bench_one(depth, dtype, B, repeats, fast_encode=True):
         scaler = None
         if dtype == torch.float16:
             scaler = torch.amp.GradScaler('cuda', init_scale=2.0 ** 11, growth_interval=1000)
-        model = var
+        model, encode = var, None
         if path == 'fast':
             var.attn_impl = 'flex'
             flex_block_mask(var.patch_nums, var.L, var.lvl_1L.device)  # built eagerly, outside the compiled region
             model = torch.compile(var)
-            if fast_encode:  # as train.py --vfast: img_to_idxBl through torch.compile (float32, as official)
+            if fast_encode == 1:  # as train.py --vfast: img_to_idxBl through torch.compile (float32, as official)
                 vae.img_to_idxBl = torch.compile(vae.img_to_idxBl)
+            elif fast_encode == 2:  # as train.py --vbf16 --vfast: the bf16 encoder copy, compiled
+                encode = torch.compile(EncoderCopy(vae, torch.bfloat16).img_to_idxBl)
         for with_encode in (True, False):
             row = dict(model=f'd{depth}', batch=B, dtype=str(dtype).split('.')[-1], path=path,
                        encode='with' if with_encode else 'without')
             try:
-                step = make_step(vae, var, model, opt, scaler, dtype, B, with_encode)
+                step = make_step(vae, var, model, opt, scaler, dtype, B, with_encode, encode)
                 t0 = time.time()
                 step()
                 first = time.time() - t0
@@ -108,8 +113,9 @@ def main(argv=None):
     p.add_argument('--dtypes', default='bf16')
     p.add_argument('--batch', type=int, default=64, help='images per GPU')
     p.add_argument('--repeats', type=int, default=5)
-    p.add_argument('--fast_encode', type=int, choices=(0, 1), default=1,
-                   help='fast path: compile the tokenizer encode (train.py --vfast=3) (default: %(default)s)')
+    p.add_argument('--fast_encode', type=int, choices=(0, 1, 2), default=1,
+                   help='fast path: 1 compiles the tokenizer encode (train.py --vfast=3), 2 compiles a bf16 copy of '
+                        'it (--vbf16=1 --vfast=3), 0 leaves it eager (default: %(default)s)')
     p.add_argument('--json', default='bench_train.json')
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -120,7 +126,7 @@ def main(argv=None):
     rows = []
     for d in args.depths.split(','):
         for t in args.dtypes.split(','):
-            rows += bench_one(int(d), DTYPES[t], args.batch, args.repeats, bool(args.fast_encode))
+            rows += bench_one(int(d), DTYPES[t], args.batch, args.repeats, args.fast_encode)
             print_table('VAR training step per GPU (256 px)', rows[-4:], cols)
             write_json(args.json, {'benchmark': 'train', 'rows': rows})  # after every configuration
     print_table('VAR training step per GPU (256 px), all configurations', rows, cols)

@@ -24,15 +24,17 @@ step gpu_tests 90 $PY -m pytest -q -m gpu -x tests
 step sample_d16 150 $PY -m benchmarks.bench_sample --depths 16 --batches 64 --dtypes bf16 --repeats 5 \
   --json "$OUT/sample_d16.json"
 # 3. where d16's time goes, and the candidates that choose the defaults (bf16 stream, decoder memory format)
-step profile_d16 60 $PY -m benchmarks.profile_sample --depth 16 --batch 64 --json "$OUT/profile_d16.json"
+step profile_d16 55 $PY -m benchmarks.profile_sample --depth 16 --batch 64 --json "$OUT/profile_d16.json"
 step sample_d30 80 $PY -m benchmarks.bench_sample --depths 30 --batches 64 --dtypes bf16 --repeats 3 \
   --paths reference,loop_bf16 --json "$OUT/sample_d30.json"
-# 4. the training step, d16 with and without the tokenizer encode, then d24
+# 4. the training step, d16 with and without the tokenizer encode (fast path: the compiled bf16 encoder), then d24
 step train_d16_d24 90 $PY -m benchmarks.bench_train --depths 16,24 --dtypes bf16 --batch 64 --repeats 5 \
-  --json "$OUT/train.json"
+  --fast_encode 2 --json "$OUT/train.json"
 # 5. the tokenizer encode candidates with the share of token ids they change (never measured so far)
-step encode 25 $PY -m benchmarks.bench_encode --batch 64 --json "$OUT/encode.json"
-# 6. d36 at 512 px: reference and the fastest path (loop graph, bf16 stream), batch 32 then 64 (rows are written as they finish)
+step encode 30 $PY -m benchmarks.bench_encode --batch 64 --variants eager,compiled,bf16,bf16_cl,compiled_bf16 \
+  --json "$OUT/encode.json"
+# 6. d36 at 512 px: reference and the fastest path (loop graph, bf16 stream), batch 32 then 64 (rows are
+#    written as they finish)
 step sample_d36 95 $PY -m benchmarks.bench_sample --depths '' --dtypes bf16 --repeats 2 --d36 \
   --d36_batches 32,64 --paths reference,loop_bf16 --json "$OUT/sample_d36.json"
 cat "$OUT/summary.txt"

@@ -1,4 +1,5 @@
-"""Low-precision copies of what the fast sampling path runs: VAR's per-scale step and the VQVAE decoder in bf16.
+"""Low-precision copies of what the fast paths run: VAR's per-scale step and the VQVAE decoder in bf16 (sampling),
+and the VQVAE encoder in bf16 (the training step's tokenizer encode, `train.py --vbf16 1`).
 
 Under autocast the official inference keeps a float32 residual stream: every block reads and writes float32
 activations, and each matrix product first casts its input (and its weight) to bf16. On a GPU the elementwise and
@@ -19,7 +20,7 @@ from typing import Dict, Iterable, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ['StepCopy', 'DecoderCopy', 'STREAM_DTYPES', 'check_stream_dtype']
+__all__ = ['StepCopy', 'DecoderCopy', 'EncoderCopy', 'STREAM_DTYPES', 'check_stream_dtype']
 
 STREAM_DTYPES = (torch.bfloat16,)  # float16's range is too narrow for VAR's residual stream
 
@@ -95,3 +96,32 @@ class DecoderCopy(_RefreshedCopy):
         f = f_hat_BChw.to(dtype=self.dtype, memory_format=self.memory_format)
         with torch.autocast(f.device.type, enabled=False):
             return self.decoder(self.post_quant_conv(f)).float().clamp_(-1, 1)
+
+
+class EncoderCopy(_RefreshedCopy):
+    """The encoder and `quant_conv` of a VQVAE in `dtype` (optionally channels-last), for the training step's
+    tokenizer encode: images in [-1, 1] -> the float32 latent f, then the VQVAE's own (float32) quantiser gives the
+    ids (`img_to_idxBl`, as `VQVAE.img_to_idxBl`). Faster on a GPU; ids near a tie between two codes may differ from
+    the float32 encode's (`benchmarks/bench_encode` reports the share)."""
+
+    def __init__(self, vae: nn.Module, dtype: torch.dtype, channels_last: bool = False):
+        super().__init__()
+        parts = _copy_in(dict(encoder=vae.encoder, quant_conv=vae.quant_conv), dtype)
+        self.encoder, self.quant_conv = parts['encoder'], parts['quant_conv']
+        self.eval()
+        self.requires_grad_(False)
+        self.dtype = dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+        self._vae = [vae]  # a plain list: the tokenizer is not a submodule of its copy
+
+    def forward(self, img_B3HW: torch.Tensor) -> torch.Tensor:
+        x = img_B3HW.to(dtype=self.dtype, memory_format=self.memory_format)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.quant_conv(self.encoder(x)).float().contiguous()
+
+    @torch.no_grad()
+    def img_to_idxBl(self, img_B3HW: torch.Tensor, v_patch_nums=None):
+        """Images -> per-scale token ids, each (B, ph*pw) int64, through this copy's encoder."""
+        return self._vae[0].quantize.f_to_idxBl_or_fhat(self(img_B3HW), to_fhat=False, v_patch_nums=v_patch_nums)

@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag(m, ['--tfast', '--var_compile'], dest='tfast', type=int, default=0, help='torch.compile VAR (as --vfast)')
     bool_flag(m, ['--flex', '--flex_attn'], False,
               'block-causal attention through a FlexAttention block mask instead of the dense additive mask (CUDA)')
+    bool_flag(m, ['--vbf16', '--vae_encode_bf16'], False,
+              'the tokenizer encode on a bf16 copy of the encoder (models/lowp.py; faster on a GPU, may change a small '
+              'share of token ids: see benchmarks/bench_encode.py)')
 
     s = p.add_argument_group('scale-out')
     bool_flag(s, ['--fsdp'], False,

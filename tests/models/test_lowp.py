@@ -159,3 +159,25 @@ def test_bf16_stream_with_graphs_and_compile_agrees_on_cuda():
             assert (ref_b - ref).abs().mean() > 5 * (out_b - ref_b).abs().mean()
     finally:
         release_sampling_caches(var)
+
+
+@torch.no_grad()
+def test_bf16_encoder_copy_latent_and_ids(tiny_models):
+    """The encoder copy's float32 latent stays within a small multiple of bf16 autocast's deviation from the float32
+    encode; its ids come from the tokenizer's own quantiser; the copy holds no tokenizer parameter of its own beyond
+    the encoder and quant_conv (the quantiser is the tokenizer's)."""
+    from models.lowp import EncoderCopy
+    vae, _ = tiny_models
+    torch.manual_seed(4)
+    imgs = torch.rand(2, 3, 64, 64) * 2 - 1
+    ref = vae.quant_conv(vae.encoder(imgs))
+    with torch.autocast('cpu', dtype=BF16):
+        amp = vae.quant_conv(vae.encoder(imgs)).float()
+    for channels_last in (False, True):
+        enc = EncoderCopy(vae, BF16, channels_last=channels_last)
+        f = enc(imgs)
+        assert f.dtype == torch.float32 and f.shape == ref.shape
+        assert 0 < (f - ref).abs().mean() < 3 * (amp - ref).abs().mean()
+        ids = enc.img_to_idxBl(imgs)
+        assert torch.equal(torch.cat(ids, 1), torch.cat(vae.quantize.f_to_idxBl_or_fhat(f, to_fhat=False), 1))
+    assert {n.split('.')[0] for n, _ in enc.named_parameters()} == {'encoder', 'quant_conv'}

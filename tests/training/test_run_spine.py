@@ -188,3 +188,24 @@ def test_flex_builds_every_scales_block_mask_through_the_models_cache(tmp_path):
         mask = flex_block_mask(var.patch_nums, ed, var.lvl_1L.device)
         assert mask is flex_block_mask(var.patch_nums, ed, 'cpu')
         assert mask.shape[-2:] == (ed, ed)
+
+
+def test_vbf16_tokenizes_train_and_val_batches_through_the_bf16_encoder(tmp_path, monkeypatch):
+    """train.py --vbf16 1 runs to the end with every image batch (training and validation) tokenized by the bf16
+    encoder copy (models.lowp.EncoderCopy), and the float32 method of the tokenizer left unused."""
+    from models.lowp import EncoderCopy
+    from models.vqvae import VQVAE
+    data = make_image_folder(tmp_path / 'data', n_classes=2, n_train=4, n_val=2)
+    vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth', X4)
+    calls = {'bf16': 0, 'fp32': 0}
+    copy_encode, own_encode = EncoderCopy.img_to_idxBl, VQVAE.img_to_idxBl
+
+    def counted(kind, fn):
+        def wrapper(self, img, *a, **kw):
+            calls[kind] += 1
+            return fn(self, img, *a, **kw)
+        return wrapper
+    monkeypatch.setattr(EncoderCopy, 'img_to_idxBl', counted('bf16', copy_encode))
+    monkeypatch.setattr(VQVAE, 'img_to_idxBl', counted('fp32', own_encode))
+    assert train.main(train_args(data, vae, tmp_path / 'out', patch_size=4, bs=2, ep=1, vbf16=1)) == 0
+    assert calls['bf16'] >= 3 and calls['fp32'] == 0, calls  # 2 training steps + validation

@@ -112,3 +112,22 @@ def test_eval_ep_accuracy_and_losses_match_a_hand_computation(tiny_models):
     assert acc_mean == pytest.approx(100 * n_correct / (tot * L), rel=1e-9)  # % of correct tokens
     assert acc_tail == pytest.approx(100 * n_tail / (tot * last_l), rel=1e-9)
     assert vL_mean == pytest.approx(L_mean / tot, rel=1e-5) and vL_tail == pytest.approx(L_tail / tot, rel=1e-5)
+
+
+def test_tokenize_through_a_bf16_encoder_copy(tiny_models):
+    """train.py --vbf16: the trainer tokenizes images through the bf16 copy's img_to_idxBl -- ids of the right shape
+    and range, mostly those of the float32 encode (a share near ties may flip), and the teacher-forcing input built
+    from those very ids; the default trainer still uses the tokenizer's own (float32) method."""
+    from models.lowp import EncoderCopy
+    vae, var = tiny_models
+    torch.manual_seed(3)
+    imgs = torch.rand(4, 3, 64, 64) * 2 - 1
+    ref_BL, ref_x = make_trainer(vae, var).tokenize(imgs)
+    assert torch.equal(ref_BL, torch.cat(vae.img_to_idxBl(imgs), 1))
+    trainer = make_trainer(vae, var)
+    trainer.encode = EncoderCopy(vae, torch.bfloat16).img_to_idxBl
+    gt_BL, x_BLCv = trainer.tokenize(imgs)
+    assert gt_BL.shape == ref_BL.shape and gt_BL.dtype == torch.long and 0 <= gt_BL.min() and gt_BL.max() < vae.V
+    assert (gt_BL == ref_BL).float().mean() > 0.8
+    ids = [gt_BL[:, bg:ed] for bg, ed in trainer.begin_ends]
+    assert torch.equal(x_BLCv, vae.quantize.idxBl_to_var_input(ids))
