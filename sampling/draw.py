@@ -40,6 +40,8 @@ def fast_switches(fast: int, device: torch.device) -> dict:
     switches = dict(partial_sort=True, compiled=True, cuda_graph=True)
     if fast >= 2:
         switches['stream_dtype'] = torch.bfloat16
+    if fast >= 3:
+        switches['cuda_graph'] = 'loop'
     return switches
 
 

@@ -364,3 +364,18 @@ def test_fid_refuses_to_mix_configurations(tiny_ckpt, tmp_path):
     assert not (tmp_path / 'new').exists()
     with pytest.raises(SystemExit, match='lists a class twice'):
         _main(*base[:-5], '1,1', *base[-4:])
+
+
+def test_fast_levels_select_the_engine_switches():
+    """sample.py --fast: 0 the plain path; 1 compile + per-scale graphs + partial sort; 2 adds the bf16 stream; 3 runs
+    the whole loop as one graph. Off CUDA every level is the plain path (the graphs need a GPU)."""
+    import torch
+    from sampling.draw import fast_switches
+    cuda, cpu = torch.device('cuda'), torch.device('cpu')
+    assert fast_switches(0, cuda) == {}
+    assert fast_switches(1, cuda) == dict(partial_sort=True, compiled=True, cuda_graph=True)
+    assert fast_switches(2, cuda) == dict(partial_sort=True, compiled=True, cuda_graph=True,
+                                          stream_dtype=torch.bfloat16)
+    assert fast_switches(3, cuda) == dict(partial_sort=True, compiled=True, cuda_graph='loop',
+                                          stream_dtype=torch.bfloat16)
+    assert all(fast_switches(level, cpu) == {} for level in range(4))
