@@ -161,7 +161,9 @@ class SamplingLoopGraph:
     Each run copies the caller's generator states in, replays, and copies the advanced states back: the same random
     numbers as the plain path (CUDA's graph-safe Philox reads the seed and offset at replay), and the caller's
     generators end where the plain path would leave them. With no generator the device's default one is used,
-    which CUDA graphs handle themselves. Filtering uses the full sort (the partial sort needs a host sync).
+    which CUDA graphs handle themselves. Nothing in the loop syncs with the host: filtering uses the full sort (the
+    partial sort's tie handling needs a sync) and the draw is `helpers.multinomial_one_capturable` (torch.multinomial's
+    own single-sample method, without its host-side check).
 
     `capture=False` runs the same loop eagerly (on any device) instead of replaying a graph: the CPU tests check the
     loop, the static buffers and the generator hand-over that way; only the capture itself needs a GPU.
@@ -197,7 +199,7 @@ class SamplingLoopGraph:
     def _loop(self, var: nn.Module) -> torch.Tensor:
         cond_BD, lvl_pos, next_token_map, f_hat = var._first_scale_input(self.static_label)
         return var._sample_scales(lambda si, x_BlC: self.step(x_BlC, cond_BD), next_token_map, f_hat, lvl_pos,
-                                  self.rng, partial_sort=False, **self.settings)
+                                  self.rng, capturable=True, **self.settings)
 
     def _capture(self, var: nn.Module, model: nn.Module, device: torch.device) -> None:
         kv_caching(model.blocks, True, model.L)

@@ -7,7 +7,7 @@ Shape legend: B batch, l tokens of one scale, V vocabulary.
 batch) or a sequence of B generators (one stream per batch row, so that a row's sample does not depend
 on which other rows share its batch; used by the distributed FID export).
 """
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -76,20 +76,42 @@ def filter_top_k_top_p_partial_(logits_BlV: torch.Tensor, top_k: int = 0, top_p:
     return logits_BlV
 
 
-def multinomial_with_rng(probs_NV: torch.Tensor, num_samples: int, replacement: bool, rng: RNG) -> torch.Tensor:
+def multinomial_one_capturable(probs_NV: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One draw per row, as `torch.multinomial(probs_NV, 1, generator=generator)` draws it, without its host-side
+    check of the probabilities (a sync that a CUDA-graph capture cannot hold).
+
+    torch.multinomial draws a single sample as argmax(p / q) with q ~ Exp(1) from one `exponential_` call on the
+    generator; this does the same, so the ids and the generator's state afterwards are the same
+    (tests/models/test_loop_graph.py checks both against torch.multinomial).
+    """
+    q_NV = torch.empty_like(probs_NV).exponential_(1, generator=generator)
+    return (probs_NV / q_NV).argmax(dim=-1, keepdim=True)
+
+
+def multinomial_with_rng(probs_NV: torch.Tensor, num_samples: int, replacement: bool, rng: RNG,
+                         capturable: bool = False) -> torch.Tensor:
     """`torch.multinomial` drawing from one generator, or row-block by row-block from per-row generators.
 
     With a sequence of B generators, `probs_NV` has N = B*l rows and row block b (l rows) uses rng[b].
+    `capturable` (one sample per row only): `multinomial_one_capturable`, for a CUDA-graph capture.
     """
+    if capturable:
+        if num_samples != 1:
+            raise ValueError('the capturable draw takes one sample per row')
+        draw = multinomial_one_capturable
+    else:
+        def draw(p, g):
+            return torch.multinomial(p, num_samples=num_samples, replacement=replacement, generator=g)
     if not _is_per_row(rng):
-        return torch.multinomial(probs_NV, num_samples=num_samples, replacement=replacement, generator=rng)
+        return draw(probs_NV, rng)
     B = len(rng)
     chunks = probs_NV.view(B, -1, probs_NV.shape[-1]).unbind(0)
-    return torch.cat([torch.multinomial(p, num_samples, replacement, generator=g) for p, g in zip(chunks, rng)], 0)
+    return torch.cat([draw(p, g) for p, g in zip(chunks, rng)], 0)
 
 
 def sample_with_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0, rng: RNG = None,
-                             num_samples: int = 1, partial_sort: bool = False) -> torch.Tensor:
+                             num_samples: int = 1, partial_sort: bool = False,
+                             capturable: bool = False) -> torch.Tensor:
     """Filter `logits_BlV` in place, then sample token ids -> (B, l, |num_samples|) int64.
 
     Args:
@@ -97,12 +119,14 @@ def sample_with_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: fl
         rng: a generator, a sequence of B generators, or None for the global generator.
         num_samples: a negative value samples without replacement (official convention).
         partial_sort: use the partial-sort filter (see `filter_top_k_top_p_partial_`).
+        capturable: nothing that syncs with the host, for a CUDA-graph capture (the full-sort filter and
+            `multinomial_one_capturable`: the same numbers).
     """
     B, l, V = logits_BlV.shape  # noqa: E741 (l: tokens of one scale, the shape legend)
-    (filter_top_k_top_p_partial_ if partial_sort else filter_top_k_top_p_)(logits_BlV, top_k, top_p)
+    (filter_top_k_top_p_partial_ if partial_sort and not capturable else filter_top_k_top_p_)(logits_BlV, top_k, top_p)
     replacement = num_samples >= 0
     probs_NV = logits_BlV.softmax(dim=-1).view(-1, V)
-    return multinomial_with_rng(probs_NV, abs(num_samples), replacement, rng).view(B, l, -1)
+    return multinomial_with_rng(probs_NV, abs(num_samples), replacement, rng, capturable).view(B, l, -1)
 
 
 def gumbel_softmax_with_rng(logits: torch.Tensor, tau: float = 1, hard: bool = False, eps: float = 1e-10,

@@ -33,14 +33,16 @@ def check_stream_dtype(stream_dtype) -> None:
 
 def _copy_in(modules: Dict[str, nn.Module], dtype: torch.dtype) -> Dict[str, nn.Module]:
     """Deep copies of `modules` whose floating parameters and buffers are made directly in `dtype` (the float32
-    originals are never copied whole: a d36 step in float32 would be 9 GiB of temporary memory)."""
+    originals are never copied whole: a d36 step in float32 would be 9 GiB of temporary memory). The copies are
+    normal tensors even when made under inference_mode: `refresh` writes into them in place, in any mode."""
     memo = {}
-    for m in modules.values():
-        for t in list(m.parameters()) + list(m.buffers()):
-            if id(t) not in memo and t.is_floating_point():
-                low = t.detach().to(dtype)
-                memo[id(t)] = nn.Parameter(low, requires_grad=False) if isinstance(t, nn.Parameter) else low
-    return {name: copy.deepcopy(m, memo) for name, m in modules.items()}
+    with torch.inference_mode(False), torch.no_grad():
+        for m in modules.values():
+            for t in list(m.parameters()) + list(m.buffers()):
+                if id(t) not in memo and t.is_floating_point():
+                    low = t.detach().to(dtype)
+                    memo[id(t)] = nn.Parameter(low, requires_grad=False) if isinstance(t, nn.Parameter) else low
+        return {name: copy.deepcopy(m, memo) for name, m in modules.items()}
 
 
 def _named_tensors(module: nn.Module) -> Iterable[Tuple[str, torch.Tensor]]:

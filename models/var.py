@@ -62,14 +62,15 @@ def replace_embedding(edit_mask: torch.Tensor, h_BChw: torch.Tensor, gt_BChw: to
 
 
 def sample_codes(logits_BlV: torch.Tensor, ratio: float, embedding: nn.Embedding, rng, top_k: int, top_p: float,
-                 more_smooth: bool, partial_sort: bool = False) -> torch.Tensor:
+                 more_smooth: bool, partial_sort: bool = False, capturable: bool = False) -> torch.Tensor:
     """One scale's codes (B, l, Cvae) from its CFG-combined logits, at sampling progress ratio = si / (S - 1).
 
     Hard: top-k/top-p filtered sampling, then the codebook rows. more_smooth: a Gumbel softmax of the filtered logits
     times (1 + ratio) at temperature max(0.27 (1 - 0.95 ratio), 0.005), mixing the codebook rows (official).
+    `capturable`: the same numbers without a host sync (inside a CUDA-graph capture; see `sample_with_top_k_top_p_`).
     """
     idx_Bl = sample_with_top_k_top_p_(logits_BlV, rng=rng, top_k=top_k, top_p=top_p, num_samples=1,
-                                      partial_sort=partial_sort)[:, :, 0]
+                                      partial_sort=partial_sort, capturable=capturable)[:, :, 0]
     if not more_smooth:
         return embedding(idx_Bl)
     gum_t = max(0.27 * (1 - ratio * 0.95), 0.005)
@@ -406,9 +407,10 @@ class VAR(nn.Module):
 
     def _sample_scales(self, step, next_token_map: torch.Tensor, f_hat: torch.Tensor, lvl_pos: torch.Tensor, rng,
                        cfg: float, top_k: int, top_p: float, more_smooth: bool, partial_sort: bool = False,
-                       input_img_tokens=None, edit_mask=None, on_scale=None) -> torch.Tensor:
+                       input_img_tokens=None, edit_mask=None, on_scale=None, capturable: bool = False) -> torch.Tensor:
         """Every scale in order: transformer step -> CFG -> filtered sampling -> (editing) -> f_hat and the next
-        scale's input. `step(si, x_2BlC) -> logits_2BlV`. -> the final f_hat."""
+        scale's input. `step(si, x_2BlC) -> logits_2BlV`; `capturable`: no host sync (see `sample_codes`).
+        -> the final f_hat."""
         B, device = f_hat.shape[0], f_hat.device
         quant = self.vae_quant_proxy[0]
         for si, pn in enumerate(self.patch_nums):
@@ -416,7 +418,8 @@ class VAR(nn.Module):
             logits_2BlV = step(si, next_token_map)
             t = cfg * ratio
             logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
-            h_BlCvae = sample_codes(logits_BlV, ratio, quant.embedding, rng, top_k, top_p, more_smooth, partial_sort)
+            h_BlCvae = sample_codes(logits_BlV, ratio, quant.embedding, rng, top_k, top_p, more_smooth, partial_sort,
+                                    capturable)
             h_BChw = h_BlCvae.transpose_(1, 2).reshape(B, self.Cvae, pn, pn)
             if edit_mask is not None:  # zero-shot editing: the input image's codes where the mask says so
                 gt_BlCvae = quant.embedding(input_img_tokens[si].to(device))

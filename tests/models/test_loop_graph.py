@@ -39,6 +39,26 @@ def _states(rng):
     return [g.get_state() for g in ([rng] if isinstance(rng, torch.Generator) else rng)]
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_capturable_draw_is_torch_multinomials_own(dtype):
+    """The loop graph's draw (no host-side check) gives torch.multinomial's ids for one sample per row, and leaves
+    the generator where torch.multinomial leaves it; one generator or one per row block."""
+    from models.helpers import multinomial_one_capturable, multinomial_with_rng
+    probs = torch.rand(6, 512, generator=torch.Generator().manual_seed(0)).pow(3).to(dtype)
+    probs[:, :100] = 0  # filtered-out tokens
+    g_ref, g_new = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    assert torch.equal(multinomial_one_capturable(probs, g_new), torch.multinomial(probs, 1, True, generator=g_ref))
+    assert torch.equal(g_new.get_state(), g_ref.get_state())
+    rows_ref = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    rows_new = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    ids = multinomial_with_rng(probs, 1, True, rows_new, capturable=True)
+    assert torch.equal(ids, multinomial_with_rng(probs, 1, True, rows_ref))
+    assert (ids >= 100).all()
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(rows_new, rows_ref))
+    with pytest.raises(ValueError, match='one sample'):
+        multinomial_with_rng(probs, 2, True, None, capturable=True)
+
+
 @torch.no_grad()
 @pytest.mark.parametrize('g_seed', [None, 7, [3, 1, 4]], ids=['global', 'one', 'rows'])
 @pytest.mark.parametrize('settings', SETTINGS, ids=['topk-topp', 'smooth'])

@@ -181,3 +181,18 @@ def test_bf16_encoder_copy_latent_and_ids(tiny_models):
         ids = enc.img_to_idxBl(imgs)
         assert torch.equal(torch.cat(ids, 1), torch.cat(vae.quantize.f_to_idxBl_or_fhat(f, to_fhat=False), 1))
     assert {n.split('.')[0] for n, _ in enc.named_parameters()} == {'encoder', 'quant_conv'}
+
+
+def test_bf16_copies_made_under_inference_mode_refresh_outside_it(tiny_models):
+    """A copy made inside torch.inference_mode is refreshed in place by later calls under no_grad (and back): the
+    copies are normal tensors, never inference tensors."""
+    _, var = tiny_models
+    kw = dict(B=2, label_B=torch.tensor([1, 2]), g_seed=1, top_k=1, stream_dtype=BF16)
+    with torch.inference_mode():
+        first = var.autoregressive_infer_cfg(**kw)
+    assert not sampling_engine(var)._step_copy.head.weight.is_inference()
+    with torch.no_grad():
+        assert torch.equal(var.autoregressive_infer_cfg(**kw), first)
+    with torch.inference_mode():
+        assert torch.equal(var.autoregressive_infer_cfg(**kw), first)
+    release_sampling_caches(var)
