@@ -7,7 +7,8 @@ fast      = FlexAttention block mask, torch.compile of the transformer, fused Ad
             compiled bf16 copy of the encoder, as train.py --vbf16=1 --vfast=3, whose ids may differ near ties:
             bench_encode reports the share).
 "with encode" includes the frozen VQVAE tokenisation (fp32, as official) of 256 px images; "without" reuses
-precomputed tokens (what a pre-tokenised dataset gives).
+precomputed tokens (what a pre-tokenised dataset gives). Each row also gives ms per image, the achieved TFLOP/s of the
+model FLOPs (benchmarks.flops.training_flops: forward, backward and the encode) and their % of the dense bf16 peak.
 
     python -m benchmarks.bench_train --depths 16,24 --dtypes bf16,fp16 --batch 64
 """
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import DTYPES, peak_gib, print_table, time_cuda, write_json
+from benchmarks.flops import device_peak_tflops, training_flops
 from models import PRESETS, build_vae_var
 from models.basic_var import flex_block_mask
 from models.lowp import EncoderCopy
@@ -60,7 +62,7 @@ def make_step(vae, var, model, opt, scaler, dtype, B, with_encode, encode=None):
     return step
 
 
-def bench_one(depth, dtype, B, repeats, fast_encode=1):
+def bench_one(depth, dtype, B, repeats, fast_encode=1, peak_tflops=0.0):
     rows = []
     for path in ('reference', 'fast'):
         torch.manual_seed(0)
@@ -89,7 +91,10 @@ def bench_one(depth, dtype, B, repeats, fast_encode=1):
                 first = time.time() - t0
                 mem = peak_gib(step)
                 sec = time_cuda(step, warmup=2, repeats=repeats)
-                row.update(img_per_s=B / sec, sec_per_step=sec, peak_gib=mem, first_step_s=first)
+                flops = training_flops(vae, var, with_encode)['total'] * B
+                row.update(img_per_s=B / sec, ms_per_img=1000 * sec / B, sec_per_step=sec, peak_gib=mem,
+                           first_step_s=first, tflops=flops / sec / 1e12,
+                           pct_peak=100 * flops / sec / 1e12 / peak_tflops if peak_tflops else None)
             except torch.cuda.OutOfMemoryError:
                 row.update(note='out of memory')  # a row, not a crash: try a smaller --batch
                 opt.zero_grad(set_to_none=True)
@@ -116,19 +121,22 @@ def main(argv=None):
     p.add_argument('--fast_encode', type=int, choices=(0, 1, 2), default=1,
                    help='fast path: 1 compiles the tokenizer encode (train.py --vfast=3), 2 compiles a bf16 copy of '
                         'it (--vbf16=1 --vfast=3), 0 leaves it eager (default: %(default)s)')
+    p.add_argument('--peak_tflops', type=float, default=0.0,
+                   help="the device's dense bf16 peak for the %% column (default: from benchmarks.flops by GPU name)")
     p.add_argument('--json', default='bench_train.json')
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit('bench_train needs a CUDA GPU')
     set_tf32(True)  # official tf32=True
-    cols = ['model', 'batch', 'dtype', 'path', 'encode', 'img_per_s', 'sec_per_step', 'peak_gib', 'first_step_s',
-            'speedup', 'mem_ratio', 'note']
+    peak = args.peak_tflops or device_peak_tflops(torch.cuda.get_device_name())
+    cols = ['model', 'batch', 'dtype', 'path', 'encode', 'img_per_s', 'ms_per_img', 'peak_gib', 'tflops', 'pct_peak',
+            'speedup', 'mem_ratio', 'first_step_s', 'note']
     rows = []
     for d in args.depths.split(','):
         for t in args.dtypes.split(','):
-            rows += bench_one(int(d), DTYPES[t], args.batch, args.repeats, args.fast_encode)
+            rows += bench_one(int(d), DTYPES[t], args.batch, args.repeats, args.fast_encode, peak)
             print_table('VAR training step per GPU (256 px)', rows[-4:], cols)
-            write_json(args.json, {'benchmark': 'train', 'rows': rows})  # after every configuration
+            write_json(args.json, {'benchmark': 'train', 'peak_tflops': peak, 'rows': rows})  # after every config
     print_table('VAR training step per GPU (256 px), all configurations', rows, cols)
 
 

@@ -11,6 +11,8 @@ one switch each, every one numerically equal to the plain path (tests/models/tes
 - `compiled=True` runs the step (and the VQVAE decoder) through torch.compile.
 - `cuda_graph=True` replays CUDA graphs of the steps (`models.cuda_graphs`), captured on first use per batch size,
   autocast dtype and mode; the decode then runs in chunks of GRAPH_DECODE_CHUNK images to keep the peak low.
+- `cuda_graph='loop'` captures the whole loop instead (`sample_in_one_graph`): every scale's step, CFG, filtering,
+  sampling and next-scale input in one graph whose registered generators draw the plain path's random numbers.
 - `stream_dtype=torch.bfloat16` runs the steps and the decoder on bf16 copies of their modules (`models.lowp`):
   a bf16 residual stream instead of the official float32 one. The only switch that changes the numbers (within bf16
   tolerance); it combines with the others.

@@ -81,6 +81,41 @@ def test_sampling_flops_equal_torchs_flop_counter_on_a_real_sample(shared_aln):
     assert f['decode'] > f['total'] / 2  # at this size the decoder dominates
 
 
+def test_teacher_forcing_flops_match_a_hand_count():
+    """depth 1, width 8 (FFN 32), scales 1 and 2 (1 + 4 = 5 tokens), 5 codes of width 2, one row per image."""
+    from benchmarks.flops import teacher_forcing_flops
+    f = teacher_forcing_flops(1, 8, (1, 2), 5, 2)
+    assert f['blocks'] == 5 * 1536 and f['adaln'] == 768 and f['head'] == 5 * 80 + 256
+    # the sos token sees itself; the 4 tokens of scale 2 see all 5; word_embed on the 4 teacher-forcing tokens
+    assert f['attention'] == 1 * 32 * 1 + 4 * 32 * 5 and f['embed'] == 4 * 2 * 2 * 8
+    assert f['total'] == 5 * 1536 + 768 + 656 + 672 + 128
+
+
+def test_training_flops_equal_torchs_flop_counter_on_a_real_step():
+    """Forward and backward of a real training step, and the tokenisation of real-size images, under torch's FLOP
+    counter on the CPU (whose fused attention kernel the counter does not see: that term is the hand count's)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.flops import training_flops
+    from models import build_vae_var
+    torch.manual_seed(0)
+    vae, var = build_vae_var('cpu', patch_nums=(1, 2, 3, 4), V=64, Cvae=8, ch=32, depth=2, num_classes=10)
+    B = 3
+    with FlopCounterMode(display=False) as encode, torch.no_grad():
+        idx_Bl = vae.img_to_idxBl(torch.rand(B, 3, 64, 64) * 2 - 1)
+        x_BLCv = vae.quantize.idxBl_to_var_input(idx_Bl)
+    with FlopCounterMode(display=False) as step:
+        logits_BLV = var.train()(torch.tensor([1, 2, 3]), x_BLCv)
+        F.cross_entropy(logits_BLV.view(-1, var.V), torch.cat(idx_Bl, 1).view(-1)).backward()
+    f = training_flops(vae, var)
+    assert encode.get_total_flops() / B == f['encode'] > 0
+    assert step.get_total_flops() / B == f['forward'] + f['backward'] - f['attention']
+    assert f['total'] == f['forward'] + f['backward'] + f['encode']
+    assert training_flops(vae, var, with_encode=False)['encode'] == 0
+
+
 def test_device_peaks():
     from benchmarks.flops import device_peak_tflops
     assert device_peak_tflops('NVIDIA H200') == 790 and device_peak_tflops('NVIDIA H100 80GB HBM3') == 989
