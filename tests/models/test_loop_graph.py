@@ -133,6 +133,87 @@ def test_loop_graph_is_made_again_when_settings_or_weights_change(tiny_models):
     assert not engine._graphs
 
 
+class _GraphAPIRecorder:
+    """torch.cuda's stream and graph API replaced by recorders, so that the capture's bookkeeping runs on the CPU:
+    what is registered, warmed up, captured and replayed, and in which order. The work itself runs eagerly."""
+
+    def __init__(self, monkeypatch):
+        import contextlib
+        self.events = []
+        recorder = self
+
+        class Stream:
+            def __init__(self, device=None):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
+        class Graph:
+            def __init__(self):
+                self.registered = []
+
+            def register_generator_state(self, generator):
+                recorder.events.append('register')
+                self.registered.append(generator)
+
+            def replay(self):
+                recorder.events.append('replay')
+                recorder.replayed_states = [g.get_state() for g in self.registered]
+
+        @contextlib.contextmanager
+        def graph(g, pool=None):
+            self.events.append('capture')
+            yield
+            self.events.append('captured')
+
+        @contextlib.contextmanager
+        def side_stream(s):
+            self.events.append('side stream')
+            yield
+        for name, fake in dict(Stream=Stream, CUDAGraph=Graph, graph=graph, stream=side_stream,
+                               current_stream=lambda device=None: Stream(),
+                               device=lambda device: contextlib.nullcontext(),
+                               get_rng_state=lambda device=None: torch.get_rng_state(),
+                               set_rng_state=lambda state, device=None: torch.set_rng_state(state)).items():
+            monkeypatch.setattr(torch.cuda, name, fake)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('g_seed', [None, 7, [3, 1, 4]], ids=['global', 'one', 'rows'])
+def test_capture_bookkeeping_with_the_graph_api_recorded(tiny_models, monkeypatch, g_seed):
+    """The capture path with torch.cuda's graph API recorded: the loop's own generators (none, one, or one per row)
+    are registered before the capture, after a warm-up on a side stream whose draws from the global RNG are undone;
+    the KV caches stay with the graph and the model's caching is off; every call replays once, with the caller's
+    generator states copied into the registered generators first."""
+    recorder = _GraphAPIRecorder(monkeypatch)
+    _, var = tiny_models
+    B, label_B = 3, torch.tensor([2, 0, 9])
+    engine = sampling_engine(var)
+    settings = dict(cfg=1.5, top_k=20, top_p=0.9, more_smooth=False)
+    torch.manual_seed(5)
+    if g_seed is None:  # the recorded capture runs the loop once, drawing what a replay would draw
+        _plain_loop(var, label_B, None, settings)
+    expected_state = torch.get_rng_state()
+    torch.manual_seed(5)
+    rng = _generators(var, g_seed, B)
+    engine.sample_in_one_graph(label_B, rng, settings)
+    assert torch.equal(torch.get_rng_state(), expected_state)  # the warm-up's draws are not the caller's
+    n_gens = B if isinstance(g_seed, list) else (0 if g_seed is None else 1)
+    assert recorder.events == ['side stream'] + ['register'] * n_gens + ['capture', 'captured', 'replay']
+    loop = next(iter(engine._graphs.values()))
+    assert all(g not in ([rng] if isinstance(rng, torch.Generator) else rng or []) for g in loop.gens)
+    assert not any(b.attn.caching or b.attn.cached_k is not None for b in var.blocks)
+    assert [k.shape for k, _ in loop.kv] == [(2 * B, var.num_heads, var.L, var.C // var.num_heads)] * var.depth
+    callers = [] if rng is None else ([rng] if isinstance(rng, torch.Generator) else rng)
+    for g in callers:
+        g.manual_seed(1234)  # the next call's states reach the registered generators before the replay
+    engine.sample_in_one_graph(label_B, rng, settings)
+    assert recorder.events[-1] == 'replay' and recorder.events.count('capture') == 1
+    assert all(torch.equal(a, g.get_state()) for a, g in zip(recorder.replayed_states, callers))
+    release_sampling_caches(var)
+
+
 def _cuda_var():
     from models import build_vae_var
     from support import TINY
