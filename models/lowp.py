@@ -51,7 +51,18 @@ def _named_tensors(module: nn.Module) -> Iterable[Tuple[str, torch.Tensor]]:
 
 
 class _RefreshedCopy(nn.Module):
-    """A copy whose parameter and buffer names are those of the source model's (`refresh` matches them by name)."""
+    """Copies of some modules of a source model in `dtype` (optionally channels-last), as attributes of the same names,
+    so that their parameter and buffer names are the source's and `refresh` can match them by name."""
+
+    def __init__(self, parts: Dict[str, nn.Module], dtype: torch.dtype, channels_last: bool = False):
+        super().__init__()
+        for name, m in _copy_in(parts, dtype).items():
+            setattr(self, name, m)
+        self.eval()
+        self.dtype, self.device = dtype, next(self.parameters()).device
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
     @torch.no_grad()
     def refresh(self, source: nn.Module) -> None:
@@ -66,13 +77,8 @@ class StepCopy(_RefreshedCopy):
     in `dtype`, with the model's names, so that `refresh` can copy the model's weights into it."""
 
     def __init__(self, var: nn.Module, dtype: torch.dtype):
-        super().__init__()
-        parts = _copy_in(dict(shared_ada_lin=var.shared_ada_lin, blocks=var.blocks, head_nm=var.head_nm,
+        super().__init__(dict(shared_ada_lin=var.shared_ada_lin, blocks=var.blocks, head_nm=var.head_nm,
                               head=var.head), dtype)
-        for name, m in parts.items():
-            setattr(self, name, m)
-        self.eval()
-        self.dtype, self.device = dtype, var.head.weight.device
         self.patch_nums, self.L, self.V = var.patch_nums, var.L, var.V  # what the CUDA-graph capture reads
 
     def get_logits(self, h_BlC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
@@ -85,14 +91,7 @@ class DecoderCopy(_RefreshedCopy):
     float32, as `VQVAE.fhat_to_img`."""
 
     def __init__(self, vae: nn.Module, dtype: torch.dtype, channels_last: bool = False):
-        super().__init__()
-        parts = _copy_in(dict(post_quant_conv=vae.post_quant_conv, decoder=vae.decoder), dtype)
-        self.post_quant_conv, self.decoder = parts['post_quant_conv'], parts['decoder']
-        self.eval()
-        self.dtype, self.device = dtype, vae.post_quant_conv.weight.device
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        if channels_last:
-            self.to(memory_format=torch.channels_last)
+        super().__init__(dict(post_quant_conv=vae.post_quant_conv, decoder=vae.decoder), dtype, channels_last)
 
     def forward(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
         f = f_hat_BChw.to(dtype=self.dtype, memory_format=self.memory_format)
@@ -107,15 +106,7 @@ class EncoderCopy(_RefreshedCopy):
     the float32 encode's (`benchmarks/bench_encode` reports the share)."""
 
     def __init__(self, vae: nn.Module, dtype: torch.dtype, channels_last: bool = False):
-        super().__init__()
-        parts = _copy_in(dict(encoder=vae.encoder, quant_conv=vae.quant_conv), dtype)
-        self.encoder, self.quant_conv = parts['encoder'], parts['quant_conv']
-        self.eval()
-        self.requires_grad_(False)
-        self.dtype = dtype
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        if channels_last:
-            self.to(memory_format=torch.channels_last)
+        super().__init__(dict(encoder=vae.encoder, quant_conv=vae.quant_conv), dtype, channels_last)
         self._vae = [vae]  # a plain list: the tokenizer is not a submodule of its copy
 
     def forward(self, img_B3HW: torch.Tensor) -> torch.Tensor:
