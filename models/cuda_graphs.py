@@ -57,6 +57,20 @@ class CastLinearWeights:
                 m._parameters[name] = p
 
 
+@contextlib.contextmanager
+def capture_precision(device_type: str, amp_dtype: Optional[torch.dtype],
+                      cast: Optional[CastLinearWeights]) -> Iterator[None]:
+    """Within: the autocast a capture reproduces (none, or `amp_dtype` with its weight-cast cache off) and the
+    pre-cast Linear weights swapped in. Autocast's cache lives only as long as the caller's autocast context: graphs
+    that read cached casts would read freed memory on a later replay, so it is cleared and kept off (the same
+    numbers)."""
+    torch.clear_autocast_cache()
+    amp = torch.autocast(device_type, dtype=amp_dtype, cache_enabled=False) if amp_dtype is not None \
+        else contextlib.nullcontext()
+    with amp, (cast.swapped_in() if cast is not None else contextlib.nullcontext()):
+        yield
+
+
 def tensor_addresses(model: nn.Module) -> List[int]:
     """Where every parameter and buffer lives: a captured graph reads them there, so any change means a recapture."""
     return [t.data_ptr() for t in list(model.parameters()) + list(model.buffers())]
@@ -80,17 +94,11 @@ class ScaleStepGraphs:
             torch.zeros(B2, pn * pn, C, device=device, dtype=first_x.dtype) for pn in var.patch_nums]
         self.static_logits: List[torch.Tensor] = []
         self.graphs: List[torch.cuda.CUDAGraph] = []
-        # Autocast's weight-cast cache lives only as long as the caller's autocast context: graphs that read cached
-        # casts would read freed memory on a later replay. Capture with the cache off (the same numbers).
-        torch.clear_autocast_cache()
-        amp = torch.autocast('cuda', dtype=amp_dtype, cache_enabled=False) if amp_dtype is not None \
-            else contextlib.nullcontext()
         self.cast = CastLinearWeights(var, amp_dtype) if amp_dtype is not None else None
         self.addresses = tensor_addresses(var)
         try:
             # the graph and its streams belong to the model's GPU, whichever is current
-            with torch.cuda.device(device), amp, \
-                    (self.cast.swapped_in() if self.cast is not None else contextlib.nullcontext()):
+            with torch.cuda.device(device), capture_precision('cuda', amp_dtype, self.cast):
                 self._capture(var, step, device, B2)
         except BaseException:
             kv_caching(var.blocks, False)  # a failed capture (e.g. out of memory) leaves no cache switched on
@@ -183,18 +191,18 @@ class SamplingLoopGraph:
         self.amp_dtype = amp_dtype
         cast_root = var if model is var else var.word_embed
         self.cast = CastLinearWeights(cast_root, amp_dtype) if amp_dtype is not None else None
-        quant = var.vae_quant_proxy[0]
-        self.addresses = tensor_addresses(var) + tensor_addresses(quant) + tensor_addresses(model)
+        self.addresses = self._addresses(var, model)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.static_f_hat: Optional[torch.Tensor] = None
         if capture:
             self._capture(var, model, device)
 
-    def _amp(self):
-        torch.clear_autocast_cache()  # see ScaleStepGraphs: a captured graph must not read autocast's cached casts
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.static_label.device.type, dtype=self.amp_dtype, cache_enabled=False)
+    @staticmethod
+    def _addresses(var: nn.Module, model: nn.Module) -> List[int]:
+        return tensor_addresses(var) + tensor_addresses(var.vae_quant_proxy[0]) + tensor_addresses(model)
+
+    def _precision(self):
+        return capture_precision(self.static_label.device.type, self.amp_dtype, self.cast)
 
     def _loop(self, var: nn.Module) -> torch.Tensor:
         cond_BD, lvl_pos, next_token_map, f_hat = var._first_scale_input(self.static_label)
@@ -204,8 +212,7 @@ class SamplingLoopGraph:
     def _capture(self, var: nn.Module, model: nn.Module, device: torch.device) -> None:
         kv_caching(model.blocks, True, model.L)
         try:
-            with torch.cuda.device(device), self._amp(), \
-                    (self.cast.swapped_in() if self.cast is not None else contextlib.nullcontext()):
+            with torch.cuda.device(device), self._precision():
                 # warm up on a side stream (allocates the KV caches, compiles, picks kernels); the default
                 # generator's state is put back: the warm-up's draws are not the caller's
                 rng_state = torch.cuda.get_rng_state(device)
@@ -231,8 +238,7 @@ class SamplingLoopGraph:
         var, model = self._var(), self._model()
         if var is None or model is None:
             return False
-        addresses = tensor_addresses(var) + tensor_addresses(var.vae_quant_proxy[0]) + tensor_addresses(model)
-        return addresses == self.addresses
+        return self._addresses(var, model) == self.addresses
 
     def run(self, label_B: torch.Tensor, rng) -> torch.Tensor:
         """Sample for `label_B`, drawing from `rng` (the layout this graph was made for) -> the final f_hat."""
@@ -248,7 +254,7 @@ class SamplingLoopGraph:
             var, model = self._var(), self._model()
             kv_caching(model.blocks, True, model.L)
             try:
-                with self._amp(), (self.cast.swapped_in() if self.cast is not None else contextlib.nullcontext()):
+                with self._precision():
                     self.static_f_hat = self._loop(var)
             finally:
                 kv_caching(model.blocks, False)
