@@ -64,9 +64,12 @@ def make_step(vae, var, model, opt, scaler, dtype, B, with_encode, encode=None):
 
 def bench_one(depth, dtype, B, repeats, fast_encode=1, peak_tflops=0.0):
     rows = []
+    flops_per_img = None  # {with_encode: model FLOPs per image}, counted once per configuration
     for path in ('reference', 'fast'):
         torch.manual_seed(0)
         vae, var = build_vae_var(device='cuda', **PRESETS[f'd{depth}'])
+        if flops_per_img is None:
+            flops_per_img = {enc: training_flops(vae, var, enc)['total'] for enc in (True, False)}
         var.train()
         opt = torch.optim.AdamW(var.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
         scaler = None
@@ -91,7 +94,7 @@ def bench_one(depth, dtype, B, repeats, fast_encode=1, peak_tflops=0.0):
                 first = time.time() - t0
                 mem = peak_gib(step)
                 sec = time_cuda(step, warmup=2, repeats=repeats)
-                flops = training_flops(vae, var, with_encode)['total'] * B
+                flops = flops_per_img[with_encode] * B
                 row.update(img_per_s=B / sec, ms_per_img=1000 * sec / B, sec_per_step=sec, peak_gib=mem,
                            first_step_s=first, tflops=flops / sec / 1e12,
                            pct_peak=100 * flops / sec / 1e12 / peak_tflops if peak_tflops else None)
