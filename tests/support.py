@@ -37,3 +37,12 @@ def main_in_process(main: Callable[[List[str]], int], *argv) -> None:
     if code != 0:
         assert code == 2 and 'Traceback' not in err.getvalue(), (code, err.getvalue())
         raise SystemExit(err.getvalue().strip())
+
+
+def teacher_forced_tokens(var, label_B: torch.Tensor, x_BLCv: torch.Tensor):
+    """-> (cond_BD, x_BLC): the class embeddings and the transformer's input for all L positions (start token, then
+    the teacher-forcing tokens, with level and position), as VAR's forward builds them, for feeding the engine's
+    per-scale steps slice by slice."""
+    cond_BD = var.class_emb(label_B)
+    lvl_pos = var.lvl_embed(var.lvl_1L) + var.pos_1LC
+    return cond_BD, torch.cat((cond_BD.unsqueeze(1) + var.pos_start, var.word_embed(x_BLCv)), dim=1) + lvl_pos

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from support import requires_cuda
+from support import requires_cuda, teacher_forced_tokens
 from models.engine import release_sampling_caches, sampling_engine
 from models.lowp import DecoderCopy, StepCopy
 
@@ -17,10 +17,7 @@ def _teacher_forced_inputs(vae, var, B=4):
     torch.manual_seed(1)
     label_B = torch.tensor([3, 5, 1, 0])[:B]
     x_BLCv = vae.quantize.idxBl_to_var_input(vae.img_to_idxBl(torch.rand(B, 3, 64, 64) * 2 - 1))
-    cond_BD = var.class_emb(label_B)
-    lvl_pos = var.lvl_embed(var.lvl_1L) + var.pos_1LC
-    x_BLC = torch.cat((cond_BD.unsqueeze(1) + var.pos_start, var.word_embed(x_BLCv)), dim=1) + lvl_pos
-    return cond_BD, x_BLC
+    return teacher_forced_tokens(var, label_B, x_BLCv)
 
 
 def _all_steps(var, cond_BD, x_BLC, autocast: bool, stream_dtype=None, kv_cache='prealloc'):

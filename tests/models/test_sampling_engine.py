@@ -7,7 +7,7 @@ import weakref
 import pytest
 import torch
 
-from support import requires_cuda
+from support import requires_cuda, teacher_forced_tokens
 from models import engine as engine_mod
 from models.basic_var import SelfAttention, kv_caching, optional_kernels
 from models.engine import GRAPH_DECODE_CHUNK, release_cuda_graphs, sampling_engine, scale_step
@@ -364,9 +364,7 @@ def test_engine_steps_equal_teacher_forcing_and_switch_the_cache_off(tiny_models
     x_BLCv = vae.quantize.idxBl_to_var_input(vae.img_to_idxBl(torch.rand(B, 3, 64, 64) * 2 - 1))
     with torch.no_grad():
         ref_BLV = var(label_B, x_BLCv)
-        cond_BD = var.class_emb(label_B)
-        lvl_pos = var.lvl_embed(var.lvl_1L) + var.pos_1LC
-        x_BLC = torch.cat((cond_BD.unsqueeze(1) + var.pos_start, var.word_embed(x_BLCv)), dim=1) + lvl_pos
+        cond_BD, x_BLC = teacher_forced_tokens(var, label_B, x_BLCv)
         for mode in ('concat', 'prealloc'):
             with sampling_engine(var).steps(cond_BD, x_BLC[:, :1], kv_cache=mode) as step:
                 out = torch.cat([step(si, x_BLC[:, bg:ed]) for si, (bg, ed) in enumerate(var.begin_ends)], dim=1)
