@@ -143,11 +143,7 @@ class Run(TrainingRun):
         if args.vbf16:
             encode = EncoderCopy(self.vae_local, torch.bfloat16).img_to_idxBl
         if args.vfast:  # the tokenizer runs through img_to_idxBl, not forward: compile that method
-            if encode is None:
-                self.vae_local.img_to_idxBl = torch.compile(self.vae_local.img_to_idxBl,
-                                                            mode=COMPILE_MODES[args.vfast])
-            else:
-                encode = torch.compile(encode, mode=COMPILE_MODES[args.vfast])
+            encode = torch.compile(encode or self.vae_local.img_to_idxBl, mode=COMPILE_MODES[args.vfast])
         groups = build_param_groups(self.var_wo_ddp.named_parameters())
         opt = torch.optim.AdamW(groups, lr=cfg.tlr, betas=(0.9, 0.95), weight_decay=0.0,
                                 fused=args.afuse and self.device.type in ('cuda', 'cpu'))

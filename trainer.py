@@ -32,7 +32,8 @@ class VARTrainer:
         eval_in_autocast: validate and sample under `var_opt`'s autocast rather than in fp32 (official): needed when
             the blocks' weights are gathered in half precision for every forward (--fsdp 1 --fp16 1/2).
         encode: images -> per-scale ids for training and validation batches; None: `vae_local.img_to_idxBl`
-            (official), else e.g. a bf16 copy's (`models.lowp.EncoderCopy`, train.py --vbf16).
+            (official), else e.g. a bf16 copy's (`models.lowp.EncoderCopy`, train.py --vbf16) or a compiled one
+            (train.py --vfast).
     """
 
     def __init__(self, device: torch.device, patch_nums: Sequence[int], resos: Sequence[int], vae_local: nn.Module,
@@ -83,8 +84,7 @@ class VARTrainer:
         or by `encode`), or integer ids gt_BL from a pre-tokenised dataset (utils/pretok.py), which skip the encoder.
         """
         if inp.is_floating_point():
-            encode = self.encode or self.vae_local.img_to_idxBl  # looked up per call: --vfast replaces the method
-            gt_idx_Bl: List[torch.Tensor] = encode(inp)
+            gt_idx_Bl: List[torch.Tensor] = (self.encode or self.vae_local.img_to_idxBl)(inp)
             gt_BL = torch.cat(gt_idx_Bl, dim=1)
         else:
             if inp.dim() != 2 or inp.shape[1] != self.L:
