@@ -24,6 +24,19 @@ def shared_path(*parts: str) -> Path:
     return p
 
 
+@contextlib.contextmanager
+def intra_op_threads(n: int):
+    """Run the block with `n` intra-op threads, as a process started with OMP_NUM_THREADS=n computes: the thread
+    count is part of what fixes float rounding on the CPU, so a result compared bit for bit with a real process's
+    must be made with the same count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def requires_cuda():
     return pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 

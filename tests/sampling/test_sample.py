@@ -1,6 +1,5 @@
 """sample.py and sampling/draw.py, sampling/fid_export.py on a tiny 64px model: grids, the FID export (1 vs 2 real
 processes, a real kill and restart), classifier rejection, and clear errors for bad input. CPU only."""
-import contextlib
 import os
 import re
 import signal
@@ -27,17 +26,6 @@ FID_ARGS = ['--mode', 'fid', '--per_class', '4', '--bs', '2', '--classes', '0,1,
 def _main(*argv):
     """sample.main in this process; a user mistake (exit code 2) is raised as SystemExit with its stderr message."""
     support.main_in_process(sample.main, *argv)
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """The arithmetic of a process started with OMP_NUM_THREADS=1 (as the real-process runs below)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _command(argv, nproc):
@@ -148,7 +136,7 @@ def test_fid_export_1_vs_2_processes_and_restart_after_a_kill(tiny_ckpt, tmp_pat
     reference byte for byte: most of the images of the restarted run come from 2 processes, the rest from the killed
     one."""
     one, resumed = tmp_path / 'one', tmp_path / 'resumed'
-    with _one_thread():
+    with support.intra_op_threads(1):  # the arithmetic of the OMP_NUM_THREADS=1 processes below
         _main('--ckpt', tiny_ckpt, *FID_ARGS, '--out', one)
     ref = _pngs(one)
     assert len(ref) == 40 and sorted(os.listdir(one)) == sorted(ref) + ['manifest.json']

@@ -294,25 +294,6 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_losses(data, reference, tmp_p
 
 
 @pytest.mark.slow
-def test_resume_inside_an_accumulation_cycle_cut_by_the_epoch_end(tmp_path):
-    # 21 images, 3 per step with --ac=2: 7 iterations per epoch, so epoch 0 ends inside a cycle; the kill comes after
-    # that epoch's checkpoint, which points at the cycle's start (with the codebook-usage EMA of that moment)
-    data = make_image_folder(tmp_path / 'data', n_classes=3, n_train=7, n_val=2)
-    flags = dict(ep=2, bs=6, ac=2, log_steps=1, hflip=1, vq_reinit_until=1.0)
-    reference = run_vae(vae_argv(data, tmp_path / 'reference', **flags))
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    out = tmp_path / 'interrupted'
-    argv = vae_argv(data, out, **flags)
-    killed_at = kill_after_step(argv, out, step=8, cmd=vae_cmd(argv))
-    assert killed_at < 13, 'the kill came too late to test anything'
-    resumed = run_vae(argv)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert 'epoch 0, iteration 6' in resumed.stdout
-    assert read_losses(out) == read_losses(tmp_path / 'reference') and len(read_losses(out)) == 14
-    assert_same_final_checkpoint(tmp_path / 'reference', out, 'vae-ckpt-last.pth')
-
-
-@pytest.mark.slow
 def test_torchrun_two_processes_with_gan_and_adaptive_weight(data, tmp_path):
     out = tmp_path / 'ddp'
     # bf16 autocast and 2-step accumulation (no_sync on the first micro-batch of both DDP modules)
@@ -355,19 +336,25 @@ def test_a_discriminator_too_deep_for_the_images_is_refused_at_start(data, tmp_p
 
 
 @pytest.mark.slow
-def test_three_processes_resume_bit_for_bit_with_the_gan(tmp_path):
+def test_three_processes_resume_bit_for_bit_with_the_gan_inside_an_accumulation_cycle(tmp_path):
     """With three ranks the order in which DDP adds the gradients depends on its bucket layout, which it rebuilds
     after the first synced backward: a resumed run settles the buckets of the VQVAE and (the GAN having started) of
-    the discriminator first, so its steps equal the uninterrupted run's, bit for bit."""
-    data = make_image_folder(tmp_path / 'data', n_classes=3, n_train=6, n_val=1)
-    # global batch 6 = 3 ranks x 2: 3 iterations per epoch, 6 in all; the GAN starts at iteration 1
-    flags = dict(bs=6, ep=2, ckpt_every_iters=2, log_steps=1, hflip=1, tblr=0.02, vq_reinit=0, val_max=1)
+    the discriminator first, so its steps equal the uninterrupted run's, bit for bit.
+
+    --ac=2 with 3 iterations per epoch: epoch 0 ends inside a cycle; the kill comes after that epoch's checkpoint,
+    which points at the cycle's start (with the codebook-usage EMA of that moment)."""
+    data = make_image_folder(tmp_path / 'data', n_classes=3, n_train=3, n_val=1)
+    # 9 images, global batch 6 with --ac=2: 3 per iteration (1 per rank), 3 iterations per epoch, 6 in all; the GAN
+    # starts at iteration 2 (the first cycle start after --disc_start=0.25 epochs); dead codes re-drawn every 2
+    # iterations to the end
+    flags = dict(bs=6, ac=2, ep=2, log_steps=1, hflip=1, tblr=0.02, vq_reinit_until=1.0, val_max=1)
     ref_out = tmp_path / 'reference'
     ref = run_vae(vae_argv(data, ref_out, **flags), nproc=3, timeout=300)
     assert ref.returncode == 0, ref.stderr[-3000:]
+    assert sorted(read_losses(ref_out)) == list(range(6)) and 'GAN from iteration 2' in ref.stdout
     out = tmp_path / 'interrupted'
     argv = vae_argv(data, out, **flags)
-    killed_at = kill_after_step(argv, out, step=2, cmd=vae_cmd(argv, nproc=3), timeout=300)
+    killed_at = kill_after_step(argv, out, step=3, cmd=vae_cmd(argv, nproc=3), timeout=300)
     assert killed_at < 5, 'the kill came too late to test anything'
     resumed = run_vae(argv, nproc=3, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -19,8 +19,9 @@ from torchvision.transforms import functional as TF
 
 import models
 import pretokenize
+from support import intra_op_threads
 from train_support import (ROOT, TINY_PN, cpu_env, free_port, make_image_folder, make_tiny_vae_ckpt, read_steps,
-                            run_train, train_args, write_image)
+                            train_args, write_image)
 from utils import pretok
 from utils.data import ValTransform
 
@@ -44,15 +45,10 @@ def pretok_here(data: Path, vae: Path, out: Path, **extra) -> subprocess.Complet
     same arithmetic, so the same bytes); its exit code and output as a CompletedProcess."""
     argv = pretok_cmd(data, vae, out, **extra)[2:]
     stdout, stderr = io.StringIO(), io.StringIO()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
-                warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter('always')
-            code = pretokenize.main(argv)
-    finally:
-        torch.set_num_threads(threads)
+    with intra_op_threads(1), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        code = pretokenize.main(argv)
     # a process prints its warnings on stderr; pytest would keep them to itself
     shown = ''.join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
     return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue() + shown)
@@ -219,12 +215,13 @@ def test_training_from_tokens_equals_training_from_images(tmp_path):
     r = pretok_here(data, vae, tok, hflip=1, mid_reso=1.0, bs=8)
     assert r.returncode == 0, r.stderr[-3000:]
     common = dict(hflip=1, mid_reso=1.0, ep=3, pg=0.6, pg0=1, log_steps=1)
-    r_img = run_train(train_args(data, vae, tmp_path / 'img', **common))
-    assert r_img.returncode == 0, r_img.stderr[-3000:]
-    r_tok = run_train(train_args(data, vae, tmp_path / 'tok_run', pretok=tok, **common))
-    assert r_tok.returncode == 0, r_tok.stderr[-3000:]
-    assert 'pre-tokenised dataset' in r_tok.stdout + r_tok.stderr
-    assert 'is not read: the images come from --pretok' in r_tok.stdout + r_tok.stderr
+    import train  # both runs in this process, with the same thread count: the same arithmetic
+    with intra_op_threads(1):
+        assert train.main(train_args(data, vae, tmp_path / 'img', **common)) == 0
+        assert train.main(train_args(data, vae, tmp_path / 'tok_run', pretok=tok, **common)) == 0
+    console = (tmp_path / 'tok_run' / 'stdout.txt').read_text() + (tmp_path / 'tok_run' / 'stderr.txt').read_text()
+    assert 'pre-tokenised dataset' in console
+    assert 'is not read: the images come from --pretok' in console
     steps_img, steps_tok = read_steps(tmp_path / 'img'), read_steps(tmp_path / 'tok_run')
     assert len(steps_img) == 9 and steps_img == steps_tok
     epochs = [[{k: v for k, v in json.loads(line).items() if not k.endswith('_time')}
