@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo app test test-fast lint
+.PHONY: install demo app test test-fast test-matrix lint
 install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -20,13 +20,27 @@ demo: install
 app: install
 	$(PY) app.py $(ARGS)
 
-# everything: unit tests, real torchrun / script / kill runs, the notebooks (GPU tests skip without a GPU)
+# everything: unit tests, real torchrun / script / kill runs, the notebooks (GPU tests skip without a GPU); the 15
+# slowest tests are listed at the end, so that growth shows
 test: install lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # the inner loop: unit tests only (no real processes)
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# the unit tests under every CPU kernel set of PyTorch this CPU runs (generic, AVX2, AVX-512) with 1 and 2 intra-op
+# threads, then the real-process tests once: a tolerance tuned to one machine fails here, not at a user's
+test-matrix: install
+	@caps="default"; \
+	best=$$($(PY) -c 'import torch; print(torch.backends.cpu.get_cpu_capability().lower())'); \
+	case "$$best" in avx2) caps="default avx2";; avx512) caps="default avx2 avx512";; esac; \
+	for cap in $$caps; do for threads in 1 2; do \
+		echo "== ATEN_CPU_CAPABILITY=$$cap OMP_NUM_THREADS=$$threads: the unit tests"; \
+		ATEN_CPU_CAPABILITY=$$cap OMP_NUM_THREADS=$$threads $(PY) -m pytest -q -m "not slow" || exit 1; \
+	done; done; \
+	echo "== the real-process tests ($$best kernels, default threads)"; \
+	$(PY) -m pytest -q -m slow
 
 lint: install
 	$(PY) -m ruff check .

@@ -38,3 +38,12 @@ def tiny_ckpt(tmp_path_factory, sampling_models):
     torch.save({'trainer': {'var_wo_ddp': var.state_dict(), 'vae_local': vae.state_dict()},
                 'model_config': dict(var.build_config), 'vae_config': vae.config}, path)
     return str(path)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The settings that fix float rounding on the CPU, at the end of every run (`make test-matrix` varies them)."""
+    import os
+    kernels = torch.backends.cpu.get_cpu_capability()
+    terminalreporter.write_line(f'torch {torch.__version__}; CPU kernels: {kernels} (ATEN_CPU_CAPABILITY='
+                                f'{os.environ.get("ATEN_CPU_CAPABILITY", "unset")}); intra-op threads: '
+                                f'{torch.get_num_threads()}')

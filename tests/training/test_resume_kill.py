@@ -104,9 +104,10 @@ def test_ctrl_c_writes_a_checkpoint_and_rerun_gives_the_uninterrupted_losses(ref
 @pytest.mark.slow
 def test_torchrun_job_stops_with_a_checkpoint_on_sigterm_to_one_rank_then_on_ctrl_c(tmp_path):
     """torchrun, 2 processes. SIGTERM (a preemption notice) to rank 1 only: both ranks agree to save at the same
-    iteration and stop (exit code 130; torchrun reports a failed worker). The same command resumes there, and Ctrl-C in its terminal (SIGINT to the whole
-    process group; torchrun forwards it again) is one request, not an immediate interrupt: a second checkpoint,
-    further on. Each checkpoint holds both ranks' RNG states. (A resume run to its end after Ctrl-C: above.)"""
+    iteration and stop (exit code 130; torchrun reports a failed worker). The same command resumes there, and Ctrl-C
+    in its terminal (SIGINT to the whole process group; torchrun forwards it again) is one request, not an immediate
+    interrupt: a second checkpoint, further on. Each checkpoint holds both ranks' RNG states. (A resumed run to its
+    end after Ctrl-C: above.)"""
     import signal
 
     import torch
