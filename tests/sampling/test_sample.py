@@ -35,13 +35,15 @@ def _command(argv, nproc):
     return launcher + [os.path.join(ROOT, 'sample.py')] + [str(a) for a in argv]
 
 
-def _env():
-    # One thread per process in every run, so that 1-process and 2-process runs do identical arithmetic.
-    return dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+def _env(threads=1):
+    """The same intra-op thread count in every process of a comparison, so that 1-process and 2-process runs do
+    identical arithmetic (torchrun would give each of several workers one thread, a plain process all cores)."""
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES='')
 
 
-def _run(argv, nproc=1):
-    res = subprocess.run(_command(argv, nproc), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+def _run(argv, nproc=1, threads=1):
+    res = subprocess.run(_command(argv, nproc), cwd=ROOT, env=_env(threads), capture_output=True, text=True,
+                         timeout=120)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
 
@@ -134,9 +136,11 @@ def test_fid_export_1_vs_2_processes_and_restart_after_a_kill(tiny_ckpt, tmp_pat
     """One process (this one) writes the reference. A second run is killed (SIGKILL) as soon as images appear, loses
     one image and leaves a half-written file; a 2-process restart completes it. Every PNG and the npz must equal the
     reference byte for byte: most of the images of the restarted run come from 2 processes, the rest from the killed
-    one."""
+    one. Every process computes with 2 intra-op threads (OMP_NUM_THREADS=2 for torchrun's workers, which would get 1
+    each by default): the promise holds for any thread count that is the same in every run (one thread: the
+    pre-tokenisation's 1 vs 2 processes, tests/training/test_pretok.py)."""
     one, resumed = tmp_path / 'one', tmp_path / 'resumed'
-    with support.intra_op_threads(1):  # the arithmetic of the OMP_NUM_THREADS=1 processes below
+    with support.intra_op_threads(2):  # the arithmetic of the OMP_NUM_THREADS=2 processes below
         _main('--ckpt', tiny_ckpt, *FID_ARGS, '--out', one)
     ref = _pngs(one)
     assert len(ref) == 40 and sorted(os.listdir(one)) == sorted(ref) + ['manifest.json']
@@ -147,7 +151,7 @@ def test_fid_export_1_vs_2_processes_and_restart_after_a_kill(tiny_ckpt, tmp_pat
     for k, p in enumerate(order):
         assert np.array_equal(arr[k], np.asarray(Image.open(p)))
 
-    proc = subprocess.Popen(_command(['--ckpt', tiny_ckpt, *FID_ARGS, '--out', resumed], 1), cwd=ROOT, env=_env(),
+    proc = subprocess.Popen(_command(['--ckpt', tiny_ckpt, *FID_ARGS, '--out', resumed], 1), cwd=ROOT, env=_env(2),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while proc.poll() is None and time.time() < deadline and len(_pngs(resumed) if resumed.exists() else {}) < 2:
@@ -161,7 +165,7 @@ def test_fid_export_1_vs_2_processes_and_restart_after_a_kill(tiny_ckpt, tmp_pat
     (resumed / '0009_00003.png.tmp123').write_bytes(b'half an image')
     kept = {n: os.stat(resumed / n).st_mtime_ns for n in sorted(partial)[1:]}
 
-    res = _run(['--ckpt', tiny_ckpt, *FID_ARGS, '--out', resumed], nproc=2)
+    res = _run(['--ckpt', tiny_ckpt, *FID_ARGS, '--out', resumed], nproc=2, threads=2)
     assert f'{len(partial) - 1} of 40 images already on disk' in res.stdout
     assert _pngs(resumed) == ref  # no gaps, no duplicates, the same bytes
     assert sorted(os.listdir(resumed)) == sorted(ref) + ['manifest.json']  # the half-written file is gone
