@@ -1,5 +1,5 @@
 """The tokenizer trainer (train_vae.py, tokenizer/): losses, a few real steps on
-CPU, exact kill-and-resume (also with 3 torchrun processes), DDP under torchrun, fine-tuning from an official-format
+CPU, exact kill-and-resume (also with 3 torchrun processes, the GAN and bf16), fine-tuning from an official-format
 file, and the checkpoint round trip into train.py (--vae_ckpt with no architecture flags)."""
 import json
 import os
@@ -293,17 +293,6 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_losses(data, reference, tmp_p
     assert_same_final_checkpoint(ref_out, out, 'vae-ckpt-last.pth')  # both models, both optimizers, RNG
 
 
-@pytest.mark.slow
-def test_torchrun_two_processes_with_gan_and_adaptive_weight(data, tmp_path):
-    out = tmp_path / 'ddp'
-    # bf16 autocast and 2-step accumulation (no_sync on the first micro-batch of both DDP modules)
-    done = run_vae(vae_argv(data, out, ep=1, bs=8, disc_start=0, ac=2, fp16=2), nproc=2)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ckpt = torch.load(out / 'vae-ckpt-last.pth', map_location='cpu', weights_only=True)
-    assert len(ckpt['rng']) == 2 and ckpt['derived']['batch_size'] == 2
-    assert 'disc_wo_ddp' in ckpt['trainer'] and ckpt['metrics']['n'] == 6  # both ranks' validation images
-
-
 def test_vae_init_fine_tunes_an_official_format_file(data, tmp_path, capsys):
     import models
     import train_vae
@@ -336,22 +325,27 @@ def test_a_discriminator_too_deep_for_the_images_is_refused_at_start(data, tmp_p
 
 
 @pytest.mark.slow
-def test_three_processes_resume_bit_for_bit_with_the_gan_inside_an_accumulation_cycle(tmp_path):
-    """With three ranks the order in which DDP adds the gradients depends on its bucket layout, which it rebuilds
-    after the first synced backward: a resumed run settles the buckets of the VQVAE and (the GAN having started) of
-    the discriminator first, so its steps equal the uninterrupted run's, bit for bit.
+def test_three_processes_with_the_gan_resume_bit_for_bit_inside_an_accumulation_cycle(tmp_path):
+    """A 3-process torchrun job with the GAN, its adaptive weight and bf16 autocast. With three ranks the order in
+    which DDP adds the gradients depends on its bucket layout, which it rebuilds after the first synced backward: a
+    resumed run settles the buckets of the VQVAE and (the GAN having started) of the discriminator first, so its steps
+    equal the uninterrupted run's, bit for bit.
 
-    --ac=2 with 3 iterations per epoch: epoch 0 ends inside a cycle; the kill comes after that epoch's checkpoint,
-    which points at the cycle's start (with the codebook-usage EMA of that moment)."""
+    --ac=2 with 3 iterations per epoch: epoch 0 ends inside a cycle (no_sync on the first micro-batch of both DDP
+    modules); the kill comes after that epoch's checkpoint, which points at the cycle's start (with the codebook-usage
+    EMA of that moment)."""
     data = make_image_folder(tmp_path / 'data', n_classes=3, n_train=3, n_val=1)
     # 9 images, global batch 6 with --ac=2: 3 per iteration (1 per rank), 3 iterations per epoch, 6 in all; the GAN
     # starts at iteration 2 (the first cycle start after --disc_start=0.25 epochs); dead codes re-drawn every 2
     # iterations to the end
-    flags = dict(bs=6, ac=2, ep=2, log_steps=1, hflip=1, tblr=0.02, vq_reinit_until=1.0, val_max=1)
+    flags = dict(bs=6, ac=2, ep=2, fp16=2, log_steps=1, hflip=1, tblr=0.02, vq_reinit_until=1.0)
     ref_out = tmp_path / 'reference'
     ref = run_vae(vae_argv(data, ref_out, **flags), nproc=3, timeout=300)
     assert ref.returncode == 0, ref.stderr[-3000:]
     assert sorted(read_losses(ref_out)) == list(range(6)) and 'GAN from iteration 2' in ref.stdout
+    ckpt = torch.load(ref_out / 'vae-ckpt-last.pth', map_location='cpu', weights_only=True)
+    assert len(ckpt['rng']) == 3 and ckpt['derived']['batch_size'] == 1
+    assert 'disc_wo_ddp' in ckpt['trainer'] and ckpt['metrics']['n'] == 3  # every rank's validation images
     out = tmp_path / 'interrupted'
     argv = vae_argv(data, out, **flags)
     killed_at = kill_after_step(argv, out, step=3, cmd=vae_cmd(argv, nproc=3), timeout=300)
