@@ -1,7 +1,8 @@
-"""Kill-and-resume equivalence: a run SIGKILLed at an arbitrary step and re-run with the same command gives the same
-per-step losses as an uninterrupted run (single process, CPU, fixed seed, fp16 autocast with its GradScaler); Ctrl-C
-and SIGTERM (also to one rank of a torchrun job) write a checkpoint at the next iteration before stopping. (A resume
-inside an accumulation cycle cut by the epoch end: tests/training/test_train_torchrun.py, with 3 processes.)"""
+"""Kill-and-resume equivalence: a run stopped by Ctrl-C, then SIGKILLed at an arbitrary step, and re-run with the same
+command gives the same per-step losses as an uninterrupted run (single process, CPU, fixed seed, fp16 autocast with
+its GradScaler); Ctrl-C and SIGTERM (also to one rank of a torchrun job) write a checkpoint at the next iteration
+before stopping. (A resume inside an accumulation cycle cut by the epoch end: tests/training/test_train_torchrun.py,
+with 3 processes.)"""
 import os
 
 import pytest
@@ -33,13 +34,27 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_sigkill_and_rerun_gives_the_uninterrupted_losses(reference, tmp_path):
+def test_ctrl_c_then_sigkill_then_rerun_gives_the_uninterrupted_run(reference, tmp_path):
+    """One run stopped twice. Ctrl-C (SIGINT) early in epoch 0: a checkpoint at the next iteration, exit code 130. The
+    same command resumes there and is SIGKILLed once step 8 is logged, after the periodic checkpoint of step 7 (a real
+    kill: no handler runs). The same command once more resumes mid-epoch from that checkpoint and finishes: per-step
+    losses, weights, optimizer, GradScaler and RNG states equal the uninterrupted run's bit for bit, and steps.jsonl
+    ends with one record per step (the replayed steps replace theirs)."""
+    import signal
+
+    from train_support import train_cmd
     data, vae, ref_out, ref_losses = reference
     out = tmp_path / 'interrupted'
     argv = train_args(data, vae, out, **REFERENCE_FLAGS)
-    # step 8 is logged after the interval checkpoint of step 7 was written: the resume is mid-epoch
+    proc, log = signal_after_step(train_cmd(argv), out, step=1, send=lambda p: os.killpg(p.pid, signal.SIGINT))
+    assert proc.returncode == 130, log[-3000:]
+    assert 'SIGINT: saving a checkpoint' in log and 'Traceback' not in log
+    assert '[stop] stopped on request at epoch 0, iteration' in log and 're-run the same command' in log
+
     killed_at = kill_after_step(argv, out, step=8)
     assert killed_at < 11, 'the kill came too late to test anything'
+    killed_log = (out.parent / f'{out.name}.killed.log').read_text()
+    assert '[auto-resume] loaded' in killed_log and 'epoch 0, iteration' in killed_log  # the Ctrl-C checkpoint
     before = read_steps(out)
     resumed = run_train(argv)  # the very same command
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -47,6 +62,7 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_losses(reference, tmp_path):
     after = read_steps(out)
     assert after == ref_losses  # bit-identical per-step losses
     assert all(after[k] == v for k, v in before.items())  # steps replayed after the checkpoint agree too
+    assert len((out / 'steps.jsonl').read_text().splitlines()) == 12
     assert_same_final_checkpoint(ref_out, out)  # weights, optimizer, scaler, RNG: bit for bit
 
 
@@ -79,35 +95,12 @@ def test_train_py_feeds_the_official_schedule_to_the_optimizer(reference):
 
 
 @pytest.mark.slow
-def test_ctrl_c_writes_a_checkpoint_and_rerun_gives_the_uninterrupted_losses(reference, tmp_path):
-    """SIGINT (Ctrl-C) mid-epoch, with no --ckpt_every_iters: the run saves at the next iteration, exits with 130, and
-    the same command resumes there; steps.jsonl ends with one record per step."""
-    import os
-    import signal
-
-    from train_support import train_cmd
-    data, vae, _, ref_losses = reference
-    flags = {k: v for k, v in REFERENCE_FLAGS.items() if k != 'ckpt_every_iters'}  # the periodic checkpoints are
-    out = tmp_path / 'interrupted'                                                   # not part of the losses
-    argv = train_args(data, vae, out, **flags)
-    proc, log = signal_after_step(train_cmd(argv), out, step=2, send=lambda p: os.killpg(p.pid, signal.SIGINT))
-    assert proc.returncode == 130, log[-3000:]
-    assert 'SIGINT: saving a checkpoint' in log and 'Traceback' not in log
-    assert '[stop] stopped on request at epoch 0, iteration' in log and 're-run the same command' in log
-    resumed = run_train(argv)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert '[auto-resume] loaded' in resumed.stdout and 'epoch 0, iteration' in resumed.stdout
-    assert read_steps(out) == ref_losses
-    assert len((out / 'steps.jsonl').read_text().splitlines()) == 12  # the replayed steps replace their records
-
-
-@pytest.mark.slow
 def test_torchrun_job_stops_with_a_checkpoint_on_sigterm_to_one_rank_then_on_ctrl_c(tmp_path):
     """torchrun, 2 processes. SIGTERM (a preemption notice) to rank 1 only: both ranks agree to save at the same
     iteration and stop (exit code 130; torchrun reports a failed worker). The same command resumes there, and Ctrl-C
     in its terminal (SIGINT to the whole process group; torchrun forwards it again) is one request, not an immediate
     interrupt: a second checkpoint, further on. Each checkpoint holds both ranks' RNG states. (A resumed run to its
-    end after Ctrl-C: above.)"""
+    end after Ctrl-C and a SIGKILL: above.)"""
     import signal
 
     import torch
