@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo app test test-fast test-matrix lint
+.PHONY: install demo app test test-fast test-cell test-matrix lint
 install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -29,17 +29,28 @@ test: install lint
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
-# the unit tests under every CPU kernel set of PyTorch this CPU runs (generic, AVX2, AVX-512) with 1 and 2 intra-op
-# threads, then the real-process tests once: a tolerance tuned to one machine fails here, not at a user's
+# The CPU's vector kernels, as a machine with only these units would run them: PyTorch's own (ATEN_CPU_CAPABILITY)
+# and those of the MKL and oneDNN libraries it calls for matrix products and convolutions, which pick theirs apart
+KERNELS_default := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41
+KERNELS_avx2 := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+KERNELS_avx512 := ATEN_CPU_CAPABILITY=avx512 MKL_ENABLE_INSTRUCTIONS=AVX512 ONEDNN_MAX_CPU_ISA=AVX512_CORE
+CPU ?= default
+THREADS ?= 1
+
+# the unit tests on one kernel set and thread count: make test-cell CPU=default|avx2|avx512 THREADS=1
+test-cell: install
+	env $(KERNELS_$(CPU)) OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest -q -m "not slow"
+
+# the unit tests on every kernel set this CPU runs with 1 and 2 intra-op threads, then the real-process tests once:
+# a tolerance tuned to one machine fails here, not at a user's
 test-matrix: install
-	@caps="default"; \
-	best=$$($(PY) -c 'import torch; print(torch.backends.cpu.get_cpu_capability().lower())'); \
-	case "$$best" in avx2) caps="default avx2";; avx512) caps="default avx2 avx512";; esac; \
-	for cap in $$caps; do for threads in 1 2; do \
-		echo "== ATEN_CPU_CAPABILITY=$$cap OMP_NUM_THREADS=$$threads: the unit tests"; \
-		ATEN_CPU_CAPABILITY=$$cap OMP_NUM_THREADS=$$threads $(PY) -m pytest -q -m "not slow" || exit 1; \
+	@best=$$($(PY) -c 'import torch; print(torch.backends.cpu.get_cpu_capability().lower())'); \
+	case "$$best" in avx512) cpus="default avx2 avx512";; avx2) cpus="default avx2";; *) cpus="default";; esac; \
+	for cpu in $$cpus; do for threads in 1 2; do \
+		echo "== $$cpu kernels, $$threads intra-op threads: the unit tests"; \
+		$(MAKE) --no-print-directory test-cell CPU=$$cpu THREADS=$$threads || exit 1; \
 	done; done; \
-	echo "== the real-process tests ($$best kernels, default threads)"; \
+	echo "== the real-process tests ($$best kernels)"; \
 	$(PY) -m pytest -q -m slow
 
 lint: install

@@ -41,6 +41,9 @@ def initialize(backend: Optional[str] = None, timeout_minutes: int = 30, device:
 
 
 def finalize() -> None:
+    """Destroy the process group. Call it once nothing else holds the group (a DDP or FSDP model, a device mesh: see
+    utils.run.main_of): the group goes with its last reference, and with it gloo's worker threads end here, not in the
+    interpreter's teardown, where one that takes the GIL (to free a tensor Python let go) aborts the process."""
     if tdist.is_initialized():
         tdist.destroy_process_group()
 

@@ -81,19 +81,25 @@ def main(argv=None) -> None:
     p.add_argument('--hflip', type=int, default=1)
     p.add_argument('--json', default='bench_data.json')
     args = p.parse_args(argv)
-    torch.set_num_threads(1)  # one core per loader process, as a training node gives its workers
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        img_root, tok_root = os.path.join(tmp, 'img'), os.path.join(tmp, 'tok')
-        os.makedirs(tok_root)
-        write_photo_folder(img_root, args.n)
-        write_token_set(tok_root, args.n, bool(args.hflip))
-        sets = {'images': SafeImageFolder(img_root, TrainTransform(256, 288, bool(args.hflip))),
-                'tokens': pretok.PretokenizedDataset(tok_root, 'train', hflip=bool(args.hflip))}
-        for workers in [int(w) for w in args.workers.split(',')]:
-            speeds = {name: images_per_second(ds, workers, args.batch, args.epochs) for name, ds in sets.items()}
-            rows.append({'workers': workers, 'images img/s': speeds['images'], 'tokens img/s': speeds['tokens'],
-                         'ratio': speeds['tokens'] / speeds['images']})
+    # one core per loader process, as a training node gives its workers; restored after, since main may run inside
+    # another program (the test suite)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            img_root, tok_root = os.path.join(tmp, 'img'), os.path.join(tmp, 'tok')
+            os.makedirs(tok_root)
+            write_photo_folder(img_root, args.n)
+            write_token_set(tok_root, args.n, bool(args.hflip))
+            sets = {'images': SafeImageFolder(img_root, TrainTransform(256, 288, bool(args.hflip))),
+                    'tokens': pretok.PretokenizedDataset(tok_root, 'train', hflip=bool(args.hflip))}
+            for workers in [int(w) for w in args.workers.split(',')]:
+                speeds = {name: images_per_second(ds, workers, args.batch, args.epochs) for name, ds in sets.items()}
+                rows.append({'workers': workers, 'images img/s': speeds['images'], 'tokens img/s': speeds['tokens'],
+                             'ratio': speeds['tokens'] / speeds['images']})
+    finally:
+        torch.set_num_threads(threads)
     print(f'CPU: {os.cpu_count()} cores ({machine()["host"]})')
     print_table(f'Input pipeline, 256 px, batch {args.batch}, hflip {args.hflip}, {args.n} real-photo JPEGs', rows,
                 ['workers', 'images img/s', 'tokens img/s', 'ratio'])

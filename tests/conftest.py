@@ -43,7 +43,7 @@ def tiny_ckpt(tmp_path_factory, sampling_models):
 def pytest_terminal_summary(terminalreporter):
     """The settings that fix float rounding on the CPU, at the end of every run (`make test-matrix` varies them)."""
     import os
-    kernels = torch.backends.cpu.get_cpu_capability()
-    terminalreporter.write_line(f'torch {torch.__version__}; CPU kernels: {kernels} (ATEN_CPU_CAPABILITY='
-                                f'{os.environ.get("ATEN_CPU_CAPABILITY", "unset")}); intra-op threads: '
-                                f'{torch.get_num_threads()}')
+    caps = ' '.join(f'{k}={os.environ[k]}' for k in ('ATEN_CPU_CAPABILITY', 'MKL_ENABLE_INSTRUCTIONS',
+                                                    'ONEDNN_MAX_CPU_ISA') if k in os.environ)
+    terminalreporter.write_line(f'torch {torch.__version__}; CPU kernels: {torch.backends.cpu.get_cpu_capability()}'
+                                f'{f" ({caps})" if caps else ""}; intra-op threads: {torch.get_num_threads()}')

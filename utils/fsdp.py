@@ -71,3 +71,19 @@ def is_sharded(model: nn.Module) -> bool:
     """True for a module that `shard_model` wrapped (an FSDP2 module)."""
     from torch.distributed.fsdp import FSDPModule
     return isinstance(model, FSDPModule)
+
+
+def release_process_groups(model: nn.Module) -> None:
+    """Make the device mesh of a sharded `model` let go of its process groups; call it when the run ends.
+
+    DTensor's caches keep every mesh they have seen until the process exits, and a mesh holds its process groups (for
+    torch.compile), so `destroy_process_group` alone would leave the group alive, and with it gloo's worker threads,
+    into the interpreter's teardown. There a worker that frees the last work of a collective (a barrier keeps the
+    works before it, tensors that Python has let go) takes the GIL, the finalizing interpreter ends the thread, and
+    the unwinding aborts the process: 'terminate called without an active exception' after a finished run. Without
+    the mesh's hold, `dist.finalize` drops the group's last reference and joins those threads before the teardown.
+    """
+    from torch.distributed.tensor import DTensor
+    meshes = {id(p.device_mesh): p.device_mesh for p in model.parameters() if isinstance(p, DTensor)}
+    for mesh in meshes.values():
+        mesh._pg_registry.clear()  # private: group name -> group; eager collectives resolve groups by name

@@ -8,6 +8,7 @@ supplies only what is its own: models, optimizers, one iteration (`step`), its m
 and the contents of its checkpoint. `main_of` runs one and maps its errors to exit codes, the same for both.
 """
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from utils.arg_util import REPO_ROOT
 from utils.ckpt import CheckpointError, CutCycle, auto_resume, remove_stale_tmp, save_run_checkpoint, set_rng_state
 from utils.ckpt_sharded import remove_unreferenced_shards, save_sharded_run_checkpoint
 from utils.data_sampler import DistInfiniteBatchSampler, EvalDistributedSampler
+from utils.fsdp import release_process_groups
 from utils.logging import (Console, LogTxt, MetricLogger, TensorboardLogger, epoch_record, format_seconds, git_info,
                            log_iters, open_steps_log)
 from utils.runtime import (ConfigError, GracefulStop, StopTraining, check_ranks_agree, rank_generator,
@@ -302,10 +304,14 @@ class TrainingRun:
         return self.epoch_stats(me, lr_wd), img_per_s
 
     def close(self) -> None:
+        """The logs; a sharded model's device mesh lets go of the process group (see `main_of`)."""
         if self.steps_file is not None:
             self.steps_file.close()
         if self.tb is not None:
             self.tb.close()
+        sharded = self.sharded_state()
+        if sharded is not None:
+            release_process_groups(sharded[0])
 
 
 def check_same_resume_point(point: Tuple[int, int]) -> None:
@@ -357,4 +363,9 @@ def main_of(make_run: Callable[[Any], TrainingRun], args, user_error_types: Tupl
     finally:
         if run is not None:
             run.close()
+        # the run's models and optimizers hold the process group (DDP's reducer, FSDP's mesh): they go first, and the
+        # collection reaches those in reference cycles (FSDP's modules and hooks), so that destroying the group drops
+        # its last reference and joins its threads now, not in the interpreter's teardown (see dist.finalize)
+        run = None
+        gc.collect()
         dist.finalize()

@@ -1,7 +1,10 @@
 """Building blocks against their definitions (the official code), each written out independently here:
 the VQVAE's ResnetBlock / AttnBlock / Upsample2x / Downsample2x, VAR's SelfAttention (L2-norm scale and its clamp,
 the plain 0.25/sqrt(c) scale, the k-bias layout, the KV cache), AdaLNSelfAttn and FFN. CPU only, a few seconds in
-all."""
+all.
+
+Each block is checked against its definition written out with other ops (two computations equal in exact arithmetic):
+equal up to float32 rounding (support.assert_equal_up_to_rounding)."""
 import functools
 import math
 
@@ -12,6 +15,7 @@ import torch.nn.functional as F
 
 from models.basic_vae import AttnBlock, Downsample2x, ResnetBlock, Upsample2x
 from models.basic_var import FFN, AdaLNSelfAttn, SelfAttention
+from support import assert_equal_up_to_rounding, rounding_chain
 
 
 def _randomise(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -36,7 +40,7 @@ def test_resnet_block_is_two_norm_silu_convs_plus_the_shortcut():
         h = F.conv2d(F.silu(_gn(x, blk.norm1)), blk.conv1.weight, blk.conv1.bias, padding=1)
         h = F.conv2d(F.silu(_gn(h, blk.norm2)), blk.conv2.weight, blk.conv2.bias, padding=1)
         short = x if cin == cout else F.conv2d(x, blk.nin_shortcut.weight, blk.nin_shortcut.bias)
-        torch.testing.assert_close(blk(x), short + h, atol=1e-4, rtol=1e-4)
+        assert_equal_up_to_rounding(blk(x), short + h, **rounding_chain(blk))
         assert ('nin_shortcut.weight' in blk.state_dict()) == (cin != cout)  # identity shortcut: no keys
 
 
@@ -49,8 +53,8 @@ def test_attn_block_is_single_head_attention_with_scale_c_to_the_minus_half():
     q, k, v = qkv[:, :c], qkv[:, c:2 * c], qkv[:, 2 * c:]  # channels [0,c) q, [c,2c) k, [2c,3c) v
     A = torch.softmax(torch.einsum('bci,bcj->bij', q, k) / math.sqrt(c), dim=-1)  # A[i,j], softmax over j
     out = torch.einsum('bcj,bij->bci', v, A).reshape(2, c, 3, 4)
-    torch.testing.assert_close(blk(x), x + F.conv2d(out, blk.proj_out.weight, blk.proj_out.bias),
-                               atol=1e-4, rtol=1e-4)
+    assert_equal_up_to_rounding(blk(x), x + F.conv2d(out, blk.proj_out.weight, blk.proj_out.bias),
+                                **rounding_chain(blk, longest_sum=3 * 4))
 
 
 def test_downsample_pads_right_and_bottom_only():
@@ -59,7 +63,8 @@ def test_downsample_pads_right_and_bottom_only():
     x = torch.randn(1, 4, 6, 6)
     padded = torch.zeros(1, 4, 7, 7)
     padded[:, :, :6, :6] = x  # one zero row at the bottom, one zero column on the right
-    torch.testing.assert_close(down(x), F.conv2d(padded, down.conv.weight, down.conv.bias, stride=2))
+    assert_equal_up_to_rounding(down(x), F.conv2d(padded, down.conv.weight, down.conv.bias, stride=2),
+                                **rounding_chain(down))
     assert down(x).shape == (1, 4, 3, 3)
 
 
@@ -68,10 +73,16 @@ def test_upsample_is_nearest_then_a_padded_conv():
     up = _randomise(Upsample2x(4))
     x = torch.randn(1, 4, 3, 5)
     nearest = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)  # each pixel becomes a 2x2 block
-    torch.testing.assert_close(up(x), F.conv2d(nearest, up.conv.weight, up.conv.bias, padding=1))
+    assert_equal_up_to_rounding(up(x), F.conv2d(nearest, up.conv.weight, up.conv.bias, padding=1),
+                                **rounding_chain(up))
 
 
 # ------------------------------------------------------------------------------------------------ VAR blocks (§3.2-3.3)
+# the attention logits of L2-normalised q and k reach exp(ln 100) = 100 (the clamp): a relative rounding error of q or
+# k moves them, and the softmax's output, by up to 100 times as much
+ATTN_GAIN = 100.0
+
+
 def _attention_by_definition(attn: SelfAttention, x, bias=None, x_kv=None):
     """§3.3 written out: qkv with concat(q_bias, 0, v_bias), per-head q/k normalised with q times
     exp(min(s, ln 100)) and softmax scale 1 (or plain q/k with scale 0.25/sqrt(c)); keys/values from x_kv if given."""
@@ -109,18 +120,20 @@ def test_self_attention_matches_its_definition(l2_norm):
     attn.eval()
     x = torch.randn(2, 7, 32)
     causal = torch.full((7, 7), -torch.inf).triu(1).view(1, 1, 7, 7)
+    chain = rounding_chain(attn, longest_sum=7)
     with torch.no_grad():
-        torch.testing.assert_close(attn(x, attn_bias=None), _attention_by_definition(attn, x), atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(attn(x, attn_bias=causal), _attention_by_definition(attn, x, causal),
-                                   atol=1e-5, rtol=1e-4)
+        assert_equal_up_to_rounding(attn(x, attn_bias=None), _attention_by_definition(attn, x), **chain, gain=ATTN_GAIN)
+        assert_equal_up_to_rounding(attn(x, attn_bias=causal), _attention_by_definition(attn, x, causal), **chain,
+                                    gain=ATTN_GAIN)
 
 
 def test_self_attention_fresh_init_values():
     attn = SelfAttention(0, embed_dim=32, num_heads=4, attn_l2_norm=True)
-    torch.testing.assert_close(attn.scale_mul_1H11, torch.full((1, 4, 1, 1), math.log(4.0)))
-    assert attn.max_scale_mul == pytest.approx(math.log(100.0), abs=1e-6)
+    # log of float32(4) vs the float64 log rounded to float32
+    assert_equal_up_to_rounding(attn.scale_mul_1H11, torch.full((1, 4, 1, 1), math.log(4.0)), reduction=1)
+    assert_equal_up_to_rounding(attn.max_scale_mul, math.log(100.0), reduction=1, dtype=torch.float32)  # float32 log
     assert attn.mat_qkv.bias is None and not attn.zero_k_bias.any()
-    assert SelfAttention(0, embed_dim=32, num_heads=4, attn_l2_norm=False).scale == pytest.approx(0.25 / math.sqrt(8))
+    assert SelfAttention(0, embed_dim=32, num_heads=4, attn_l2_norm=False).scale == 0.25 / math.sqrt(8)  # same ops
 
 
 def test_attention_dropout_is_off_in_eval():
@@ -128,7 +141,8 @@ def test_attention_dropout_is_off_in_eval():
     attn = _randomise(SelfAttention(0, embed_dim=32, num_heads=2, attn_drop=0.5, attn_l2_norm=True)).eval()
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
-        torch.testing.assert_close(attn(x, attn_bias=None), _attention_by_definition(attn, x), atol=1e-5, rtol=1e-4)
+        assert_equal_up_to_rounding(attn(x, attn_bias=None), _attention_by_definition(attn, x), gain=ATTN_GAIN,
+                                    **rounding_chain(attn, longest_sum=5))
 
 
 @pytest.mark.parametrize('max_len', [0, 9])
@@ -146,9 +160,9 @@ def test_kv_cache_attends_to_every_earlier_token(max_len):
             seen = 0
             for chunk in chunks:
                 seen += chunk.shape[1]
-                torch.testing.assert_close(attn(chunk, attn_bias=None),
-                                           _attention_by_definition(attn, chunk, x_kv=x[:, :seen]),
-                                           atol=1e-5, rtol=1e-4)
+                assert_equal_up_to_rounding(attn(chunk, attn_bias=None),
+                                            _attention_by_definition(attn, chunk, x_kv=x[:, :seen]), gain=ATTN_GAIN,
+                                            **rounding_chain(attn, longest_sum=9))
     finally:
         attn.kv_caching(False)
     assert attn.cached_k is None and not attn.caching
@@ -160,7 +174,7 @@ def test_ffn_uses_tanh_gelu():
     x = torch.randn(3, 8) * 3
     h = x @ ffn.fc1.weight.T + ffn.fc1.bias
     gelu_tanh = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
-    torch.testing.assert_close(ffn(x), gelu_tanh @ ffn.fc2.weight.T + ffn.fc2.bias, atol=1e-5, rtol=1e-5)
+    assert_equal_up_to_rounding(ffn(x), gelu_tanh @ ffn.fc2.weight.T + ffn.fc2.bias, **rounding_chain(ffn))
 
 
 @pytest.mark.parametrize('shared_aln', [False, True])
@@ -185,4 +199,5 @@ def test_adaln_block_matches_its_definition(shared_aln):
     with torch.no_grad():
         y = x + _attention_by_definition(blk.attn, ln(x) * (1 + s1) + t1, causal) * g1
         y = y + blk.ffn(ln(y) * (1 + s2) + t2) * g2
-        torch.testing.assert_close(blk(x, cond, attn_bias=causal), y, atol=1e-4, rtol=1e-4)
+        assert_equal_up_to_rounding(blk(x, cond, attn_bias=causal), y, gain=ATTN_GAIN,
+                                    **rounding_chain(blk, longest_sum=L))

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import support
-from support import shared_path
+from support import assert_equal_up_to_rounding, rounding_chain, shared_path
 
 import hub as hub_script
 import sample
@@ -86,10 +86,12 @@ def test_official_files_to_folder_and_back_bit_for_bit(tmp_path):
     var.cond_drop_rate = 0.0
     out, inp = g['outputs'], g['inputs']
     with torch.no_grad():
-        torch.testing.assert_close(var(inp['label_B'], out['idxBl_to_var_input']), out['var_forward_logits'],
-                                   rtol=1e-3, atol=1e-3)
+        # the official code's float32 logits on another machine: the same math, other kernels
+        assert_equal_up_to_rounding(var(inp['label_B'], out['idxBl_to_var_input']), out['var_forward_logits'],
+                                    **rounding_chain(var, longest_sum=var.L))
         img = var.autoregressive_infer_cfg(B=inp['label_B'].shape[0], label_B=inp['label_B'], g_seed=0, cfg=1.5,
                                            top_k=1, top_p=0.0)
+        # the golden conformance's documented tolerance for sampled images (../shared/tools/conformance.py)
         torch.testing.assert_close(img, out['greedy_cfg1.5_img'], rtol=1e-2, atol=2e-3)
         assert all(torch.equal(a, b) for a, b in zip(vae.img_to_idxBl(inp['img_B3HW']), out['img_to_idxBl']))
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from support import shared_path
+from support import assert_equal_up_to_rounding, rounding_chain, shared_path
 from models import hub_download, infer_vae_config, infer_var_config, load_checkpoint_models, \
     load_pretrained, load_vae_checkpoint
 
@@ -26,7 +26,8 @@ def test_trainer_checkpoint_round_trip(tiny_models, tmp_path):
     vae2, var2 = load_checkpoint_models(p)
     x = vae.quantize.idxBl_to_var_input(vae.img_to_idxBl(torch.zeros(1, 3, 64, 64)))
     var2.cond_drop_rate = 0.0
-    torch.testing.assert_close(var2(torch.tensor([3]), x), var(torch.tensor([3]), x))
+    # the same weights through the same forward: the same computation, exact
+    torch.testing.assert_close(var2(torch.tensor([3]), x), var(torch.tensor([3]), x), rtol=0, atol=0)
     # without any config the shapes are enough
     del ckpt['model_config'], ckpt['vae_config']
     torch.save(ckpt, p)
@@ -42,7 +43,8 @@ def test_official_golden_files_load_through_the_loaders(tmp_path):
     _, var = load_checkpoint_models(tmp_path / 'var.pth', vae_path=str(tmp_path / 'vae.pth'))
     var.cond_drop_rate = 0.0
     out = var(g['inputs']['label_B'], g['outputs']['idxBl_to_var_input'])
-    torch.testing.assert_close(out, g['outputs']['var_forward_logits'])
+    # the official code's float32 logits on another machine: the same math, other kernels
+    assert_equal_up_to_rounding(out, g['outputs']['var_forward_logits'], **rounding_chain(var, longest_sum=var.L))
     assert vae.config['ch'] == 32
 
 
@@ -118,7 +120,7 @@ def test_load_pretrained_uses_the_official_configs(depth, tmp_path, monkeypatch)
     assert seen['vae_pn'] == tuple(pn) and tuple(cfg['patch_nums']) == tuple(pn)
     assert (cfg['depth'], cfg['embed_dim'], cfg['num_heads'], cfg['num_classes']) == (depth, 64 * depth, depth, 1000)
     assert cfg['shared_aln'] == (depth == 36) and cfg['attn_l2_norm'] is True
-    assert cfg['drop_path_rate'] == pytest.approx(0.1 * depth / 24)
+    assert cfg['drop_path_rate'] == 0.1 * depth / 24  # the rule's own float64 ops: exact
 
 
 def _fake_var_sd(C=64, depth=3, L=680, S=10, mlp=4, heads=2):

@@ -6,7 +6,7 @@ caller's generators left where the plain path leaves them. On a GPU the captured
 import pytest
 import torch
 
-from support import requires_cuda
+from support import assert_equal_up_to_rounding, requires_cuda, rounding_chain
 from models.engine import release_sampling_caches, sampling_engine
 
 BF16 = torch.bfloat16
@@ -244,7 +244,9 @@ def test_captured_loop_draws_the_plain_paths_random_numbers(g_seed):
             torch.cuda.manual_seed(5)
             out = var.autoregressive_infer_cfg(**kw, cuda_graph='loop')
             after = torch.cuda.get_rng_state() if g_seed is None else var.rng.get_state()
-            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+            # the same random numbers and so the same ids; decoded in chunks vs at once (two computations)
+            vae = var.vae_proxy[0]
+            assert_equal_up_to_rounding(out, ref, **rounding_chain(vae.quantize, vae.post_quant_conv, vae.decoder))
             assert torch.equal(after, after_ref)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -265,7 +267,7 @@ def test_captured_loop_under_bf16_with_compile_and_the_bf16_stream():
             for fast in (dict(), dict(compiled=True), dict(compiled=True, stream_dtype=BF16)):
                 for _ in range(2):
                     out = var.autoregressive_infer_cfg(**kw, cuda_graph='loop', **fast)
-                    assert (out - ref).abs().mean() < 2e-2, fast
+                    assert (out - ref).abs().mean() < 2e-2, fast  # bf16, compiled kernels: a known approximation
             var.head.weight.data.mul_(-1.0)
             ref_b = var.autoregressive_infer_cfg(**kw)
             out_b = var.autoregressive_infer_cfg(**kw, cuda_graph='loop', compiled=True, stream_dtype=BF16)

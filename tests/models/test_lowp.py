@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from support import requires_cuda, teacher_forced_tokens
+from support import assert_equal_up_to_rounding, requires_cuda, rounding_chain, teacher_forced_tokens
 from models.engine import release_sampling_caches, sampling_engine
 from models.lowp import DecoderCopy, StepCopy
 
@@ -39,9 +39,12 @@ def test_bf16_stream_logits_stay_within_the_deviation_of_bf16_autocast(tiny_mode
     assert low.dtype == torch.float32 and low.shape == ref.shape
     amp_err, low_err = (amp - ref).abs().mean(), (low - ref).abs().mean()
     assert 0 < amp_err and 0 < low_err < 3 * amp_err, (amp_err, low_err)
-    assert (low - ref).abs().max() < 0.05 * ref.std()
+    assert (low - ref).abs().max() < 0.05 * ref.std()  # bf16 vs float32: a known approximation
+    # autocast is off inside the bf16 steps: the same computation, exact
     assert torch.equal(_all_steps(var, cond_BD, x_BLC, autocast=True, stream_dtype=BF16), low)
-    assert torch.equal(_all_steps(var, cond_BD, x_BLC, autocast=False, stream_dtype=BF16, kv_cache='concat'), low)
+    # keys in a preallocated buffer vs concatenated ones (two computations): bf16 ops, each rounded once
+    assert_equal_up_to_rounding(_all_steps(var, cond_BD, x_BLC, autocast=False, stream_dtype=BF16, kv_cache='concat'),
+                                low, reduction=1, depth=rounding_chain(var)['depth'], dtype=BF16)
     step_copy = sampling_engine(var)._step_copy
     assert not any(b.attn.caching or b.attn.cached_k is not None for b in list(var.blocks) + list(step_copy.blocks))
 
@@ -149,7 +152,7 @@ def test_bf16_stream_with_graphs_and_compile_agrees_on_cuda():
                 fast = dict(cuda_graph=True, compiled=compiled, partial_sort=True, stream_dtype=BF16)
                 for _ in range(2):  # capture, then replay
                     out = var.autoregressive_infer_cfg(**kw, **fast)
-                    assert (out - ref).abs().mean() < 2e-2
+                    assert (out - ref).abs().mean() < 2e-2  # bf16 stream vs autocast: a known approximation
             var.head.weight.data.mul_(-1.0)
             ref_b = var.autoregressive_infer_cfg(**kw)
             out_b = var.autoregressive_infer_cfg(**kw, **fast)

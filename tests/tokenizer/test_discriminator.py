@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from support import assert_equal_up_to_rounding, rounding_chain
 from tokenizer.discriminator import PatchDiscriminator
 
 
@@ -19,4 +20,5 @@ def test_discriminator_logits_of_an_image_do_not_depend_on_the_rest_of_the_batch
     torch.manual_seed(0)
     disc = PatchDiscriminator(3, ch=16, n_layers=2).train()
     x = torch.randn(4, 3, 32, 32)
-    torch.testing.assert_close(disc(x[1:2]), disc(x)[1:2])
+    # a batch of 1 vs of 4: two computations, equal up to the convolutions' rounding
+    assert_equal_up_to_rounding(disc(x[1:2]), disc(x)[1:2], **rounding_chain(disc))

@@ -3,6 +3,7 @@ import copy
 
 import pytest
 
+from support import assert_equal_up_to_rounding
 from utils.arg_util import PN_PRESETS, derive, parse_args, str2bool
 
 RECIPES = {
@@ -31,7 +32,7 @@ def test_d16_recipe_derived_values():
     a = parse_args(RECIPES['d16'].split())
     d = derive(a, world_size=8)
     assert (d.batch_size, d.glb_batch_size) == (96, 768)
-    assert d.tlr == pytest.approx(3e-4, rel=1e-12)
+    assert_equal_up_to_rounding(d.tlr, 3e-4, reduction=1, depth=3)  # float64: tblr * global batch / 256
     assert d.wp == 4.0 and d.sche == 'lin0' and d.twde == 0.05
     assert a.fp16 == 1 and a.alng == 1e-3 and a.wpe == 0.1
     assert d.patch_nums == PN_PRESETS['256'] and d.data_load_reso == 256 and d.resos[0] == 16
@@ -40,7 +41,7 @@ def test_d16_recipe_derived_values():
 
 def test_d30_recipe_derived_values():
     d = derive(parse_args(RECIPES['d30'].split()), world_size=8)
-    assert d.tlr == pytest.approx(3.2e-4, rel=1e-12)
+    assert_equal_up_to_rounding(d.tlr, 3.2e-4, reduction=1, depth=3)
     assert d.twde == 0.08 and d.wp == 7.0 and (d.batch_size, d.glb_batch_size) == (128, 1024)
 
 
@@ -49,7 +50,8 @@ def test_d36s_recipe_uses_the_512_preset():
     d = derive(a, world_size=8)
     assert a.saln is True
     assert d.patch_nums == (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
-    assert d.data_load_reso == 512 and d.tlr == pytest.approx(2.4e-4, rel=1e-12)
+    assert d.data_load_reso == 512
+    assert_equal_up_to_rounding(d.tlr, 2.4e-4, reduction=1, depth=3)
 
 
 @pytest.mark.parametrize('name', sorted(RECIPES))
@@ -97,8 +99,9 @@ def test_derive_is_pure_and_official_rules():
     d = derive(a, world_size=8)
     assert vars(a) == before  # args hold inputs only
     assert d.batch_size == 48 and d.glb_batch_size == 384
-    assert d.tlr == pytest.approx(2 * 1e-4 * 384 / 256)  # the user's --tlr is overwritten (official)
-    assert d.sche == 'lin0.8' and d.pgwp == pytest.approx(250 / 300)
+    assert_equal_up_to_rounding(d.tlr, 2 * 1e-4 * 384 / 256, reduction=1, depth=3)  # the user's --tlr is overwritten
+    assert d.sche == 'lin0.8'
+    assert_equal_up_to_rounding(d.pgwp, 250 / 300, reduction=1, depth=3)
     assert d.workers == 48 and d.patch_nums == (1, 2, 3) and d.twde == 0.05
     assert derive(parse_args(['--workers=-3']), 1).workers == 0
     assert derive(parse_args(['--bs=100']), 3).batch_size == 33  # round(bs/ac/ws), no rounding to a multiple of 8
