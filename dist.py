@@ -6,7 +6,7 @@ moves a tensor between devices: NCCL needs CUDA tensors, gloo takes CPU tensors;
 """
 import datetime
 import os
-from typing import List, Optional
+from typing import Dict, List, Mapping, Optional
 
 import torch
 import torch.distributed as tdist
@@ -24,20 +24,54 @@ def backend_for(device: str = '', cuda_available: Optional[bool] = None) -> str:
     return 'nccl' if kind == 'cuda' and cuda_available else 'gloo'
 
 
-def initialize(backend: Optional[str] = None, timeout_minutes: int = 30, device: str = '') -> None:
-    """Join the process group described by the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
+class LaunchError(RuntimeError):
+    """The launch environment names several processes but not how they meet (e.g. SLURM tasks without MASTER_ADDR)."""
 
-    Without those variables (a plain `python train.py`) this does nothing. The backend defaults to
-    `backend_for(device)`: NCCL for a CUDA run, gloo for a CPU run (`device='cpu'`, or no CUDA). On a CUDA run each
-    process binds to its LOCAL_RANK device.
+
+def launch_ranks(env: Mapping[str, str]) -> Optional[Dict[str, int]]:
+    """{'rank', 'world_size'} of this process as its launcher describes it, or None for a plain single process.
+
+    torchrun exports RANK and WORLD_SIZE. Without them, a task started by SLURM's `srun python train.py` (one task
+    per GPU, as timm and LlamaGen allow) is read from SLURM_PROCID and the step's task count (SLURM_STEP_NUM_TASKS,
+    else SLURM_NTASKS); its local rank from SLURM_LOCALID (`get_local_rank`). SLURM does not say where rank 0 listens:
+    MASTER_ADDR and MASTER_PORT must be exported, else LaunchError names them. One task is a plain process.
     """
-    if tdist.is_initialized() or 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
+    if 'RANK' in env and 'WORLD_SIZE' in env:
+        return dict(rank=int(env['RANK']), world_size=int(env['WORLD_SIZE']))
+    if 'SLURM_PROCID' not in env:
+        return None
+    world_size = int(env.get('SLURM_STEP_NUM_TASKS') or env.get('SLURM_NTASKS') or 1)
+    if world_size <= 1:
+        return None
+    missing = [k for k in ('MASTER_ADDR', 'MASTER_PORT') if not env.get(k)]
+    if missing:
+        raise LaunchError(f'started as SLURM task {env["SLURM_PROCID"]} of {world_size} without torchrun, but '
+                          f'{" and ".join(missing)} {"is" if len(missing) == 1 else "are"} not set: export '
+                          f'MASTER_ADDR (the first node of the job, e.g. $(scontrol show hostnames '
+                          f'"$SLURM_JOB_NODELIST" | head -n 1)) and MASTER_PORT (a free port, e.g. 29500) before srun, '
+                          f'or launch one torchrun per node (launch/slurm_train.sbatch)')
+    return dict(rank=int(env['SLURM_PROCID']), world_size=world_size)
+
+
+def initialize(backend: Optional[str] = None, timeout_minutes: int = 30, device: str = '') -> None:
+    """Join the process group its launcher describes: torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...) or
+    SLURM's for `srun python train.py` (see `launch_ranks`).
+
+    Without either (a plain `python train.py`) this does nothing. The backend defaults to `backend_for(device)`: NCCL
+    for a CUDA run, gloo for a CPU run (`device='cpu'`, or no CUDA). On a CUDA run each process binds to its local
+    rank's device.
+    """
+    if tdist.is_initialized():
+        return
+    ranks = launch_ranks(os.environ)
+    if ranks is None:
         return
     if backend is None:
         backend = backend_for(device)
     if torch.cuda.is_available() and (not device or torch.device(device).type == 'cuda'):
         torch.cuda.set_device(get_local_rank() % torch.cuda.device_count())
-    tdist.init_process_group(backend=backend, init_method='env://', timeout=datetime.timedelta(minutes=timeout_minutes))
+    tdist.init_process_group(backend=backend, init_method='env://', timeout=datetime.timedelta(minutes=timeout_minutes),
+                             **ranks)
 
 
 def finalize() -> None:
@@ -61,8 +95,8 @@ def get_world_size() -> int:
 
 
 def get_local_rank() -> int:
-    # torchrun exports LOCAL_RANK; a single process is local rank 0.
-    return int(os.environ.get('LOCAL_RANK', 0))
+    # torchrun exports LOCAL_RANK, srun SLURM_LOCALID (torchrun's wins when srun starts torchrun); a single process: 0
+    return int(os.environ.get('LOCAL_RANK', os.environ.get('SLURM_LOCALID', 0)))
 
 
 def is_master() -> bool:

@@ -337,9 +337,9 @@ def main_of(make_run: Callable[[Any], TrainingRun], args, user_error_types: Tupl
     `user_error_types`), reported as a message without a traceback; 3 a streak of non-finite steps; 4 the ranks'
     checkpoints disagree; 130 stopped by SIGINT / SIGTERM (after writing a checkpoint) or a second Ctrl-C.
     """
-    dist.initialize(device=args.device)  # gloo for a CPU run even with a GPU in sight: NCCL reduces CUDA tensors only
     run = None
     try:
+        dist.initialize(device=args.device)  # gloo for a CPU run even with a GPU in sight: NCCL reduces CUDA only
         run = make_run(args)
         run.fit()
         dist.barrier()
@@ -357,7 +357,7 @@ def main_of(make_run: Callable[[Any], TrainingRun], args, user_error_types: Tupl
     except CheckpointError as e:
         report_error(run, e)
         return 4
-    except (ConfigError, *user_error_types) as e:  # the message says what to change
+    except (ConfigError, dist.LaunchError, *user_error_types) as e:  # the message says what to change
         report_error(run, e)
         return 2
     finally:

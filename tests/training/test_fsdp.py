@@ -77,6 +77,35 @@ def test_ddp_job_writes_checkpoints_log_and_tensorboard(runs):
 
 
 @pytest.mark.slow
+def test_srun_style_tasks_join_one_job_with_torchruns_numbers(runs, tmp_path):
+    """Two `python train.py` processes with only SLURM's variables (and MASTER_ADDR/MASTER_PORT), as `srun python
+    train.py` starts them: one 2-rank job (one master writing one folder), with the per-step losses and final
+    weights of the same job under torchrun (the DDP run), bit for bit: the same ranks, data shards and arithmetic."""
+    import subprocess
+    import sys
+
+    from train_support import ROOT, cpu_env, free_port
+    data, vae, _, ddp_out, _ = runs
+    out = tmp_path / 'srun'
+    port = str(free_port())
+    procs = []
+    for task in range(2):
+        env = {k: v for k, v in cpu_env().items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE')}
+        env.update(SLURM_PROCID=str(task), SLURM_LOCALID=str(task), SLURM_NTASKS='2', SLURM_STEP_NUM_TASKS='2',
+                   MASTER_ADDR='127.0.0.1', MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / 'train.py'), *train_args(data, vae, out, **FLAGS)],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [p.communicate(timeout=150) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]
+    assert '[fit] done' in results[0][0] and '[fit] done' not in results[1][0]  # one master
+    ckpt = load_checkpoint(str(out / 'ar-ckpt-last.pth'))
+    assert ckpt['derived']['world_size'] == 2 and len(ckpt['rng']) == 2
+    assert read_steps(out) == read_steps(ddp_out)
+    assert_same_state(full_state(ddp_out)[1], ckpt['trainer']['var_wo_ddp'], 'weights')
+
+
+@pytest.mark.slow
 def test_fsdp_with_act_ckpt_trains_as_ddp(runs):
     """Losses and final weights of FSDP (sharded weights, gradients reduce-scattered, global-norm clipping on the
     shards) with activation checkpointing equal DDP's up to float32 round-off. FSDP reduces every micro-batch of an

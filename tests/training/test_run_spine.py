@@ -40,6 +40,31 @@ def test_backend_rule_is_gloo_for_a_cpu_run_even_with_a_gpu_in_sight():
     assert dist.backend_for('', cuda_available=False) == 'gloo'
 
 
+def test_launch_ranks_from_torchrun_else_from_srun():
+    """torchrun's variables win; `srun python train.py` tasks are read from SLURM's; one task, or the batch script
+    itself without srun's step count, is a plain process; SLURM tasks without MASTER_ADDR/MASTER_PORT are refused."""
+    slurm = dict(SLURM_PROCID='3', SLURM_LOCALID='1', SLURM_NTASKS='8', MASTER_ADDR='node1', MASTER_PORT='29500')
+    assert dist.launch_ranks({}) is None
+    assert dist.launch_ranks(dict(slurm, RANK='0', WORLD_SIZE='2')) == dict(rank=0, world_size=2)  # srun torchrun
+    assert dist.launch_ranks(slurm) == dict(rank=3, world_size=8)
+    assert dist.launch_ranks(dict(slurm, SLURM_STEP_NUM_TASKS='4')) == dict(rank=3, world_size=4)  # this step's tasks
+    assert dist.launch_ranks(dict(slurm, SLURM_NTASKS='1')) is None
+    with pytest.raises(dist.LaunchError, match='MASTER_ADDR is not set: export MASTER_ADDR'):
+        dist.launch_ranks({k: v for k, v in slurm.items() if k != 'MASTER_ADDR'})
+
+
+def test_srun_tasks_without_master_addr_are_exit_2_without_a_traceback(tmp_path, capsys, monkeypatch):
+    for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in dict(SLURM_PROCID='0', SLURM_LOCALID='0', SLURM_NTASKS='2').items():
+        monkeypatch.setenv(k, v)
+    data = make_image_folder(tmp_path / 'data', n_classes=2, n_train=2, n_val=1)
+    assert train.main(train_args(data, tmp_path / 'vae.pth', tmp_path / 'a', bs=2)) == 2
+    err = capsys.readouterr().err
+    assert 'SLURM task 0 of 2 without torchrun, but MASTER_ADDR and MASTER_PORT are not set' in err
+    assert 'Traceback' not in err and not (tmp_path / 'a').exists()
+
+
 @pytest.mark.parametrize('entry', ['train', 'train_vae'])
 def test_both_trainers_join_with_gloo_for_device_cpu_on_a_gpu_machine(gpu_in_sight, entry, tmp_path):
     """`torchrun train_vae.py --device=cpu` on a machine with a GPU used to pick NCCL, which cannot reduce CPU
