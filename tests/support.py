@@ -116,13 +116,14 @@ def assert_equal_up_to_rounding(actual, expected, *, reduction: int, depth: int 
 GUMBEL_GAIN = 2 / (0.27 * 0.05)
 
 
-def rounding_chain(*modules: torch.nn.Module, longest_sum: int = 0) -> dict:
+def rounding_chain(*modules: torch.nn.Module, longest_sum: int = 0, backward: bool = False) -> dict:
     """`reduction` and `depth` for `assert_equal_up_to_rounding` of a computation through `modules`.
 
     depth counts every Linear, convolution and normalisation layer and two products (q.k, p.v) per attention: no path
-    through the modules chains more sums than that. reduction is the longest inner product among them (a Linear's
-    inputs, a convolution's C_in * k * k) or `longest_sum`, a longer sum of the computation (the tokens one attention
-    averages, a weight gradient's batch x positions)."""
+    through the modules chains more sums than that; twice as many for gradients (`backward`: the forward, then the
+    backward through the same layers). reduction is the longest inner product among them (a Linear's inputs, a
+    convolution's C_in * k * k) or `longest_sum`, a longer sum of the computation (the tokens one attention averages,
+    a weight gradient's batch x positions)."""
     from models.basic_vae import AttnBlock
     from models.basic_var import SelfAttention
     reduction, depth = longest_sum, 0
@@ -135,4 +136,10 @@ def rounding_chain(*modules: torch.nn.Module, longest_sum: int = 0) -> dict:
             depth += 1
         elif isinstance(m, (AttnBlock, SelfAttention)):
             depth += 2
-    return dict(reduction=reduction, depth=depth)
+    return dict(reduction=reduction, depth=2 * depth if backward else depth)
+
+
+def decoding(vae) -> tuple:
+    """The modules an image made from token ids passes through: the quantiser (f_hat's sums over the scales and its
+    Phi convolutions), post_quant_conv and the decoder; for `rounding_chain`."""
+    return vae.quantize, vae.post_quant_conv, vae.decoder

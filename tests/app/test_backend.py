@@ -15,7 +15,7 @@ from models import build_vae_var
 from sampling import editing
 from sampling.class_names import class_names_for, imagenet_class_names
 from sampling.draw import to_uint8_BHW3
-from support import TINY, assert_equal_up_to_rounding, rounding_chain
+from support import TINY, assert_equal_up_to_rounding, decoding, rounding_chain
 from webapp import backend
 
 SETTINGS = dict(cfg=2.0, top_k=20, top_p=0.9, more_smooth=False)
@@ -147,7 +147,7 @@ def test_edit_keeps_the_unpainted_tokens(model, photo):
         expected = (vae.fhat_to_img(vae.quantize.embed_to_fhat(ms_h, all_to_max_scale=True, last_one=True)) + 1) / 2
     # two computations: f_hat summed by the sampling loop vs by embed_to_fhat, decoded as a batch of 2 vs of 1
     assert_equal_up_to_rounding(res.images_n3HW, expected.expand(2, -1, -1, -1),
-                                **rounding_chain(vae.quantize, vae.post_quant_conv, vae.decoder))
+                                **rounding_chain(*decoding(vae)))
     variations, strip = backend.edit_images(res)
     assert [v.shape for v in variations] == [(64, 64, 3)] * 2 and strip.shape == (64, 4 * 64 + 3 * 4, 3)
 

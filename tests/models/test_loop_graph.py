@@ -6,7 +6,7 @@ caller's generators left where the plain path leaves them. On a GPU the captured
 import pytest
 import torch
 
-from support import assert_equal_up_to_rounding, requires_cuda, rounding_chain
+from support import assert_equal_up_to_rounding, decoding, requires_cuda, rounding_chain
 from models.engine import release_sampling_caches, sampling_engine
 
 BF16 = torch.bfloat16
@@ -246,7 +246,7 @@ def test_captured_loop_draws_the_plain_paths_random_numbers(g_seed):
             after = torch.cuda.get_rng_state() if g_seed is None else var.rng.get_state()
             # the same random numbers and so the same ids; decoded in chunks vs at once (two computations)
             vae = var.vae_proxy[0]
-            assert_equal_up_to_rounding(out, ref, **rounding_chain(vae.quantize, vae.post_quant_conv, vae.decoder))
+            assert_equal_up_to_rounding(out, ref, **rounding_chain(*decoding(vae)))
             assert torch.equal(after, after_ref)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from support import TINY, GUMBEL_GAIN, assert_equal_up_to_rounding, rounding_chain
+from support import TINY, GUMBEL_GAIN, assert_equal_up_to_rounding, decoding, rounding_chain
 from models import build_vae_var
 from models.quant import PhiNonShared, PhiPartiallyShared, PhiShared
 
@@ -167,13 +167,13 @@ def test_per_row_seeds_do_not_depend_on_batch(tiny_models):
     # the same tokens (a draw that round-off of the logits moves across a bin edge is ~1e-6 likely), decoded as a
     # batch of 4 vs of 2: two computations, the decode's rounding
     vae = var.vae_proxy[0]
-    decode = rounding_chain(vae.quantize, vae.post_quant_conv, vae.decoder)
+    decode = rounding_chain(*decoding(vae))
     assert_equal_up_to_rounding(together[2:], alone, **decode)
     smooth = var.autoregressive_infer_cfg(B=2, label_B=labels[:2], g_seed=[10, 11], cfg=1.5, top_k=10, more_smooth=True)
     smooth1 = var.autoregressive_infer_cfg(B=1, label_B=labels[1:2], g_seed=[11], cfg=1.5, top_k=10, more_smooth=True)
     # soft codes: the logits' rounding (a batch of 2 vs 1 through the transformer) reaches the image through the
     # Gumbel softmax, amplified
-    chain = rounding_chain(var, vae.quantize, vae.post_quant_conv, vae.decoder, longest_sum=var.L)
+    chain = rounding_chain(var, *decoding(vae), longest_sum=var.L)
     assert_equal_up_to_rounding(smooth[1:], smooth1, **chain, gain=GUMBEL_GAIN)
 
 

@@ -7,7 +7,7 @@ import weakref
 import pytest
 import torch
 
-from support import (GUMBEL_GAIN, assert_equal_up_to_rounding, requires_cuda, rounding_chain,
+from support import (GUMBEL_GAIN, assert_equal_up_to_rounding, decoding, requires_cuda, rounding_chain,
                      teacher_forced_tokens)
 from models import engine as engine_mod
 from models.basic_var import SelfAttention, kv_caching, optional_kernels
@@ -25,7 +25,7 @@ def test_prealloc_kv_cache_equals_concat(tiny_models):
     # soft codes: attention over keys in a preallocated (strided) buffer vs concatenated ones may round differently
     # (two computations), and the Gumbel softmax passes the logits' rounding on amplified
     vae = var.vae_proxy[0]
-    chain = rounding_chain(var, vae.quantize, vae.post_quant_conv, vae.decoder, longest_sum=var.L)
+    chain = rounding_chain(var, *decoding(vae), longest_sum=var.L)
     assert_equal_up_to_rounding(var.autoregressive_infer_cfg(**kw, kv_cache='concat'),
                                 var.autoregressive_infer_cfg(**kw, kv_cache='prealloc'), gain=GUMBEL_GAIN, **chain)
 
@@ -151,8 +151,8 @@ def test_flex_attention_gradients_match_on_cuda():
         var.zero_grad(set_to_none=True)
         var(label, x).square().mean().backward()
         grads.append({n: p.grad.clone() for n, p in var.named_parameters() if p.grad is not None})
-    chain = rounding_chain(var, longest_sum=x.shape[0] * var.L)  # a weight gradient sums over the batch and tokens
-    chain['depth'] *= 2  # the forward, then the backward through the same layers
+    # a weight gradient sums over the batch and tokens
+    chain = rounding_chain(var, longest_sum=x.shape[0] * var.L, backward=True)
     for n in grads[0]:
         assert_equal_up_to_rounding(grads[1][n], grads[0][n], **chain, msg=n)
 
@@ -180,7 +180,7 @@ def test_cuda_graph_sampling_equals_plain_path():
         for _ in range(2):  # capture, then replay
             out = var.autoregressive_infer_cfg(**kw, cuda_graph=True)
             # greedy: the same ids; decoded in chunks vs at once (two computations)
-            assert_equal_up_to_rounding(out, ref, **rounding_chain(vae.quantize, vae.post_quant_conv, vae.decoder))
+            assert_equal_up_to_rounding(out, ref, **rounding_chain(*decoding(vae)))
         with torch.autocast('cuda', dtype=torch.bfloat16):
             # the graphs read Linear weights cast once to bf16: the same numbers as autocast's casts
             ref16 = var.autoregressive_infer_cfg(**kw, kv_cache='prealloc')
@@ -242,7 +242,7 @@ def test_sampling_state_after_an_error_and_official_attributes(tiny_models, monk
     alone = var.autoregressive_infer_cfg(B=1, label_B=None, g_seed=[8], top_k=5)
     # row 1's label and tokens from seed 8 alone; decoded as a batch of 3 vs of 1 (two computations)
     vae = var.vae_proxy[0]
-    assert_equal_up_to_rounding(batch[1:2], alone, **rounding_chain(vae.quantize, vae.post_quant_conv, vae.decoder))
+    assert_equal_up_to_rounding(batch[1:2], alone, **rounding_chain(*decoding(vae)))
 
 
 def test_cast_linear_weights_give_the_autocast_numbers_and_follow_updates(tiny_models):

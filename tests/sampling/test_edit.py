@@ -17,7 +17,7 @@ from models import PATCH_NUMS as PRESET_PATCH_NUMS, build_vae_var
 from models.var import get_edit_mask
 from sampling import editing
 import support
-from support import TINY, GUMBEL_GAIN, assert_equal_up_to_rounding, rounding_chain
+from support import TINY, GUMBEL_GAIN, assert_equal_up_to_rounding, decoding, rounding_chain
 
 PATCH_NUMS = TINY['patch_nums']
 NO_FILTER = dict(top_k=0, top_p=0.0)
@@ -138,7 +138,7 @@ def test_edit_keeps_exactly_the_kept_tokens(models_pair, photo, mode, region, mo
     assert 0 < kept[-1].sum() < kept[-1].size  # both kept and generated tokens at the last scale
     expected = decode(kept)
     # two computations: f_hat summed by the sampling loop vs by embed_to_fhat, then decoded
-    decode_chain = rounding_chain(vae.quantize, vae.post_quant_conv, vae.decoder)
+    decode_chain = rounding_chain(*decoding(vae))
     assert_equal_up_to_rounding(res.images_n3HW, expected, **decode_chain)
     for si in range(len(PATCH_NUMS)):  # power of the check: flipping any one token is visible
         flipped = [k.copy() for k in kept]
@@ -157,7 +157,7 @@ def test_keeping_everything_reproduces_the_reconstruction(models_pair, photo, mo
         recon_13HW = (vae.img_to_reconstructed_img(x_13HW * 2 - 1, last_one=True) + 1) / 2
     # two computations: f_hat summed by the quantiser vs by the sampling loop, decoded as a batch of 1 vs of 2
     assert_equal_up_to_rounding(out, recon_13HW.expand(2, -1, -1, -1),
-                                **rounding_chain(vae.quantize, vae.post_quant_conv, vae.decoder))
+                                **rounding_chain(*decoding(vae)))
 
 
 def test_variations_have_their_own_seeds(models_pair, photo):
@@ -170,7 +170,7 @@ def test_variations_have_their_own_seeds(models_pair, photo):
         # a batch of 3 vs of 1 (two computations); the edit's soft codes (more_smooth) pass the logits' rounding on
         # through the Gumbel softmax, amplified
         assert_equal_up_to_rounding(three[i:i + 1], one, gain=GUMBEL_GAIN, msg=f'variation {i}',
-                                    **rounding_chain(var, vae.quantize, vae.post_quant_conv, vae.decoder,
+                                    **rounding_chain(var, *decoding(vae),
                                                      longest_sum=var.L))
     assert (three[0] - three[1]).abs().max() > 1e-3  # different seeds, different edits
 

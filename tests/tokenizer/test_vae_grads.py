@@ -62,8 +62,7 @@ def test_vq_loss_sends_only_the_commitment_term_to_the_encoder(beta):
         f_rest = f_rest - h.detach()
         f_hats_with_grad.append(f_hat)
     (sum(F.mse_loss(fh, f.detach()) for fh in f_hats_with_grad) / SN).backward()
-    chain = rounding_chain(q, longest_sum=f.numel())  # a weight gradient sums over the batch and positions
-    chain['depth'] *= 2  # the forward, then the backward through the same layers
+    chain = rounding_chain(q, longest_sum=f.numel(), backward=True)  # a weight gradient: over the batch and positions
     for (name, p), p2 in zip(q.named_parameters(), q2.parameters()):
         assert (p.grad is None) == (p2.grad is None), name  # an unused Phi gets none
         if p.grad is not None:
@@ -113,7 +112,7 @@ def test_generator_loss_trains_only_the_vae_and_discriminator_loss_only_the_disc
     assert_equal_up_to_rounding(out['d_loss'], d_loss.detach(), **chain)
     assert_equal_up_to_rounding(out['vq'], vq_loss.detach(), **chain)
     assert_equal_up_to_rounding(out['loss'], total.detach(), **chain)  # the reported loss is the one differentiated
-    chain['depth'] *= 2  # the forward, then the backward through the same layers
+    chain = rounding_chain(vae, disc, longest_sum=inp.numel(), backward=True)
     for (name, p), e in zip(vae.named_parameters(), exp_vae):
         if e is None:
             assert p.grad is None or not p.grad.any(), name
