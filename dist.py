@@ -53,13 +53,14 @@ def launch_ranks(env: Mapping[str, str]) -> Optional[Dict[str, int]]:
     return dict(rank=int(env['SLURM_PROCID']), world_size=world_size)
 
 
-def initialize(backend: Optional[str] = None, timeout_minutes: int = 30, device: str = '') -> None:
+def initialize(backend: Optional[str] = None, timeout_minutes: float = 30, device: str = '') -> None:
     """Join the process group its launcher describes: torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...) or
     SLURM's for `srun python train.py` (see `launch_ranks`).
 
     Without either (a plain `python train.py`) this does nothing. The backend defaults to `backend_for(device)`: NCCL
     for a CUDA run, gloo for a CPU run (`device='cpu'`, or no CUDA). On a CUDA run each process binds to its local
-    rank's device.
+    rank's device. `timeout_minutes` bounds every collective: a process that waits longer for the others (one hung,
+    stopped or died) gets an error (`is_peer_failure`) instead of waiting for ever.
     """
     if tdist.is_initialized():
         return
@@ -72,6 +73,19 @@ def initialize(backend: Optional[str] = None, timeout_minutes: int = 30, device:
         torch.cuda.set_device(get_local_rank() % torch.cuda.device_count())
     tdist.init_process_group(backend=backend, init_method='env://', timeout=datetime.timedelta(minutes=timeout_minutes),
                              **ranks)
+
+
+# what the backends say when a collective's peer is gone: gloo raises RuntimeError with these (a stopped or hung peer
+# times out, a dead one closes its connection); NCCL's and the store's errors are DistError subclasses
+_PEER_FAILURE_MARKS = ('Timed out waiting', 'Connection closed by peer', 'Connection reset by peer', 'Broken pipe',
+                       'Socket Timeout', 'NCCL communicator was aborted')
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """True for an error of a collective whose other processes died, hung or were stopped (see `initialize`)."""
+    if isinstance(err, tdist.DistError):
+        return True
+    return isinstance(err, RuntimeError) and any(mark in str(err) for mark in _PEER_FAILURE_MARKS)
 
 
 def finalize() -> None:

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import dist
 from utils.amp_sc import AmpOptimizer
 from utils.ddp import ddp_of, settle_ddp_buckets, unwrap
+from utils.fsdp import root_output_view_allowed
 
 
 class VARTrainer:
@@ -139,7 +140,8 @@ class VARTrainer:
             ddp = self._ddp()
             with ddp.no_sync() if ddp is not None and not stepping else contextlib.nullcontext():
                 with self.var_opt.autocast():
-                    logits_BLV = self.var(label_B, x_BLCv_wo_first_l)
+                    with root_output_view_allowed():  # FSDP2 only: the loss below takes the logits out of place
+                        logits_BLV = self.var(label_B, x_BLCv_wo_first_l)
                     loss_BL = self.train_loss(logits_BLV.view(-1, V), gt_BL.view(-1)).view(B, -1)
                     if prog_si >= 0:
                         bg, ed = self.begin_ends[prog_si]

@@ -38,6 +38,14 @@ def positive_int(s: str) -> int:
     return v
 
 
+def positive_float(s: str) -> float:
+    """An argparse type: a number > 0."""
+    v = float(s)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f'must be > 0, got {s}')
+    return v
+
+
 def parse_int_tuple(s: str) -> Tuple[int, ...]:
     """'1_2_3', '1-2-3', '1,2,3' or '1 2 3' -> (1, 2, 3)."""
     try:
@@ -100,6 +108,9 @@ def add_run_flags(p, *, out_dir: str, last_name: str, val_every_ep: int, tb_ever
          help='iteration-wise TensorBoard scalars every N iterations')
     bool_flag(r, ['--log_steps'], False, 'append every step loss to steps.jsonl (reproducibility checks)')
     flag(r, ['--device'], default='', help="'' picks cuda:LOCAL_RANK when available, else cpu")
+    flag(r, ['--dist_timeout'], type=positive_float, default=30.0,
+         help='minutes a process of a multi-process job waits in a collective for the others before the run stops '
+              'with an error (a node that died, hung or was stopped); keep it above the longest checkpoint save')
     return r
 
 

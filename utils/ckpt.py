@@ -22,7 +22,12 @@ CKPT_GLOB = 'ar-ckpt*.pth'
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be used (truncated, corrupt or not a training checkpoint)."""
+    """A checkpoint file that cannot be used (truncated, corrupt or not a training checkpoint). `cause` is the
+    reason alone, without the advice of the message (auto-resume, which moves on to another file, reports it)."""
+
+    def __init__(self, message: str, cause: str = ''):
+        super().__init__(message)
+        self.cause = cause or message
 
 
 def _tmp_path(path: str) -> str:
@@ -96,12 +101,13 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)  # ranks share the page cache
     except Exception as e:
-        raise CheckpointError(f'cannot load checkpoint {path} ({type(e).__name__}: {e}); it is probably truncated '
-                              f'or corrupt (e.g. an interrupted copy). Delete it to resume from another '
-                              f'checkpoint, or move it away to start afresh.') from e
+        cause = f'cannot load it ({type(e).__name__}: {e}); it is probably truncated or corrupt'
+        raise CheckpointError(f'{path}: {cause} (e.g. an interrupted copy). Delete it to resume from another '
+                              f'checkpoint, or move it away to start afresh.', cause) from e
     if not isinstance(ckpt, dict) or 'trainer' not in ckpt or 'epoch' not in ckpt:
         raise CheckpointError(f'{path} is not a VAR training checkpoint (no "trainer"/"epoch" entries); '
-                              f'model weights are loaded with other options, not by auto-resume')
+                              f'model weights are loaded with other options, not by auto-resume',
+                              'not a training checkpoint (no "trainer"/"epoch" entries)')
     return ckpt
 
 
@@ -114,19 +120,20 @@ def find_checkpoints(folder: str, pattern: str = CKPT_GLOB) -> List[str]:
 def auto_resume(folder: str, pattern: str = CKPT_GLOB) -> Tuple[Optional[Dict[str, Any]], Optional[str], List[str]]:
     """Load the newest usable checkpoint of `folder`.
 
-    Returns (checkpoint or None, its path or None, notes on files that were skipped). If every candidate is broken,
-    raise CheckpointError rather than silently starting from scratch.
+    Returns (checkpoint or None, its path or None, the newer files it skipped as 'name: why'). If every candidate is
+    broken, raise CheckpointError rather than silently starting from scratch. A skipped file is left as it is.
     """
-    notes = []
+    skipped, messages = [], []
     candidates = find_checkpoints(folder, pattern)
     for path in candidates:
         try:
-            return load_checkpoint(path), path, notes
+            return load_checkpoint(path), path, skipped
         except CheckpointError as e:
-            notes.append(str(e))
+            skipped.append(f'{os.path.basename(path)}: {e.cause}')
+            messages.append(str(e))
     if candidates:
-        raise CheckpointError('no usable checkpoint among ' + ', '.join(candidates) + ':\n' + '\n'.join(notes))
-    return None, None, notes
+        raise CheckpointError('no usable checkpoint among ' + ', '.join(candidates) + ':\n' + '\n'.join(messages))
+    return None, None, skipped
 
 
 def rng_state() -> Dict[str, Any]:

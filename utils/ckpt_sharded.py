@@ -15,16 +15,19 @@ into an FSDP run. The folder must be on a file system all ranks share.
 """
 import contextlib
 import os
+import re
 import shutil
+import socket
 import uuid
 import warnings
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 import dist
-from utils.ckpt import CheckpointError, save_run_checkpoint
+from utils.ckpt import CheckpointError, atomic_write, save_run_checkpoint
+from utils.runtime import ConfigError
 
 SHARDS_KEY = 'shards'  # the file's entry naming its folder of shards (relative to the file's folder)
 
@@ -35,6 +38,30 @@ def _quiet_single_process() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='torch.distributed is disabled')
         yield
+
+
+def check_folder_shared(out_dir: str) -> None:
+    """Raise ConfigError on every rank unless every rank sees a file that rank 0 writes in `out_dir` (a collective).
+
+    Each rank writes its own shards and rank 0 the file that names them, so a sharded checkpoint in node-local
+    folders is split across the nodes: the run would train to its end and no node could resume or export it. Checked
+    at start-up. The name is new each time, so no file system has it cached as absent."""
+    name = dist.broadcast_object(f'.shared-check-{uuid.uuid4().hex}')
+    path = os.path.join(out_dir, name)
+    if dist.is_master():
+        atomic_write(path, lambda f: f.write(socket.gethostname()), mode='w')
+    dist.barrier()
+    seen = dist.allgather_object((os.path.isfile(path), socket.gethostname()))
+    dist.barrier()  # every rank has looked before the file goes
+    if dist.is_master():
+        os.remove(path)
+    blind = [f'rank {rank} (host {host})' for rank, (ok, host) in enumerate(seen) if not ok]
+    if blind:
+        raise ConfigError(f'--fsdp 1 writes one checkpoint from the shards of every rank into the output folder, but '
+                          f'{", ".join(blind)} cannot see {os.path.abspath(out_dir)} as rank 0 (host {seen[0][1]}) '
+                          f'writes it: the folder is not shared between the nodes. Give --local_out_dir_path a '
+                          f'folder on a file system that every node mounts (the same path on all), or train with '
+                          f'DDP (without --fsdp), whose checkpoints each node keeps whole in its own folder')
 
 
 def shards_prefix(last_name: str) -> str:
@@ -70,35 +97,89 @@ def save_sharded_run_checkpoint(state: Dict[str, Any], model: nn.Module, optimiz
 
 
 def remove_unreferenced_shards(out_dir: str, last_name: str, best_name: str) -> list:
-    """Delete the shard folders that neither the last nor the best file names (older saves, killed writes)."""
+    """Delete the shard folders that neither the last nor the best file names (older saves, killed writes).
+
+    While one of the two files exists but cannot be read (truncated), the newest complete folder stays too: it may
+    be the state that file named, the newest one on disk, and it can be recovered by hand until a later save."""
     prefix = shards_prefix(last_name)
     folders = [e for e in os.listdir(out_dir) if e.startswith(prefix) and os.path.isdir(os.path.join(out_dir, e))]
     if not folders:  # the files are only read when there is something to delete
         return []
-    keep = {referenced_shards(os.path.join(out_dir, file_name)) for file_name in (last_name, best_name)}
+    keep, broken = set(), False
+    for file_name in (last_name, best_name):
+        readable, name = read_shards_reference(os.path.join(out_dir, file_name))
+        keep.add(name)
+        broken |= not readable
+    if broken:
+        complete = [e for e in folders if e not in keep and not missing_shard_files(os.path.join(out_dir, e))]
+        if complete:
+            keep.add(max(complete, key=lambda e: os.stat(os.path.join(out_dir, e, '.metadata')).st_mtime_ns))
     removed = [e for e in folders if e not in keep]
     for entry in removed:
         shutil.rmtree(os.path.join(out_dir, entry), ignore_errors=True)
     return removed
 
 
-def referenced_shards(path: str) -> Optional[str]:
-    """The shard folder that a checkpoint file names, or None (no file, a single-file checkpoint, a broken file)."""
+def read_shards_reference(path: str) -> Tuple[bool, Optional[str]]:
+    """(readable, the shard folder it names or None) of a checkpoint file; a file that is not there is readable
+    and names nothing, a broken one is not readable."""
     if not os.path.isfile(path):
-        return None
+        return True, None
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except Exception:
-        return None
-    return ckpt.get(SHARDS_KEY) if isinstance(ckpt, dict) else None
+        return False, None
+    return True, (ckpt.get(SHARDS_KEY) if isinstance(ckpt, dict) else None)
+
+
+def referenced_shards(path: str) -> Optional[str]:
+    """The shard folder that a checkpoint file names, or None (no file, a single-file checkpoint, a broken file)."""
+    return read_shards_reference(path)[1]
+
+
+def complete_shard_positions(out_dir: str, prefix: str = 'ar-ckpt-shards-') -> List[Tuple[int, int]]:
+    """(epoch, iteration) of each complete shard folder in `out_dir`, from its name ('...-e{epoch}-i{iter}-...')."""
+    positions = []
+    for entry in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        m = re.fullmatch(re.escape(prefix) + r'e(\d+)-i(\d+)-[0-9a-f]+', entry)
+        if m and not missing_shard_files(os.path.join(out_dir, entry)):
+            positions.append((int(m.group(1)), int(m.group(2))))
+    return positions
+
+
+def missing_shard_files(folder: str) -> List[str]:
+    """The files that a complete folder of shards holds and `folder` lacks or holds cut short ('name (why)'): its
+    metadata first, then the data files it lists (one or more per rank that wrote it)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    if not os.path.isfile(os.path.join(folder, '.metadata')):
+        return ['.metadata (missing)']
+    try:
+        storage = FileSystemReader(folder).read_metadata().storage_data
+    except Exception as e:
+        return [f'.metadata (unreadable: {type(e).__name__})']
+    needed: Dict[str, int] = {}  # data file -> the bytes its entries reach
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    missing = []
+    for name, size in sorted(needed.items()):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            missing.append(f'{name} (missing)')
+        elif os.path.getsize(path) < size:
+            missing.append(f'{name} (cut short: {os.path.getsize(path)} of {size} bytes)')
+    return missing
 
 
 def shards_folder(ckpt: Dict[str, Any], ckpt_path: str) -> str:
-    """The folder of shards that a checkpoint file names; CheckpointError when it is missing."""
+    """The folder of shards that a checkpoint file names; CheckpointError naming what is missing when it is not
+    complete (a folder that was not shared between the nodes keeps each node's shards apart)."""
     folder = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), ckpt[SHARDS_KEY])
-    if not os.path.isfile(os.path.join(folder, '.metadata')):
-        raise CheckpointError(f'{ckpt_path} names the sharded checkpoint {folder}, which is missing or incomplete; '
-                              f'the output folder must be on a file system that every rank (every node) shares')
+    missing = missing_shard_files(folder) if os.path.isdir(folder) else ['the whole folder']
+    if missing:
+        raise CheckpointError(f'{ckpt_path} names the sharded checkpoint {folder}, which lacks {", ".join(missing)}. '
+                              f'Each rank writes its own shard files: when the output folder was not shared by every '
+                              f'node, the missing files are in the same folder on the other nodes; copy them here, '
+                              f'or resume from a complete checkpoint')
     return folder
 
 

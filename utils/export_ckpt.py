@@ -13,6 +13,8 @@ import os
 import sys
 from typing import Any, Dict, Optional, Sequence
 
+from torch.distributed.checkpoint.api import CheckpointException
+
 from utils.ckpt import LAST_NAME, atomic_save, load_checkpoint
 from utils.ckpt_sharded import SHARDS_KEY, read_full_tensors, shards_folder
 
@@ -49,7 +51,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         export(args.ckpt, args.out, args.format)
-    except (ValueError, OSError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError, CheckpointException) as e:  # DCP's error is a BaseException
         print(f'error: {e}', file=sys.stderr)
         return 2
     print(f'wrote {args.out} ({args.format} format)')

@@ -9,7 +9,9 @@ validation and the sample grid therefore run under autocast too, not in float32 
 `checkpoint_blocks` recomputes each block's activations in the backward pass instead of keeping them (with or without
 FSDP); the module tree and its state-dict keys are unchanged by both.
 """
-from typing import Any, Iterable
+import contextlib
+import warnings
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -65,6 +67,19 @@ def shard_model(model: nn.Module, device: torch.device, fp16: int) -> nn.Module:
     # sampling (the validation's image grid) calls a method, not forward: gather the root's weights around it too
     register_fsdp_forward_method(model, 'autoregressive_infer_cfg')
     return model
+
+
+@contextlib.contextmanager
+def root_output_view_allowed() -> Iterator[None]:
+    """Around a training forward of a sharded model: FSDP2 warns when its root returns a view, which VAR's does in
+    float32 (its head, an nn.Linear on (B, L, C), returns a view of a 2-D product; under autocast `.float()` copies).
+    The warning is about an in-place op on that output after the forward, which would drop the root's pre-backward
+    hook; the trainer takes the loss from it out of place, and tests/training/test_fsdp.py shows the hook runs on
+    every backward and the gradients are those of the unsharded model. Only that warning is silenced, only here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message=r'FSDP2-wrapped module .* returned a view tensor',
+                                category=UserWarning)
+        yield
 
 
 def is_sharded(model: nn.Module) -> bool:

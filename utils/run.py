@@ -24,11 +24,13 @@ import dist
 from utils.amp_sc import AmpOptimizer, NonFiniteError
 from utils.arg_util import REPO_ROOT
 from utils.ckpt import CheckpointError, CutCycle, auto_resume, remove_stale_tmp, save_run_checkpoint, set_rng_state
-from utils.ckpt_sharded import remove_unreferenced_shards, save_sharded_run_checkpoint
+from utils.ckpt_sharded import (check_folder_shared, complete_shard_positions, remove_unreferenced_shards,
+                                save_sharded_run_checkpoint)
 from utils.data_sampler import DistInfiniteBatchSampler, EvalDistributedSampler
 from utils.fsdp import release_process_groups
 from utils.logging import (Console, LogTxt, MetricLogger, TensorboardLogger, epoch_record, format_seconds, git_info,
                            log_iters, open_steps_log)
+from utils.run_lock import FolderLock, FolderLockedError
 from utils.runtime import (ConfigError, GracefulStop, StopTraining, check_ranks_agree, rank_generator,
                            resolve_device, seed_everything, set_tf32, user_errors)
 
@@ -54,7 +56,12 @@ class TrainingRun:
             self.cfg = cfg = derive(args, self.world_size)
         self.device = resolve_device(args.device)
         os.makedirs(cfg.out_dir, exist_ok=True)
+        self.lock = lock_output_folder(cfg.out_dir)  # before anything is written there
         self.console = Console(cfg.out_dir, enabled=dist.is_master())
+        for note in self.lock.notes:
+            self.console.warn(f'[lock] {note}')
+        if getattr(args, 'fsdp', False) and self.world_size > 1:  # train.py's sharded checkpoints
+            check_folder_shared(cfg.out_dir)
         self.stop = GracefulStop(self.device)
         if getattr(args, 'unknown_args', None):
             self.console.warn(f'ignoring unknown arguments (typos?): {args.unknown_args}')
@@ -75,10 +82,11 @@ class TrainingRun:
         self.max_it = args.ep * self.iters_train
         if dist.is_local_master():
             remove_stale_tmp(cfg.out_dir)
-        self.ckpt, self.ckpt_path, notes = auto_resume(cfg.out_dir, self.ckpt_glob)
-        for note in notes:
-            self.console.warn(f'[auto-resume] skipped a broken checkpoint: {note}')
+        self.ckpt, self.ckpt_path, skipped = auto_resume(cfg.out_dir, self.ckpt_glob)
         self.start_ep, self.start_it = (self.ckpt['epoch'], self.ckpt['iter']) if self.ckpt else (0, 0)
+        if skipped:
+            self.console.warn(skipped_note(skipped, self.ckpt_path, self.start_ep, self.start_it, self.iters_train,
+                                           cfg.out_dir))
         check_same_resume_point((self.start_ep, self.start_it))
         if self.start_it >= self.iters_train:  # the data set shrank since: start the next epoch
             self.start_ep, self.start_it = self.start_ep + 1, 0
@@ -312,6 +320,52 @@ class TrainingRun:
         sharded = self.sharded_state()
         if sharded is not None:
             release_process_groups(sharded[0])
+        self.lock.release()
+
+
+def reached_iteration(out_dir: str, iters_per_epoch: int) -> Optional[int]:
+    """The furthest global iteration a run in `out_dir` is known to have finished, from steps.jsonl (--log_steps) and
+    the names of complete shard folders (--fsdp 1), or None when neither is there."""
+    reached = []
+    try:
+        with open(os.path.join(out_dir, 'steps.jsonl'), 'rb') as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            for line in f.read().decode(errors='replace').splitlines():
+                if line.startswith('{') and line.endswith('}'):
+                    reached.append(json.loads(line)['g_it'] + 1)
+    except (OSError, ValueError, KeyError):
+        pass
+    reached += [ep * iters_per_epoch + it for ep, it in complete_shard_positions(out_dir)]
+    return max(reached) if reached else None
+
+
+def skipped_note(skipped: List[str], resumed_path: Optional[str], ep: int, it: int, iters_per_epoch: int,
+                 out_dir: str) -> str:
+    """The warning of a resume that skipped broken checkpoint files: which, from where it resumed, what it costs."""
+    g_it = ep * iters_per_epoch + it
+    note = f'[auto-resume] skipped {"; ".join(skipped)}. Resumed from {os.path.basename(resumed_path or "")} at ' \
+           f'epoch {ep}, iteration {it} (global iteration {g_it})'
+    reached = reached_iteration(out_dir, iters_per_epoch)
+    if reached is not None and reached > g_it:
+        note += f'; the run had got to global iteration {reached}, so {reached - g_it} iterations are trained again'
+    return note + ('. A skipped file stays as it is until this run\'s next save of that name replaces it: move it '
+                   'away now to keep it')
+
+
+def lock_output_folder(out_dir: str) -> FolderLock:
+    """Rank 0 locks the output folder (utils/run_lock.py); every rank raises ConfigError if it is in use (a
+    collective: all ranks stop together, before writing anything)."""
+    lock = FolderLock(out_dir)
+    refusal = ''
+    if dist.is_master():
+        try:
+            lock.acquire()
+        except FolderLockedError as e:
+            refusal = str(e)
+    refusal = dist.broadcast_object(refusal)
+    if refusal:
+        raise ConfigError(refusal)
+    return lock
 
 
 def check_same_resume_point(point: Tuple[int, int]) -> None:
@@ -320,6 +374,15 @@ def check_same_resume_point(point: Tuple[int, int]) -> None:
     if len(set(points)) != 1:
         raise CheckpointError(f'the ranks found different resume points (epoch, iteration): {points}; make the '
                               f'output folders of all nodes hold the same checkpoints')
+
+
+class PeerLostError(RuntimeError):
+    """Another process of a multi-process job stopped answering (see dist.is_peer_failure)."""
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text if len(text) <= limit else text[:limit] + '...'
 
 
 def report_error(run: Optional[TrainingRun], err: BaseException) -> None:
@@ -333,13 +396,15 @@ def report_error(run: Optional[TrainingRun], err: BaseException) -> None:
 def main_of(make_run: Callable[[Any], TrainingRun], args, user_error_types: Tuple[type, ...] = ()) -> int:
     """Run one training to its end under torch.distributed (if launched by torchrun); returns the exit code.
 
-    0 done; 2 a mistake of the set-up (a path, a flag, a checkpoint of another run: `ConfigError` and
-    `user_error_types`), reported as a message without a traceback; 3 a streak of non-finite steps; 4 the ranks'
-    checkpoints disagree; 130 stopped by SIGINT / SIGTERM (after writing a checkpoint) or a second Ctrl-C.
+    0 done; 2 a mistake of the set-up (a path, a flag, a checkpoint of another run, an output folder in use:
+    `ConfigError` and `user_error_types`), reported as a message without a traceback; 3 a streak of non-finite steps;
+    4 the ranks' checkpoints disagree; 5 another process of the job died, hung or was stopped (no answer within
+    --dist_timeout); 130 stopped by SIGINT / SIGTERM (after writing a checkpoint) or a second Ctrl-C.
     """
     run = None
     try:
-        dist.initialize(device=args.device)  # gloo for a CPU run even with a GPU in sight: NCCL reduces CUDA only
+        # gloo for a CPU run even with a GPU in sight: NCCL reduces CUDA only
+        dist.initialize(device=args.device, timeout_minutes=args.dist_timeout)
         run = make_run(args)
         run.fit()
         dist.barrier()
@@ -360,6 +425,15 @@ def main_of(make_run: Callable[[Any], TrainingRun], args, user_error_types: Tupl
     except (ConfigError, dist.LaunchError, *user_error_types) as e:  # the message says what to change
         report_error(run, e)
         return 2
+    except RuntimeError as e:
+        if not (dist.is_initialized() and dist.is_peer_failure(e)):
+            raise
+        report_error(run, PeerLostError(f'lost the other processes of the job ({first_line(e)}): a process or node '
+                                        f'died, hung or was stopped (no answer within --dist_timeout='
+                                        f'{args.dist_timeout:g} minutes). The checkpoints on disk are intact: end '
+                                        f'what is left of the job and rerun the same command on every node to resume '
+                                        f'from the last one'))
+        return 5
     finally:
         if run is not None:
             run.close()

@@ -301,3 +301,121 @@ def test_unreferenced_shard_folders_are_removed(tmp_path):
     assert removed == ['ar-ckpt-shards-e1-i1-cccc']
     assert sorted(p.name for p in tmp_path.glob('ar-ckpt-shards-*')) == ['ar-ckpt-shards-e0-i2-aaaa',
                                                                           'ar-ckpt-shards-e1-i0-bbbb']
+
+
+def test_the_roots_pre_backward_hook_runs_although_its_output_is_a_view(one_rank_group):
+    """FSDP2 warns that VAR's sharded root returns a view (in float32 its head, an nn.Linear on (B, L, C), returns a
+    view of a 2-D product): an in-place op on that output would drop the root's pre-backward hook. The trainer takes
+    its loss from the output out of place, under `root_output_view_allowed` (which silences that warning alone): the
+    hook runs on the backward, and the gradients are the unsharded model's, bit for bit (one rank: the all-gather and
+    reduce-scatter copy; the same kernels compute both)."""
+    import copy
+    import warnings
+
+    import torch.nn.functional as F
+
+    import dist
+    from models import build_vae_var
+    from train_support import TINY_VAE
+    from utils.fsdp import release_process_groups, root_output_view_allowed, shard_model
+    dist.initialize(device='cpu')
+    try:
+        torch.manual_seed(0)
+        _, var = build_vae_var(device='cpu', ch_mult=X4, **TINY_VAE)
+        plain = copy.deepcopy(var)
+        shard_model(var, torch.device('cpu'), fp16=0)
+        state = var._get_fsdp_state()
+        hook, calls = state._pre_backward, []
+        state._pre_backward = lambda *grads: (calls.append(len(grads)), hook(*grads))[1]  # counts, then runs it
+        label_B = torch.tensor([0, 2])
+        x_BLCv = torch.randn(2, var.L - var.first_l, var.Cvae)
+        gt_BL = torch.randint(0, var.V, (2, var.L))
+        losses = []
+        for model in (var, plain):
+            torch.manual_seed(1)  # the condition dropout's draw
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter('always')
+                with root_output_view_allowed():
+                    logits_BLV = model(label_B, x_BLCv)
+            assert logits_BLV._base is not None and not [w for w in caught if 'view tensor' in str(w.message)]
+            losses.append(F.cross_entropy(logits_BLV.view(-1, var.V), gt_BL.view(-1)))
+            losses[-1].backward()
+        assert calls == [1], 'the root pre-backward hook did not run once'
+        assert torch.equal(losses[0], losses[1])
+        grads = {n: p.grad.full_tensor() for n, p in var.named_parameters()}
+        for n, p in plain.named_parameters():
+            assert torch.equal(grads[n], p.grad), n
+        with warnings.catch_warnings(record=True) as caught:  # the warning's cause is still there without the guard
+            warnings.simplefilter('always')
+            var(label_B, x_BLCv)
+        assert [w for w in caught if 'view tensor' in str(w.message)]
+    finally:
+        release_process_groups(var)
+        dist.finalize()
+
+
+def write_shards(folder, value: float = 1.0) -> None:
+    """A complete folder of shards as one process writes it (metadata and one data file)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='torch.distributed is disabled')  # one process is what we mean
+        dcp.save({'model': {'w': torch.full((64,), value)}}, checkpoint_id=str(folder), no_dist=True)
+
+
+def test_an_incomplete_sharded_checkpoint_names_its_missing_files_in_the_export(tmp_path, capsys):
+    """A sharded checkpoint whose folder lacks a rank's data file (an output folder that was not shared: the other
+    node has it) or holds it cut short: the export names the file, exit 2, no traceback; so does a resume."""
+    from utils.export_ckpt import main as export_main
+    name = 'ar-ckpt-shards-e1-i0-abcd0123'
+    write_shards(tmp_path / name)
+    ckpt = tmp_path / 'ar-ckpt-last.pth'
+    torch.save({'epoch': 1, 'iter': 0, 'trainer': {}, SHARDS_KEY: name}, ckpt)
+    data_files = sorted(p.name for p in (tmp_path / name).glob('*.distcp'))
+    assert data_files and shards_folder(torch.load(ckpt), str(ckpt))  # complete
+    data = tmp_path / name / data_files[0]
+    data.write_bytes(data.read_bytes()[:10])
+    assert export_main([str(tmp_path), '--out', str(tmp_path / 'm.pth')]) == 2
+    err = capsys.readouterr().err
+    assert f'lacks {data_files[0]} (cut short: 10 of' in err and 'Traceback' not in err
+    data.unlink()
+    assert export_main([str(ckpt), '--out', str(tmp_path / 'm.pth')]) == 2
+    err = capsys.readouterr().err
+    assert f'lacks {data_files[0]} (missing)' in err and 'not shared by every node' in err
+    assert not (tmp_path / 'm.pth').exists()
+
+
+def test_a_truncated_newest_file_keeps_the_shards_it_named_and_the_warning_says_what_the_resume_costs(tmp_path):
+    """ar-ckpt-last.pth cut short (a crash of the file system, a bad copy): auto-resume skips it for the best file;
+    the clean-up after a save keeps the newest complete shard folder (the state the broken file named) instead of
+    deleting it, and the warning names the skipped file, the file resumed from and the iterations trained again."""
+    import json
+    import os
+
+    from utils.ckpt import atomic_save, auto_resume
+    from utils.run import skipped_note
+    best_name, last_name = 'ar-ckpt-shards-e1-i0-aaaa0000', 'ar-ckpt-shards-e1-i2-bbbb1111'
+    for value, name in enumerate((best_name, last_name, 'ar-ckpt-shards-e0-i3-cccc2222')):
+        write_shards(tmp_path / name, value)
+    (tmp_path / 'ar-ckpt-shards-e0-i3-cccc2222' / '.metadata').unlink()  # a killed write
+    os.utime(tmp_path / best_name / '.metadata', (1, 1))  # older than the last state
+    atomic_save({'epoch': 1, 'iter': 0, 'trainer': {}, SHARDS_KEY: best_name}, str(tmp_path / 'ar-ckpt-best.pth'))
+    last = tmp_path / 'ar-ckpt-last.pth'
+    atomic_save({'epoch': 1, 'iter': 2, 'trainer': {}, SHARDS_KEY: last_name}, str(last))
+    last.write_bytes(last.read_bytes()[:200])
+    os.utime(tmp_path / 'ar-ckpt-best.pth', (1, 1))
+    (tmp_path / 'steps.jsonl').write_text(''.join(json.dumps({'g_it': g}) + '\n' for g in range(7)) + '{"g_it": 7')
+    ckpt, path, skipped = auto_resume(str(tmp_path))
+    assert path.endswith('ar-ckpt-best.pth') and len(skipped) == 1 and skipped[0].startswith('ar-ckpt-last.pth: ')
+    assert 'probably truncated' in skipped[0] and 'Delete it' not in skipped[0]
+    note = skipped_note(skipped, path, ckpt['epoch'], ckpt['iter'], 4, str(tmp_path))
+    assert 'skipped ar-ckpt-last.pth: cannot load it' in note
+    assert 'Resumed from ar-ckpt-best.pth at epoch 1, iteration 0 (global iteration 4)' in note
+    # steps.jsonl reached 7 (its last line is cut short), the newest complete folder e1-i2 = global iteration 6
+    assert 'had got to global iteration 7, so 3 iterations are trained again' in note
+    removed = remove_unreferenced_shards(str(tmp_path), 'ar-ckpt-last.pth', 'ar-ckpt-best.pth')
+    assert removed == ['ar-ckpt-shards-e0-i3-cccc2222']
+    assert sorted(p.name for p in tmp_path.glob('ar-ckpt-shards-*')) == [best_name, last_name]
+    atomic_save({'epoch': 1, 'iter': 3, 'trainer': {}, SHARDS_KEY: best_name}, str(last))  # the next save
+    assert remove_unreferenced_shards(str(tmp_path), 'ar-ckpt-last.pth', 'ar-ckpt-best.pth') == [last_name]

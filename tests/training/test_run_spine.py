@@ -129,6 +129,49 @@ def test_a_set_up_mistake_is_exit_2_without_a_traceback_in_both_trainers(tmp_pat
     assert 'Traceback' not in err
 
 
+HOLD_LOCK = """
+import sys, time
+from utils.run_lock import FolderLock
+lock = FolderLock(sys.argv[1])
+lock.acquire()
+print('held', flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize('entry', ['train', 'train_vae'])
+def test_a_second_run_on_a_folder_in_use_is_refused_and_a_dead_runs_lock_is_not(entry, tmp_path, capsys):
+    """One run per output folder: while a live process holds the folder's lock, a run pointed there stops with exit 2
+    and a message naming the holder, before writing anything; once the holder is SIGKILLed (no clean-up runs), the
+    kernel has released its lock and the folder is free again."""
+    import subprocess
+    import sys
+
+    from train_support import ROOT, cpu_env
+    from utils.run_lock import LOCK_NAME, FolderLock
+    out = tmp_path / 'out'
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, '-c', HOLD_LOCK, str(out)], cwd=ROOT, env=cpu_env(),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == 'held\n'
+        data = make_image_folder(tmp_path / 'data', n_classes=2, n_train=2, n_val=1)
+        if entry == 'train':
+            code = train.main(train_args(data, tmp_path / 'vae.pth', out, bs=2))
+        else:
+            code = train_vae.main(vae_flags(data, out))
+        err = capsys.readouterr().err
+        assert code == 2 and f'is in use by the run of pid {holder.pid} on host' in err, err
+        assert 'give this run another --local_out_dir_path' in err and 'Traceback' not in err
+        assert [p.name for p in out.iterdir()] == [LOCK_NAME]  # nothing written: no log, no checkpoint
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    lock = FolderLock(str(out))
+    lock.acquire()  # the dead holder's lock went with its process
+    lock.release()
+
+
 # ---------------------------------------------------------------------------------------- progressive training
 def official_stages(n_its: int, iters_train: int, wp: float, pg: float, pg0: int, num_scales: int):
     """The official train_one_ep's rule, written out: wp_it = wp * iters_train unrounded (a float)."""
