@@ -76,33 +76,52 @@ def test_ddp_job_writes_checkpoints_log_and_tensorboard(runs):
     assert ea.Tags()['images'] == ['AR_samples/cfg1.5']
 
 
-@pytest.mark.slow
-def test_srun_style_tasks_join_one_job_with_torchruns_numbers(runs, tmp_path):
-    """Two `python train.py` processes with only SLURM's variables (and MASTER_ADDR/MASTER_PORT), as `srun python
-    train.py` starts them: one 2-rank job (one master writing one folder), with the per-step losses and final
-    weights of the same job under torchrun (the DDP run), bit for bit: the same ranks, data shards and arithmetic."""
+def srun_tasks(argv, folders):
+    """`srun python train.py ...` on two nodes, one task each, as SLURM starts them: only SLURM's variables and
+    MASTER_ADDR/MASTER_PORT, each task in its own working folder (node-local output folders) -> [(exit code,
+    stdout, stderr)]."""
     import subprocess
     import sys
 
     from train_support import ROOT, cpu_env, free_port
-    data, vae, _, ddp_out, _ = runs
-    out = tmp_path / 'srun'
-    port = str(free_port())
-    procs = []
-    for task in range(2):
+    port, procs = str(free_port()), []
+    for task, folder in enumerate(folders):
+        folder.mkdir(exist_ok=True)
         env = {k: v for k, v in cpu_env().items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE')}
-        env.update(SLURM_PROCID=str(task), SLURM_LOCALID=str(task), SLURM_NTASKS='2', SLURM_STEP_NUM_TASKS='2',
-                   MASTER_ADDR='127.0.0.1', MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, str(ROOT / 'train.py'), *train_args(data, vae, out, **FLAGS)],
-                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = [p.communicate(timeout=150) for p in procs]
-    for p, (_, err) in zip(procs, results):
-        assert p.returncode == 0, err[-3000:]
-    assert '[fit] done' in results[0][0] and '[fit] done' not in results[1][0]  # one master
-    ckpt = load_checkpoint(str(out / 'ar-ckpt-last.pth'))
-    assert ckpt['derived']['world_size'] == 2 and len(ckpt['rng']) == 2
-    assert read_steps(out) == read_steps(ddp_out)
-    assert_same_state(full_state(ddp_out)[1], ckpt['trainer']['var_wo_ddp'], 'weights')
+        env.update(SLURM_PROCID=str(task), SLURM_LOCALID='0', SLURM_NODEID=str(task), SLURM_NTASKS='2',
+                   SLURM_STEP_NUM_TASKS='2', MASTER_ADDR='127.0.0.1', MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / 'train.py'), *argv], cwd=folder, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=150) for p in procs]
+    return [(p.returncode, *output) for p, output in zip(procs, outputs)]
+
+
+@pytest.mark.slow
+def test_srun_tasks_on_two_nodes_join_one_job_and_fsdp_needs_a_shared_folder(runs, tmp_path):
+    """Two tasks on two nodes, as `srun python train.py` starts them (no torchrun), with node-local output folders:
+    - under --fsdp 1 they stop at start-up (exit 2, before training) with a message that the folder is not shared: a
+      sharded checkpoint would be split across the nodes;
+    - with DDP they form one 2-rank job (one master) whose per-step losses and final weights are those of the same job
+      under torchrun (the DDP run), bit for bit: the same ranks, data shards and arithmetic; each node's folder holds
+      the whole checkpoint."""
+    from pathlib import Path
+    data, vae, _, ddp_out, _ = runs
+    nodes = [tmp_path / 'node0', tmp_path / 'node1']
+    results = srun_tasks(train_args(data, vae, Path('out'), **FLAGS, fsdp=1), nodes)
+    for code, _, err in results:
+        assert code == 2 and 'the folder is not shared between the nodes' in err and 'Traceback' not in err, err
+    assert 'rank 1 (host ' in results[0][2] and not (nodes[0] / 'out' / 'ar-ckpt-last.pth').exists()
+    assert not list((nodes[0] / 'out').glob('.shared-check-*'))
+    results = srun_tasks(train_args(data, vae, Path('out'), **FLAGS), nodes)
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    (_, out0, _), (_, out1, _) = results
+    assert '[fit] done' in out0 and '[fit] done' not in out1  # one master
+    assert read_steps(nodes[0] / 'out') == read_steps(ddp_out)
+    for folder in nodes:
+        ckpt = load_checkpoint(str(folder / 'out' / 'ar-ckpt-last.pth'))
+        assert ckpt['derived']['world_size'] == 2 and len(ckpt['rng']) == 2
+        assert_same_state(full_state(ddp_out)[1], ckpt['trainer']['var_wo_ddp'], 'weights')
 
 
 @pytest.mark.slow
