@@ -429,7 +429,7 @@ def main_of(make_run: Callable[[Any], TrainingRun], args, user_error_types: Tupl
         if not (dist.is_initialized() and dist.is_peer_failure(e)):
             raise
         report_error(run, PeerLostError(f'lost the other processes of the job ({first_line(e)}): a process or node '
-                                        f'died, hung or was stopped (no answer within --dist_timeout='
+                                        f'died, hung or was stopped (a silent one is given up after --dist_timeout='
                                         f'{args.dist_timeout:g} minutes). The checkpoints on disk are intact: end '
                                         f'what is left of the job and rerun the same command on every node to resume '
                                         f'from the last one'))
