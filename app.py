@@ -14,6 +14,7 @@ autocast by default, --fp16), else on the CPU. Seeds give the same images as sam
 import argparse
 import importlib.util
 import os
+import signal
 import sys
 from typing import List, Optional, Tuple
 
@@ -83,21 +84,30 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f'{e}\n{hint}' if hint else str(e)) from e
     os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')  # no calls home from a local demo
     from sampling.class_names import class_names_for
-    from webapp import backend, ui
+    from webapp.cache import server_cache_dir
     source = f'--ckpt {args.ckpt}' if args.ckpt else f'--depth {args.depth}'
     if args.vae_ckpt:
         source += f' --vae_ckpt {args.vae_ckpt}'
     names = class_names_for(var.num_classes, args.ckpt, args.cache_dir, args.local_files_only)
-    model = backend.DemoModel(vae, var, names, fp16=args.fp16, source=source)
     print(f'model: {source} ({var.num_classes} classes, {vae.image_size} px, {device})', flush=True)
-    try:
-        ui.run_app(ui.build(model), args.host, args.port, args.share, args.max_queue,
-                   on_ready=lambda url: print(f'VAR web demo running on {url}  (Ctrl-C stops it)', flush=True))
-    except OSError as e:  # the port is taken, or the host is not an interface of this machine
-        raise ConfigError(f'cannot serve on {args.host}:{args.port}: {e}') from e
-    except KeyboardInterrupt:
-        print('stopped', flush=True)
+    with server_cache_dir() as cache:  # before gradio is imported: it reads the folder then
+        from webapp import backend, ui
+        model = backend.DemoModel(vae, var, names, fp16=args.fp16, source=source)
+        print(f'uploads and outputs: {cache} (deleted when the server stops)', flush=True)
+        signal.signal(signal.SIGTERM, _interrupt)  # `kill`, a service manager: stop as on Ctrl-C, cleaning up
+        try:
+            ui.run_app(ui.build(model), args.host, args.port, args.share, args.max_queue,
+                       on_ready=lambda url: print(f'VAR web demo running on {url}  (Ctrl-C stops it)', flush=True))
+        except OSError as e:  # the port is taken, or the host is not an interface of this machine
+            raise ConfigError(f'cannot serve on {args.host}:{args.port}: {e}') from e
+        except KeyboardInterrupt:  # Gradio catches the first one while it serves; a second one lands here
+            pass
+    print('stopped', flush=True)
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: Optional[List[str]] = None) -> int:

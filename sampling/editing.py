@@ -136,12 +136,16 @@ def mask_region(mask: ImageSource, patch_nums: Sequence[int], image_size: Tuple[
     return (coverage_pn_pn >= threshold).float()
 
 
-def keep_mask_for(region_hw: torch.Tensor, mode: str) -> torch.Tensor:
+def keep_mask_for(region_hw: torch.Tensor, mode: str, pixels_per_token: Optional[int] = None) -> torch.Tensor:
     """Region map -> keep mask (1 = keep the input's token) for `mode`. A region that is empty or covers every token is
-    an error: the keep mask would keep all of the input's tokens (nothing is edited) or none (nothing is kept)."""
+    an error: the keep mask would keep all of the input's tokens (nothing is edited) or none (nothing is kept); its
+    message gives the side of a token in pixels when `pixels_per_token` is given (the model's image size over its
+    last scale's side: 16 for the released models)."""
     if mode not in MODES:
         raise ValueError(f'mode must be one of {", ".join(MODES)}, got {mode!r}')
-    grid = f'the model\'s {region_hw.shape[0]}x{region_hw.shape[1]} token grid (each token covers 16x16 pixels)'
+    grid = f'the model\'s {region_hw.shape[0]}x{region_hw.shape[1]} token grid'
+    if pixels_per_token:
+        grid += f' (each token covers {pixels_per_token}x{pixels_per_token} pixels)'
     if not bool(region_hw.gt(0.5).any()):
         raise ValueError(f'the region is empty at {grid}: draw a larger box or mask')
     if bool(region_hw.gt(0.5).all()):
@@ -242,7 +246,7 @@ def zero_shot_edit(vae: models.VQVAE, var: models.VAR, image: ImageSource, mode:
         region_hw = box_region(var.patch_nums, box)
     else:
         raise ValueError('give a region: a box (y0, x0, y1, x1) or a mask image')
-    keep_mask_hw = keep_mask_for(region_hw, mode)
+    keep_mask_hw = keep_mask_for(region_hw, mode, pixels_per_token=size // var.patch_nums[-1])
     input_13HW = pil_to_tensor(fit_to_model(original, size))
     images_n3HW = edit_image(vae, var, input_13HW, keep_mask_hw, label, **sampling)
     return EditResult(input_13HW=input_13HW, keep_mask_hw=keep_mask_hw, label=label, images_n3HW=images_n3HW.cpu())

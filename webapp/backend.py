@@ -5,22 +5,30 @@
   seed `sampling.draw.image_seed(seed, c, k)`), so a seed shown in the page reproduces with sample.py.
 - `scales`: one of those images decoded after every scale (1x1 ... 16x16 tokens for the released models): the
   coarse-to-fine picture of next-scale prediction; the last is exactly the generated image.
-- `edit`: zero-shot in-painting, out-painting and class editing through `sampling.editing`, as edit.py does.
+- `edit`: zero-shot in-painting, out-painting and class editing through `sampling.editing`, as edit.py does;
+  `read_upload` checks an uploaded photo's size from its header before decoding it, and `reconstruction` shows what
+  the model's tokenizer makes of it (an edit cannot look closer to the photo than that).
 
 Every user mistake is a ValueError whose message can be shown as it is.
 Shape legend: B batch, H/W image size, pn a scale's side; images leave here as uint8 (H, W, 3) arrays.
 """
 import argparse
+import contextlib
+import math
+import os
+import re
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 import models
 from models.helpers import check_sampling_settings
 from sampling import editing
+from sampling.class_names import imagenet_class_names
 from sampling.draw import image_seed, sample_uint8, to_uint8_BHW3
 from utils.runtime import autocast_dtype
 
@@ -45,7 +53,23 @@ class DemoModel:
     choices: List[str] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.choices = [f'{i}: {name}' for i, name in enumerate(self.class_names)]
+        self.choices = [display_name(i, name) for i, name in enumerate(self.class_names)]
+
+    @property
+    def vocabulary(self) -> int:
+        return self.var.V
+
+    def domain_note(self) -> str:
+        """What the model was trained on, as the Edit tab says it: a model that did not learn ImageNet's 1000 classes
+        has a tokenizer that reconstructs other photos poorly, and an edit cannot look closer than that."""
+        size, n = self.image_size, len(self.class_names)
+        if n == 1000 and self.class_names == imagenet_class_names():
+            return (f'This model learned ImageNet\'s 1000 classes at {size} px: photos of other kinds of scenes are '
+                    f'reconstructed less faithfully (see the tokenizer\'s reconstruction below the photo).')
+        shown = ', '.join(self.choices[:4]) + (', ...' if n > 4 else '')
+        return (f'This model learned only {n} classes ({shown}) at {size} px. Its tokenizer was trained on such '
+                f'images too: a photo unlike them is reconstructed poorly (see the tokenizer\'s reconstruction below '
+                f'the photo), and the edits cannot look closer to the photo than that reconstruction.')
 
     @property
     def device(self) -> torch.device:
@@ -56,6 +80,26 @@ class DemoModel:
         return self.vae.image_size
 
 
+def display_name(cls: int, name: str) -> str:
+    """A class's entry in the page's lists: 'id: name', with the id once ('0: tshirt_top' for a class folder named
+    '0_tshirt_top'; '3' for the placeholder name 'class 3')."""
+    m = re.fullmatch(rf'(?:class[\s_]*)?0*{cls}(?:[\s_.:-]+(.*))?', name.strip(), flags=re.IGNORECASE)
+    if m is None:
+        return f'{cls}: {name}'
+    return f'{cls}: {m.group(1)}' if m.group(1) else str(cls)
+
+
+def whole_number(value: Union[str, int, float, None], what: str) -> int:
+    """A number field's value -> int; ValueError for what is not a finite whole number (2.5, inf, 1e400, text)."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f'{what} must be a whole number, got {value!r}') from None
+    if not math.isfinite(number) or not number.is_integer():
+        raise ValueError(f'{what} must be a whole number, got {value}')
+    return int(number)
+
+
 def parse_class(value: Union[str, int, float, None], num_classes: int, allow_none: bool = False) -> Optional[int]:
     """A class picker's value ('291: lion', '291' or 291) -> the class id; the unconditional entry -> None."""
     if value is None or (isinstance(value, str) and value.strip() in ('', UNCONDITIONAL)):
@@ -64,9 +108,10 @@ def parse_class(value: Union[str, int, float, None], num_classes: int, allow_non
         raise ValueError('pick a class')
     text = str(value).split(':', 1)[0].strip()
     try:
-        cls = int(float(text))
+        cls = whole_number(text, 'class')
     except ValueError:
-        raise ValueError(f'class {value!r}: expected a class id or a "id: name" entry of the list') from None
+        raise ValueError(f'class {value!r}: expected a class id (a whole number) or a "id: name" entry of the '
+                         f'list') from None
     if not 0 <= cls < num_classes:
         raise ValueError(f'class {cls} is out of range: this model has classes 0..{num_classes - 1}')
     return cls
@@ -76,8 +121,10 @@ def parse_class(value: Union[str, int, float, None], num_classes: int, allow_non
 def sampling_args(model: DemoModel, seed: int, cfg: float, top_k: int, top_p: float, more_smooth: bool
                   ) -> argparse.Namespace:
     """sample.py's sampling namespace for `sampling.draw` (checked as sample.py checks it)."""
-    check_sampling_settings(float(cfg), int(top_k), float(top_p))
-    if seed is None or not float(seed).is_integer() or not 0 <= int(seed) < 2 ** 63:
+    check_sampling_settings(float(cfg), whole_number(top_k, 'top-k'), float(top_p))
+    if not int(top_k) <= model.vocabulary:
+        raise ValueError(f'top-k must lie in 0..{model.vocabulary} (the size of this model\'s vocabulary), got {top_k}')
+    if seed is None or not 0 <= whole_number(seed, 'seed') < 2 ** 63:
         raise ValueError(f'seed must be a whole number in 0..2^63-1, got {seed}')
     return argparse.Namespace(cfg=float(cfg), top_k=int(top_k), top_p=float(top_p), more_smooth=bool(more_smooth),
                               seed=int(seed), fp16=model.fp16, fast=0)
@@ -87,7 +134,7 @@ def generate(model: DemoModel, cls: int, num_images: int, seed: int, cfg: float,
              more_smooth: bool, on_scale: Optional[ScaleHook] = None) -> np.ndarray:
     """Images 0..num_images-1 of class `cls` -> uint8 (B, H, W, 3); the same as
     `sample.py --classes cls,cls,... --seed seed` with these settings (one batch, as sample.py's --bs 25 draws them)."""
-    if not 1 <= int(num_images) <= MAX_IMAGES:
+    if not 1 <= whole_number(num_images, 'number of images') <= MAX_IMAGES:
         raise ValueError(f'number of images must lie in 1..{MAX_IMAGES}, got {num_images}')
     cls = parse_class(cls, model.var.num_classes)
     args = sampling_args(model, seed, cfg, top_k, top_p, more_smooth)
@@ -100,7 +147,7 @@ def scales(model: DemoModel, cls: int, num_images: int, index: int, seed: int, c
     """Image `index` of `generate(model, cls, num_images, ...)` after every scale -> one uint8 (H, W, 3) per scale,
     coarse to fine. The whole batch is drawn again, as generate draws it, so that the last entry is exactly that
     gallery image (a batch of another size may round differently); the earlier ones decode its cumulative latent."""
-    if not 0 <= int(index) < int(num_images):
+    if not 0 <= whole_number(index, 'image') < int(num_images):
         raise ValueError(f'image {index} is not among the {num_images} generated images (0..{int(num_images) - 1})')
     row = int(index)
     decoded: List[np.ndarray] = []
@@ -124,6 +171,58 @@ def check_photo(img: Image.Image) -> None:
                          f'({MAX_PIXELS // 1_000_000} megapixels); scale it down first')
     if min(img.size) < 8:
         raise ValueError(f'the image is {img.width}x{img.height} pixels: too small to edit')
+
+
+@contextlib.contextmanager
+def _quiet_bomb_warning() -> Iterator[None]:
+    """PIL warns on opening an image above its own pixel limit; the size check after the open says it to the user."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+        yield
+
+
+def read_upload(path: str) -> np.ndarray:
+    """An uploaded photo file -> uint8 (H, W, 3). Its size is read from the header first: a photo above MAX_PIXELS
+    is refused before a pixel is decoded (a 12000x12000 PNG can be a few hundred KB on disk and 430 MB decoded)."""
+    name = os.path.basename(path)
+    try:
+        with _quiet_bomb_warning(), Image.open(path) as img:  # the header only
+            width, height = img.size
+            if width * height > MAX_PIXELS:
+                raise ValueError(f'{name} is {width}x{height} pixels, more than this demo takes '
+                                 f'({MAX_PIXELS // 1_000_000} megapixels); scale it down first')
+            img.load()
+            photo = img.convert('RGB')
+    except UnidentifiedImageError:
+        raise ValueError(f'{name} is not an image (PNG, JPEG, WebP, ...)') from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f'{name} is too large: {e}') from None
+    except OSError as e:  # truncated or otherwise broken
+        raise ValueError(f'{name} cannot be read as an image ({type(e).__name__}: {e})') from None
+    check_photo(photo)
+    return np.asarray(photo)
+
+
+def check_upload_header(path: str) -> None:
+    """Raise ValueError when the image file at `path` declares more than MAX_PIXELS (reads the header only); files
+    PIL cannot identify are left to the decoder's own message."""
+    try:
+        with _quiet_bomb_warning(), Image.open(path) as img:
+            width, height = img.size
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        return
+    if width * height > MAX_PIXELS:
+        raise ValueError(f'the image is {width}x{height} pixels, more than this demo takes '
+                         f'({MAX_PIXELS // 1_000_000} megapixels); scale it down first')
+
+
+def reconstruction(model: DemoModel, photo: Image.Image) -> np.ndarray:
+    """The photo as the model sees it (fitted to its size) after its tokenizer's encode and decode: the closest any
+    edit can come to it -> uint8 (size, size, 3)."""
+    x_13HW = editing.pil_to_tensor(editing.fit_to_model(photo.convert('RGB'), model.image_size)).to(model.device)
+    with torch.no_grad():
+        img_13HW = model.vae.img_to_reconstructed_img(x_13HW.mul(2).sub(1), model.var.patch_nums, last_one=True)
+    return to_uint8_BHW3(img_13HW.add(1).mul(0.5))[0]
 
 
 def example_photo(name: str) -> np.ndarray:

@@ -74,7 +74,7 @@ def test_scales_end_in_the_sample(model):
         backend.scales(model, 7, 3, index=3, seed=11, **SETTINGS)
 
 
-def test_class_names(tmp_path, tiny_ckpt):
+def test_class_names(tmp_path, tiny_ckpt, model):
     names = imagenet_class_names()
     assert len(names) == 1000 and names[0] == 'tench' and names[980] == 'volcano'
     assert class_names_for(1000) == names
@@ -87,11 +87,43 @@ def test_class_names(tmp_path, tiny_ckpt):
     vae, var = load_checkpoint_models(tmp_path / 'named.pth')
     hub.save_pretrained(vae, var, tmp_path / 'folder', class_names=ckpt['class_names'])
     assert class_names_for(10, str(tmp_path / 'folder'))[7] == 'folder_7'
+    vae, var = model.vae, model.var
     assert backend.parse_class('4: folder_4', 10) == 4 and backend.parse_class(4.0, 10) == 4
     assert backend.parse_class(backend.UNCONDITIONAL, 10, allow_none=True) is None
-    for bad, msg in (('10', 'out of range'), (-1, 'out of range'), ('lion', 'expected a class id'), (None, 'pick')):
+    for bad, msg in (('10', 'out of range'), (-1, 'out of range'), ('lion', 'expected a class id'), (None, 'pick'),
+                     ('3.7', 'whole number'), (3.7, 'whole number'), ('inf', 'whole number'), ('1e400', 'whole number'),
+                     (float('nan'), 'whole number')):
         with pytest.raises(ValueError, match=msg):
             backend.parse_class(bad, 10)
+    # the lists show a class's id once
+    assert [backend.display_name(i, n) for i, n in ((0, '0_tshirt_top'), (3, 'class 3'), (12, '012.boot'),
+                                                    (1, 'tench'), (2, '21_x'))] == \
+        ['0: tshirt_top', '3', '12: boot', '1: tench', '2: 21_x']
+    for bad in (2.5, 'inf', None, '1e400'):
+        with pytest.raises(ValueError, match='seed must be a whole number'):
+            backend.sampling_args(backend.DemoModel(vae, var, ['a'] * 10), bad, 1.0, 0, 0.0, False)
+
+
+def test_uploads_are_checked_from_their_header_and_the_tokenizer_shows_its_ceiling(model, photo, tmp_path):
+    """An upload larger than the demo takes is refused from its header (no pixel decoded: PIL's lazy open); one that
+    is not an image is named; the Edit tab's reconstruction is the tokenizer's encode-decode of the fitted photo."""
+    huge = tmp_path / 'huge.png'
+    Image.new('1', (12000, 12000)).save(huge)
+    with pytest.raises(ValueError, match='huge.png is 12000x12000 pixels, more than this demo takes'):
+        backend.read_upload(str(huge))
+    with pytest.raises(ValueError, match='12000x12000 pixels'):
+        backend.check_upload_header(str(huge))
+    (tmp_path / 'notes.png').write_text('not an image')
+    with pytest.raises(ValueError, match='notes.png is not an image'):
+        backend.read_upload(str(tmp_path / 'notes.png'))
+    photo.save(tmp_path / 'cat.jpg')
+    assert backend.read_upload(str(tmp_path / 'cat.jpg')).shape == (photo.height, photo.width, 3)
+    recon = backend.reconstruction(model, photo)
+    x_13HW = editing.pil_to_tensor(editing.fit_to_model(photo, 64))
+    with torch.no_grad():  # the same computation on the same input: exact
+        expected = model.vae.img_to_reconstructed_img(x_13HW * 2 - 1, last_one=True)
+    np.testing.assert_array_equal(recon, to_uint8_BHW3(expected.add(1).mul(0.5))[0])
+    assert 'learned only 10 classes' in model.domain_note()
 
 
 def _editor(photo: Image.Image, stroke=None, layer_size=None) -> dict:
@@ -155,6 +187,12 @@ def test_edit_keeps_the_unpainted_tokens(model, photo):
 def test_edit_errors(model, photo):
     img, _ = backend.editor_region(_editor(photo))
     everything = np.full((photo.height, photo.width), 255, np.uint8)
+    # the token's side in the message is the model's: 16 px for this 64 px model of 4x4 tokens, 4 px for a 16 px one
+    with pytest.raises(ValueError, match='4x4 token grid \\(each token covers 16x16 pixels\\)'):
+        backend.edit(model, img, everything, None, 'inpaint', None, 1, seed=0, **SETTINGS)
+    small = backend.DemoModel(*build_vae_var(device='cpu', ch_mult=(1, 1, 2), **TINY), model.class_names)
+    with pytest.raises(ValueError, match='4x4 token grid \\(each token covers 4x4 pixels\\)'):
+        backend.edit(small, img, everything, None, 'inpaint', None, 1, seed=0, **SETTINGS)
     for region, box, mode, cls, msg in ((None, None, 'inpaint', None, 'no region'),
                                         (everything, None, 'inpaint', None, 'covers the whole image'),
                                         (None, (0.1, 0.1, 0.5, 0.5), 'class-edit', None, 'class-edit needs'),

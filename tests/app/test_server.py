@@ -10,6 +10,7 @@ validation images, enlarged 8x (the photo to upload: VAR_APP_TEST_PHOTO):
 """
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from train_support import cpu_env, free_port, kill_tree
 pytestmark = pytest.mark.slow
 CHROMIUM = '/usr/bin/chromium'
 GEN = dict(seed=3, cfg=2.0, top_k=20, top_p=0.9, more_smooth=False)
-EDIT = dict(mode='inpaint', cls='none (unconditional)', num_samples=2, seed=0, cfg=3.0, top_k=900, top_p=0.95,
+EDIT = dict(mode='inpaint', cls='none (unconditional)', num_samples=2, seed=0, cfg=3.0, top_k=50, top_p=0.95,
             more_smooth=True)
 
 
@@ -44,13 +45,22 @@ def server(tiny_ckpt, tmp_path_factory):
         while 'running on http://127.0.0.1' not in log_path.read_text():
             assert proc.poll() is None and time.time() < deadline, log_path.read_text()
             time.sleep(0.2)
-        side = int(log_path.read_text().split(' px, ')[0].rsplit(' ', 1)[1])  # 'model: ... (10 classes, 64 px, cpu)'
-        yield f'http://127.0.0.1:{port}/', side
+        log = log_path.read_text()
+        side = int(log.split(' px, ')[0].rsplit(' ', 1)[1])  # 'model: ... (10 classes, 64 px, cpu)'
+        cache = Path(log.split('uploads and outputs: ', 1)[1].split(' (deleted', 1)[0])
+        assert cache.is_dir()
+        yield f'http://127.0.0.1:{port}/', side, proc.pid
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: the server stops and deletes its uploads and outputs
+        proc.wait(timeout=60)
     finally:
-        kill_tree(proc.pid)
-        proc.wait(timeout=30)
-    errors = server_errors(log_path.read_text())
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.wait(timeout=30)
+    log = log_path.read_text()
+    errors = server_errors(log)
     assert not errors, '\n\n'.join(errors)  # every bad input was answered by the app's handlers, cleanly
+    assert 'stopped' in log and not cache.exists(), 'the server left its uploads and outputs behind'
+
 
 
 def server_errors(log: str) -> list:
@@ -114,24 +124,38 @@ def test_generate_scales_and_edit_through_the_api(client, server, tmp_path):
     assert len(strip) >= 2 and strip[0]['caption'] == '1x1'
     np.testing.assert_array_equal(np.asarray(Image.open(strip[-1]['image'])), imgs[1])  # the strip ends in the image
 
-    edits, strip_path, info = client.predict(_editor(tmp_path, painted=(slice(0, 48), slice(None))), '',
-                                             *EDIT.values(), api_name='/edit')
+    edits, strip_path, info, recon = client.predict(_editor(tmp_path, painted=(slice(0, 48), slice(None))), '',
+                                                    *EDIT.values(), api_name='/edit')
     assert [Image.open(e['image']).size for e in edits] == [(side, side)] * 2 and 'brush stroke' in info
     assert Image.open(strip_path).size == (4 * side + 3 * 4, side)  # input | mask | 2 edits
-    edits, _, info = client.predict(_editor(tmp_path), '0.1,0.1,0.6,0.6', *EDIT.values(), api_name='/edit')
+    assert Image.open(recon).size == (side, side)  # the tokenizer's reconstruction of the photo
+    edits, _, info, _ = client.predict(_editor(tmp_path), '0.1,0.1,0.6,0.6', *EDIT.values(), api_name='/edit')
     assert len(edits) == 2 and 'the box' in info
-    photo = client.predict('coffee', api_name='/example_photo')
-    assert Image.open(photo['background']).size == (600, 400)
+    photo, recon = client.predict('coffee', api_name='/example_photo')
+    assert Image.open(photo['background']).size == (600, 400) and Image.open(recon).size == (side, side)
+    from gradio_client import handle_file
+    photo, _ = client.predict(handle_file(_png(tmp_path / 'up.png', np.full((40, 50, 3), 90, np.uint8))),
+                              api_name='/upload_photo')
+    assert Image.open(photo['background']).size == (50, 40)
 
 
 def test_bad_input_gets_a_message(client, tmp_path):
     assert 'out of range' in _error(client, '12', 1, *GEN.values(), api_name='/generate')
+    for cls in ('inf', '1e400', '3.7'):  # not truncated, no OverflowError
+        assert 'expected a class id (a whole number)' in _error(client, cls, 1, *GEN.values(), api_name='/generate')
+    assert 'seed must be a whole number, got 2.5' in _error(client, '1', 1, *dict(GEN, seed=2.5).values(),
+                                                            api_name='/generate')
+    # the top-k slider ends at the model's vocabulary (64 codes here)
+    assert 'greater than maximum value 64' in _error(client, '1', 1, *dict(GEN, top_k=65).values(),
+                                                     api_name='/generate')
+    from gradio_client import handle_file
+    (tmp_path / 'notes.png').write_text('not an image')
+    assert 'notes.png is not an image' in _error(client, handle_file(str(tmp_path / 'notes.png')),
+                                                 api_name='/upload_photo')
     assert 'no region' in _error(client, _editor(tmp_path), '', *EDIT.values(), api_name='/edit')
     everything = _editor(tmp_path, painted=(slice(None), slice(None)))
     assert 'covers the whole image' in _error(client, everything, '', *EDIT.values(), api_name='/edit')
     not_an_image = _editor(tmp_path)
-    from gradio_client import handle_file
-    (tmp_path / 'notes.png').write_text('not an image')
     not_an_image['background'] = handle_file(str(tmp_path / 'notes.png'))
     assert 'not an image' in _error(client, not_an_image, '', *EDIT.values(), api_name='/edit')
     class_edit = dict(EDIT, mode='class-edit')
@@ -139,6 +163,59 @@ def test_bad_input_gets_a_message(client, tmp_path):
                                             api_name='/edit')
     gallery, _ = client.predict('1', 1, *GEN.values(), api_name='/generate')  # still serving
     assert len(gallery) == 1
+
+
+def rss_mib(pid: int) -> float:
+    """The resident memory of a process (Linux: /proc), MiB."""
+    with open(f'/proc/{pid}/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith('VmRSS:')) / 1024
+
+
+def test_a_huge_upload_is_refused_from_its_header(client, server, tmp_path):
+    """A 12000x12000 PNG (small on disk, 412 MiB as RGB pixels) is refused from its header, before a pixel is
+    decoded, by the upload and by the editor's API path; the server's memory stays flat over ten of them."""
+    from gradio_client import handle_file
+    big = tmp_path / 'huge.png'
+    Image.new('1', (12000, 12000)).save(big)
+    rss_before = rss_mib(server[2])
+    for _ in range(5):
+        assert '12000x12000 pixels, more than this demo takes' in _error(client, handle_file(str(big)),
+                                                                         api_name='/upload_photo')
+        editor = dict(_editor(tmp_path), background=handle_file(str(big)), composite=handle_file(str(big)))
+        assert '12000x12000 pixels' in _error(client, editor, '', *EDIT.values(), api_name='/edit')
+    growth = rss_mib(server[2]) - rss_before
+    assert growth < 100, f'the server grew by {growth:.0f} MiB over ten huge uploads (one decode: 412 MiB)'
+
+
+def test_eight_clients_at_once_and_a_full_queue(server):
+    """Eight clients send five generations each at the same moment: 40 jobs for one model and a queue of 16. Every
+    job ends with its images or with the queue's 'Queue is full' (some do), the server's memory stays within a bound,
+    and no traceback passes through the app's code (the server fixture reads its log)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client
+    start = threading.Barrier(8)
+
+    def one_client(k: int) -> list:
+        c = Client(server[0], verbose=False)
+        start.wait(timeout=60)  # every client is connected: the 40 jobs come at once
+        jobs = [c.submit(str(k % 3), 4, *dict(GEN, seed=5 * k + j).values(), api_name='/generate') for j in range(5)]
+        outcomes = []
+        for job in jobs:
+            try:
+                outcomes.append(len(job.result(timeout=300)[0]))
+            except Exception as e:  # the queue's refusal arrives as the job's error
+                outcomes.append(str(e))
+        return outcomes
+    rss_before = rss_mib(server[2])
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = [o for client_outcomes in pool.map(one_client, range(8)) for o in client_outcomes]
+    refused = [o for o in outcomes if o != 4]
+    assert len(refused) < len(outcomes) and refused, outcomes
+    assert all('Queue is full' in o for o in refused), refused
+    growth = rss_mib(server[2]) - rss_before
+    assert growth < 300, f'the server grew by {growth:.0f} MiB over 40 jobs'
 
 
 def _browser():
@@ -159,7 +236,7 @@ def _paint_and_edit(page) -> bool:
     """In the Edit tab: a photo, one brush stroke, Edit -> True when the three edits came back."""
     page.get_by_role('tab', name='Edit').click()
     if os.environ.get('VAR_APP_TEST_PHOTO'):
-        page.locator('#editor input[type=file]').set_input_files(os.environ['VAR_APP_TEST_PHOTO'])
+        page.locator('#photo_file input[type=file]').set_input_files(os.environ['VAR_APP_TEST_PHOTO'])
     else:
         page.get_by_label('example photo').click()
         page.get_by_role('option', name='chelsea').click()
@@ -197,6 +274,25 @@ def test_in_a_browser(server, tmp_path):
             assert 'seed 0' in page.locator('#generate_info').inner_text()
             page.screenshot(path=tmp_path / 'app_generate.png', full_page=True)
             _keep(tmp_path / 'app_generate.png')
+            # new images (a random seed): the strip of the old ones goes at once, and comes back for the new ones
+            page.get_by_role('button', name='random seed').click()
+            page.wait_for_function("document.querySelectorAll('#scales img').length == 0")
+            page.wait_for_function("!document.querySelector('#generate_info').innerText.includes('seed 0')"
+                                   " && document.querySelector('#generate_info').innerText.includes('seed ')")
+            page.locator('#samples img').nth(2).click()
+            page.wait_for_function("document.querySelectorAll('#scales img').length >= 2")
+            page.keyboard.press('Escape')  # the gallery's preview of image 2
+            page.screenshot(path=tmp_path / 'app_scales_redrawn.png', full_page=True)
+            _keep(tmp_path / 'app_scales_redrawn.png')
+
+            # a file that is not an image, uploaded as a photo: a message in the page
+            page.get_by_role('tab', name='Edit').click()
+            (tmp_path / 'notes.png').write_text('not an image')
+            page.locator('#photo_file input[type=file]').set_input_files(str(tmp_path / 'notes.png'))
+            page.get_by_text('notes.png is not an image').first.wait_for()
+            page.screenshot(path=tmp_path / 'app_bad_upload.png', full_page=True)
+            _keep(tmp_path / 'app_bad_upload.png')
+            page.reload()
 
             # Edit: an example photo (or an upload), a brush stroke across its upper half, in-painting. On a loaded
             # machine the canvas can miss a stroke (the edit then answers 'Error'): the page is loaded again
