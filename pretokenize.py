@@ -1,4 +1,4 @@
-# Tokenises an ImageFolder once with VAR's multi-scale VQVAE (arXiv 2404.02905) for `train.py --pretok`.
+# Tokenises an image set once with VAR's multi-scale VQVAE (arXiv 2404.02905) for `train.py --pretok`.
 """Write a pre-tokenised dataset (format: utils/pretok.py), in one process or under torchrun.
 
     python pretokenize.py --data_path=/path/to/imagenet --out=/path/to/imagenet_tokens --hflip=1
@@ -15,7 +15,8 @@ crop each time), which is why this is an option and never the default.
 
 Work is split into chunks of --chunk images, dealt round-robin to the processes; every finished chunk is written
 atomically under OUT/parts/, so re-running the same command after a crash or kill only encodes what is missing.
-Unreadable images are skipped with a warning naming the file and listed in meta.json.
+Unreadable images are skipped with a warning naming the file (or the shard and row) and listed in meta.json.
+`--data_path` takes class folders or parquet shards, as train.py (docs/data.md).
 """
 import argparse
 import json
@@ -24,7 +25,7 @@ import shutil
 import sys
 import time
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,16 +40,17 @@ from sampling.cli import run_script
 from utils import pretok
 from utils.arg_util import bool_flag, parse_patch_nums, str2bool
 from utils.ckpt import atomic_write
-from utils.data import ValTransform, build_dataset, pil_rgb_loader
+from utils.data import SkipUnreadable, ValTransform, build_dataset
 from utils.runtime import resolve_device, set_tf32, user_errors
 
 SPLITS = ('train', 'val')
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description='Tokenise an ImageFolder once for train.py --pretok.',
+    p = argparse.ArgumentParser(description='Tokenise an image set once for train.py --pretok.',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
-    p.add_argument('--data_path', required=True, help='folder with train/ and val/, one sub-folder per class')
+    p.add_argument('--data_path', required=True,
+                   help='folder with train/ and val/, one sub-folder per class, or parquet shards (docs/data.md)')
     p.add_argument('--out', required=True, help='output folder (the value of train.py --pretok)')
     p.add_argument('--vae_ckpt', default='',
                    help='local VQVAE checkpoint (as train.py --vae_ckpt); empty: vae_ch160v4096z32.pth in the working '
@@ -68,23 +70,25 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 class FixedCrop(Dataset):
-    """(images (n_variants, 3, reso, reso) in [-1, 1], class id, readable) for the samples of an ImageFolder: the
-    official validation crop, of the flipped image too with `hflip` (flipped before the resize, as TrainTransform)."""
+    """(images (n_variants, 3, reso, reso) in [-1, 1], class id, readable) for the images of a set of
+    utils.data.build_dataset (class folders or parquet shards): the official validation crop, of the flipped image
+    too with `hflip` (flipped before the resize, as TrainTransform)."""
 
-    def __init__(self, samples: Sequence[Tuple[str, int]], final_reso: int, mid_px: int, hflip: bool):
-        self.samples, self.final_reso, self.hflip = list(samples), final_reso, hflip
+    def __init__(self, images: SkipUnreadable, final_reso: int, mid_px: int, hflip: bool):
+        self.images, self.final_reso, self.hflip = images, final_reso, hflip
         self.crop = ValTransform(final_reso, mid_px)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.images)
 
     def __getitem__(self, index: int):
-        path, target = self.samples[index]
+        encoded, target = self.images.encoded_sample(index)
         n_var = 2 if self.hflip else 1
         try:
-            img = pil_rgb_loader(path)
-        except Exception as e:  # PIL raises many types for truncated or non-image files
-            warnings.warn(f'skipping unreadable image {path}: {type(e).__name__}: {e}', stacklevel=2)
+            img = self.images.decode(encoded)
+        except Exception as e:  # PIL raises many types for truncated or non-image data
+            warnings.warn(f'skipping unreadable image {self.images.image_name(index)}: {type(e).__name__}: {e}',
+                          stacklevel=2)
             return torch.zeros(n_var, 3, self.final_reso, self.final_reso), target, False
         variants = [self.crop(img)] + ([self.crop(TF.hflip(img))] if self.hflip else [])
         return torch.stack(variants), target, True
@@ -104,9 +108,9 @@ def part_path(out: str, split: str, k: int) -> str:
 
 
 @torch.no_grad()
-def encode_split(args, vae, device, split: str, samples, settings: Dict, n_variants: int) -> None:
+def encode_split(args, vae, device, split: str, images: SkipUnreadable, settings: Dict, n_variants: int) -> None:
     """Encode the chunks of `split` that this rank owns and that are not on disk yet."""
-    n, chunk = len(samples), args.chunk
+    n, chunk = len(images), args.chunk
     rank, world = dist.get_rank(), dist.get_world_size()
     n_chunks = (n + chunk - 1) // chunk
     mine = [k for k in range(n_chunks) if k % world == rank]
@@ -118,7 +122,7 @@ def encode_split(args, vae, device, split: str, samples, settings: Dict, n_varia
         return
     V = vae.vocab_size
     dtype = pretok.token_dtype(V)
-    data = FixedCrop(samples, settings['final_reso'], settings['mid_px'], hflip=n_variants == 2)
+    data = FixedCrop(images, settings['final_reso'], settings['mid_px'], hflip=n_variants == 2)
     batches = chunk_batches(todo, n, chunk, args.bs)
     loader = DataLoader(data, batch_sampler=batches, num_workers=args.workers,
                         pin_memory=device.type == 'cuda', persistent_workers=False)
@@ -135,7 +139,7 @@ def encode_split(args, vae, device, split: str, samples, settings: Dict, n_varia
         pending['tokens'].append(ids_BVL[ok])
         pending['labels'].append(label_B.numpy()[ok].astype(np.int64))
         pending['index'].append(np.asarray(idx, dtype=np.int64)[ok])
-        pending['skipped'] += [samples[i][0] for i, good in zip(idx, ok) if not good]
+        pending['skipped'] += [images.image_name(i) for i, good in zip(idx, ok) if not good]
         bar.update(B * (world if rank == 0 else 1))
         if idx[-1] + 1 == min(n, (k + 1) * chunk):  # the chunk is complete: write it
             arrays = dict(tokens=np.concatenate(pending['tokens']), labels=np.concatenate(pending['labels']),
@@ -145,11 +149,11 @@ def encode_split(args, vae, device, split: str, samples, settings: Dict, n_varia
     bar.close()
 
 
-def merge_split(out: str, split: str, samples, split_root: str, chunk: int, n_variants: int, L: int,
+def merge_split(out: str, split: str, images: SkipUnreadable, chunk: int, n_variants: int, L: int,
                 dtype: np.dtype) -> Dict:
     """Copy the parts of a split, in order, into the final arrays (through a memory map: the whole token array of
     ImageNet is never in memory at once); returns the split's meta entry."""
-    n_chunks = (len(samples) + chunk - 1) // chunk
+    n_chunks = (len(images) + chunk - 1) // chunk
     parts = [part_path(out, split, k) for k in range(n_chunks)]
     missing = [p for p in parts if not os.path.isfile(p)]
     if missing:
@@ -177,7 +181,7 @@ def merge_split(out: str, split: str, samples, split_root: str, chunk: int, n_va
         os.fsync(f.fileno())
     os.replace(tmp, paths['tokens'])
     atomic_write(paths['labels'], lambda f: np.save(f, labels_N))
-    rel = [os.path.relpath(samples[i][0], split_root) for i in index_N.tolist()]
+    rel = images.relative_names(index_N.tolist())
     atomic_write(paths['files'], lambda f: f.write(''.join(r + '\n' for r in rel)), mode='w')
     return {'n': int(len(index_N)), 'n_variants': n_variants, 'skipped': skipped}
 
@@ -242,12 +246,12 @@ def run(args) -> int:
 
     t0 = time.time()
     for split in SPLITS:
-        encode_split(args, vae, device, split, sets[split].samples, settings, n_variants[split])
+        encode_split(args, vae, device, split, sets[split], settings, n_variants[split])
     dist.barrier()
     if dist.is_master():  # the other ranks are done: they exit without waiting for the merge
         L = sum(p * p for p in patch_nums)
         meta = {k: v for k, v in settings.items() if k not in ('sizes',)}
-        meta['splits'] = {s: merge_split(args.out, s, sets[s].samples, sets[s].root, args.chunk, n_variants[s], L,
+        meta['splits'] = {s: merge_split(args.out, s, sets[s], args.chunk, n_variants[s], L,
                                          pretok.token_dtype(vae.vocab_size)) for s in SPLITS}
         meta['vae_ckpt'] = os.path.abspath(vae_path)
         meta['vae_config'] = vae.config

@@ -103,7 +103,8 @@ class Run(TrainingRun):
                 self.num_classes, train_set, val_set = build_dataset(args.data_path, cfg.data_load_reso, args.hflip,
                                                                      args.mid_reso)
         names = ', '.join(f'{i}: {c}' for i, c in enumerate(train_set.classes[:5]))
-        self.console.info(f'[data] {len(train_set.classes)} classes, ids in sorted folder order ({names}'
+        order = getattr(train_set, 'class_order', 'sorted folder order')  # a token set (--pretok) does not say
+        self.console.info(f'[data] {len(train_set.classes)} classes, ids in {order} ({names}'
                           f'{", ..." if len(train_set.classes) > 5 else ""}); the checkpoint keeps the list as '
                           f"'class_names'")
         if cfg.workers == 0 and not args.pretok and len(train_set) > 50_000:

@@ -46,6 +46,37 @@ def make_image_folder(root: Path, n_classes: int = 3, n_train: int = 8, n_val: i
     return root
 
 
+def folder_to_parquet(folder: Path, out: Path, n_shards: int = 3, group_rows: int = 2, names: bool = True) -> Path:
+    """The images of a class-folder set (make_image_folder) as parquet shards in the Hub's layout
+    (out/data/train-0000K-of-0000N.parquet, out/data/validation-...): the file bytes unchanged, rows in the folders'
+    sorted order (SafeImageFolder's), `group_rows` rows per row group, the class names in the features metadata
+    unless `names` is False; returns out."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from utils.data import SafeImageFolder
+    image_type = pa.struct([('bytes', pa.binary()), ('path', pa.string())])
+    for split, hub_split in (('train', 'train'), ('val', 'validation')):
+        images = SafeImageFolder(str(folder / split), transform=None)
+        meta = {'info': {'features': {'image': {'_type': 'Image'},
+                                      'label': {'names': images.classes, '_type': 'ClassLabel'}}}}
+        rows = [({'bytes': Path(p).read_bytes(), 'path': os.path.relpath(p, images.root)}, label)
+                for p, label in images.samples]
+        (out / 'data').mkdir(parents=True, exist_ok=True)
+        bounds = np.linspace(0, len(rows), n_shards + 1).round().astype(int)
+        for k in range(n_shards):
+            part = rows[bounds[k]:bounds[k + 1]]
+            table = pa.table({'image': pa.array([r[0] for r in part], image_type),
+                              'label': pa.array([r[1] for r in part], pa.int64())})
+            if names:
+                table = table.replace_schema_metadata({b'huggingface': json.dumps(meta).encode()})
+            pq.write_table(table, out / 'data' / f'{hub_split}-{k:05d}-of-{n_shards:05d}.parquet',
+                           row_group_size=group_rows)
+    return out
+
+
 def make_tiny_vae_ckpt(path: Path, ch_mult: Sequence[int] = X16) -> Path:
     """A tiny tokenizer saved as a plain state dict (the official release format)."""
     from models import build_vae_var
@@ -256,3 +287,41 @@ def assert_help_shows_defaults(parser, official: Dict[str, object]) -> None:
             assert f'(default: {action.default})' in option_help(action.option_strings[0]), action.dest
     for option, value in official.items():
         assert option_help(option).endswith(f'(default: {value})'), option
+
+
+def node_cmd(argv: Sequence[str], nproc: int, port: int, node: int, script: str = 'train.py') -> List[str]:
+    """The torchrun agent of node `node` (0 or 1) of a two-node job on this machine: node 0 hosts the c10d
+    rendezvous at 127.0.0.1:`port`; node k's agent has the address 127.0.0.(k+1) (all of 127/8 is loopback), and the
+    rendezvous numbers the nodes in the order of their addresses, so node 0 holds rank 0."""
+    return [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', f'--nproc_per_node={nproc}',
+            '--rdzv_backend=c10d', f'--rdzv_endpoint=127.0.0.1:{port}', '--rdzv_id=two-nodes',
+            f'--rdzv_conf=is_host={int(node == 0)}', f'--local_addr=127.0.0.{node + 1}', str(ROOT / script), *argv]
+
+
+def start_two_nodes(argv: Sequence[str], folders: Sequence[Path], nprocs: Sequence[int], log_name: str
+                    ) -> List[subprocess.Popen]:
+    """Start the two agents of a two-node job, each in its own working folder (as on two machines: a relative
+    --local_out_dir_path is node-local), logging to folder/log_name."""
+    port = free_port()
+    procs = []
+    for node, (folder, nproc) in enumerate(zip(folders, nprocs)):
+        with open(folder / log_name, 'w') as log:
+            procs.append(subprocess.Popen(node_cmd(argv, nproc, port, node), cwd=folder, env=cpu_env(), stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+    return procs
+
+
+def wait_for_step(out: Path, step: int, procs: Sequence[subprocess.Popen], timeout: float = 150) -> int:
+    """Wait until steps.jsonl in `out` shows global step `step` (while every process of `procs` runs); returns the
+    last step logged."""
+    import json
+    import time
+    steps_file, deadline = out / 'steps.jsonl', time.time() + timeout
+    while True:
+        lines = steps_file.read_text().splitlines() if steps_file.exists() else []
+        last = json.loads(lines[-1])['g_it'] if lines and lines[-1].endswith('}') else -1
+        if last >= step:
+            return last
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, \
+            f'a process ended (exit codes {[p.poll() for p in procs]}) or timed out before step {step}'
+        time.sleep(0.01)

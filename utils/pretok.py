@@ -13,7 +13,8 @@ presence means the set is complete):
     {split}_tokens.npy   (N, n_variants, L) uint16 (int32 when vocab_size > 65536); variant 0 = as is, 1 = flipped
                          (train only: validation reads variant 0, so val stores that one alone)
     {split}_labels.npy   (N,) int64 class ids
-    {split}_files.txt    the N source files, relative to the split folder (provenance)
+    {split}_files.txt    the N source files, relative to the split folder (provenance); from parquet shards, the
+                         path stored with each image, else SHARD#ROW
 
 `PretokenizedDataset[i]` / `[(i, seed)]` returns (gt_BL row as int64 (L,), class id), drawing the flip variant
 exactly like `utils.data.TrainTransform` draws its flip (one uniform from the per-sample generator).
