@@ -18,20 +18,26 @@ Memory per process is therefore about CACHE_GROUPS row groups whatever the shard
 image sets in row groups of at most 100 rows: ~11 MB of ImageNet JPEGs). The price of random access: a shuffled order
 reads a whole row group for almost every image (docs/data.md, benchmarks/bench_data.py).
 """
+from __future__ import annotations
+
 import glob
 import json
 import os
 import re
 from collections import OrderedDict
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 from torch.utils.data import Dataset
 
 from utils.data import SkipUnreadable, pil_rgb_from_bytes
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+# pyarrow itself is imported where shards are read: a run on class folders never loads it, so its allocator and
+# threads are not in the processes that fork the loader workers
 
 # (train pattern, validation pattern) of each accepted layout, relative to --data_path
 PARQUET_LAYOUTS = (('data/train-*.parquet', 'data/validation-*.parquet'), ('train/*.parquet', 'val/*.parquet'))
@@ -98,6 +104,7 @@ def _class_names(schema: pa.Schema) -> Optional[List[str]]:
 
 def _bytes_column(path: str, schema: pa.Schema) -> Tuple[str, bool]:
     """('image.bytes', has path) for the Hub's Image struct, ('image', False) for plain binary; else a ValueError."""
+    import pyarrow as pa
     missing = [c for c in ('image', 'label') if c not in schema.names]
     if missing:
         raise ValueError(f"shard {path} has no {' and no '.join(repr(c) for c in missing)} column (columns: "
@@ -123,6 +130,7 @@ class LabelRange(NamedTuple):
 def _label_range(f: pq.ParquetFile, path: str) -> LabelRange:
     """The labels' range from the footer's per-row-group statistics (no data read); the `label` column itself only
     when a row group lacks them. A null label is refused: an unlabelled split cannot be trained on."""
+    import pyarrow as pa
     meta = f.metadata
     leaf = next(i for i in range(meta.num_columns) if meta.schema.column(i).path == 'label')
     stats = [meta.row_group(g).column(leaf).statistics for g in range(meta.num_row_groups)]
@@ -146,6 +154,8 @@ def _label_range(f: pq.ParquetFile, path: str) -> LabelRange:
 def read_shard(path: str) -> Tuple[Shard, LabelRange, Optional[List[str]]]:
     """(Shard, label range, class names or None) of one shard, from its footer alone (its `label` column only when
     the footer has no statistics); a shard that cannot be used raises a ValueError naming it and what is wrong."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     size = os.path.getsize(path)
     if size == 0:
         raise ValueError(f'shard {path} is empty (0 bytes): download it again')
@@ -220,6 +230,7 @@ class ParquetImages(SkipUnreadable, Dataset):
         return int(self.group_start[-1])
 
     def _file(self, s: int) -> pq.ParquetFile:
+        import pyarrow.parquet as pq
         if s in self._files:
             self._files.move_to_end(s)
             return self._files[s]
@@ -271,6 +282,7 @@ class ParquetImages(SkipUnreadable, Dataset):
     def relative_names(self, indices: Sequence[int]) -> List[str]:
         """The `path` each image has in its shard (its file name when the set was made), else 'SHARD#ROW'; reads the
         path field alone, never the image bytes."""
+        import pyarrow.parquet as pq
         names: List[str] = []
         paths: Dict[int, List[Optional[str]]] = {}
         for index in indices:
