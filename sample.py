@@ -30,12 +30,12 @@ from torchvision.utils import make_grid
 
 import dist
 import models
-from models.helpers import check_sampling_settings
 from sampling import fid_export
 from sampling.cli import run_script
 from sampling.draw import progress_bar, sample_items
 from sampling.image_sets import image_format, is_image_path, save_image
 from sampling.model_flags import add_model_flags, check_model_flags, load_models_from_args, model_device
+from sampling.settings import FidExportJob, Rejection, SamplingSettings
 from sampling.rejection import load_classifier
 from utils.runtime import ConfigError
 
@@ -55,10 +55,10 @@ def run_grid(args: argparse.Namespace, var: models.VAR, classifier: Optional[tor
     for c in args.classes:
         items.append((c, seen.get(c, 0)))
         seen[c] = seen.get(c, 0) + 1
-    batches = []
+    batches, settings = [], sampling_settings(args)
     with progress_bar(len(items)) as bar:
         for s in range(0, len(items), args.bs):
-            batches.append(sample_items(var, items[s:s + args.bs], args, classifier))
+            batches.append(sample_items(var, items[s:s + args.bs], settings, classifier, args.rej_candidates))
             bar.update(len(batches[-1]))
     imgs = np.concatenate(batches)
     grid_3HW = make_grid(torch.from_numpy(imgs).permute(0, 3, 1, 2), nrow=args.nrow, padding=2, pad_value=255)
@@ -122,11 +122,28 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError('--classes lists a class twice; in fid mode use --per_class for more images')
     if min(args.bs, args.per_class, args.nrow, args.rej_candidates) < 1:
         raise ConfigError('--bs, --per_class, --nrow and --rej_candidates must be positive')
-    try:
-        check_sampling_settings(args.cfg, args.top_k, args.top_p)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    sampling_settings(args)
     check_out(args)
+
+
+def sampling_settings(args: argparse.Namespace) -> SamplingSettings:
+    """The sampling flags as one checked value (ConfigError naming the flag that is out of range)."""
+    try:
+        return SamplingSettings(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=bool(args.more_smooth),
+                                seed=args.seed, fp16=args.fp16, fast=args.fast)
+    except ValueError as e:
+        raise ConfigError(str(e) if str(e).startswith('--') else f'--{e}') from None
+
+
+def fid_export_job(args: argparse.Namespace) -> FidExportJob:
+    """The fid mode's flags as the export's job."""
+    rejection = None if args.classifier_ckpt is None else \
+        Rejection(arch=args.classifier_arch, ckpt=args.classifier_ckpt, candidates=args.rej_candidates)
+    return FidExportJob(out=args.out, npz=args.npz or args.out.rstrip('/\\') + '.npz', per_class=args.per_class,
+                        bs=args.bs, sampling=sampling_settings(args),
+                        model=fid_export.model_identity(args.ckpt, args.vae_ckpt, args.var_ckpt, args.depth),
+                        classes=None if args.classes is None else tuple(args.classes), rejection=rejection,
+                        tf32=bool(args.tf32))
 
 
 def check_out(args: argparse.Namespace) -> None:
@@ -163,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
             if dist.is_master():
                 run_grid(args, var, classifier)
         else:
-            fid_export.export(args, var, classifier, device)
+            fid_export.export(fid_export_job(args), var, classifier, device)
         return 0
     finally:
         dist.finalize()

@@ -107,15 +107,14 @@ def reconstruct(vae_path: str, images_NHW3: np.ndarray, bs: int = 250) -> Dict[s
 def generate(var_ckpt: str, per_class: int, seed: int, s: Dict[str, Any]):
     """`per_class` samples of every class (uint8 (N, 32, 32, 3), labels (N,)), with sample.py's per-image seeds."""
     import models
-    import sample
     from sampling.draw import image_seed, sample_uint8
+    from sampling.settings import SamplingSettings
     _, var = models.load_checkpoint_models(var_ckpt)
     var.eval()
-    opts = sample.get_parser().parse_args(['--out', '-', '--cfg', str(s['cfg']), '--top_k', str(s['top_k']),
-                                           '--top_p', str(s['top_p']), '--fp16', '0'])  # sample.py's own defaults
+    settings = SamplingSettings(cfg=s['cfg'], top_k=s['top_k'], top_p=s['top_p'], fp16=0)  # sample.py's other defaults
     items = [(c, k) for c in range(var.num_classes) for k in range(per_class)]
     imgs = [sample_uint8(var, [c for c, _ in items[i:i + s['bs']]],
-                         [image_seed(seed, c, k) for c, k in items[i:i + s['bs']]], opts)
+                         [image_seed(seed, c, k) for c, k in items[i:i + s['bs']]], settings)
             for i in range(0, len(items), s['bs'])]
     return np.concatenate(imgs), np.array([c for c, _ in items])
 

@@ -4,9 +4,8 @@
 
 Image k of class c is drawn with a generator seeded from (seed, c, k) (`image_seed`), so the output depends neither on
 the number of processes nor on which images share a batch, apart from floating-point round-off between batch sizes or
-devices. `args` is sample.py's namespace (cfg, top_k, top_p, more_smooth, fp16, fast, seed, rej_candidates).
+devices. How they are drawn is one `sampling.settings.SamplingSettings`.
 """
-import argparse
 import hashlib
 import sys
 from typing import Callable, Optional, Sequence, Tuple
@@ -18,6 +17,7 @@ from tqdm import tqdm
 import dist
 import models
 from sampling.rejection import sample_best_of
+from sampling.settings import SamplingSettings
 from utils.runtime import autocast_context
 
 
@@ -46,30 +46,32 @@ def fast_switches(fast: int, device: torch.device) -> dict:
 
 
 @torch.inference_mode()
-def sample_uint8(var: models.VAR, labels: Sequence[int], seeds: Sequence[int], args: argparse.Namespace,
+def sample_uint8(var: models.VAR, labels: Sequence[int], seeds: Sequence[int], settings: SamplingSettings,
                  on_scale: Optional[Callable[[int, torch.Tensor], None]] = None) -> np.ndarray:
     """One image per (label, seed) -> uint8 (B, H, W, 3). `on_scale(si, f_hat_BChw)` runs after every scale, inside
-    the sampling's inference mode and autocast (see `VAR.autoregressive_infer_cfg`)."""
+    the sampling's inference mode and autocast (see `VAR.autoregressive_infer_cfg`); `settings.seed` is not read
+    here (the seeds are given)."""
     device = var.class_emb.weight.device
     label_B = torch.tensor(list(labels), dtype=torch.long, device=device)
-    with autocast_context(args.fp16, device):
-        fast = fast_switches(args.fast, device)
-        img_B3HW = var.autoregressive_infer_cfg(len(labels), label_B, g_seed=list(seeds), cfg=args.cfg,
-                                                top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth,
-                                                on_scale=on_scale, **fast)
+    with autocast_context(settings.fp16, device):
+        fast = fast_switches(settings.fast, device)
+        img_B3HW = var.autoregressive_infer_cfg(len(labels), label_B, g_seed=list(seeds), cfg=settings.cfg,
+                                                top_k=settings.top_k, top_p=settings.top_p,
+                                                more_smooth=settings.more_smooth, on_scale=on_scale, **fast)
     return to_uint8_BHW3(img_B3HW)
 
 
-def sample_items(var: models.VAR, items: Sequence[Tuple[int, int]], args: argparse.Namespace,
-                 classifier: Optional[torch.nn.Module]) -> np.ndarray:
-    """Images for (class, index) pairs -> uint8 (B, H, W, 3); the best of --rej_candidates with a classifier."""
+def sample_items(var: models.VAR, items: Sequence[Tuple[int, int]], settings: SamplingSettings,
+                 classifier: Optional[torch.nn.Module] = None, candidates: int = 1) -> np.ndarray:
+    """Images for (class, index) pairs -> uint8 (B, H, W, 3), image k of class c seeded by image_seed(settings.seed,
+    c, k); with a classifier, the best of `candidates` draws."""
     labels = [c for c, _ in items]
     if classifier is None:
-        return sample_uint8(var, labels, [image_seed(args.seed, c, i) for c, i in items], args)
+        return sample_uint8(var, labels, [image_seed(settings.seed, c, i) for c, i in items], settings)
 
     def draw(candidate: int) -> np.ndarray:
-        return sample_uint8(var, labels, [image_seed(args.seed, c, i, candidate) for c, i in items], args)
-    return sample_best_of(draw, classifier, labels, args.rej_candidates)
+        return sample_uint8(var, labels, [image_seed(settings.seed, c, i, candidate) for c, i in items], settings)
+    return sample_best_of(draw, classifier, labels, candidates)
 
 
 def progress_bar(total: int) -> tqdm:

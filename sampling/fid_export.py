@@ -7,7 +7,6 @@ byte-identical files for any number of processes. Each PNG is written atomically
 and `manifest.json` keeps every setting that changes the pixels: a restart completes a killed run, and a run with
 other settings refuses the folder. Rank 0 decides the plan; the other ranks receive it (or its error).
 """
-import argparse
 import hashlib
 import json
 import os
@@ -21,6 +20,7 @@ from models.loading import HUB_REPO_ID, VAE_FILENAME
 from sampling.draw import progress_bar, sample_items
 from sampling.image_sets import (ImageSetError, UnreadablePNG, evaluation_order, iter_png_images, npz_image_shape,
                                  npz_tmp_path, save_png, write_npz_images)
+from sampling.settings import FidExportJob
 from utils.runtime import ConfigError
 
 MANIFEST = 'manifest.json'
@@ -36,15 +36,17 @@ def file_sha256(path: str) -> str:
         return hashlib.file_digest(f, 'sha256').hexdigest()
 
 
-def model_identity(args: argparse.Namespace) -> Dict[str, str]:
-    """What the manifest records of the weights: file hashes for local files, the Hub file names otherwise."""
-    if args.ckpt:
-        ident = {'ckpt_sha256': file_sha256(args.ckpt)}
-        if args.vae_ckpt:  # the tokenizer of a checkpoint that holds none
-            ident['vae'] = f'sha256:{file_sha256(args.vae_ckpt)}'
+def model_identity(ckpt: Optional[str], vae_ckpt: Optional[str], var_ckpt: Optional[str], depth: int
+                   ) -> Dict[str, str]:
+    """What the manifest records of the weights (sample.py's model flags): file hashes for local files, the Hub file
+    names otherwise."""
+    if ckpt:
+        ident = {'ckpt_sha256': file_sha256(ckpt)}
+        if vae_ckpt:  # the tokenizer of a checkpoint that holds none
+            ident['vae'] = f'sha256:{file_sha256(vae_ckpt)}'
         return ident
-    ident = {'depth': str(args.depth)}
-    for key, path, hub_name in (('vae', args.vae_ckpt, VAE_FILENAME), ('var', args.var_ckpt, f'var_d{args.depth}.pth')):
+    ident = {'depth': str(depth)}
+    for key, path, hub_name in (('vae', vae_ckpt, VAE_FILENAME), ('var', var_ckpt, f'var_d{depth}.pth')):
         ident[key] = f'sha256:{file_sha256(path)}' if path else f'hub:{HUB_REPO_ID}/{hub_name}'
     return ident
 
@@ -53,17 +55,18 @@ def image_size(var: models.VAR) -> int:
     return var.patch_nums[-1] * var.vae_proxy[0].downsample
 
 
-def fid_manifest(args: argparse.Namespace, var: models.VAR, classes: Sequence[int], device: torch.device) -> dict:
-    """Every setting that changes the pixels (not --bs, the number of processes, or paths)."""
+def fid_manifest(job: FidExportJob, var: models.VAR, classes: Sequence[int], device: torch.device) -> dict:
+    """Every setting that changes the pixels (not the batch size, the number of processes, or paths)."""
+    s, cuda = job.sampling, device.type == 'cuda'
     return dict(
-        version=MANIFEST_VERSION, model=model_identity(args), image_size=image_size(var),
-        classes='all' if list(classes) == list(range(var.num_classes)) else list(classes), per_class=args.per_class,
-        seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth,
-        fp16=args.fp16 if device.type == 'cuda' else 0, tf32=bool(args.tf32) if device.type == 'cuda' else False,
-        fast=int(args.fast) if device.type == 'cuda' else 0,  # 0/1 compare equal to the older false/true
+        version=MANIFEST_VERSION, model=dict(job.model), image_size=image_size(var),
+        classes='all' if list(classes) == list(range(var.num_classes)) else list(classes), per_class=job.per_class,
+        seed=s.seed, cfg=s.cfg, top_k=s.top_k, top_p=s.top_p, more_smooth=s.more_smooth,
+        fp16=s.fp16 if cuda else 0, tf32=bool(job.tf32) if cuda else False,
+        fast=int(s.fast) if cuda else 0,  # 0/1 compare equal to the older false/true
         device=device.type, to_uint8='x*255, truncated',
-        rejection=None if args.classifier_ckpt is None else dict(
-            arch=args.classifier_arch, sha256=file_sha256(args.classifier_ckpt), candidates=args.rej_candidates),
+        rejection=None if job.rejection is None else dict(
+            arch=job.rejection.arch, sha256=file_sha256(job.rejection.ckpt), candidates=job.rejection.candidates),
     )
 
 
@@ -118,20 +121,20 @@ def npz_shape_or_none(path: str) -> Optional[Tuple[int, ...]]:
         return None
 
 
-def export(args: argparse.Namespace, var: models.VAR, classifier: Optional[torch.nn.Module],
-           device: torch.device) -> None:
-    """Draw the missing images of --classes x --per_class into --out on every rank, then pack the .npz on rank 0.
-    A folder of another configuration, or an image that cannot be read back, is a ConfigError."""
-    classes = args.classes if args.classes is not None else list(range(var.num_classes))
-    items = [(c, i) for c in classes for i in range(args.per_class)]
-    npz_path = args.npz or args.out.rstrip('/\\') + '.npz'
+def export(job: FidExportJob, var: models.VAR, classifier: Optional[torch.nn.Module], device: torch.device) -> None:
+    """Draw the missing images of the job's classes x per_class into its folder on every rank, then pack the .npz on
+    rank 0 (`classifier`: the loaded one of `job.rejection`). A folder of another configuration, or an image that
+    cannot be read back, is a ConfigError."""
+    classes = list(job.classes) if job.classes is not None else list(range(var.num_classes))
+    items = [(c, i) for c in classes for i in range(job.per_class)]
+    npz_path = job.npz
     rank, world = dist.get_rank(), dist.get_world_size()
     plan, n_done, error = None, 0, None
     if rank == 0:  # one process decides; the others receive its plan (or its error) and exit together with it
         try:
-            prepare_out_dir(args.out, npz_path, fid_manifest(args, var, classes, device),
+            prepare_out_dir(job.out, npz_path, fid_manifest(job, var, classes, device),
                             {png_name(*it) for it in items})
-            plan, n_done = plan_chunks(items, args.bs, args.out)
+            plan, n_done = plan_chunks(items, job.bs, job.out)
         except (ValueError, OSError, json.JSONDecodeError) as e:
             error = str(e)
     plan, error = dist.broadcast_object((plan, error))
@@ -140,29 +143,30 @@ def export(args: argparse.Namespace, var: models.VAR, classifier: Optional[torch
     mine = plan[rank::world]
     if rank == 0:
         print(f'{n_done} of {len(items)} images already on disk; {len(plan)} chunks of '
-              f'<= {args.bs} to draw on {world} process(es)', flush=True)
+              f'<= {job.bs} to draw on {world} process(es)', flush=True)
     bar = progress_bar(sum(map(len, mine)))
     for chunk in mine:
-        imgs = sample_items(var, chunk, args, classifier)
+        imgs = sample_items(var, chunk, job.sampling, classifier,
+                            job.rejection.candidates if job.rejection is not None else 1)
         for (c, i), img in zip(chunk, imgs):
-            path = os.path.join(args.out, png_name(c, i))
+            path = os.path.join(job.out, png_name(c, i))
             if not png_written(path):
                 save_png(img, path)
         bar.update(len(chunk))
     bar.close()
     dist.barrier()
     if rank == 0:
-        files = evaluation_order(os.path.join(args.out, png_name(*it)) for it in items)  # classes mixed for IS
+        files = evaluation_order(os.path.join(job.out, png_name(*it)) for it in items)  # classes mixed for IS
         missing = [f for f in files if not png_written(f)]
         if missing:
             raise ConfigError(f'{len(missing)} images are missing after sampling, e.g. {missing[0]}')
         shape = (len(files), image_size(var), image_size(var), 3)
         if not plan and os.path.exists(npz_path) and npz_shape_or_none(npz_path) == shape:
-            print(f'nothing to do: {args.out} and {npz_path} are complete')
+            print(f'nothing to do: {job.out} and {npz_path} are complete')
             return
         try:
             write_npz_images(npz_path, iter_png_images(files, 100), shape)
         except UnreadablePNG as e:  # e.g. cut short by a machine crash: remove it so that a re-run draws it again
             os.remove(e.path)
             raise ConfigError(f'{e}; it was deleted: re-run the same command to draw it again') from e
-        print(f'wrote {len(files)} PNGs to {args.out} and {npz_path}')
+        print(f'wrote {len(files)} PNGs to {job.out} and {npz_path}')

@@ -12,7 +12,6 @@
 Every user mistake is a ValueError whose message can be shown as it is.
 Shape legend: B batch, H/W image size, pn a scale's side; images leave here as uint8 (H, W, 3) arrays.
 """
-import argparse
 import contextlib
 import math
 import os
@@ -26,10 +25,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 import models
-from models.helpers import check_sampling_settings
 from sampling import editing
 from sampling.class_names import imagenet_class_names
 from sampling.draw import image_seed, sample_uint8, to_uint8_BHW3
+from sampling.settings import SamplingSettings
 from utils.runtime import autocast_dtype
 
 MAX_IMAGES = 16  # per request: CPU sampling is slow, and the queue is shared
@@ -118,16 +117,16 @@ def parse_class(value: Union[str, int, float, None], num_classes: int, allow_non
 
 
 # ----------------------------------------------------------------------------------------------------------- sampling
-def sampling_args(model: DemoModel, seed: int, cfg: float, top_k: int, top_p: float, more_smooth: bool
-                  ) -> argparse.Namespace:
-    """sample.py's sampling namespace for `sampling.draw` (checked as sample.py checks it)."""
-    check_sampling_settings(float(cfg), whole_number(top_k, 'top-k'), float(top_p))
-    if not int(top_k) <= model.vocabulary:
+def sampling_settings(model: DemoModel, seed, cfg, top_k, top_p, more_smooth) -> SamplingSettings:
+    """The page's sampling controls as the settings sample.py would build from the same flags (checked as it checks
+    them, and top-k within the model's vocabulary)."""
+    top_k = whole_number(top_k, 'top-k')
+    if not top_k <= model.vocabulary:
         raise ValueError(f'top-k must lie in 0..{model.vocabulary} (the size of this model\'s vocabulary), got {top_k}')
-    if seed is None or not 0 <= whole_number(seed, 'seed') < 2 ** 63:
-        raise ValueError(f'seed must be a whole number in 0..2^63-1, got {seed}')
-    return argparse.Namespace(cfg=float(cfg), top_k=int(top_k), top_p=float(top_p), more_smooth=bool(more_smooth),
-                              seed=int(seed), fp16=model.fp16, fast=0)
+    if seed is None:
+        raise ValueError('seed must be a whole number in 0..2^63-1, got nothing')
+    return SamplingSettings(cfg=float(cfg), top_k=top_k, top_p=float(top_p), more_smooth=bool(more_smooth),
+                            seed=whole_number(seed, 'seed'), fp16=model.fp16, fast=0)
 
 
 def generate(model: DemoModel, cls: int, num_images: int, seed: int, cfg: float, top_k: int, top_p: float,
@@ -137,9 +136,9 @@ def generate(model: DemoModel, cls: int, num_images: int, seed: int, cfg: float,
     if not 1 <= whole_number(num_images, 'number of images') <= MAX_IMAGES:
         raise ValueError(f'number of images must lie in 1..{MAX_IMAGES}, got {num_images}')
     cls = parse_class(cls, model.var.num_classes)
-    args = sampling_args(model, seed, cfg, top_k, top_p, more_smooth)
-    seeds = [image_seed(args.seed, cls, k) for k in range(int(num_images))]
-    return sample_uint8(model.var, [cls] * len(seeds), seeds, args, on_scale=on_scale)
+    settings = sampling_settings(model, seed, cfg, top_k, top_p, more_smooth)
+    seeds = [image_seed(settings.seed, cls, k) for k in range(int(num_images))]
+    return sample_uint8(model.var, [cls] * len(seeds), seeds, settings, on_scale=on_scale)
 
 
 def scales(model: DemoModel, cls: int, num_images: int, index: int, seed: int, cfg: float, top_k: int, top_p: float,
@@ -288,12 +287,12 @@ def edit(model: DemoModel, photo: Image.Image, region: Optional[np.ndarray], box
     if not 1 <= int(num_samples) <= MAX_VARIATIONS:
         raise ValueError(f'number of variations must lie in 1..{MAX_VARIATIONS}, got {num_samples}')
     check_photo(photo)
-    args = sampling_args(model, seed, cfg, top_k, top_p, more_smooth)
+    s = sampling_settings(model, seed, cfg, top_k, top_p, more_smooth)
     device = model.device
     return editing.zero_shot_edit(
         model.vae, model.var, photo, mode=mode, box=box, mask=region, class_label=cls, num_samples=int(num_samples),
-        seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth,
-        autocast_dtype=autocast_dtype(model.fp16) if device.type == 'cuda' else None)
+        seed=s.seed, cfg=s.cfg, top_k=s.top_k, top_p=s.top_p, more_smooth=s.more_smooth,
+        autocast_dtype=autocast_dtype(s.fp16) if device.type == 'cuda' else None)
 
 
 def edit_images(result: editing.EditResult) -> Tuple[List[np.ndarray], np.ndarray]:

@@ -101,7 +101,7 @@ def test_class_names(tmp_path, tiny_ckpt, model):
         ['0: tshirt_top', '3', '12: boot', '1: tench', '2: 21_x']
     for bad in (2.5, 'inf', None, '1e400'):
         with pytest.raises(ValueError, match='seed must be a whole number'):
-            backend.sampling_args(backend.DemoModel(vae, var, ['a'] * 10), bad, 1.0, 0, 0.0, False)
+            backend.sampling_settings(backend.DemoModel(vae, var, ["a"] * 10), bad, 1.0, 0, 0.0, False)
 
 
 def test_uploads_are_checked_from_their_header_and_the_tokenizer_shows_its_ceiling(model, photo, tmp_path):

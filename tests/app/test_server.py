@@ -50,7 +50,9 @@ def server(tiny_ckpt, tmp_path_factory):
         cache = Path(log.split('uploads and outputs: ', 1)[1].split(' (deleted', 1)[0])
         assert cache.is_dir()
         yield f'http://127.0.0.1:{port}/', side, proc.pid
-        proc.send_signal(signal.SIGINT)  # Ctrl-C: the server stops and deletes its uploads and outputs
+        # as a service manager stops it (app.py handles SIGTERM as Ctrl-C; a SIGINT may be ignored by a process
+        # that a non-interactive shell started in the background): it deletes its uploads and outputs
+        proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:

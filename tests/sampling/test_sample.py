@@ -80,21 +80,21 @@ def test_to_uint8_truncates_x_times_255():
 def test_rejection_candidates_get_their_own_seeds(monkeypatch):
     """Candidate k of image (c, i) is drawn with image_seed(seed, c, i, k): best-of-N compares N different images, and
     candidate 0 is the image drawn without rejection."""
-    import argparse
+    from sampling.settings import SamplingSettings
     calls = []
 
-    def fake_sample_uint8(var, labels, seeds, args):
+    def fake_sample_uint8(var, labels, seeds, settings):
         calls.append((list(labels), list(seeds)))
         return np.zeros((len(labels), 2, 2, 3), np.uint8)
     monkeypatch.setattr(draw, 'sample_uint8', fake_sample_uint8)
     classifier = lambda img_BHW3: torch.full((len(img_BHW3), 10), 0.1)  # noqa: E731
     items = [(3, 0), (3, 1), (7, 0)]
-    args = argparse.Namespace(seed=5, rej_candidates=3)
-    draw.sample_items(None, items, args, classifier)
+    settings = SamplingSettings(seed=5)
+    draw.sample_items(None, items, settings, classifier, candidates=3)
     assert calls == [([3, 3, 7], [draw.image_seed(5, c, i, k) for c, i in items]) for k in range(3)]
     assert len({s for _, seeds in calls for s in seeds}) == 9  # no two candidates (or images) share a seed
     calls.clear()
-    draw.sample_items(None, items, args, None)
+    draw.sample_items(None, items, settings, None)
     assert calls == [([3, 3, 7], [draw.image_seed(5, c, i, 0) for c, i in items])]
 
 
@@ -295,15 +295,12 @@ def test_fid_refuses_to_resume_with_any_setting_that_changes_the_images(finished
 def test_fid_manifest_names_every_weight_file(tiny_ckpt, tmp_path):
     """A train.py checkpoint with a separate tokenizer (--ckpt with --vae_ckpt, as edit.py always took it): both files'
     hashes are part of the configuration, so that another tokenizer cannot resume the export."""
-    import argparse
     vae = tmp_path / 'vae.pth'
     vae.write_bytes(b'tokenizer weights')
-    args = argparse.Namespace(ckpt=tiny_ckpt, vae_ckpt=None, var_ckpt=None, depth=16)
-    assert fid_export.model_identity(args) == {'ckpt_sha256': fid_export.file_sha256(tiny_ckpt)}
-    args.vae_ckpt = str(vae)
-    assert fid_export.model_identity(args) == {'ckpt_sha256': fid_export.file_sha256(tiny_ckpt),
-                                               'vae': f'sha256:{fid_export.file_sha256(str(vae))}'}
-    hub = fid_export.model_identity(argparse.Namespace(ckpt=None, vae_ckpt=None, var_ckpt=None, depth=20))
+    assert fid_export.model_identity(tiny_ckpt, None, None, 16) == {'ckpt_sha256': fid_export.file_sha256(tiny_ckpt)}
+    assert fid_export.model_identity(tiny_ckpt, str(vae), None, 16) == {
+        'ckpt_sha256': fid_export.file_sha256(tiny_ckpt), 'vae': f'sha256:{fid_export.file_sha256(str(vae))}'}
+    hub = fid_export.model_identity(None, None, None, 20)
     assert hub == {'depth': '20', 'vae': 'hub:FoundationVision/var/vae_ch160v4096z32.pth',
                    'var': 'hub:FoundationVision/var/var_d20.pth'}
 
