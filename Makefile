@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo app test test-fast test-cell test-matrix lint
+.PHONY: install demo app scaling test test-fast test-cell test-matrix lint
 install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -14,6 +14,12 @@ $(VENV)/.installed: requirements.txt
 
 demo: install
 	$(PY) -m demo.run_demo
+
+# the scaling laws at toy scale (docs/scaling.md): a family of VAR sizes trained on the demo's Fashion-MNIST and
+# tokenizer (made first when demo_output/ lacks them), then fitted and drawn into docs/; about 25 minutes on 2 CPU
+# cores for the sweep; not part of `make test`. More flags: make scaling ARGS='--depths 1,2,3 --ep 1'
+scaling: install
+	$(PY) -m demo.scaling_demo $(ARGS)
 
 # the local web demo on http://127.0.0.1:7860 (the model of `make demo` when there is one, else d16 from the Hub);
 # more flags: make app ARGS='--depth 16 --port 7861'
