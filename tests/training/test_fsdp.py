@@ -1,8 +1,8 @@
 """train.py --fsdp 1 (FSDP2) and --act_ckpt 1 on the CPU (gloo): in real 2-process torchrun jobs, the same losses and
-weights as DDP and an exact resume after a SIGKILL; in this process (a gloo group of one rank, no start-up cost), the
-resume of the 2-process checkpoint on one rank with and without FSDP, a SIGTERM, and the exports of a sharded
-checkpoint to the single-file formats, loaded strictly. One uninterrupted FSDP run (module fixture) serves every
-comparison."""
+weights as DDP, and an exact resume after a SIGTERM to one rank and a SIGKILL; in this process (a gloo group of one
+rank, no start-up cost), the resume of the 2-process checkpoint on one rank with and without FSDP, and the exports of
+a sharded checkpoint to the single-file formats, loaded strictly. One uninterrupted FSDP run (module fixture) serves
+every comparison."""
 import shutil
 
 import pytest
@@ -146,17 +146,27 @@ def test_fsdp_with_act_ckpt_trains_as_ddp(runs):
 
 
 @pytest.mark.slow
-def test_fsdp_sigkill_then_rerun_gives_the_uninterrupted_run(runs, tmp_path):
-    """A 2-process FSDP job SIGKILLed after a periodic checkpoint, then the same command: per-step losses, weights,
-    optimizer moments, RNG states and the position equal the uninterrupted run's bit for bit. These runs go without
-    --act_ckpt: that the uninterrupted run used it and still matches bit for bit is the test that activation
-    checkpointing changes no number."""
+def test_fsdp_sigterm_to_one_rank_then_sigkill_then_rerun_gives_the_uninterrupted_run(runs, tmp_path):
+    """A 2-process FSDP job, stopped twice before it finishes. SIGTERM (a preemption notice) to rank 1 alone: both ranks
+    agree to save a sharded checkpoint at the end of the accumulation cycle and stop (exit code 130 each; torchrun
+    reports a failed worker). The same command resumes there and is SIGKILLed after a periodic checkpoint. The same
+    command once more: per-step losses, weights, optimizer moments, RNG states and the position equal the
+    uninterrupted run's bit for bit. These runs go without --act_ckpt: that the uninterrupted run used it and still
+    matches bit for bit is the test that activation checkpointing changes no number."""
+    from train_support import signal_after_step, sigterm_to_rank1, train_cmd
     data, vae, _, _, ref_out = runs
     out = tmp_path / 'interrupted'
     argv = train_args(data, vae, out, **FLAGS, fsdp=1)
+    _, log = signal_after_step(train_cmd(argv, nproc=2), out, step=0, send=sigterm_to_rank1)
+    assert 'SIGTERM: saving a checkpoint' in log and '[stop] stopped on request at epoch 0, iteration 2' in log, \
+        log[-3000:]
+    assert 'KeyboardInterrupt' not in log and 'exitcode  : 130' in log
+    ckpt = load_checkpoint(str(out / 'ar-ckpt-last.pth'))
+    assert (ckpt['epoch'], ckpt['iter']) == (0, 2) and len(ckpt['rng']) == 2 and SHARDS_KEY in ckpt
     # g_it 3 writes the periodic checkpoint (1, 1); the kill comes once step 4 is logged
     killed_at = kill_after_step(argv, out, step=4, nproc=2)
     assert killed_at < 5, 'the kill came too late to test anything'
+    assert 'ar-ckpt-last.pth: epoch 0, iteration 2' in (out.parent / f'{out.name}.killed.log').read_text()
     resumed = run_train(argv, nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert 'ar-ckpt-last.pth: epoch 1, iteration 1' in resumed.stdout
@@ -263,41 +273,6 @@ def test_ddp_checkpoint_resumes_under_fsdp(runs, tmp_path, one_rank_group):
     got_sd, steps = resume_with_lr0(train_args(data, vae, out, **{**FLAGS, 'ep': 3, 'tblr': 0.0}), out, fsdp=1)
     assert_same_state(ddp_sd, got_sd, 'weights')
     assert steps == {3 + 1}
-
-
-@pytest.mark.slow
-def test_fsdp_sigterm_writes_a_sharded_checkpoint_and_exits_130(tmp_path, one_rank_group):
-    """A preemption notice (SIGTERM) during an FSDP run: a sharded checkpoint at the next cycle end, exit code 130;
-    the same command resumes from it and finishes."""
-    import json
-    import os
-    import signal
-    import threading
-    import time
-
-    import train
-    data = make_image_folder(tmp_path / 'data', n_classes=2, n_train=4, n_val=1)
-    vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth', X4)
-    out = tmp_path / 'out'
-    argv = train_args(data, vae, out, patch_size=4, bs=2, ep=1, log_steps=1, fsdp=1)  # 4 iterations
-
-    def sigterm_after_step_0() -> None:
-        steps, deadline = out / 'steps.jsonl', time.time() + 60
-        while time.time() < deadline:
-            lines = steps.read_text().splitlines() if steps.exists() else []
-            if lines and json.loads(lines[0])['g_it'] == 0:
-                os.kill(os.getpid(), signal.SIGTERM)  # handled in the main thread, by the run's GracefulStop
-                return
-            time.sleep(0.005)
-    sender = threading.Thread(target=sigterm_after_step_0)
-    sender.start()
-    assert train.main(argv) == 130
-    sender.join()
-    ckpt = load_checkpoint(str(out / 'ar-ckpt-last.pth'))
-    assert 0 < ckpt['iter'] < 4 and SHARDS_KEY in ckpt
-    shards_folder(ckpt, str(out / 'ar-ckpt-last.pth'))  # complete
-    assert train.main(argv) == 0
-    assert sorted(read_steps(out)) == list(range(4))
 
 
 def test_fsdp_needs_torchrun(tmp_path, capsys):

@@ -1,8 +1,8 @@
 """Kill-and-resume equivalence: a run stopped by Ctrl-C, then SIGKILLed at an arbitrary step, and re-run with the same
 command gives the same per-step losses as an uninterrupted run (single process, CPU, fixed seed, fp16 autocast with
-its GradScaler); Ctrl-C and SIGTERM (also to one rank of a torchrun job) write a checkpoint at the next iteration
-before stopping. (A resume inside an accumulation cycle cut by the epoch end: tests/training/test_train_torchrun.py,
-with 3 processes.)"""
+its GradScaler); Ctrl-C writes a checkpoint at the next iteration before stopping. (SIGTERM to one rank of a
+2-process job: tests/training/test_fsdp.py; a resume inside an accumulation cycle cut by the epoch end, on two nodes:
+tests/training/test_train_torchrun.py.)"""
 import os
 
 import pytest
@@ -92,42 +92,6 @@ def test_train_py_feeds_the_official_schedule_to_the_optimizer(reference):
         assert (s['lr'], s['wd']) == (max_lr, max_wd), s
         wds.add(max_wd)
     assert wds == {0.05}  # the official default --twde=0 means a constant wd (twde = twd)
-
-
-@pytest.mark.slow
-def test_torchrun_job_stops_with_a_checkpoint_on_sigterm_to_one_rank_then_on_ctrl_c(tmp_path):
-    """torchrun, 2 processes. SIGTERM (a preemption notice) to rank 1 only: both ranks agree to save at the same
-    iteration and stop (exit code 130; torchrun reports a failed worker). The same command resumes there, and Ctrl-C
-    in its terminal (SIGINT to the whole process group; torchrun forwards it again) is one request, not an immediate
-    interrupt: a second checkpoint, further on. Each checkpoint holds both ranks' RNG states. (A resumed run to its
-    end after Ctrl-C and a SIGKILL: above.)"""
-    import signal
-
-    import torch
-
-    from train_support import sigterm_to_rank1, train_cmd
-    data = make_image_folder(tmp_path / 'data', n_classes=3, n_train=8, n_val=2)
-    vae = make_tiny_vae_ckpt(tmp_path / 'vae.pth', X4)
-    out = tmp_path / 'ddp'
-    argv = train_args(data, vae, out, patch_size=4, bs=4, ep=2, log_steps=1)  # 2 per rank: 6 iterations per epoch
-
-    def stopped_at(log: str, signal_name: str) -> int:
-        assert f'{signal_name}: saving a checkpoint' in log, log[-3000:]
-        assert 'KeyboardInterrupt' not in log, log[-3000:]
-        assert '[stop] stopped on request at epoch ' in log, log[-3000:]
-        ckpt = torch.load(out / 'ar-ckpt-last.pth', map_location='cpu', weights_only=False)
-        assert len(ckpt['rng']) == 2
-        return ckpt['epoch'] * 6 + ckpt['iter']
-
-    _, log = signal_after_step(train_cmd(argv, nproc=2), out, step=1, send=sigterm_to_rank1)
-    first = stopped_at(log, 'SIGTERM')
-    assert 0 < first < 6
-
-    def ctrl_c(proc):
-        os.killpg(proc.pid, signal.SIGINT)
-    _, log = signal_after_step(train_cmd(argv, nproc=2), out, step=first, send=ctrl_c)  # the resumed run's 1st step
-    assert f'[auto-resume] loaded {out / "ar-ckpt-last.pth"}: epoch 0, iteration {first}' in log
-    assert first < stopped_at(log, 'SIGINT') < 12
 
 
 def test_graceful_stop_counts_a_quick_repeat_as_the_same_ctrl_c(monkeypatch):

@@ -32,14 +32,6 @@ def test_two_nodes_resume_bit_for_bit_inside_an_accumulation_cycle_after_one_nod
     # 9 images, global batch 6 with --ac=2: 3 per iteration (1 per rank), 3 iterations per epoch, 6 in all; fp16
     # autocast with its GradScaler; a large lr so that round-off shows; TensorBoard at every iteration
     flags = dict(patch_size=4, bs=6, ac=2, ep=2, fp16=1, log_steps=1, tblr=0.5, hflip=1, tb_every_iters=1)
-    ref_out = tmp_path / 'reference'
-    ref = run_train(train_args(data, vae, ref_out, **flags), nproc=3, timeout=300)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    assert sorted(read_steps(ref_out)) == list(range(6))
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    ea = EventAccumulator(str(next(ref_out.glob('tb-VARd2__pn1_2_3_4__*'))))
-    ea.Reload()  # optimizer steps at odd iterations: the grad norm and the last scale's accuracy
-    assert {'AR_opt_grad/grad/grad_norm', 'AR_iter_loss/acc_16', 'AR_iter_loss/L_4'} <= set(ea.Tags()['scalars'])
     # the same job on two nodes of this machine (2 ranks + 1), each with its own working folder and node-local output
     # folder; once step 3 is logged (after the epoch-0 checkpoint), node 1 freezes (SIGSTOP: a hung machine)
     nodes = [tmp_path / 'node0', tmp_path / 'node1']
@@ -51,12 +43,21 @@ def test_two_nodes_resume_bit_for_bit_inside_an_accumulation_cycle_after_one_nod
         killed_at = wait_for_step(nodes[0] / 'out', 3, procs, timeout=300)
         for pid in process_tree(procs[1].pid):
             os.kill(pid, signal.SIGSTOP)
+        # while node 0 waits for its peer, the reference: the same job uninterrupted on one node (3 processes)
+        ref_out = tmp_path / 'reference'
+        ref = run_train(train_args(data, vae, ref_out, **flags), nproc=3, timeout=300)
         procs[0].wait(timeout=120)  # node 0 gives up after --dist_timeout (6 s), not the default 30 minutes
     finally:
         for proc in procs:
             kill_tree(proc.pid)
             proc.wait(timeout=30)
     assert killed_at < 5, 'the freeze came too late to test anything'
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert sorted(read_steps(ref_out)) == list(range(6))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(next(ref_out.glob('tb-VARd2__pn1_2_3_4__*'))))
+    ea.Reload()  # optimizer steps at odd iterations: the grad norm and the last scale's accuracy
+    assert {'AR_opt_grad/grad/grad_norm', 'AR_iter_loss/acc_16', 'AR_iter_loss/L_4'} <= set(ea.Tags()['scalars'])
     log = (nodes[0] / 'hang.log').read_text()
     assert procs[0].returncode != 0 and re.search(r'exitcode\s*:\s*5\b', log), log[-3000:]
     assert 'error: lost the other processes of the job' in log and '--dist_timeout=0.1 minutes' in log
