@@ -31,7 +31,7 @@ app: install
 test: install lint
 	$(PY) -m pytest -q --durations=15
 
-# the inner loop: unit tests only (no real processes)
+# the inner loop: unit tests only (no real processes, no end-to-end sweeps)
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 

@@ -321,6 +321,7 @@ def test_save_of_the_official_release_names_the_imagenet_classes(monkeypatch, tm
     assert 'the official release' in card and 'var_d20.pth' in card and 'cfg=4.0' in card
 
 
+@pytest.mark.slow
 def test_importing_models_loads_neither_the_hub_nor_safetensors():
     """`import models` stays torch-only and offline: VARHF's base class and the folders' formats load on first use."""
     import subprocess

@@ -129,6 +129,7 @@ def finished_sweep(tiny_setup):
     return out
 
 
+@pytest.mark.slow
 def test_a_micro_sweep_trains_fits_and_plots(tiny_setup, finished_sweep, capsys):
     out = finished_sweep
     report = json.loads((out / 'scaling.json').read_text())
@@ -157,6 +158,7 @@ def test_a_micro_sweep_trains_fits_and_plots(tiny_setup, finished_sweep, capsys)
     assert {p: p.stat().st_mtime_ns for p in out.glob('*/ar-ckpt-last.pth')} == mtimes
 
 
+@pytest.mark.slow
 def test_an_interrupted_sweep_resumes_to_the_same_numbers(tiny_setup, finished_sweep, monkeypatch):
     """The second member is stopped at once (no checkpoint of its own, as a kill) in its second epoch; the rerun skips
     the first member, resumes the second from its last periodic checkpoint (--ckpt_every_iters, which the

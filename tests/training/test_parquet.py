@@ -161,6 +161,7 @@ def test_each_bad_shard_is_named_before_training(sets, tmp_path, capsys):
         assert re.search(message, err) and 'Traceback' not in err, err[-2000:]
 
 
+@pytest.mark.slow
 def test_training_and_pretokenize_on_parquet_equal_the_folders(sets, tmp_path):
     """train.py's per-step losses and class names, and pretokenize.py's token files, from the shards equal those
     from the folders (all runs in this process, with one thread: the same arithmetic)."""

@@ -274,6 +274,7 @@ def test_train_refuses_a_set_it_cannot_use(tokset, tmp_path, capsys):
             r"belongs to a run of another configuration.*'width': \(64, 128\)")
 
 
+@pytest.mark.slow
 def test_loader_workers_read_the_same_batches(tokset):
     """Spawned workers (the default start method from Python 3.14) get the dataset pickled: without its memory map."""
     import pickle
