@@ -211,7 +211,7 @@ def run(args) -> int:
 
     vae_path = official_vae_path(args.vae_ckpt)
     vae = models.load_vae_checkpoint(vae_path, device=device, patch_nums=patch_nums)
-    downsample = 2 ** (len(vae.config['ch_mult']) - 1)
+    downsample = vae.downsample
     if downsample != args.patch_size:
         raise ValueError(f'the tokenizer {vae_path} downsamples by {downsample} but --patch_size={args.patch_size}')
     _, train_set, val_set = build_dataset(args.data_path, final_reso, False, args.mid_reso)
@@ -267,7 +267,7 @@ def run(args) -> int:
 
 
 def _run_distributed(args: argparse.Namespace) -> int:
-    dist.initialize(backend='gloo' if args.device == 'cpu' else None)  # NCCL cannot reduce CPU tensors
+    dist.initialize(device=args.device)  # gloo for a CPU run (NCCL cannot reduce CPU tensors)
     try:
         # a wrong path or flag, a set of other settings, no network without --vae_ckpt: a message, exit code 2
         with user_errors(FileNotFoundError, FileExistsError, ValueError, models.HubDownloadError):

@@ -164,7 +164,7 @@ def check_out(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     check_args(args)
     # ranks meet at the end; --fast compiles on each rank first. NCCL cannot reduce CPU tensors: gloo on the CPU
-    dist.initialize(backend='gloo' if args.device == 'cpu' else None, timeout_minutes=180)
+    dist.initialize(device=args.device, timeout_minutes=180)
     try:
         device = model_device(args)
         _, var = load_models_from_args(args, device)

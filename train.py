@@ -22,6 +22,7 @@ from models.basic_var import flex_block_mask
 from models.inspect_ckpt import describe_mismatch
 from models.loading import official_vae_path
 from models.lowp import EncoderCopy
+from models.vqvae import downsample_factor
 from trainer import VARTrainer
 from utils import arg_util
 from utils.amp_sc import AmpOptimizer
@@ -49,7 +50,7 @@ def build_models(args, cfg: arg_util.Derived, num_classes: int, device: torch.de
     vae_file = models.load_vae_checkpoint(vae_path, device='cpu', patch_nums=cfg.patch_nums)
     vae_sd = vae_file.state_dict()
     vae_cfg = models.infer_vae_config(vae_sd, v_patch_nums=cfg.patch_nums)
-    downsample = 2 ** (len(vae_cfg['ch_mult']) - 1)
+    downsample = downsample_factor(vae_cfg['ch_mult'])
     if downsample != args.patch_size:
         raise ConfigError(f'the tokenizer {vae_path} downsamples by {downsample} but --patch_size={args.patch_size}')
     vae_local, var_wo_ddp = models.build_vae_var(

@@ -47,7 +47,7 @@ KV_CACHE_MODES = ('concat', 'prealloc')
 ScaleStep = Callable[[int, torch.Tensor], torch.Tensor]  # (si, x_2BlC) -> logits_2BlV, float32
 
 
-def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+def active_autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The dtype autocast is running in on this device type, or None when autocast is off."""
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -150,7 +150,7 @@ class SamplingEngine:
         model = self.var if stream_dtype is None else self.step_copy(stream_dtype)
         base = self.compiled_step() if compiled else scale_step
         if stream_dtype is None:
-            return model, functools.partial(base, model), autocast_dtype(device.type)
+            return model, functools.partial(base, model), active_autocast_dtype(device.type)
         # the copy is already in its dtype: nothing for autocast or the graphs' weight casts
         return model, functools.partial(_low_precision_step, base, model), None
 
@@ -164,7 +164,8 @@ class SamplingEngine:
         var = self.var
         device = label_B.device
         model, step, _ = self.step_function(device, compiled, stream_dtype)
-        amp_dtype = autocast_dtype(device.type)  # the caller's: CFG, sampling and the next-scale input run under it
+        # the caller's: CFG, sampling and the next-scale input run under it
+        amp_dtype = active_autocast_dtype(device.type)
         key = ('loop', label_B.shape[0], tuple(sorted(settings.items())), rng_layout(rng), amp_dtype, str(device),
                compiled, stream_dtype, torch.is_inference_mode_enabled(), var.training, id(model), capture)
         if key not in self._graphs or not self._graphs[key].still_valid():

@@ -23,7 +23,7 @@ import torch
 
 from .inspect_ckpt import describe_mismatch
 from .var import VAR
-from .vqvae import OFFICIAL_CH_MULT, VQVAE
+from .vqvae import OFFICIAL_CH_MULT, VQVAE, downsample_factor
 
 CONFIG_NAME = 'config.json'
 VAR_WEIGHTS_NAME = 'model.safetensors'
@@ -282,7 +282,7 @@ def model_card(cfg: Mapping[str, Any], *, title: Optional[str] = None, source: O
     sample it (with the folder's sampling settings), how it was trained, and the measured metrics."""
     from huggingface_hub import ModelCardData
     depth, n_cls = cfg['depth'], cfg['num_classes']
-    side = cfg['patch_nums'][-1] * 2 ** (len(cfg['vae_kwargs'].get('ch_mult', OFFICIAL_CH_MULT)) - 1)
+    side = cfg['patch_nums'][-1] * downsample_factor(cfg['vae_kwargs'].get('ch_mult', OFFICIAL_CH_MULT))
     title = title or f'VAR-d{depth} ({side}x{side}, {n_cls} classes)'
     data = ModelCardData(license=license, library_name='pytorch',
                          tags=['var', 'visual-autoregressive', 'next-scale-prediction', 'image-generation',

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .basic_var import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, flex_block_mask
-from .engine import autocast_dtype, sampling_engine
+from .engine import active_autocast_dtype, sampling_engine
 from .helpers import gumbel_softmax_with_rng, sample_with_top_k_top_p_
 from .inspect_ckpt import describe_mismatch, describe_var_fit
 from .vqvae import VQVAE
@@ -265,7 +265,7 @@ class VAR(nn.Module):
         else:
             attn_bias = flex_block_mask(self.patch_nums, ed, self.lvl_1L.device)
         cond_BD_or_gss = self.shared_ada_lin(cond_BD)
-        amp_dtype = autocast_dtype(device_type)
+        amp_dtype = active_autocast_dtype(device_type)
         if amp_dtype is not None:  # under AMP the residual stream runs in the autocast dtype (official)
             x_BLC = x_BLC.to(dtype=amp_dtype)
             cond_BD_or_gss = cond_BD_or_gss.to(dtype=amp_dtype)

@@ -16,6 +16,12 @@ from .quant import VectorQuantizer2
 OFFICIAL_CH_MULT = (1, 1, 2, 2, 4)
 
 
+
+def downsample_factor(ch_mult: Sequence[int]) -> int:
+    """Image pixels per token side of a VQVAE with these channel multipliers (one halving per level after the first):
+    16 for the official (1, 1, 2, 2, 4)."""
+    return 2 ** (len(ch_mult) - 1)
+
 class VQVAE(nn.Module):
     """Args follow the official constructor; `ch_mult` is our extension (default: the official 16x downsampling)."""
 
@@ -40,7 +46,7 @@ class VQVAE(nn.Module):
                         num_res_blocks=2, using_sa=True, using_mid_sa=True)
         self.encoder = Encoder(double_z=False, **ddconfig)
         self.decoder = Decoder(**ddconfig)
-        self.downsample = 2 ** (len(self.ch_mult) - 1)
+        self.downsample = downsample_factor(self.ch_mult)
         self.quantize = VectorQuantizer2(vocab_size=vocab_size, Cvae=self.Cvae, using_znorm=using_znorm, beta=beta,
                                          default_qresi_counts=default_qresi_counts, v_patch_nums=v_patch_nums,
                                          quant_resi=quant_resi, share_quant_resi=share_quant_resi)

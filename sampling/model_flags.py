@@ -12,11 +12,11 @@ import torch
 
 import models
 from models import hub
-from models.vqvae import OFFICIAL_CH_MULT
+from models.vqvae import OFFICIAL_CH_MULT, downsample_factor
 from utils.runtime import ConfigError, resolve_device, set_tf32
 
 # image pixels per token side of the released tokenizer: one halving per stage of its encoder after the first
-RELEASED_PATCH_SIZE = 2 ** (len(OFFICIAL_CH_MULT) - 1)
+RELEASED_PATCH_SIZE = downsample_factor(OFFICIAL_CH_MULT)
 
 
 def released_depths_help() -> str:

@@ -10,6 +10,7 @@ import dataclasses
 import re
 from typing import Optional, Sequence, Tuple
 
+from models.vqvae import downsample_factor
 from utils.arg_util import (REPO_ROOT, add_precision_flags, add_run_flags, add_schedule_flags, bool_flag, flag,
                             parse_int_tuple, parse_patch_nums, parse_tolerant)
 
@@ -122,7 +123,7 @@ def derive_vae(args: argparse.Namespace, world_size: int) -> VAEDerived:
         raise ValueError('--vae_ch_mult must list at least one multiplier, e.g. 1_2_4')
     if args.vae_ch % 32:
         raise ValueError(f'--vae_ch={args.vae_ch} must be a multiple of 32 (GroupNorm with 32 groups)')
-    downsample = 2 ** (len(ch_mult) - 1)
+    downsample = downsample_factor(ch_mult)
     name = f'tb-VQVAEch{args.vae_ch}m{args.vae_ch_mult}v{args.vocab}z{args.cvae}__pn{args.pn}__b{glb_batch_size}' \
            f'ep{args.ep}lr{args.tblr:g}'
     scale = args.ac * glb_batch_size / 256
