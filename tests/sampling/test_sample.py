@@ -37,8 +37,10 @@ def _command(argv, nproc):
 
 def _env(threads=1):
     """The same intra-op thread count in every process of a comparison, so that 1-process and 2-process runs do
-    identical arithmetic (torchrun would give each of several workers one thread, a plain process all cores)."""
-    return dict(os.environ, OMP_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES='')
+    identical arithmetic (torchrun would give each of several workers one thread, a plain process all cores). Idle
+    OpenMP threads sleep instead of spinning (OMP_WAIT_POLICY, which changes no number): two processes of two threads
+    on a 2-core machine would otherwise spin against each other, for seconds."""
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY='PASSIVE', CUDA_VISIBLE_DEVICES='')
 
 
 def _run(argv, nproc=1, threads=1):
