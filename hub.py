@@ -10,7 +10,7 @@
     python hub.py check hf/my-var                     # every key and shape, no weights read
     python hub.py push hf/my-var you/var-d16 [--private]   # needs `huggingface-cli login` or HF_TOKEN
 
-Folders load with `models.hub.from_pretrained(folder_or_repo_id)`, and wherever a script takes `--ckpt`
+Folders load with `models.model_folder.from_pretrained(folder_or_repo_id)`, and wherever a script takes `--ckpt`
 (`sample.py`, `edit.py`, `app.py`). Nothing here unpickles anything but plain tensors and values.
 """
 import argparse
@@ -20,7 +20,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 import models
-from models import hub
+from models import model_folder
 from models.loading import models_from_checkpoint, read_checkpoint
 from sampling.class_names import imagenet_class_names
 from sampling.cli import run_script
@@ -94,9 +94,10 @@ def save(args: argparse.Namespace) -> None:
                 metrics.update(flat_metrics(json.load(f)))
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f'--metrics {args.metrics}: {e}') from e
-    cfg = hub.folder_config(vae, var, names, sampling)
-    card = hub.model_card(cfg, source=source, training_command=command, metrics=metrics, repo_id=args.repo_id)
-    hub.save_pretrained(vae, var, args.folder, class_names=names, sampling=sampling, card=card)
+    cfg = model_folder.folder_config(vae, var, names, sampling)
+    card = model_folder.model_card(cfg, source=source, training_command=command, metrics=metrics,
+                                   repo_id=args.repo_id)
+    model_folder.save_pretrained(vae, var, args.folder, class_names=names, sampling=sampling, card=card)
     print(f'wrote {args.folder}: ' + ', '.join(sorted(os.listdir(args.folder))))
 
 
@@ -105,20 +106,21 @@ def run(args: argparse.Namespace) -> Optional[int]:
         if args.command == 'save':
             save(args)
         elif args.command == 'export':
-            for path in hub.export_pth(args.source, args.out_dir, cache_dir=args.cache_dir,
-                                       local_files_only=args.local_files_only):
+            for path in model_folder.export_pth(args.source, args.out_dir, cache_dir=args.cache_dir,
+                                                local_files_only=args.local_files_only):
                 print(f'wrote {path}')
         elif args.command == 'check':
-            folder = hub.resolve_folder(args.source, cache_dir=args.cache_dir, local_files_only=args.local_files_only)
-            cfg = hub.check_folder(folder)
+            folder = model_folder.resolve_folder(args.source, cache_dir=args.cache_dir,
+                                                 local_files_only=args.local_files_only)
+            cfg = model_folder.check_folder(folder)
             names = cfg.get('class_names') or []
             print(f'{folder}: VAR-d{cfg["depth"]}, width {cfg["embed_dim"]}, scales {cfg["patch_nums"]}, '
                   f'{cfg["num_classes"]} classes{" with names" if names else ""}; every key and shape matches')
         else:
-            info = hub.push_to_hub(args.folder, args.repo_id, token=args.token, private=args.private,
-                                   revision=args.revision, commit_message=args.message)
+            info = model_folder.push_to_hub(args.folder, args.repo_id, token=args.token, private=args.private,
+                                            revision=args.revision, commit_message=args.message)
             print(f'pushed {args.folder} to https://huggingface.co/{args.repo_id} ({getattr(info, "oid", info)})')
-    except (hub.FolderError, models.HubDownloadError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except (model_folder.FolderError, models.HubDownloadError, FileNotFoundError, ValueError, RuntimeError) as e:
         raise ConfigError(str(e)) from e
     return 0
 

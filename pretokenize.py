@@ -35,10 +35,11 @@ from tqdm import tqdm
 
 import dist
 import models
+from models.atomic_files import atomic_path
 from models.loading import official_vae_path
 from sampling.cli import run_script
 from utils import pretok
-from utils.arg_util import bool_flag, parse_patch_nums, str2bool
+from utils.arg_util import bool_flag, check_patch_size, parse_patch_nums, str2bool
 from utils.ckpt import atomic_write
 from utils.data import SkipUnreadable, ValTransform, build_dataset
 from utils.runtime import resolve_device, set_tf32, user_errors
@@ -167,19 +168,16 @@ def merge_split(out: str, split: str, images: SkipUnreadable, chunk: int, n_vari
             skipped += z['skipped'].tolist()
     labels_N, index_N = np.concatenate(labels), np.concatenate(index)
     paths = pretok.split_paths(out, split)
-    tmp = paths['tokens'] + '.tmp'
-    tokens_NVL = np.lib.format.open_memmap(tmp, mode='w+', dtype=dtype, shape=(len(index_N), n_variants, L))
-    row = 0
-    for p in parts:
-        with np.load(p) as z:
-            t = z['tokens']
-            tokens_NVL[row:row + len(t)] = t
-            row += len(t)
-    tokens_NVL.flush()
-    del tokens_NVL
-    with open(tmp, 'rb+') as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, paths['tokens'])
+    with atomic_path(paths['tokens']) as tmp:
+        tokens_NVL = np.lib.format.open_memmap(tmp, mode='w+', dtype=dtype, shape=(len(index_N), n_variants, L))
+        row = 0
+        for p in parts:
+            with np.load(p) as z:
+                t = z['tokens']
+                tokens_NVL[row:row + len(t)] = t
+                row += len(t)
+        tokens_NVL.flush()
+        del tokens_NVL
     atomic_write(paths['labels'], lambda f: np.save(f, labels_N))
     rel = images.relative_names(index_N.tolist())
     atomic_write(paths['files'], lambda f: f.write(''.join(r + '\n' for r in rel)), mode='w')
@@ -211,9 +209,7 @@ def run(args) -> int:
 
     vae_path = official_vae_path(args.vae_ckpt)
     vae = models.load_vae_checkpoint(vae_path, device=device, patch_nums=patch_nums)
-    downsample = vae.downsample
-    if downsample != args.patch_size:
-        raise ValueError(f'the tokenizer {vae_path} downsamples by {downsample} but --patch_size={args.patch_size}')
+    check_patch_size(args.patch_size, vae.downsample, vae_path)
     _, train_set, val_set = build_dataset(args.data_path, final_reso, False, args.mid_reso)
     sets = {'train': train_set, 'val': val_set}
     n_variants = {'train': 2 if args.hflip else 1, 'val': 1}  # validation reads the unflipped crop only

@@ -99,7 +99,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument('--nrow', type=int, default=8, help='grid: images per row (default: %(default)s)')
     g.add_argument('--npz', default=None, help='fid: the .npz to write (default: OUT.npz beside the folder)')
     g.add_argument('--fast', type=int, choices=(0, 1, 2, 3), default=0,
-                   help='CUDA: 1 = torch.compile + per-scale CUDA graphs + partial-sort top-p (see benchmarks/; the '
+                   help='CUDA: 1 = torch.compile + per-scale CUDA graphs + partial-sort top-p (docs/speed.md; the '
                         'first batch compiles); 2 = also the bf16 residual stream and decoder (models/lowp.py: within '
                         'bf16 tolerance of 0 and 1, not equal); 3 = 2 with the whole sampling loop as one CUDA graph '
                         '(default: %(default)s)')

@@ -30,14 +30,15 @@ from utils.ckpt import BEST_NAME, CKPT_GLOB, LAST_NAME
 from utils.ckpt_sharded import SHARDS_KEY, load_full_into, load_sharded
 from utils.data import build_dataset
 from utils.fsdp import checkpoint_blocks, shard_model
-from utils.logging import MetricLogger, SmoothedValue
 from utils.lr_control import build_param_groups, lr_wd_annealing, progressive_si
 from utils.pretok import TOKEN_CONFIG_KEYS, build_pretok_dataset, check_compatible, vae_fingerprint
 from utils.run import TrainingRun, main_of
+from utils.run_logs import LogLayout, StepScalars, tags
 from utils.runtime import ConfigError, user_errors
 
 COMPILE_MODES = {1: 'reduce-overhead', 2: 'max-autotune', 3: 'default'}
 VIS_SAMPLES = 8  # class-conditional samples written to TensorBoard at each validation
+LOSS_FMT, ACC_FMT = '{median:.4f} ({global_avg:.4f})', '{median:.2f} ({global_avg:.2f})'
 
 
 def build_models(args, cfg: arg_util.Derived, num_classes: int, device: torch.device):
@@ -50,15 +51,13 @@ def build_models(args, cfg: arg_util.Derived, num_classes: int, device: torch.de
     vae_file = models.load_vae_checkpoint(vae_path, device='cpu', patch_nums=cfg.patch_nums)
     vae_sd = vae_file.state_dict()
     vae_cfg = models.infer_vae_config(vae_sd, v_patch_nums=cfg.patch_nums)
-    downsample = downsample_factor(vae_cfg['ch_mult'])
-    if downsample != args.patch_size:
-        raise ConfigError(f'the tokenizer {vae_path} downsamples by {downsample} but --patch_size={args.patch_size}')
+    arg_util.check_patch_size(args.patch_size, downsample_factor(vae_cfg['ch_mult']), vae_path)
     vae_local, var_wo_ddp = models.build_vae_var(
         device=device, patch_nums=cfg.patch_nums, V=vae_cfg['vocab_size'], Cvae=vae_cfg['z_channels'],
         ch=vae_cfg['ch'], share_quant_resi=vae_cfg['share_quant_resi'], num_classes=num_classes, depth=args.depth,
         shared_aln=args.saln, attn_l2_norm=args.anorm, flash_if_available=args.fuse, fused_if_available=args.fuse,
         init_adaln=args.aln, init_adaln_gamma=args.alng, init_head=args.hd, init_std=args.ini,
-        ch_mult=vae_cfg['ch_mult'], embed_dim=args.width or None)
+        ch_mult=vae_cfg['ch_mult'], embed_dim=args.width or None, attn_impl='flex' if args.flex else 'sdpa')
     vae_local.load_state_dict(vae_sd, strict=True)
     vae_local.eval()
     # build_vae_var fixes the official quantiser settings; a checkpoint whose config says otherwise would tokenise
@@ -69,7 +68,6 @@ def build_models(args, cfg: arg_util.Derived, num_classes: int, device: torch.de
         raise ConfigError(f'the tokenizer {vae_path} has settings that train.py does not build (checkpoint, '
                           f'train.py): {differ}')
     if args.flex:
-        var_wo_ddp.attn_impl = 'flex'
         for _, ed in var_wo_ddp.begin_ends:  # build the block masks eagerly, outside any compiled region
             flex_block_mask(var_wo_ddp.patch_nums, ed, var_wo_ddp.lvl_1L.device)
     return vae_local, var_wo_ddp, vae_cfg
@@ -79,6 +77,16 @@ class Run(TrainingRun):
     """One VAR training run on the spine of utils.run: data, models, trainer, and what is VAR's own in the loop."""
 
     last_name, best_name, ckpt_glob = LAST_NAME, BEST_NAME, CKPT_GLOB
+    # the official console meters and epoch record: the epoch's grad norm is the average over the logged stepping
+    # iterations (`tnm`), its lr and wd those of its last iteration
+    layout = LogLayout(
+        meters={'tlr': (1, '{value:.2g}'), 'tnm': (1, '{value:.2f}'), 'Lm': (20, LOSS_FMT), 'Lt': (20, LOSS_FMT),
+                'Accm': (20, ACC_FMT), 'Acct': (20, ACC_FMT)},
+        epoch={'tnm': ('grad_norm', None), 'Lm': ('L_mean', '.4f'), 'Lt': ('L_tail', '.4f'),
+               'Accm': ('acc_mean', '.2f'), 'Acct': ('acc_tail', '.2f')},
+        epoch_head='AR_ep_loss', lr_wd=True, speed_tags=('AR_z_burnout/rest_hours', 'AR_speed/img_per_s_per_process'),
+        summary='best val Lt {best[vL_tail]:.4f}, {skipped} skipped step(s), {unreadable} unreadable image read(s) '
+                'skipped by this rank')
 
     def __init__(self, args):
         # process: rank, device, console, seeds (cudnn benchmark unless progressive), TF32
@@ -111,7 +119,7 @@ class Run(TrainingRun):
         if cfg.workers == 0 and not args.pretok and len(train_set) > 50_000:
             self.console.warn(f'--workers=0 (the official default): {len(train_set)} images will be decoded and '
                               f'resized in the training process itself; pass e.g. --workers=8 (per process)')
-        self.open_data(train_set, val_set)  # resume point (the same on every rank) and loaders
+        self.train_set, self.val_set = train_set, val_set
 
         # models, optimizer, trainer
         self.vae_local, self.var_wo_ddp, self.vae_cfg = build_models(args, cfg, self.num_classes, self.device)
@@ -155,24 +163,18 @@ class Run(TrainingRun):
         self.trainer = VARTrainer(self.device, cfg.patch_nums, cfg.resos, self.vae_local, self.var_wo_ddp, var,
                                   self.var_opt, label_smooth=args.ls,
                                   eval_in_autocast=args.fsdp and args.fp16 > 0, encode=encode)
+        self.optimizers = [self.var_opt]
         self.best = {'vL_mean': math.inf, 'vL_tail': math.inf, 'vacc_mean': -1.0, 'vacc_tail': -1.0}
-        self.last_grad_norm = None
 
         # the schedules' iteration counts: the lr/wd warm-up is rounded (inside the official lr_wd_annealing), the
         # progressive stages and their per-stage warm-up use the unrounded products (official train_one_ep)
         self.wp_it_float = cfg.wp * self.iters_train
         self.wp_it = round(self.wp_it_float)
         self.prog_wp_it = cfg.pgwp * self.iters_train
-
-        self.resume()  # weights, optimizer, progressive state, RNG; DDP buckets settled
         n_params = sum(p.numel() for p in self.var_wo_ddp.parameters())
-        self.open_logs(f'classes={self.num_classes} VAR params={n_params / 1e6:.2f}M')
+        self.about = f'classes={self.num_classes} VAR params={n_params / 1e6:.2f}M'
 
     # ------------------------------------------------------------------ checkpoints
-    @property
-    def optimizers(self) -> List[AmpOptimizer]:
-        return [self.var_opt]
-
     def load_trainer_state(self, ckpt: Dict[str, Any], path: str, changed: Dict[str, Tuple[Any, Any]]) -> List[str]:
         flags = {k: v for k, v in changed.items() if k != 'unknown_args'}
         if SHARDS_KEY in ckpt:  # an FSDP checkpoint: weights and optimizer resharded for this run (FSDP or not)
@@ -214,18 +216,8 @@ class Run(TrainingRun):
         return {'config': self.trainer.progressive_state()}
 
     # ------------------------------------------------------------------ one iteration
-    def epoch_meters(self) -> MetricLogger:
-        me = MetricLogger()
-        me.add_meter('tlr', SmoothedValue(window=1, fmt='{value:.2g}'))
-        me.add_meter('tnm', SmoothedValue(window=1, fmt='{value:.2f}'))
-        for name in ('Lm', 'Lt'):
-            me.add_meter(name, SmoothedValue(fmt='{median:.4f} ({global_avg:.4f})'))
-        for name in ('Accm', 'Acct'):
-            me.add_meter(name, SmoothedValue(fmt='{median:.2f} ({global_avg:.2f})'))
-        return me
-
-    def step(self, me: MetricLogger, ep: int, it: int, g_it: int, batch, stepping: bool, log_prefix: Optional[str]):
-        """The schedules at `g_it`, VARTrainer's step, the meters and the per-iteration logs."""
+    def step(self, batch, g_it: int, stepping: bool, metrics: bool, tb: bool) -> StepScalars:
+        """The schedules at `g_it`, then VARTrainer's step."""
         args, cfg = self.args, self.cfg
         inp, label_B = batch  # images, or token ids with --pretok
         inp = inp.to(self.device, non_blocking=True)
@@ -233,43 +225,29 @@ class Run(TrainingRun):
         lr_wd = lr_wd_annealing(cfg.sche, self.var_opt.optimizer, cfg.tlr, args.twd, cfg.twde, g_it, self.wp_it,
                                 self.max_it, wp0=args.wp0, wpe=args.wpe)
         prog_si = progressive_si(g_it, self.wp_it_float, self.max_it, args.pg, args.pg0, len(cfg.patch_nums))
-        tb_now = g_it == 0 or (g_it + 1) % args.tb_every_iters == 0
         out = self.trainer.train_step(stepping, inp, label_B, prog_si=prog_si, prog_wp_it=self.prog_wp_it,
-                                      metrics=log_prefix is not None, details=tb_now)
-        if out['grad_norm'] is not None:
-            self.last_grad_norm = out['grad_norm']
-        me.update(tlr=lr_wd[1])
-        if log_prefix is not None:
-            me.update(Lm=out['Lm'], Lt=out['Lt'], Accm=out['Accm'], Acct=out['Acct'], tnm=out['grad_norm'])
-            self.console.info(f'{log_prefix}  {me}')
-        if tb_now:
-            self.log_tb_iter(g_it, out, lr_wd)
-        return out, lr_wd
+                                      metrics=metrics, details=tb)
+        meters = {'tlr': lr_wd[1]}
+        if metrics:
+            meters.update(Lm=out['Lm'], Lt=out['Lt'], Accm=out['Accm'], Acct=out['Acct'], tnm=out['grad_norm'])
+        if tb and g_it == 0:  # official: the first vocabulary usage is also drawn at steps -10000 and -1000
+            for step in (-10000, -1000):
+                self.tb.scalars(step, 'AR_iter_loss', z_voc_usage=out['voc_usage'])
+        return StepScalars(out['loss'], out['grad_norm'], lr=lr_wd[1], wd=lr_wd[3], meters=meters,
+                           tb=self.tb_scalars(out, lr_wd) if tb else {})
 
-    def epoch_stats(self, me: MetricLogger, lr_wd) -> Dict[str, Any]:
-        avg = me.global_avgs()
-        # the epoch's grad norm is the meter's average over the logged stepping iterations (official `tnm`)
-        tnm = avg['tnm'] if me.meters['tnm'].count else self.last_grad_norm
-        return {'lr': lr_wd[1] if lr_wd else None, 'wd': lr_wd[3] if lr_wd else None, 'grad_norm': tnm,
-                'L_mean': avg.get('Lm', -1.0), 'L_tail': avg.get('Lt', -1.0), 'acc_mean': avg.get('Accm', -1.0),
-                'acc_tail': avg.get('Acct', -1.0)}
-
-    def log_tb_iter(self, g_it: int, out: Dict[str, Any], lr_wd: Tuple[float, float, float, float]) -> None:
+    def tb_scalars(self, out: Dict[str, Any], lr_wd: Tuple[float, float, float, float]) -> Dict[str, Any]:
+        """The official TensorBoard scalars of an iteration, by tag."""
         min_lr, max_lr, min_wd, max_wd = lr_wd
-        self.tb.scalars(g_it, 'AR_opt_lr', **{'lr_min/sche_tlr': min_lr, 'lr_max/sche_tlr': max_lr})
-        self.tb.scalars(g_it, 'AR_opt_wd', **{'wd_max/sche_twd': max_wd, 'wd_min/sche_twd': min_wd})
-        self.tb.scalars(g_it, 'AR_opt_grad', **{'fp16/scale_log2': out['scale_log2'],
-                                                'nonfinite/skipped_total': self.var_opt.num_skipped})
-        if self.args.tclip > 0:
-            self.tb.scalars(g_it, 'AR_opt_grad',
-                            **{'grad/grad_norm': out['grad_norm'], 'grad/grad_clip': self.args.tclip})
-        steps = (-10000, -1000, g_it) if g_it == 0 else (g_it,)
-        for step in steps:
-            self.tb.scalars(step, 'AR_iter_loss', z_voc_usage=out['voc_usage'])
-        self.tb.scalars(g_it, 'AR_iter_loss', **out['per_scale'])
+        grad = {'grad/grad_norm': out['grad_norm'], 'grad/grad_clip': self.args.tclip} if self.args.tclip > 0 else {}
         prog_si = out['prog_si']
-        self.tb.scalars(g_it, 'AR_iter_schedule', prog_a_reso=self.cfg.resos[prog_si], prog_si=prog_si,
-                        prog_wp=out['prog_wp'])
+        return {**tags('AR_opt_lr', **{'lr_min/sche_tlr': min_lr, 'lr_max/sche_tlr': max_lr}),
+                **tags('AR_opt_wd', **{'wd_max/sche_twd': max_wd, 'wd_min/sche_twd': min_wd}),
+                **tags('AR_opt_grad', **{'fp16/scale_log2': out['scale_log2'],
+                                         'nonfinite/skipped_total': self.var_opt.num_skipped}, **grad),
+                **tags('AR_iter_loss', z_voc_usage=out['voc_usage'], **out['per_scale']),
+                **tags('AR_iter_schedule', prog_a_reso=self.cfg.resos[prog_si], prog_si=prog_si,
+                       prog_wp=out['prog_wp'])}
 
     # ------------------------------------------------------------------ epoch end
     def validate(self, ep: int, record: Dict[str, Any]) -> bool:
@@ -286,15 +264,6 @@ class Run(TrainingRun):
         self.visualize(ep + 1)
         return best_updated
 
-    def log_epoch(self, ep: int, stats: Dict[str, Any], record: Dict[str, Any], remain: float,
-                  img_per_s: Optional[float]) -> None:
-        self.tb.scalars(ep + 1, 'AR_ep_loss', **{k: stats[k] for k in ('L_mean', 'L_tail', 'acc_mean', 'acc_tail')})
-        self.tb.scalars(ep + 1, 'AR_z_burnout', rest_hours=round(remain / 3600, 2))
-        self.tb.scalars(ep + 1, 'AR_speed', img_per_s_per_process=img_per_s)
-        self.console.info(f'[ep{ep}] (training) Lm: {stats["L_mean"]:.4f}, Lt: {stats["L_tail"]:.4f}, '
-                          f'Accm: {stats["acc_mean"]:.2f}, Acct: {stats["acc_tail"]:.2f}, '
-                          f'Remain: {record["remain_time"]}, Finish: {record["finish_time"]}')
-
     def visualize(self, step: int) -> None:
         """A grid of class-conditional samples in TensorBoard (written by the master; uses its own seeded generator).
         Under FSDP every rank samples, since each block gathers its weights from all ranks."""
@@ -303,11 +272,6 @@ class Run(TrainingRun):
         label_B = torch.linspace(0, self.num_classes - 1, VIS_SAMPLES).round().long().to(self.device)
         img_B3HW = self.trainer.sample_images(label_B, g_seed=self.args.seed if self.args.seed is not None else 0)
         self.tb.image('AR_samples/cfg1.5', make_grid(img_B3HW.cpu(), nrow=VIS_SAMPLES // 2), step)
-
-    def summary(self) -> str:
-        return (f'[fit] done: {self.args.ep} epochs, best val Lt {self.best["vL_tail"]:.4f}, '
-                f'{self.var_opt.num_skipped} skipped step(s), '
-                f'{self.train_set.num_skipped} unreadable image read(s) skipped by this rank')
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,7 @@ resumes at the exact iteration.
 """
 import math
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -24,11 +24,10 @@ from tokenizer.args import derive_vae, parse_vae_args
 from tokenizer.build import build_lpips, build_vqvae, make_opt, step_scalars
 from tokenizer.discriminator import PatchDiscriminator
 from tokenizer.trainer import LossConfig, ReinitConfig, VQVAETrainer
-from utils.amp_sc import AmpOptimizer
 from utils.data import build_dataset
-from utils.logging import MetricLogger
 from utils.lr_control import lr_wd_annealing
 from utils.run import TrainingRun, main_of
+from utils.run_logs import LogLayout, StepScalars, tags
 from utils.runtime import ConfigError, user_errors
 
 LAST_NAME = 'vae-ckpt-last.pth'
@@ -41,6 +40,10 @@ class VAERun(TrainingRun):
 
     last_name, best_name, ckpt_glob = LAST_NAME, BEST_NAME, CKPT_GLOB
     bar_name = 'VAE Ep'
+    layout = LogLayout(epoch_head='VAE_ep_loss',
+                       summary='best val PSNR {best[psnr]:.2f} dB, {skipped} skipped step(s), '
+                               '{run.trainer.num_reinit} code(s) re-initialised, {unreadable} unreadable image(s) '
+                               'skipped by this rank')
 
     def __init__(self, args):
         super().__init__(args, derive_vae, cudnn_benchmark=True)  # rank, device, console, seeds, TF32
@@ -48,8 +51,7 @@ class VAERun(TrainingRun):
 
         # data (the class labels are not used)
         with user_errors(FileNotFoundError, ValueError):
-            _, train_set, val_set = build_dataset(args.data_path, cfg.image_size, args.hflip, args.mid_reso)
-        self.open_data(train_set, val_set)  # resume point (the same on every rank) and loaders
+            _, self.train_set, self.val_set = build_dataset(args.data_path, cfg.image_size, args.hflip, args.mid_reso)
 
         # models and optimizers
         with user_errors(ValueError):  # --vae_init of another architecture
@@ -81,21 +83,16 @@ class VAERun(TrainingRun):
                               threshold=args.vq_dead or margin)
         self.trainer = VQVAETrainer(self.device, self.vae_wo_ddp, vae, self.disc_wo_ddp, disc, self.vae_opt,
                                     self.disc_opt, lpips, loss, reinit, seed=args.seed or 0)
+        self.optimizers = [self.vae_opt] + ([self.disc_opt] if self.disc_opt is not None else [])
         self.best = {'psnr': -math.inf, 'ssim': -math.inf}
         self.last_val: Dict[str, Any] = {}
         self.wp_it = round(cfg.wp * self.iters_train)  # the lr/wd warm-up, rounded as in train.py
-
-        self.resume()  # weights, optimizers, usage statistics, RNG; DDP buckets settled
         n_vae = sum(p.numel() for p in self.vae_wo_ddp.parameters())
         n_disc = sum(p.numel() for p in disc.parameters()) if disc is not None else 0
-        self.open_logs(f'VQVAE params={n_vae / 1e6:.2f}M disc params={n_disc / 1e6:.2f}M '
-                       f'lpips={"on" if lpips is not None else "off"} GAN from iteration {loss.disc_start_it}')
+        self.about = (f'VQVAE params={n_vae / 1e6:.2f}M disc params={n_disc / 1e6:.2f}M '
+                      f'lpips={"on" if lpips is not None else "off"} GAN from iteration {loss.disc_start_it}')
 
     # ------------------------------------------------------------------ checkpoints
-    @property
-    def optimizers(self) -> List[AmpOptimizer]:
-        return [self.vae_opt] + ([self.disc_opt] if self.disc_opt is not None else [])
-
     def load_trainer_state(self, ckpt: Dict[str, Any], path: str, changed: Dict[str, Tuple[Any, Any]]) -> List[str]:
         self.last_val = ckpt.get('metrics', {})
         return self.trainer.load_state_dict(ckpt['trainer'])
@@ -118,11 +115,8 @@ class VAERun(TrainingRun):
         return self.trainer.usage_state()
 
     # ------------------------------------------------------------------ one iteration
-    def epoch_meters(self) -> MetricLogger:
-        return MetricLogger()
-
-    def step(self, me: MetricLogger, ep: int, it: int, g_it: int, batch, stepping: bool, log_prefix: Optional[str]):
-        """The schedules at `g_it` (both optimizers), VQVAETrainer's step, the meters and the per-iteration logs."""
+    def step(self, batch, g_it: int, stepping: bool, metrics: bool, tb: bool) -> StepScalars:
+        """The schedules at `g_it` (both optimizers), then VQVAETrainer's step."""
         args, cfg = self.args, self.cfg
         inp_B3HW = batch[0].to(self.device, non_blocking=True)
         lr_wd = lr_wd_annealing(args.sche, self.vae_opt.optimizer, cfg.tlr, args.twd, cfg.twde, g_it, self.wp_it,
@@ -130,31 +124,22 @@ class VAERun(TrainingRun):
         if self.disc_opt is not None:
             lr_wd_annealing(args.sche, self.disc_opt.optimizer, cfg.dlr, args.twd, cfg.twde, g_it, self.wp_it,
                             self.max_it, wp0=args.wp0, wpe=args.wpe)
-        tb_now = g_it == 0 or (g_it + 1) % args.tb_every_iters == 0
-        out = self.trainer.train_step(g_it, stepping, inp_B3HW, metrics=tb_now or log_prefix is not None)
-        me.update(**step_scalars(out))
-        if log_prefix is not None:
-            usage = '/'.join(f'{u:.0f}' for u in out['usages']) if out['usages'] else ''
-            self.console.info(f'{log_prefix}  lr: {lr_wd[1]:.3g}  usage%/scale: {usage}  {me}')
-        if out.get('reinit'):
-            self.console.info(f'[step {g_it}] re-initialised {out["reinit"]} dead code(s)')
-        if tb_now:
-            self.log_tb_iter(g_it, out, lr_wd)
-        return out, lr_wd
+        out = self.trainer.train_step(g_it, stepping, inp_B3HW, metrics=tb or metrics)
+        usage = '/'.join(f'{u:.0f}' for u in out['usages']) if out['usages'] else ''
+        reinit = f'[step {g_it}] re-initialised {out["reinit"]} dead code(s)' if out.get('reinit') else ''
+        return StepScalars(out['loss'], out['grad_norm'], lr=lr_wd[1], wd=lr_wd[3], meters=step_scalars(out),
+                           tb=self.tb_scalars(out, lr_wd) if tb else {},
+                           line=f'lr: {lr_wd[1]:.3g}  usage%/scale: {usage}', note=reinit)
 
-    def epoch_stats(self, me: MetricLogger, lr_wd) -> Dict[str, Any]:
-        return {k: float(v) for k, v in me.global_avgs().items()}
-
-    def log_tb_iter(self, g_it: int, out: Dict[str, Any], lr_wd) -> None:
-        self.tb.scalars(g_it, 'VAE_opt', lr=lr_wd[1], wd=lr_wd[3], grad_norm=out['grad_norm'],
-                        scale_log2=out['scale_log2'], d_grad_norm=out.get('d_grad_norm'),
-                        skipped_total=self.vae_opt.num_skipped)
-        self.tb.scalars(g_it, 'VAE_iter_loss', **{k: out.get(k) for k in (
-            'loss', 'rec_l1', 'rec_l2', 'vq', 'lpips', 'g_loss', 'd_weight', 'd_loss', 'logits_real', 'logits_fake')})
-        if out['usages']:
-            usage = {f'pn{pn}': u for pn, u in zip(self.cfg.patch_nums, out['usages'])}
-            self.tb.scalars(g_it, 'VAE_usage_ema', **usage)
-        self.tb.scalars(g_it, 'VAE_usage_ema', reinit_total=self.trainer.num_reinit)
+    def tb_scalars(self, out: Dict[str, Any], lr_wd) -> Dict[str, Any]:
+        """The TensorBoard scalars of an iteration, by tag."""
+        usage = {f'pn{pn}': u for pn, u in zip(self.cfg.patch_nums, out['usages'] or [])}
+        return {**tags('VAE_opt', lr=lr_wd[1], wd=lr_wd[3], grad_norm=out['grad_norm'], scale_log2=out['scale_log2'],
+                       d_grad_norm=out.get('d_grad_norm'), skipped_total=self.vae_opt.num_skipped),
+                **tags('VAE_iter_loss', **{k: out.get(k) for k in ('loss', 'rec_l1', 'rec_l2', 'vq', 'lpips',
+                                                                   'g_loss', 'd_weight', 'd_loss', 'logits_real',
+                                                                   'logits_fake')}),
+                **tags('VAE_usage_ema', **usage, reinit_total=self.trainer.num_reinit)}
 
     # ------------------------------------------------------------------ epoch end
     def validate(self, ep: int, record: Dict[str, Any]) -> bool:
@@ -174,13 +159,6 @@ class VAERun(TrainingRun):
         record.update({f'v{k}': v for k, v in self.last_val.items() if k != 'seconds'})
         return best_updated
 
-    def log_epoch(self, ep: int, stats: Dict[str, Any], record: Dict[str, Any], remain: float,
-                  img_per_s: Optional[float]) -> None:
-        floats = {k: v for k, v in stats.items() if isinstance(v, float)}
-        self.tb.scalars(ep + 1, 'VAE_ep_loss', **floats)
-        self.console.info(f'[ep{ep}] (training) ' + ', '.join(f'{k}: {v:.4g}' for k, v in floats.items())
-                          + f', Remain: {record["remain_time"]}, Finish: {record["finish_time"]}')
-
     def visualize(self, step: int) -> None:
         """Fixed validation images and their reconstructions from the first 1..SN scales, in TensorBoard."""
         if not dist.is_master() or self.args.n_vis <= 0:
@@ -191,11 +169,6 @@ class VAERun(TrainingRun):
         img_B3HW = torch.stack([self.val_set[i][0] for i in picks])
         grid = self.trainer.visual_grid(img_B3HW)
         self.tb.image('VAE_rec/rows_input_then_scales_1_to_SN', make_grid(grid, nrow=n, padding=1), step)
-
-    def summary(self) -> str:
-        return (f'[fit] done: {self.args.ep} epochs, best val PSNR {self.best["psnr"]:.2f} dB, '
-                f'{self.vae_opt.num_skipped} skipped step(s), {self.trainer.num_reinit} code(s) re-initialised, '
-                f'{self.train_set.num_skipped} unreadable image(s) skipped by this rank')
 
 
 def main(argv=None) -> int:

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sampling.metrics import feature_statistics, frechet_distance
+from utils.ckpt import atomic_save
 
 FEATURE_DIM = 128
 
@@ -108,10 +109,7 @@ def load_or_train(path: str, train_images: np.ndarray, train_labels: np.ndarray,
     model = train_classifier(train_images, train_labels, epochs=epochs, seed=seed, log=log)
     feats, _ = features_logits(model, train_images)
     mu, sigma = feature_statistics(feats)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({'model': model.state_dict(), 'mu': torch.from_numpy(mu), 'sigma': torch.from_numpy(sigma)},
-               path + '.tmp')
-    os.replace(path + '.tmp', path)
+    atomic_save({'model': model.state_dict(), 'mu': torch.from_numpy(mu), 'sigma': torch.from_numpy(sigma)}, path)
     return model, {'mu': mu, 'sigma': sigma}
 
 

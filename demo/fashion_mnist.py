@@ -139,6 +139,8 @@ def write_image_folder(out_dir: str, raw_dir: str, per_class: Dict[str, Optional
             return old['counts']
         log(f'[data] {out_dir} was written with other settings; rewriting it')
     from PIL import Image
+
+    from models.atomic_files import atomic_write
     for split in FILES:
         if os.path.isdir(os.path.join(out_dir, split)):
             shutil.rmtree(os.path.join(out_dir, split))
@@ -156,7 +158,6 @@ def write_image_folder(out_dir: str, raw_dir: str, per_class: Dict[str, Optional
                                              compress_level=1)
         counts[split] = int(len(keep))
         log(f'[data] wrote {len(keep)} {split} images to {os.path.join(out_dir, split)}')
-    with open(manifest + '.tmp', 'w') as f:
-        json.dump({'settings': settings, 'counts': counts, 'classes': [class_folder(c) for c in range(10)]}, f)
-    os.replace(manifest + '.tmp', manifest)
+    contents = {'settings': settings, 'counts': counts, 'classes': [class_folder(c) for c in range(10)]}
+    atomic_write(manifest, lambda f: json.dump(contents, f), mode='w')
     return counts

@@ -25,12 +25,14 @@ def build_vae_var(device: Union[str, torch.device], patch_nums: Sequence[int] = 
                   fused_if_available: bool = True, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5,
                   init_head: float = 0.02, init_std: float = -1, *, ch_mult: Sequence[int] = OFFICIAL_CH_MULT,
                   embed_dim: Optional[int] = None, num_heads: Optional[int] = None, mlp_ratio: float = 4.0,
-                  drop_path_rate: Optional[float] = None, cond_drop_rate: float = 0.1) -> Tuple[VQVAE, VAR]:
+                  drop_path_rate: Optional[float] = None, cond_drop_rate: float = 0.1,
+                  attn_impl: str = 'sdpa') -> Tuple[VQVAE, VAR]:
     """Build the frozen VQVAE and an initialised VAR, directly on `device` ('meta' allocates nothing).
 
     The positional arguments are the official ones. Keyword-only extensions (defaults keep the official
     numerics): `ch_mult` (VQVAE downsampling), `embed_dim` / `num_heads` (default 64*depth / depth),
-    `mlp_ratio`, `drop_path_rate` (default 0.1*depth/24), `cond_drop_rate`.
+    `mlp_ratio`, `drop_path_rate` (default 0.1*depth/24), `cond_drop_rate`, `attn_impl` (the training attention,
+    see `VAR`).
     Returns (vae_local, var_wo_ddp). `var.build_config` holds these arguments (minus device) so that a
     checkpoint can rebuild the same model.
     """
@@ -45,7 +47,7 @@ def build_vae_var(device: Union[str, torch.device], patch_nums: Sequence[int] = 
                          mlp_ratio=mlp_ratio, drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=dpr, norm_eps=1e-6,
                          shared_aln=shared_aln, cond_drop_rate=cond_drop_rate, attn_l2_norm=attn_l2_norm,
                          patch_nums=patch_nums, flash_if_available=flash_if_available,
-                         fused_if_available=fused_if_available)
+                         fused_if_available=fused_if_available, attn_impl=attn_impl)
     var_wo_ddp.init_weights(init_adaln=init_adaln, init_adaln_gamma=init_adaln_gamma, init_head=init_head,
                             init_std=init_std)
     var_wo_ddp.build_config = dict(

@@ -3,9 +3,10 @@
 
 Shape legend: B batch, L tokens, C width, D condition width, H heads, c head dim (C // H).
 """
+import contextlib
 import functools
 import math
-from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -222,6 +223,17 @@ def kv_caching(blocks: Iterable[nn.Module], enable: bool, max_len: int = 0) -> N
     """Turn the KV cache of every block's attention on or off (see `SelfAttention.kv_caching`)."""
     for b in blocks:
         b.attn.kv_caching(enable, max_len)
+
+
+@contextlib.contextmanager
+def kv_caches_on(blocks: Sequence[nn.Module], max_len: int) -> Iterator[None]:
+    """Within: every block's KV cache on (preallocated for max_len positions; 0 grows it by concatenation); after:
+    off and cleared, whatever was raised."""
+    kv_caching(blocks, True, max_len)
+    try:
+        yield
+    finally:
+        kv_caching(blocks, False)
 
 
 class SharedAdaLin(nn.Linear):

@@ -15,7 +15,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .basic_var import kv_caching
+from .basic_var import kv_caches_on, kv_caching
 
 
 class CastLinearWeights:
@@ -205,9 +205,9 @@ class SamplingLoopGraph:
         return capture_precision(self.static_label.device.type, self.amp_dtype, self.cast)
 
     def _loop(self, var: nn.Module) -> torch.Tensor:
-        cond_BD, lvl_pos, next_token_map, f_hat = var._first_scale_input(self.static_label)
-        return var._sample_scales(lambda si, x_BlC: self.step(x_BlC, cond_BD), next_token_map, f_hat, lvl_pos,
-                                  self.rng, capturable=True, **self.settings)
+        cond_BD, lvl_pos, next_token_map, f_hat = var.first_scale_input(self.static_label)
+        return var.sample_scales(lambda si, x_BlC: self.step(x_BlC, cond_BD), next_token_map, f_hat, lvl_pos,
+                                 self.rng, capturable=True, **self.settings)
 
     def _capture(self, var: nn.Module, model: nn.Module, device: torch.device) -> None:
         kv_caching(model.blocks, True, model.L)
@@ -252,12 +252,8 @@ class SamplingLoopGraph:
             self.graph.replay()
         else:
             var, model = self._var(), self._model()
-            kv_caching(model.blocks, True, model.L)
-            try:
-                with self._precision():
-                    self.static_f_hat = self._loop(var)
-            finally:
-                kv_caching(model.blocks, False)
+            with kv_caches_on(model.blocks, model.L), self._precision():
+                self.static_f_hat = self._loop(var)
         for own, theirs in zip(self.gens, callers):
             theirs.set_state(own.get_state())
         return self.static_f_hat

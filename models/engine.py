@@ -1,10 +1,11 @@
 # The fast paths of VAR's sampling loop (arXiv 2404.02905, section 3.2: next-scale prediction with a KV cache).
-"""Sampling engine: the machinery that runs VAR's per-scale transformer steps fast, kept beside the model.
+"""Sampling engine: VAR's sampling loop with its fast paths, standing on the model's public pieces.
 
 `VAR.autoregressive_infer_cfg` (models/var.py) is the sampling loop as the paper writes it: per scale, transformer
-step -> CFG -> top-k/top-p -> sample -> next-scale input, then decode. It asks the engine for the two parts that have
-fast paths: the transformer step of each scale (`SamplingEngine.steps`) and the final decode (`decode`). Behind them,
-one switch each, every one numerically equal to the plain path (tests/models/test_sampling_engine.py):
+step -> CFG -> top-k/top-p -> sample -> next-scale input, then decode. `sampling_engine(var).sample(...)` runs the
+same loop (`VAR.first_scale_input`, `VAR.sample_scales`) with fast versions of the two parts that have them: the
+transformer step of each scale (`SamplingEngine.steps`) and the final decode (`decode`). The model knows nothing of
+the engine. One switch each, every one numerically equal to the plain path (tests/models/test_sampling_engine.py):
 
 - `kv_cache='concat'` grows each block's KV cache by concatenation (the official path, the reference);
   `'prealloc'` writes each scale into a cache preallocated for all L positions.
@@ -27,43 +28,26 @@ everything.
 import contextlib
 import functools
 import weakref
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Union
 
 import torch
 import torch.nn as nn
 
-from .basic_var import kv_caching
+from .basic_var import kv_caches_on
+from .helpers import active_autocast_dtype, check_edit_inputs
 from .lowp import DecoderCopy, StepCopy, check_stream_dtype
+from .var import scale_step
 
 GRAPH_DECODE_CHUNK = 16  # images per decoder call on the CUDA-graph path
-# the bf16 decoder copy's memory format; to be chosen by measurement (benchmarks.profile_sample, decode rows)
+# the bf16 decoder copy's memory format; to be chosen by measurement (benchmarks.timings.profile_sample, decode rows)
 LOWP_DECODER_CHANNELS_LAST = False
 
-__all__ = ['SamplingEngine', 'sampling_engine', 'release_cuda_graphs', 'release_sampling_caches', 'scale_step',
+__all__ = ['SamplingEngine', 'sampling_engine', 'release_cuda_graphs', 'release_sampling_caches',
            'GRAPH_DECODE_CHUNK', 'KV_CACHE_MODES']
 
 KV_CACHE_MODES = ('concat', 'prealloc')
 
 ScaleStep = Callable[[int, torch.Tensor], torch.Tensor]  # (si, x_2BlC) -> logits_2BlV, float32
-
-
-def active_autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The dtype autocast is running in on this device type, or None when autocast is off."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
-def scale_step(var: nn.Module, x_BlC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
-    """One scale of KV-cached inference: all blocks (no mask: the cache holds only earlier scales) and the head.
-
-    x_BlC the scale's input tokens (2B rows: conditional, then unconditional), cond_BD their class embeddings
-    -> float32 logits (2B, l, V).
-    """
-    cond_BD_or_gss = var.shared_ada_lin(cond_BD)
-    for b in var.blocks:
-        x_BlC = b(x=x_BlC, cond_BD=cond_BD_or_gss, attn_bias=None)
-    return var.get_logits(x_BlC, cond_BD)
 
 
 class SamplingEngine:
@@ -83,6 +67,45 @@ class SamplingEngine:
         if var is None:
             raise RuntimeError('the model of this sampling engine no longer exists')
         return var
+
+    @torch.no_grad()
+    def sample(self, B: int, label_B: Optional[Union[int, torch.LongTensor]], g_seed=None, cfg: float = 1.5,
+               top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
+               input_img_tokens: Optional[List[torch.Tensor]] = None, edit_mask: Optional[torch.Tensor] = None,
+               on_scale: Optional[Callable[[int, torch.Tensor], None]] = None, *, kv_cache: str = 'prealloc',
+               partial_sort: bool = False, cuda_graph: Union[bool, str] = False, compiled: bool = False,
+               stream_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """`VAR.autoregressive_infer_cfg` (same arguments, same images) with the fast-path switches. Each but
+        stream_dtype gives the numbers of the plain path:
+
+        kv_cache: 'prealloc' (default: in-place writes into a preallocated cache) or 'concat' (the official growth
+            by concatenation, kept as the reference path).
+        partial_sort: top-p over the top-k survivors only (see `helpers.filter_top_k_top_p_partial_`).
+        cuda_graph: True replays CUDA graphs of the per-scale transformer steps (captured on the first call for this
+            batch size and autocast dtype; implies the preallocated KV cache). 'loop': the whole loop -- every
+            scale's step, CFG, filtering, sampling and next-scale input -- as one graph, captured per batch size and
+            sampling settings; the same random numbers as the plain path (its generators are registered with the
+            graph). It filters with the full sort (partial_sort's tie handling needs a host sync); editing and
+            on_scale use the per-scale graphs. CUDA only.
+        compiled: run the per-scale steps and the VQVAE decoder through torch.compile (fuses elementwise work).
+        stream_dtype: None (default: the official float32 residual stream) or torch.bfloat16: the steps and the
+            decoder run on bf16 copies of their modules, autocast off inside (`models.lowp`). Faster on a GPU; the
+            one switch whose numbers agree with the plain path within bf16 tolerance, not exactly.
+        """
+        var = self.var
+        check_edit_inputs(input_img_tokens, edit_mask)
+        self.check_switches(var.class_emb.weight.device, kv_cache, cuda_graph, stream_dtype)
+        label_B, rng = var.sampling_labels(B, label_B, g_seed)
+        if cuda_graph == 'loop' and edit_mask is None and on_scale is None:
+            settings = dict(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth)
+            f_hat = self.sample_in_one_graph(label_B, rng, settings, compiled=compiled, stream_dtype=stream_dtype)
+        else:
+            cond_BD, lvl_pos, next_token_map, f_hat = var.first_scale_input(label_B)
+            with self.steps(cond_BD, next_token_map, kv_cache=kv_cache, cuda_graph=bool(cuda_graph),
+                            compiled=compiled, stream_dtype=stream_dtype) as step:
+                f_hat = var.sample_scales(step, next_token_map, f_hat, lvl_pos, rng, cfg, top_k, top_p, more_smooth,
+                                          partial_sort, input_img_tokens, edit_mask, on_scale)
+        return self.decode(f_hat, cuda_graph=bool(cuda_graph), compiled=compiled, stream_dtype=stream_dtype)
 
     @staticmethod
     def check_switches(device: torch.device, kv_cache: str, cuda_graph: bool, stream_dtype=None) -> None:
@@ -194,11 +217,8 @@ class SamplingEngine:
             graphs = self.scale_graphs(model, cond_BD, first_x, step, compiled, amp_dtype)
             yield graphs.run  # the graphs own their KV caches; the model's stay off
             return
-        kv_caching(model.blocks, True, model.L if kv_cache == 'prealloc' else 0)
-        try:
+        with kv_caches_on(model.blocks, model.L if kv_cache == 'prealloc' else 0):
             yield lambda si, x_BlC: step(x_BlC, cond_BD)
-        finally:
-            kv_caching(model.blocks, False)
 
     def decode(self, f_hat_BChw: torch.Tensor, cuda_graph: bool = False, compiled: bool = False,
                stream_dtype: Optional[torch.dtype] = None) -> torch.Tensor:

@@ -1,6 +1,6 @@
 # Model FLOPs of VAR (arXiv 2404.02905): sampling and training per image, counted from the architecture.
 """Model FLOPs of VAR sampling and training per image: the one count behind the benchmarks' achieved TFLOP/s and % of
-the device's peak (benchmarks/flops.py) and the training compute C of the scaling laws (scaling.py).
+the device's peak (benchmarks/analytic/flops.py) and the training compute C of the scaling laws (scaling.py).
 
 Counted: the matrix products and convolutions (2 FLOPs per multiply-add), the work that sets the hardware's pace;
 elementwise work (norms, activations, sampling) is left out, as in the usual model-FLOPs utilisation.

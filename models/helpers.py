@@ -1,5 +1,6 @@
 # Implements the sampling helpers of VAR (arXiv 2404.02905).
-"""Top-k/top-p filtering, Gumbel softmax with an explicit generator, and drop path.
+"""Top-k/top-p filtering, Gumbel softmax with an explicit generator, the editing mask, drop path and the
+official initialisation of generic layers.
 
 Shape legend: B batch, l tokens of one scale, V vocabulary.
 
@@ -7,7 +8,7 @@ Shape legend: B batch, l tokens of one scale, V vocabulary.
 batch) or a sequence of B generators (one stream per batch row, so that a row's sample does not depend
 on which other rows share its batch; used by the distributed FID export).
 """
-from typing import Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -149,6 +150,82 @@ def gumbel_softmax_with_rng(logits: torch.Tensor, tau: float = 1, hard: bool = F
     index = y_soft.max(dim, keepdim=True)[1]
     y_hard = torch.zeros_like(logits, memory_format=torch.legacy_contiguous_format).scatter_(dim, index, 1.0)
     return y_hard - y_soft.detach() + y_soft
+
+
+def get_edit_mask(patch_nums: Sequence[int], y0: float, x0: float, y1: float, x1: float,
+                  device: Union[str, torch.device] = 'cpu', inpainting: bool = True) -> torch.Tensor:
+    """A (pn_last, pn_last) float mask: 1 = keep the given image's token, 0 = let VAR generate.
+
+    The box (relative coordinates) is set to 1 and then inverted when `inpainting` (regenerate the box);
+    outpainting keeps the box and regenerates the rest. Bounds use Python's round, as the official notebook.
+    """
+    ph = pw = patch_nums[-1]
+    edit_mask = torch.zeros(ph, pw, device=device)
+    edit_mask[round(y0 * ph):round(y1 * ph), round(x0 * pw):round(x1 * pw)] = 1
+    if inpainting:
+        edit_mask = 1 - edit_mask
+    return edit_mask
+
+
+def replace_embedding(edit_mask: torch.Tensor, h_BChw: torch.Tensor, gt_BChw: torch.Tensor, ph: int,
+                      pw: int) -> torch.Tensor:
+    """Keep ground-truth codes where the mask (resized bilinearly to ph x pw, > 0.5) says so.
+
+    Scales of at most 3 tokens always take the ground truth (official procedure).
+    """
+    B = h_BChw.shape[0]
+    h, w = edit_mask.shape[-2:]
+    if edit_mask.ndim == 2:
+        edit_mask = edit_mask.unsqueeze(0).expand(B, h, w)
+    force_gt_B1hw = F.interpolate(edit_mask.unsqueeze(1).to(dtype=torch.float32), size=(ph, pw), mode='bilinear',
+                                  align_corners=False).gt(0.5).int()
+    if ph * pw <= 3:
+        force_gt_B1hw.fill_(1)
+    return gt_BChw * force_gt_B1hw + h_BChw * (1 - force_gt_B1hw)
+
+
+def check_edit_inputs(input_img_tokens, edit_mask) -> None:
+    """ValueError unless zero-shot editing gets both of its inputs or neither."""
+    if (input_img_tokens is None) != (edit_mask is None):
+        raise ValueError('zero-shot editing needs both input_img_tokens and edit_mask')
+
+
+def init_module_weights(modules: Iterable[nn.Module], init_std: float, conv_std_or_gain: float) -> None:
+    """The official initialisation of generic layers: Linear and Embedding weights trunc-normal(init_std), biases 0;
+    norm layers weight 1, bias 0; convolutions trunc-normal(conv_std_or_gain) when > 0, else Xavier-normal with gain
+    -conv_std_or_gain."""
+    for m in modules:
+        with_weight = hasattr(m, 'weight') and m.weight is not None
+        with_bias = hasattr(m, 'bias') and m.bias is not None
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight.data, std=init_std)
+            if with_bias:
+                m.bias.data.zero_()
+        elif isinstance(m, nn.Embedding):
+            nn.init.trunc_normal_(m.weight.data, std=init_std)
+            if m.padding_idx is not None:
+                m.weight.data[m.padding_idx].zero_()
+        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                            nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
+            if with_weight:
+                m.weight.data.fill_(1.0)
+            if with_bias:
+                m.bias.data.zero_()
+        elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d,
+                            nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            if conv_std_or_gain > 0:
+                nn.init.trunc_normal_(m.weight.data, std=conv_std_or_gain)
+            else:
+                nn.init.xavier_normal_(m.weight.data, gain=-conv_std_or_gain)
+            if with_bias:
+                m.bias.data.zero_()
+
+
+def active_autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast is running in on this device type, or None when autocast is off."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False,

@@ -4,7 +4,7 @@ Everything here works on key names and shapes only, so it also serves checkpoint
 """
 import math
 import re
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 
@@ -87,19 +87,22 @@ def describe_mismatch(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], wh
     return msg
 
 
-def describe_var_fit(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
+def _inferred(infer: Callable[[Mapping[str, torch.Tensor]], Dict[str, Any]],
+              sd: Mapping[str, torch.Tensor]) -> Optional[Dict[str, Any]]:
     try:
-        c = infer_var_config(sd)
+        return infer(sd)
     except (ValueError, KeyError, IndexError):
         return None
-    return (f"depth={c['depth']} (width {c['embed_dim']}, heads {c['num_heads']}), patch_nums={c['patch_nums']}, "
-            f"shared_aln={c['shared_aln']}, num_classes={c['num_classes']}, V={c['V']}, Cvae={c['Cvae']}")
+
+
+def describe_var_fit(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
+    c = _inferred(infer_var_config, sd)
+    return None if c is None else (f"depth={c['depth']} (width {c['embed_dim']}, heads {c['num_heads']}), "
+                                   f"patch_nums={c['patch_nums']}, shared_aln={c['shared_aln']}, "
+                                   f"num_classes={c['num_classes']}, V={c['V']}, Cvae={c['Cvae']}")
 
 
 def describe_vae_fit(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
-    try:
-        c = infer_vae_config(sd)
-    except (ValueError, KeyError, IndexError):
-        return None
-    return (f"ch={c['ch']}, ch_mult={tuple(c['ch_mult'])}, vocab_size={c['vocab_size']}, z_channels={c['z_channels']}, "
-            f"share_quant_resi={c['share_quant_resi']}")
+    c = _inferred(infer_vae_config, sd)
+    return None if c is None else (f"ch={c['ch']}, ch_mult={tuple(c['ch_mult'])}, vocab_size={c['vocab_size']}, "
+                                   f"z_channels={c['z_channels']}, share_quant_resi={c['share_quant_resi']}")

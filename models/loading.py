@@ -5,6 +5,7 @@ This project's checkpoints are dicts that carry their configuration (`model_conf
 the weights, so they load with no extra flags; configurations missing from older files are read back
 from the key names and shapes (`inspect_ckpt`).
 """
+import inspect
 import os
 import pickle
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
@@ -17,8 +18,12 @@ from .presets import HUB_REPO_ID, NUM_CLASSES, OFFICIAL_DEPTHS, VAE_FILENAME, pr
 from .var import VAR
 from .vqvae import VQVAE
 
-_VAR_CONFIG_KEYS = ('num_classes', 'depth', 'embed_dim', 'num_heads', 'mlp_ratio', 'shared_aln', 'attn_l2_norm',
-                    'patch_nums', 'drop_path_rate', 'cond_drop_rate')
+# VAR's official constructor arguments, the VQVAE aside: the keys of `VAR.config` and of a model folder's config.json
+# (keyword-only extensions such as `attn_impl` are choices of a run, not of the model)
+VAR_ARG_KEYS = tuple(name for name, p in inspect.signature(VAR).parameters.items()
+                     if p.kind is p.POSITIONAL_OR_KEYWORD and name != 'vae_local')
+# the kernel choices are the loading machine's, not the checkpoint's: a rebuilt VAR uses what is available here
+_KERNEL_SWITCHES = ('flash_if_available', 'fused_if_available')
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -175,7 +180,7 @@ def build_vae(vae_config: Mapping[str, Any], device: Union[str, torch.device] = 
 
 
 def build_var(vae: VQVAE, var_config: Mapping[str, Any], device: Union[str, torch.device] = 'cpu') -> VAR:
-    kw = {k: var_config[k] for k in _VAR_CONFIG_KEYS if var_config.get(k) is not None}
+    kw = {k: var_config[k] for k in VAR_ARG_KEYS if k not in _KERNEL_SWITCHES and var_config.get(k) is not None}
     with torch.device(device):
         return VAR(vae_local=vae, **kw)
 

@@ -73,7 +73,7 @@ class _RefreshedCopy(nn.Module):
 
 
 class StepCopy(_RefreshedCopy):
-    """The modules of one KV-cached scale step of a VAR (`models.engine.scale_step` runs it as it runs the model)
+    """The modules of one KV-cached scale step of a VAR (`models.var.scale_step` runs it as it runs the model)
     in `dtype`, with the model's names, so that `refresh` can copy the model's weights into it."""
 
     def __init__(self, var: nn.Module, dtype: torch.dtype):
@@ -103,7 +103,7 @@ class EncoderCopy(_RefreshedCopy):
     """The encoder and `quant_conv` of a VQVAE in `dtype` (optionally channels-last), for the training step's
     tokenizer encode: images in [-1, 1] -> the float32 latent f, then the VQVAE's own (float32) quantiser gives the
     ids (`img_to_idxBl`, as `VQVAE.img_to_idxBl`). Faster on a GPU; ids near a tie between two codes may differ from
-    the float32 encode's (`benchmarks/bench_encode` reports the share)."""
+    the float32 encode's (`benchmarks/timings/bench_encode` reports the share)."""
 
     def __init__(self, vae: nn.Module, dtype: torch.dtype, channels_last: bool = False):
         super().__init__(dict(encoder=vae.encoder, quant_conv=vae.quant_conv), dtype, channels_last)

@@ -5,11 +5,13 @@ Shape legend: B batch, L tokens of all scales, l tokens of one scale, C width, D
 V vocabulary, Cvae code width, H heads, h/w one scale's side, si scale index, S number of scales.
 
 The class is the model only: the official constructor, `init_weights`, `get_logits`, `forward` and
-`autoregressive_infer_cfg` (the sampling loop, written scale by scale as in the paper). Everything that makes
-sampling fast, and the caches it needs, lives beside it in `models.engine` (KV-cache modes, compiled steps, CUDA
-graphs, chunked decode); the FlexAttention block masks of training (`attn_impl = 'flex'`) are cached in
-`models.basic_var.flex_block_mask`.
+`autoregressive_infer_cfg` (the sampling loop, written scale by scale as in the paper), with the loop's pieces as
+public methods (`sampling_labels`, `first_scale_input`, `sample_scales`, `next_scale_input`, and `scale_step`).
+`models.engine` stands on them to make sampling fast (compiled steps, CUDA graphs, a bf16 stream) and holds the
+caches that needs; this module imports nothing from it. The FlexAttention block masks of training
+(`attn_impl='flex'`) are cached in `models.basic_var.flex_block_mask`.
 """
+import itertools
 import math
 import numbers
 from functools import partial
@@ -17,48 +19,15 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .basic_var import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, flex_block_mask
-from .engine import active_autocast_dtype, sampling_engine
-from .helpers import gumbel_softmax_with_rng, sample_with_top_k_top_p_
+from .basic_var import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, flex_block_mask, kv_caches_on
+from .helpers import (active_autocast_dtype, check_edit_inputs, get_edit_mask, gumbel_softmax_with_rng,
+                      init_module_weights, replace_embedding, sample_with_top_k_top_p_)
 from .inspect_ckpt import describe_mismatch, describe_var_fit
 from .vqvae import VQVAE
 
 __all__ = ['VAR', 'AdaLNSelfAttn', 'sample_with_top_k_top_p_', 'gumbel_softmax_with_rng', 'get_edit_mask',
-           'replace_embedding', 'sample_codes']
-
-
-def get_edit_mask(patch_nums: Sequence[int], y0: float, x0: float, y1: float, x1: float,
-                  device: Union[str, torch.device] = 'cpu', inpainting: bool = True) -> torch.Tensor:
-    """A (pn_last, pn_last) float mask: 1 = keep the given image's token, 0 = let VAR generate.
-
-    The box (relative coordinates) is set to 1 and then inverted when `inpainting` (regenerate the box);
-    outpainting keeps the box and regenerates the rest. Bounds use Python's round, as the official notebook.
-    """
-    ph = pw = patch_nums[-1]
-    edit_mask = torch.zeros(ph, pw, device=device)
-    edit_mask[round(y0 * ph):round(y1 * ph), round(x0 * pw):round(x1 * pw)] = 1
-    if inpainting:
-        edit_mask = 1 - edit_mask
-    return edit_mask
-
-
-def replace_embedding(edit_mask: torch.Tensor, h_BChw: torch.Tensor, gt_BChw: torch.Tensor, ph: int,
-                      pw: int) -> torch.Tensor:
-    """Keep ground-truth codes where the mask (resized bilinearly to ph x pw, > 0.5) says so.
-
-    Scales of at most 3 tokens always take the ground truth (official procedure).
-    """
-    B = h_BChw.shape[0]
-    h, w = edit_mask.shape[-2:]
-    if edit_mask.ndim == 2:
-        edit_mask = edit_mask.unsqueeze(0).expand(B, h, w)
-    force_gt_B1hw = F.interpolate(edit_mask.unsqueeze(1).to(dtype=torch.float32), size=(ph, pw), mode='bilinear',
-                                  align_corners=False).gt(0.5).int()
-    if ph * pw <= 3:
-        force_gt_B1hw.fill_(1)
-    return gt_BChw * force_gt_B1hw + h_BChw * (1 - force_gt_B1hw)
+           'replace_embedding', 'sample_codes', 'scale_step']
 
 
 def sample_codes(logits_BlV: torch.Tensor, ratio: float, embedding: nn.Embedding, rng, top_k: int, top_p: float,
@@ -78,18 +47,33 @@ def sample_codes(logits_BlV: torch.Tensor, ratio: float, embedding: nn.Embedding
         @ embedding.weight.unsqueeze(0)
 
 
+def scale_step(model: nn.Module, x_BlC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+    """One scale of KV-cached inference: all blocks (no mask: the cache holds only earlier scales) and the head.
+
+    model: a VAR (or its bf16 step copy, `models.lowp.StepCopy`) whose blocks' KV caches are on (`kv_caching`);
+    x_BlC the scale's input tokens (2B rows: conditional, then unconditional), cond_BD their class embeddings
+    -> float32 logits (2B, l, V).
+    """
+    cond_BD_or_gss = model.shared_ada_lin(cond_BD)
+    for b in model.blocks:
+        x_BlC = b(x=x_BlC, cond_BD=cond_BD_or_gss, attn_bias=None)
+    return model.get_logits(x_BlC, cond_BD)
+
+
 class VAR(nn.Module):
-    """Args follow the official constructor. The VAE is held unregistered, so VAR's state dict has no VAE keys."""
+    """Args follow the official constructor; `attn_impl` (keyword only) picks the training attention: 'sdpa' (a
+    dense additive mask, official) or 'flex' (FlexAttention block masks, the same numbers). The VAE is held
+    unregistered, so VAR's state dict has no VAE keys."""
 
     def __init__(self, vae_local: VQVAE, num_classes: int = 1000, depth: int = 16, embed_dim: int = 1024,
                  num_heads: int = 16, mlp_ratio: float = 4.0, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, norm_eps: float = 1e-6, shared_aln: bool = False,
                  cond_drop_rate: float = 0.1, attn_l2_norm: bool = False,
                  patch_nums: Sequence[int] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
-                 flash_if_available: bool = True, fused_if_available: bool = True):
+                 flash_if_available: bool = True, fused_if_available: bool = True, *, attn_impl: str = 'sdpa'):
         super().__init__()
         assert embed_dim % num_heads == 0
-        # the constructor's arguments (the VQVAE aside): what a whole-model folder's config.json holds (models.hub)
+        # the constructor's arguments (the VQVAE aside): a model folder's config.json holds them (models.model_folder)
         self.config = dict(num_classes=num_classes, depth=depth, embed_dim=embed_dim, num_heads=num_heads,
                            mlp_ratio=mlp_ratio, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
                            drop_path_rate=drop_path_rate, norm_eps=norm_eps, shared_aln=shared_aln,
@@ -103,18 +87,13 @@ class VAR(nn.Module):
         if len(self.patch_nums) < 2:
             raise ValueError(f'VAR needs at least two scales, got patch_nums={self.patch_nums}: the guidance ramp and '
                              f'the Phi positions divide by len(patch_nums) - 1 (the official code fails there too)')
-        self.L = sum(pn ** 2 for pn in self.patch_nums)
-        self.first_l = self.patch_nums[0] ** 2
-        self.begin_ends = []
-        cur = 0
-        for pn in self.patch_nums:
-            self.begin_ends.append((cur, cur + pn ** 2))
-            cur += pn ** 2
+        ends = list(itertools.accumulate(pn ** 2 for pn in self.patch_nums))
+        self.L, self.first_l = ends[-1], self.patch_nums[0] ** 2
+        self.begin_ends = [(ed - pn ** 2, ed) for ed, pn in zip(ends, self.patch_nums)]  # each scale's [bg, ed)
         self.num_stages_minus_1 = len(self.patch_nums) - 1
         self.num_classes = num_classes
         self.drop_path_rate = drop_path_rate
-        self.using_fused_add_norm_fn = False
-        self.attn_impl = 'sdpa'  # training attention: 'sdpa' (dense additive mask, official) or 'flex'
+        self.attn_impl = attn_impl  # training attention: 'sdpa' (dense additive mask, official) or 'flex'
         self._rng: Optional[torch.Generator] = None
         self._uniform_prob: Optional[torch.Tensor] = None
 
@@ -161,37 +140,12 @@ class VAR(nn.Module):
         self.head_nm = AdaLNBeforeHead(self.C, self.D, norm_layer=norm_layer)
         self.head = nn.Linear(self.C, self.V)
 
-    # ------------------------------------------------------------------ init
     def init_weights(self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02,
                      init_std: float = 0.02, conv_std_or_gain: float = 0.02) -> None:
         """Official initialisation. `init_std < 0` means sqrt(1/(3C)); pos_start/pos_1LC keep their init."""
         if init_std < 0:
             init_std = (1 / self.C / 3) ** 0.5
-        for m in self.modules():
-            with_weight = hasattr(m, 'weight') and m.weight is not None
-            with_bias = hasattr(m, 'bias') and m.bias is not None
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight.data, std=init_std)
-                if with_bias:
-                    m.bias.data.zero_()
-            elif isinstance(m, nn.Embedding):
-                nn.init.trunc_normal_(m.weight.data, std=init_std)
-                if m.padding_idx is not None:
-                    m.weight.data[m.padding_idx].zero_()
-            elif isinstance(m, (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-                                nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
-                if with_weight:
-                    m.weight.data.fill_(1.0)
-                if with_bias:
-                    m.bias.data.zero_()
-            elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d,
-                                nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-                if conv_std_or_gain > 0:
-                    nn.init.trunc_normal_(m.weight.data, std=conv_std_or_gain)
-                else:
-                    nn.init.xavier_normal_(m.weight.data, gain=-conv_std_or_gain)
-                if with_bias:
-                    m.bias.data.zero_()
+        init_module_weights(self.modules(), init_std, conv_std_or_gain)
 
         if init_head >= 0:
             head = self.head[-1] if isinstance(self.head, nn.Sequential) else self.head
@@ -220,13 +174,8 @@ class VAR(nn.Module):
             raise ValueError(f'class labels must lie in [0, {self.num_classes}] ({self.num_classes} = unconditional); '
                              f'got values in [{int(label_B.min())}, {int(label_B.max())}]')
 
-    def get_logits(self, h_or_h_and_residual, cond_BD: torch.Tensor) -> torch.Tensor:
-        """Final AdaLN + head -> float32 logits. Also accepts an (h, residual) tuple (official, unused)."""
-        if not isinstance(h_or_h_and_residual, torch.Tensor):
-            h, resi = h_or_h_and_residual
-            h = resi + self.blocks[-1].drop_path(h)
-        else:
-            h = h_or_h_and_residual
+    def get_logits(self, h: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        """Final AdaLN + head -> float32 logits."""
         return self.head(self.head_nm(h.float(), cond_BD).float()).float()
 
     def _drop_condition(self, label_B: torch.Tensor) -> torch.Tensor:
@@ -309,8 +258,8 @@ class VAR(nn.Module):
     def uniform_prob(self, prob_1C: torch.Tensor) -> None:
         self._uniform_prob = prob_1C
 
-    def _sampling_labels(self, B: int, label_B: Optional[Union[int, torch.Tensor]], g_seed):
-        """-> (label_B (B,) on the model's device, rng).
+    def sampling_labels(self, B: int, label_B: Optional[Union[int, torch.Tensor]], g_seed):
+        """The labels and generator of a sampling call -> (label_B (B,) on the model's device, rng).
 
         rng is None (global RNG), `self.rng` seeded with g_seed (as official), or one generator per row when g_seed
         is a sequence. label_B None draws the labels from `uniform_prob` with that rng (per row with a seed list).
@@ -343,9 +292,7 @@ class VAR(nn.Module):
     def autoregressive_infer_cfg(self, B: int, label_B: Optional[Union[int, torch.LongTensor]], g_seed=None,
                                  cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
                                  input_img_tokens: Optional[List[torch.Tensor]] = None,
-                                 edit_mask: Optional[torch.Tensor] = None, kv_cache: str = 'prealloc',
-                                 partial_sort: bool = False, cuda_graph: Union[bool, str] = False,
-                                 compiled: bool = False, stream_dtype: Optional[torch.dtype] = None,
+                                 edit_mask: Optional[torch.Tensor] = None,
                                  on_scale: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
         """Class-conditional sampling with classifier-free guidance -> images (B, 3, H, W) in [0, 1].
 
@@ -358,44 +305,27 @@ class VAR(nn.Module):
             top_k / top_p: filters (0 disables); more_smooth: Gumbel-softmax soft codes (visual quality).
             input_img_tokens / edit_mask: zero-shot editing. Per-scale ids of the input image (from
                 `VQVAE.img_to_idxBl`) and an (h, w) or (B, h, w) mask, 1 = keep the image's token.
-        Fast paths (`models.engine`; each but stream_dtype gives the numbers of the plain path):
-            kv_cache: 'prealloc' (default: in-place writes into a preallocated cache) or 'concat' (the official
-                growth by concatenation, kept as the reference path).
-            partial_sort: top-p over the top-k survivors only (see `helpers.filter_top_k_top_p_partial_`).
-            cuda_graph: replay CUDA graphs of the per-scale transformer steps (captured on the first call for
-                this batch size and autocast dtype; implies the preallocated KV cache). CUDA only.
-                'loop': the whole loop -- every scale's step, CFG, filtering, sampling and next-scale input -- as
-                one graph, captured per batch size and sampling settings; the same random numbers as the plain
-                path (its generators are registered with the graph). It filters with the full sort (partial_sort's
-                tie handling needs a host sync); editing and on_scale use the per-scale graphs.
-            compiled: run the per-scale steps and the VQVAE decoder through torch.compile (fuses elementwise work).
-            stream_dtype: None (default: the official float32 residual stream) or torch.bfloat16: the steps and the
-                decoder run on bf16 copies of their modules, autocast off inside (`models.lowp`). Faster on a GPU;
-                the one switch whose numbers agree with the plain path within bf16 tolerance, not exactly.
             on_scale: called as on_scale(si, f_hat_BChw) after each scale with the cumulative latent so far (to
                 watch the image form, e.g. `VQVAE.fhat_to_img`, or to report progress). It must not change f_hat,
                 which the loop keeps adding to in place; the last call's f_hat is the one decoded into the result.
-        The caller puts the model in eval mode, as with the official code.
+        The plain path, written scale by scale (the KV cache preallocated for all L positions, which gives the
+        numbers of the official growth by concatenation). The fast paths (compiled steps, CUDA graphs, a bf16
+        stream) run the same pieces through `models.engine.sampling_engine(var).sample`. The caller puts the model
+        in eval mode, as with the official code.
         """
-        if (input_img_tokens is None) != (edit_mask is None):
-            raise ValueError('zero-shot editing needs both input_img_tokens and edit_mask')
-        engine = sampling_engine(self)
-        engine.check_switches(self.class_emb.weight.device, kv_cache, cuda_graph, stream_dtype)
-        label_B, rng = self._sampling_labels(B, label_B, g_seed)
-        if cuda_graph == 'loop' and edit_mask is None and on_scale is None:
-            settings = dict(cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth)
-            f_hat = engine.sample_in_one_graph(label_B, rng, settings, compiled=compiled, stream_dtype=stream_dtype)
-        else:
-            cond_BD, lvl_pos, next_token_map, f_hat = self._first_scale_input(label_B)
-            with engine.steps(cond_BD, next_token_map, kv_cache=kv_cache, cuda_graph=bool(cuda_graph),
-                              compiled=compiled, stream_dtype=stream_dtype) as step:
-                f_hat = self._sample_scales(step, next_token_map, f_hat, lvl_pos, rng, cfg, top_k, top_p, more_smooth,
-                                            partial_sort, input_img_tokens, edit_mask, on_scale)
-        return engine.decode(f_hat, cuda_graph=bool(cuda_graph), compiled=compiled, stream_dtype=stream_dtype)
+        check_edit_inputs(input_img_tokens, edit_mask)
+        label_B, rng = self.sampling_labels(B, label_B, g_seed)
+        cond_BD, lvl_pos, next_token_map, f_hat = self.first_scale_input(label_B)
+        with kv_caches_on(self.blocks, self.L):
+            f_hat = self.sample_scales(lambda si, x_BlC: scale_step(self, x_BlC, cond_BD), next_token_map, f_hat,
+                                       lvl_pos, rng, cfg, top_k, top_p, more_smooth, input_img_tokens=input_img_tokens,
+                                       edit_mask=edit_mask, on_scale=on_scale)
+        return self.vae_proxy[0].fhat_to_img(f_hat).add_(1).mul_(0.5)
 
-    def _first_scale_input(self, label_B: torch.Tensor):
-        """-> (cond_BD: the 2B class embeddings, conditional rows then unconditional; lvl_pos (1, L, C); the first
-        scale's 2B input tokens; f_hat, the (B, Cvae, pn, pn) latent of zeros that every scale adds to)."""
+    def first_scale_input(self, label_B: torch.Tensor):
+        """The start of a sampling loop -> (cond_BD: the 2B class embeddings, conditional rows then unconditional;
+        lvl_pos (1, L, C); the first scale's 2B input tokens; f_hat, the (B, Cvae, pn, pn) latent of zeros that
+        every scale adds to)."""
         B = label_B.shape[0]
         uncond_B = torch.full_like(label_B, fill_value=self.num_classes)
         sos = cond_BD = self.class_emb(torch.cat((label_B, uncond_B), dim=0))
@@ -405,12 +335,14 @@ class VAR(nn.Module):
         f_hat = sos.new_zeros(B, self.Cvae, self.patch_nums[-1], self.patch_nums[-1])
         return cond_BD, lvl_pos, next_token_map, f_hat
 
-    def _sample_scales(self, step, next_token_map: torch.Tensor, f_hat: torch.Tensor, lvl_pos: torch.Tensor, rng,
-                       cfg: float, top_k: int, top_p: float, more_smooth: bool, partial_sort: bool = False,
-                       input_img_tokens=None, edit_mask=None, on_scale=None, capturable: bool = False) -> torch.Tensor:
+    def sample_scales(self, step: Callable[[int, torch.Tensor], torch.Tensor], next_token_map: torch.Tensor,
+                      f_hat: torch.Tensor, lvl_pos: torch.Tensor, rng, cfg: float, top_k: int, top_p: float,
+                      more_smooth: bool, partial_sort: bool = False, input_img_tokens=None, edit_mask=None,
+                      on_scale=None, capturable: bool = False) -> torch.Tensor:
         """Every scale in order: transformer step -> CFG -> filtered sampling -> (editing) -> f_hat and the next
-        scale's input. `step(si, x_2BlC) -> logits_2BlV`; `capturable`: no host sync (see `sample_codes`).
-        -> the final f_hat."""
+        scale's input; the inputs come from `first_scale_input`. `step(si, x_2BlC) -> logits_2BlV` runs the
+        transformer on scale si with a KV cache (`scale_step` for the plain path; the engine passes its fast steps).
+        `partial_sort` / `capturable`: see `sample_codes`. -> the final f_hat."""
         B, device = f_hat.shape[0], f_hat.device
         quant = self.vae_quant_proxy[0]
         for si, pn in enumerate(self.patch_nums):
@@ -425,13 +357,13 @@ class VAR(nn.Module):
                 gt_BlCvae = quant.embedding(input_img_tokens[si].to(device))
                 gt_BChw = gt_BlCvae.transpose_(1, 2).reshape(B, self.Cvae, pn, pn)
                 h_BChw = replace_embedding(edit_mask.to(device), h_BChw, gt_BChw, pn, pn)
-            f_hat, next_token_map = self._next_scale_input(si, f_hat, h_BChw, lvl_pos)
+            f_hat, next_token_map = self.next_scale_input(si, f_hat, h_BChw, lvl_pos)
             if on_scale is not None:
                 on_scale(si, f_hat)
         return f_hat
 
-    def _next_scale_input(self, si: int, f_hat: torch.Tensor, h_BChw: torch.Tensor,
-                          lvl_pos: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def next_scale_input(self, si: int, f_hat: torch.Tensor, h_BChw: torch.Tensor,
+                         lvl_pos: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Add scale si's codes to f_hat (through Phi) -> (f_hat, the next scale's 2B input tokens, None after
         the last scale). The next input is f_hat downsampled to the next side, embedded, plus its level/position."""
         B = h_BChw.shape[0]
@@ -461,36 +393,7 @@ def __getattr__(name: str):
     """`models.var.VARHF` is made on first use (PEP 562): its base class comes from huggingface_hub, which importing
     `models` does not load (the models package imports torch alone)."""
     if name == 'VARHF':
-        globals()['VARHF'] = cls = _make_varhf()
+        from .var_hf import make_varhf
+        globals()['VARHF'] = cls = make_varhf()
         return cls
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-
-
-def _make_varhf() -> type:
-    from huggingface_hub import PyTorchModelHubMixin
-
-    class VARHF(VAR, PyTorchModelHubMixin):
-        """The official Hugging Face class: a VAR that builds its own VQVAE from `vae_kwargs`, with the Hub mixin's
-        `save_pretrained` / `from_pretrained` / `push_to_hub` (config.json: `vae_kwargs` and the VAR arguments).
-
-        Kept as officially, flaw included: the VQVAE is held outside VAR's modules, so `save_pretrained` saves no
-        tokenizer weights and `from_pretrained` returns an untrained tokenizer. `models.hub.save_pretrained` /
-        `models.hub.from_pretrained` save and load both models; their folders are also readable by this class.
-        """
-
-        def __init__(self, vae_kwargs, num_classes: int = 1000, depth: int = 16, embed_dim: int = 1024,
-                     num_heads: int = 16, mlp_ratio: float = 4.0, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                     drop_path_rate: float = 0.0, norm_eps: float = 1e-6, shared_aln: bool = False,
-                     cond_drop_rate: float = 0.1, attn_l2_norm: bool = False,
-                     patch_nums: Sequence[int] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
-                     flash_if_available: bool = True, fused_if_available: bool = True):
-            vae_local = VQVAE(**vae_kwargs)
-            super().__init__(vae_local=vae_local, num_classes=num_classes, depth=depth, embed_dim=embed_dim,
-                             num_heads=num_heads, mlp_ratio=mlp_ratio, drop_rate=drop_rate,
-                             attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, norm_eps=norm_eps,
-                             shared_aln=shared_aln,
-                             cond_drop_rate=cond_drop_rate, attn_l2_norm=attn_l2_norm, patch_nums=patch_nums,
-                             flash_if_available=flash_if_available, fused_if_available=fused_if_available)
-
-    VARHF.__qualname__ = 'VARHF'  # found by pickle and the mixin as models.var.VARHF
-    return VARHF

@@ -1,7 +1,7 @@
 """Names of a model's classes, for the pages and cards that show them: one place for every kind of model source.
 
 - this project's train.py checkpoint: its `class_names` (class id i = the i-th training folder, sorted);
-- a model folder or Hub repo id (models.hub): config.json's `class_names`;
+- a model folder or Hub repo id (models.model_folder): config.json's `class_names`;
 - the released models (1000 classes): ImageNet-1k's names from torchvision's weights metadata (no download);
 - anything else: 'class i'.
 Reading never unpickles code (models.loading.read_checkpoint) and maps a checkpoint instead of reading its weights.
@@ -9,7 +9,7 @@ Reading never unpickles code (models.loading.read_checkpoint) and maps a checkpo
 import os
 from typing import List, Optional
 
-from models import hub
+from models import model_folder
 from models.loading import read_checkpoint
 from models.presets import NUM_CLASSES
 
@@ -27,9 +27,9 @@ def stored_class_names(ckpt: Optional[str], cache_dir: Optional[str] = None,
     if not ckpt:
         return None
     try:
-        if os.path.isdir(ckpt) or hub.is_repo_id(ckpt):
-            folder = hub.resolve_folder(ckpt, cache_dir=cache_dir, local_files_only=local_files_only)
-            names = hub.read_config(folder).get('class_names')
+        if os.path.isdir(ckpt) or model_folder.is_repo_id(ckpt):
+            folder = model_folder.resolve_folder(ckpt, cache_dir=cache_dir, local_files_only=local_files_only)
+            names = model_folder.read_config(folder).get('class_names')
         elif os.path.isfile(ckpt):
             data = read_checkpoint(ckpt, mmap=True)  # mmap: only the small pickle is read, not the weights
             names = data.get('class_names') if isinstance(data, dict) else None

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 import dist
 import models
+from models.engine import sampling_engine
 from sampling.rejection import sample_best_of
 from sampling.settings import SamplingSettings
 from utils.runtime import autocast_context
@@ -34,7 +35,8 @@ def to_uint8_BHW3(img_B3HW: torch.Tensor) -> np.ndarray:
 
 
 def fast_switches(fast: int, device: torch.device) -> dict:
-    """sample.py's --fast level -> `autoregressive_infer_cfg`'s fast-path switches (CUDA only; none elsewhere)."""
+    """sample.py's --fast level -> the engine's fast-path switches (`SamplingEngine.sample`; CUDA only, none
+    elsewhere)."""
     if not fast or device.type != 'cuda':
         return {}
     switches = dict(partial_sort=True, compiled=True, cuda_graph=True)
@@ -55,9 +57,9 @@ def sample_uint8(var: models.VAR, labels: Sequence[int], seeds: Sequence[int], s
     label_B = torch.tensor(list(labels), dtype=torch.long, device=device)
     with autocast_context(settings.fp16, device):
         fast = fast_switches(settings.fast, device)
-        img_B3HW = var.autoregressive_infer_cfg(len(labels), label_B, g_seed=list(seeds), cfg=settings.cfg,
-                                                top_k=settings.top_k, top_p=settings.top_p,
-                                                more_smooth=settings.more_smooth, on_scale=on_scale, **fast)
+        img_B3HW = sampling_engine(var).sample(len(labels), label_B, g_seed=list(seeds), cfg=settings.cfg,
+                                               top_k=settings.top_k, top_p=settings.top_p,
+                                               more_smooth=settings.more_smooth, on_scale=on_scale, **fast)
     return to_uint8_BHW3(img_B3HW)
 
 

@@ -16,7 +16,8 @@ import torch
 
 import dist
 import models
-from models.loading import HUB_REPO_ID, VAE_FILENAME
+from models.atomic_files import atomic_write
+from models.presets import HUB_REPO_ID, VAE_FILENAME, var_filename
 from sampling.draw import progress_bar, sample_items
 from sampling.image_sets import (ImageSetError, UnreadablePNG, evaluation_order, iter_png_images, npz_image_shape,
                                  npz_tmp_path, save_png, write_npz_images)
@@ -46,7 +47,7 @@ def model_identity(ckpt: Optional[str], vae_ckpt: Optional[str], var_ckpt: Optio
             ident['vae'] = f'sha256:{file_sha256(vae_ckpt)}'
         return ident
     ident = {'depth': str(depth)}
-    for key, path, hub_name in (('vae', vae_ckpt, VAE_FILENAME), ('var', var_ckpt, f'var_d{depth}.pth')):
+    for key, path, hub_name in (('vae', vae_ckpt, VAE_FILENAME), ('var', var_ckpt, var_filename(depth))):
         ident[key] = f'sha256:{file_sha256(path)}' if path else f'hub:{HUB_REPO_ID}/{hub_name}'
     return ident
 
@@ -97,9 +98,7 @@ def prepare_out_dir(out_dir: str, npz_path: str, manifest: dict, expected_pngs: 
     if MANIFEST in names and os.path.exists(npz_tmp_path(npz_path)):  # a killed npz write of this run
         os.remove(npz_tmp_path(npz_path))
     os.makedirs(out_dir, exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(path + '.tmp', path)
+    atomic_write(path, lambda f: json.dump(manifest, f, indent=1), mode='w', fsync=False)
 
 
 def png_written(path: str) -> bool:

@@ -15,6 +15,8 @@ from typing import Iterable, Iterator, List, Tuple
 import numpy as np
 from PIL import Image
 
+from models.atomic_files import atomic_path
+
 NPZ_KEY = 'arr_0'
 EVAL_ORDER_SEED = 0
 # What error messages say an image .npz should be.
@@ -113,9 +115,8 @@ def write_npz_images(path: str, batches_NHW3: Iterable[np.ndarray], shape_NHW3: 
     The batches must add up to `shape_NHW3`; the same images always give the same bytes.
     """
     _check_shape_NHW3(shape_NHW3, np.dtype(np.uint8), f'writing {path}')
-    tmp = npz_tmp_path(path)
     written = 0
-    try:
+    with atomic_path(path, fsync=False, tmp=npz_tmp_path(path)) as tmp:
         with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             member = zipfile.ZipInfo(NPZ_KEY + '.npy', date_time=_ZIP_DATE_TIME)
             with zf.open(member, 'w', force_zip64=True) as f:
@@ -130,10 +131,6 @@ def write_npz_images(path: str, batches_NHW3: Iterable[np.ndarray], shape_NHW3: 
                     written += batch.shape[0]
         if written != shape_NHW3[0]:
             raise ImageSetError(f'writing {path}: got {written} images, expected {shape_NHW3[0]}')
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def evaluation_order(files: Iterable[str]) -> List[str]:
@@ -172,9 +169,8 @@ def save_png(img_HW3: np.ndarray, path: str) -> None:
 
 def save_image(img_HW3: np.ndarray, path: str, fmt: str) -> None:
     """Save a uint8 (H, W, 3) image atomically in the PIL format `fmt` (see `image_format`)."""
-    tmp = f'{path}.tmp{os.getpid()}'  # not *.png, so that no reader ever globs a half-written image
-    Image.fromarray(img_HW3).save(tmp, format=fmt)
-    os.replace(tmp, path)
+    with atomic_path(path, fsync=False) as tmp:  # a hidden *.tmp-* name: no reader ever globs a half-written image
+        Image.fromarray(img_HW3).save(tmp, format=fmt)
 
 
 def image_format(path: str) -> str:

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 
 import models
-from models import hub
+from models import model_folder
 from models.vqvae import OFFICIAL_CH_MULT, downsample_factor
 from utils.runtime import ConfigError, resolve_device, set_tf32
 
@@ -39,8 +39,8 @@ def add_model_flags(parser: argparse.ArgumentParser, default_depth: int) -> None
     g.add_argument('--var_ckpt', default=None, help='local var_d{depth}.pth (default: from the Hub)')
     g.add_argument('--ckpt', default=None,
                    help="instead of the official weights: a checkpoint of this project's train.py (add --vae_ckpt if "
-                        'it holds no tokenizer), a model folder (hub.py save, models.hub.save_pretrained) or a '
-                        'Hugging Face Hub repo id of such a folder (owner/name)')
+                        'it holds no tokenizer), a model folder (hub.py save, models.model_folder.save_pretrained) or '
+                        'a Hugging Face Hub repo id of such a folder (owner/name)')
     g.add_argument('--cache_dir', default=None, help='Hugging Face cache folder for the downloads')
     g.add_argument('--local_files_only', action='store_true', help='never touch the network')
     g.add_argument('--device', default=None,
@@ -60,7 +60,7 @@ def check_model_flags(args: argparse.Namespace) -> None:
             models.preset_config(args.depth)
         except ValueError as e:
             raise ConfigError(f'--depth: {e}') from e
-    if args.ckpt is not None and not os.path.exists(args.ckpt) and not hub.is_repo_id(args.ckpt):
+    if args.ckpt is not None and not os.path.exists(args.ckpt) and not model_folder.is_repo_id(args.ckpt):
         raise ConfigError(f'--ckpt {args.ckpt} does not exist (and is no Hub repo id, owner/name)')
     for flag in ('vae_ckpt', 'var_ckpt'):
         path = getattr(args, flag)
@@ -87,9 +87,9 @@ def load_models(ckpt: Optional[str] = None, depth: int = 36, vae_ckpt: Optional[
     """(vae, var) in eval mode: `ckpt` (a checkpoint of this project's train.py, with `vae_ckpt` if it holds no
     tokenizer; a model folder; or a Hub repo id of one), or the official model of `depth` from local files
     (`vae_ckpt`, `var_ckpt`) or the Hub."""
-    if ckpt and (os.path.isdir(ckpt) or hub.is_repo_id(ckpt)):
-        vae, var = hub.from_pretrained(ckpt, device=device, vae_path=vae_ckpt, cache_dir=cache_dir,
-                                       local_files_only=local_files_only)
+    if ckpt and (os.path.isdir(ckpt) or model_folder.is_repo_id(ckpt)):
+        vae, var = model_folder.from_pretrained(ckpt, device=device, vae_path=vae_ckpt, cache_dir=cache_dir,
+                                                local_files_only=local_files_only)
     elif ckpt:
         vae, var = models.load_checkpoint_models(ckpt, device=device, vae_path=vae_ckpt)
     else:

@@ -7,12 +7,11 @@ tokenizer's own flags are below. `derive_vae(args, world_size)` is the one pure 
 """
 import argparse
 import dataclasses
-import re
 from typing import Optional, Sequence, Tuple
 
 from models.vqvae import downsample_factor
-from utils.arg_util import (REPO_ROOT, add_precision_flags, add_run_flags, add_schedule_flags, bool_flag, flag,
-                            parse_int_tuple, parse_patch_nums, parse_tolerant)
+from utils.arg_util import (REPO_ROOT, RunDerived, add_precision_flags, add_run_flags, add_schedule_flags, bool_flag,
+                            derive_run, flag, parse_int_tuple, parse_tolerant)
 
 OFFICIAL_CH_MULT = '1_1_2_2_4'
 
@@ -91,57 +90,33 @@ def parse_vae_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEDerived:
-    """Values computed from the arguments. See `derive_vae`."""
-    world_size: int
-    batch_size: int         # per rank and per iteration
-    glb_batch_size: int
-    tlr: float              # peak lr of the VQVAE = ac * tblr * glb_batch_size / 256
-    dlr: float              # peak lr of the discriminator (same scaling)
-    twde: float
-    wp: float               # warm-up epochs
+class VAEDerived(RunDerived):
+    """Values computed from train_vae.py's arguments. See `derive_vae`."""
+    dlr: float              # peak lr of the discriminator (same scaling as the VQVAE's tlr)
     disc_start: float       # epoch at which the discriminator starts
-    patch_nums: Tuple[int, ...]
     ch_mult: Tuple[int, ...]
     downsample: int
     image_size: int         # downsample * patch_nums[-1]
-    workers: int
-    val_batch_size: int
-    out_dir: str
-    tb_dir_name: str
 
 
 def derive_vae(args: argparse.Namespace, world_size: int) -> VAEDerived:
     """Pure: every derived quantity of the tokenizer recipe. `args` is not modified."""
-    batch_size = round(args.bs / args.ac / world_size)
-    if batch_size < 1:
-        raise ValueError(f'--bs={args.bs} is too small for --ac={args.ac} and {world_size} processes')
-    glb_batch_size = batch_size * world_size
-    patch_nums = parse_patch_nums(args.pn)
+    run = derive_run(args, world_size, str(REPO_ROOT / 'local_output' / 'vae'),
+                     lambda glb: f'tb-VQVAEch{args.vae_ch}m{args.vae_ch_mult}v{args.vocab}z{args.cvae}__pn{args.pn}'
+                                 f'__b{glb}ep{args.ep}lr{args.tblr:g}')
     ch_mult = parse_int_tuple(args.vae_ch_mult)
     if not ch_mult:
         raise ValueError('--vae_ch_mult must list at least one multiplier, e.g. 1_2_4')
     if args.vae_ch % 32:
         raise ValueError(f'--vae_ch={args.vae_ch} must be a multiple of 32 (GroupNorm with 32 groups)')
     downsample = downsample_factor(ch_mult)
-    name = f'tb-VQVAEch{args.vae_ch}m{args.vae_ch_mult}v{args.vocab}z{args.cvae}__pn{args.pn}__b{glb_batch_size}' \
-           f'ep{args.ep}lr{args.tblr:g}'
-    scale = args.ac * glb_batch_size / 256
+    scale = args.ac * run['glb_batch_size'] / 256
     return VAEDerived(
-        world_size=world_size,
-        batch_size=batch_size,
-        glb_batch_size=glb_batch_size,
+        **run,
         tlr=scale * args.tblr,
         dlr=scale * (args.dblr or args.tblr),
-        twde=args.twde or args.twd,
-        wp=args.wp if args.wp != 0 else args.ep / 50,
         disc_start=args.disc_start if args.disc_start >= 0 else args.ep / 5,
-        patch_nums=patch_nums,
         ch_mult=ch_mult,
         downsample=downsample,
-        image_size=downsample * patch_nums[-1],
-        workers=min(max(0, args.workers), batch_size),
-        val_batch_size=round(batch_size * 1.5),
-        out_dir=args.local_out_dir_path or str(REPO_ROOT / 'local_output' / 'vae'),
-        tb_dir_name=re.sub(r'[^\w\-+,.]', '_', name),
+        image_size=downsample * run['patch_nums'][-1],
     )

@@ -11,9 +11,10 @@ import dataclasses
 import re
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from models.presets import PATCH_NUMS as PN_PRESETS  # --pn 256/512/1024: the models' one registry of scales
+from utils.runtime import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,6 +59,12 @@ def parse_patch_nums(pn: str) -> Tuple[int, ...]:
     """--pn: a preset ('256', '512', '1024') or scale sides separated by '_' (or '-')."""
     pn = str(pn).strip()
     return PN_PRESETS[pn] if pn in PN_PRESETS else parse_int_tuple(pn)
+
+
+def check_patch_size(patch_size: int, downsample: int, vae_path: str) -> None:
+    """--patch_size must be the tokenizer's downsampling factor (`VQVAE.downsample`); raises ConfigError."""
+    if downsample != patch_size:
+        raise ConfigError(f'the tokenizer {vae_path} downsamples by {downsample} but --patch_size={patch_size}')
 
 
 def flag(group, names: Sequence[str], **kw) -> None:
@@ -149,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
               'block-causal attention through a FlexAttention block mask instead of the dense additive mask (CUDA)')
     bool_flag(m, ['--vbf16', '--vae_encode_bf16'], False,
               'the tokenizer encode on a bf16 copy of the encoder (models/lowp.py; faster on a GPU, may change a small '
-              'share of token ids: see benchmarks/bench_encode.py)')
+              'share of token ids: see benchmarks/timings/bench_encode.py)')
 
     s = p.add_argument_group('scale-out')
     bool_flag(s, ['--fsdp'], False,
@@ -195,50 +202,65 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 @dataclasses.dataclass(frozen=True)
-class Derived:
-    """Values computed from the arguments (official names). See `derive`."""
+class RunDerived:
+    """What both trainers derive alike from their shared flags (see `derive_run`); `Derived` and
+    `tokenizer.args.VAEDerived` add their own values."""
     world_size: int
     batch_size: int         # per rank and per iteration
     glb_batch_size: int     # batch_size * world_size (the official code writes it back into bs)
     tlr: float              # peak lr = ac * tblr * glb_batch_size / 256
     twde: float             # final weight decay
     wp: float               # warm-up epochs
-    sche: str               # lr schedule name
-    pgwp: float             # per-stage progressive warm-up epochs
     patch_nums: Tuple[int, ...]
-    resos: Tuple[int, ...]  # patch_size * pn for each scale
-    data_load_reso: int
     workers: int
     val_batch_size: int     # round(1.5 * batch_size)
     out_dir: str
     tb_dir_name: str
 
 
-def derive(args: argparse.Namespace, world_size: int) -> Derived:
-    """Pure: every derived quantity of the official recipe. `args` is not modified."""
+def derive_run(args: argparse.Namespace, world_size: int, default_out_dir: str,
+               tb_name: Callable[[int], str]) -> Dict[str, Any]:
+    """Pure: the `RunDerived` values but the peak lr (each recipe writes its own scaling), as keyword arguments.
+    `tb_name(glb_batch_size)` names the TensorBoard folder (characters other than word, '-+,.' become '_')."""
     batch_size = round(args.bs / args.ac / world_size)
     if batch_size < 1:
         raise ValueError(f'--bs={args.bs} is too small for --ac={args.ac} and {world_size} processes')
     glb_batch_size = batch_size * world_size
-    patch_nums = parse_patch_nums(args.pn)
-    resos = tuple(pn * args.patch_size for pn in patch_nums)
-    opt = args.opt.lower().strip()
-    name = f'tb-VARd{args.depth}__pn{args.pn}__b{glb_batch_size}ep{args.ep}{opt[:4]}lr{args.tblr:g}wd{args.twd:g}'
-    out_dir = args.local_out_dir_path if args.local_out_dir_path else str(REPO_ROOT / 'local_output')
-    return Derived(
+    return dict(
         world_size=world_size,
         batch_size=batch_size,
         glb_batch_size=glb_batch_size,
-        tlr=args.ac * args.tblr * glb_batch_size / 256,
         twde=args.twde or args.twd,
         wp=args.wp if args.wp != 0 else args.ep / 50,
-        sche=f'lin{args.pg:g}' if args.pg > 0 else args.sche,
-        pgwp=args.pgwp if args.pgwp != 0 else args.ep / 300,
-        patch_nums=patch_nums,
-        resos=resos,
-        data_load_reso=max(resos),
+        patch_nums=parse_patch_nums(args.pn),
         workers=min(max(0, args.workers), batch_size),
         val_batch_size=round(batch_size * 1.5),
-        out_dir=out_dir,
-        tb_dir_name=re.sub(r'[^\w\-+,.]', '_', name),
+        out_dir=args.local_out_dir_path or default_out_dir,
+        tb_dir_name=re.sub(r'[^\w\-+,.]', '_', tb_name(glb_batch_size)),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived(RunDerived):
+    """Values computed from train.py's arguments (official names). See `derive`."""
+    sche: str               # lr schedule name
+    pgwp: float             # per-stage progressive warm-up epochs
+    resos: Tuple[int, ...]  # patch_size * pn for each scale
+    data_load_reso: int
+
+
+def derive(args: argparse.Namespace, world_size: int) -> Derived:
+    """Pure: every derived quantity of the official recipe. `args` is not modified."""
+    opt = args.opt.lower().strip()
+    run = derive_run(args, world_size, str(REPO_ROOT / 'local_output'),
+                     lambda glb: f'tb-VARd{args.depth}__pn{args.pn}__b{glb}ep{args.ep}{opt[:4]}lr{args.tblr:g}'
+                                 f'wd{args.twd:g}')
+    resos = tuple(pn * args.patch_size for pn in run['patch_nums'])
+    return Derived(
+        **run,
+        tlr=args.ac * args.tblr * run['glb_batch_size'] / 256,
+        sche=f'lin{args.pg:g}' if args.pg > 0 else args.sche,
+        pgwp=args.pgwp if args.pgwp != 0 else args.ep / 300,
+        resos=resos,
+        data_load_reso=max(resos),
     )

@@ -8,13 +8,12 @@ file intact. Auto-resume loads the newest `ar-ckpt*.pth` that loads, falling bac
 """
 import glob
 import os
-import shutil
-import socket
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 import dist
+from models.atomic_files import atomic_copy, atomic_write, stale_temp_files  # the project's one atomic writer
 
 LAST_NAME = 'ar-ckpt-last.pth'
 BEST_NAME = 'ar-ckpt-best.pth'
@@ -30,67 +29,14 @@ class CheckpointError(RuntimeError):
         self.cause = cause or message
 
 
-def _tmp_path(path: str) -> str:
-    folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f'.{name}.tmp-{socket.gethostname()}-{os.getpid()}')
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems do not support syncing a directory
-    finally:
-        os.close(fd)
-
-
-def _replace_durably(tmp: str, path: str) -> None:
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def atomic_write(path: str, write: Callable[[Any], None], mode: str = 'wb') -> None:
-    """Write `path` through `write(file)` so that readers see either the old file or the complete new one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        _replace_durably(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to `path` atomically (see `atomic_write`)."""
+    """torch.save to `path` atomically (see `models.atomic_files.atomic_write`)."""
     atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_copy(src: str, dst: str) -> None:
-    """Copy `src` to `dst` atomically (used for the best checkpoint), keeping the modification time of `src`."""
-    tmp = _tmp_path(dst)
-    try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, 'rb+') as f:
-            os.fsync(f.fileno())
-        st = os.stat(src)
-        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
-        _replace_durably(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def remove_stale_tmp(folder: str) -> List[str]:
     """Delete temporary files left by a save of this host that was killed (not those of other hosts)."""
-    mine = glob.glob(os.path.join(folder, f'.*.tmp-{socket.gethostname()}-*'))
+    mine = stale_temp_files(folder)
     for p in mine:
         os.remove(p)
     return mine

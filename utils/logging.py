@@ -20,6 +20,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 
 import dist
+from utils.ckpt import atomic_write
 
 
 def print0(*args, **kwargs) -> None:
@@ -112,10 +113,7 @@ def open_steps_log(path: str, resume_g_it: int):
             except (ValueError, KeyError):  # a line cut short by a kill
                 continue
         if len(kept) != len(lines):
-            tmp = path + '.tmp'
-            with open(tmp, 'w') as f:
-                f.writelines(kept)
-            os.replace(tmp, path)
+            atomic_write(path, lambda f: f.writelines(kept), mode='w', fsync=False)
     return open(path, 'a')
 
 

@@ -16,7 +16,7 @@ image bytes and labels of one row group only and decodes one image; each process
 and opens files lazily (a pyarrow handle is never pickled into a loader worker, and a forked worker opens its own).
 Memory per process is therefore about CACHE_GROUPS row groups whatever the shard size (the `datasets` library writes
 image sets in row groups of at most 100 rows: ~11 MB of ImageNet JPEGs). The price of random access: a shuffled order
-reads a whole row group for almost every image (docs/data.md, benchmarks/bench_data.py).
+reads a whole row group for almost every image (docs/data.md, benchmarks/timings/bench_data.py).
 """
 from __future__ import annotations
 

@@ -1,12 +1,13 @@
 """The life cycle of a training run, written once for train.py (VAR) and train_vae.py (its tokenizer).
 
 `TrainingRun` holds what every run has: this process's place (rank, device, seeds, TF32), the console, the resume
-point that every rank must agree on, the loaders positioned at it, the logs (log.txt, TensorBoard held until the
-epoch's checkpoint is on disk, steps.jsonl), the restore, the DDP bucket warm-up, the graceful stop, the periodic and
-epoch checkpoints (none during a streak of skipped steps) and the epoch loop. A trainer's run subclasses it and
-supplies only what is its own: models, optimizers, one iteration (`step`), its meters, validation and visualisation,
-and the contents of its checkpoint. `main_of` runs one and maps its errors to exit codes, the same for both.
+point that every rank must agree on, the loaders positioned at it, the restore, the DDP bucket warm-up, the logs
+(utils/run_logs.py, from the scalars each step returns; TensorBoard held until the epoch's checkpoint is on disk), the
+graceful stop, the periodic and epoch checkpoints (none during a streak of skipped steps) and the epoch loop. A recipe
+subclasses it, builds its parts in its constructor and supplies the abstract methods: one iteration (`step`),
+validation, and its side of a checkpoint. `main_of` runs one and maps its errors to exit codes, the same for both.
 """
+import abc
 import dataclasses
 import gc
 import json
@@ -22,32 +23,37 @@ from tqdm import tqdm
 
 import dist
 from utils.amp_sc import AmpOptimizer, NonFiniteError
-from utils.arg_util import REPO_ROOT
 from utils.ckpt import CheckpointError, CutCycle, auto_resume, remove_stale_tmp, save_run_checkpoint, set_rng_state
 from utils.ckpt_sharded import (check_folder_shared, complete_shard_positions, remove_unreferenced_shards,
                                 save_sharded_run_checkpoint)
 from utils.data_sampler import DistInfiniteBatchSampler, EvalDistributedSampler
 from utils.fsdp import release_process_groups
-from utils.logging import (Console, LogTxt, MetricLogger, TensorboardLogger, epoch_record, format_seconds, git_info,
-                           log_iters, open_steps_log)
+from utils.logging import Console, TensorboardLogger, epoch_record, format_seconds, log_iters
 from utils.run_lock import FolderLock, FolderLockedError
+from utils.run_logs import LogLayout, RunLogs, StepScalars
 from utils.runtime import (ConfigError, GracefulStop, StopTraining, check_ranks_agree, rank_generator,
                            resolve_device, seed_everything, set_tf32, user_errors)
 
-# (min_lr, max_lr, min_wd, max_wd) as utils.lr_control.lr_wd_annealing returns them
-LrWd = Tuple[float, float, float, float]
 
+class TrainingRun(abc.ABC):
+    """One training run.
 
-class TrainingRun:
-    """One training run. A subclass's `__init__` reads like a recipe: `super().__init__` (process set-up),
-    its data, `open_data` (resume point and loaders), its models, optimizers and trainer, `resume`, `open_logs`.
-
-    The subclass provides: `last_name`, `best_name`, `ckpt_glob` (its checkpoint files), `self.trainer` (with
-    `state_dict()`), `self.best` (best validation metrics), and the methods marked "subclass" below.
+    A recipe's constructor calls `super().__init__` (this process: rank, device, output folder, console, seeds), then
+    builds its parts in its own order and sets the attributes annotated below; `fit` does the rest: the resume point,
+    the loaders, the restore, the logs and the epochs. Its class names its checkpoint files, the progress bar's label
+    and the `LogLayout` of its scalars.
     """
 
     last_name = best_name = ckpt_glob = ''
     bar_name = 'Ep'  # the progress bar's and the iteration log's label
+    layout = LogLayout()
+    # set by the recipe's constructor
+    train_set: Dataset  # from then on `iters_train` and `max_it` are known
+    val_set: Dataset
+    trainer: Any  # with state_dict()
+    optimizers: List[AmpOptimizer]  # the main one first: its skipped steps are reported
+    best: Dict[str, float]  # the best validation metrics so far
+    about: str  # the recipe's part of the `[init]` line
 
     def __init__(self, args, derive: Callable[[Any, int], Any], cudnn_benchmark: bool):
         self.args = args
@@ -68,18 +74,66 @@ class TrainingRun:
         seed_everything(args.seed, self.rank, self.world_size, benchmark=cudnn_benchmark)
         set_tf32(args.tf32)
         self.cut_cycle = CutCycle()  # an accumulation cycle that an epoch end cuts: checkpoints point at its start
-        self.best: Dict[str, float] = {}
-        self.tb: Optional[TensorboardLogger] = None
-        self.steps_file = None
+        self.logs: Optional[RunLogs] = None
 
-    # ------------------------------------------------------------------ set-up
-    def open_data(self, train_set: Dataset, val_set: Dataset) -> None:
-        """Iterations per epoch, the resume point (every rank reads its node's output folder; all must agree) and
-        the loaders, positioned at that point."""
+    @property
+    def iters_train(self) -> int:
+        return math.ceil(len(self.train_set) / self.cfg.glb_batch_size)
+
+    @property
+    def max_it(self) -> int:
+        return self.args.ep * self.iters_train
+
+    @property
+    def resume_g_it(self) -> int:
+        """The global iteration this run starts at (0 for a new run)."""
+        return self.start_ep * self.iters_train + self.start_it
+
+    @property
+    def tb(self) -> TensorboardLogger:
+        """TensorBoard, for what validation shows."""
+        return self.logs.tb
+
+    # ------------------------------------------------------------------ the recipe's own
+    @abc.abstractmethod
+    def step(self, batch: Any, g_it: int, stepping: bool, metrics: bool, tb: bool) -> StepScalars:
+        """One iteration -> its scalars; with the meters if `metrics`, the TensorBoard tags if `tb` (a collective)."""
+
+    @abc.abstractmethod
+    def validate(self, ep: int, record: Dict[str, Any]) -> bool:
+        """Validation after epoch `ep` (its logs, `record`, `self.best`); True when the best improved."""
+
+    @abc.abstractmethod
+    def load_trainer_state(self, ckpt: Dict[str, Any], path: str, changed: Dict[str, Tuple[Any, Any]]) -> List[str]:
+        """Restore the trainer from `ckpt['trainer']` (raise ConfigError when it cannot); returns notes."""
+
+    @abc.abstractmethod
+    def settle_ddp_buckets(self) -> None:
+        """After a restore, the trainer's throwaway zero-weighted backward (utils.ddp.settle_ddp_buckets)."""
+
+    @abc.abstractmethod
+    def replicated_modules(self) -> List[torch.nn.Module]:
+        """The trained modules whose replicas must agree across ranks before a save."""
+
+    @abc.abstractmethod
+    def checkpoint_extras(self) -> Dict[str, Any]:
+        """What the checkpoint holds besides position, trainer, args, derived values and best metrics."""
+
+    @abc.abstractmethod
+    def cycle_patch(self) -> Dict[str, Dict[str, Any]]:
+        """The trainer state that forward passes change, as a patch of its state dict (see utils.ckpt.CutCycle)."""
+
+    def sharded_state(self) -> Optional[Tuple[torch.nn.Module, torch.optim.Optimizer]]:
+        """(model, optimizer) whose state a sharded checkpoint holds (utils/ckpt_sharded.py), or None (the default:
+        single-file checkpoints). A trainer that supports it returns them under --fsdp 1, and then saves the rest
+        through `trainer.state_dict(weights=False)`."""
+        return None
+
+    # ------------------------------------------------------------------ set-up (`fit`)
+    def open_data(self) -> None:
+        """The resume point (every rank reads its node's output folder; all must agree) and the loaders, positioned at
+        that point."""
         args, cfg = self.args, self.cfg
-        self.train_set, self.val_set = train_set, val_set
-        self.iters_train = math.ceil(len(train_set) / cfg.glb_batch_size)
-        self.max_it = args.ep * self.iters_train
         if dist.is_local_master():
             remove_stale_tmp(cfg.out_dir)
         self.ckpt, self.ckpt_path, skipped = auto_resume(cfg.out_dir, self.ckpt_glob)
@@ -90,20 +144,16 @@ class TrainingRun:
         check_same_resume_point((self.start_ep, self.start_it))
         if self.start_it >= self.iters_train:  # the data set shrank since: start the next epoch
             self.start_ep, self.start_it = self.start_ep + 1, 0
-        sampler = DistInfiniteBatchSampler(self.world_size, self.rank, len(train_set), cfg.glb_batch_size,
+        sampler = DistInfiniteBatchSampler(self.world_size, self.rank, len(self.train_set), cfg.glb_batch_size,
                                            same_seed_for_all_ranks=args.same_seed_for_all_ranks, fill_last=True,
                                            shuffle=True, start_ep=self.start_ep, start_it=self.start_it,
                                            aug_seed=args.seed)
         pin = self.device.type == 'cuda'
-        self.ld_train = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=pin,
+        self.ld_train = DataLoader(self.train_set, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=pin,
                                    generator=rank_generator(args.seed, self.rank, self.world_size))
-        self.ld_val = DataLoader(val_set, batch_size=cfg.val_batch_size, num_workers=0, pin_memory=pin,
-                                 drop_last=False, sampler=EvalDistributedSampler(val_set, self.world_size, self.rank))
-
-    @property
-    def resume_g_it(self) -> int:
-        """The global iteration this run starts at (0 for a new run)."""
-        return self.start_ep * self.iters_train + self.start_it
+        self.ld_val = DataLoader(self.val_set, batch_size=cfg.val_batch_size, num_workers=0, pin_memory=pin,
+                                 drop_last=False, sampler=EvalDistributedSampler(self.val_set, self.world_size,
+                                                                                 self.rank))
 
     def resume(self) -> None:
         """From the checkpoint found by `open_data`, if any: the trainer's state, every rank's RNG, the best metrics;
@@ -129,79 +179,14 @@ class TrainingRun:
         self.settle_ddp_buckets()
         self.ckpt = None  # the weights now live in the models
 
-    def open_logs(self, init_line: str) -> None:
-        """log.txt (a header per process start), TensorBoard (purged past the resume point) and steps.jsonl."""
+    def open_logs(self) -> None:
+        """log.txt, TensorBoard and steps.jsonl (utils.run_logs.RunLogs), and the `[init]` line."""
         args, cfg = self.args, self.cfg
-        resumed = self.ckpt_path is not None
-        self.tb = TensorboardLogger(os.path.join(cfg.out_dir, cfg.tb_dir_name), enabled=dist.is_master(),
-                                    purge_step=self.resume_g_it if resumed else None)
-        self.log_txt = LogTxt(os.path.join(cfg.out_dir, 'log.txt'), enabled=dist.is_master())
-        git = git_info(str(REPO_ROOT))
-        self.header = {'is_master': dist.is_master(), 'name': args.exp_name, 'cmd': ' '.join(sys.argv),
-                       'commit': git['commit'], 'branch': git['branch'], 'tb_log_dir_path': self.tb.log_dir}
-        self.log_txt.write(self.header)
-        self.steps_file = open_steps_log(os.path.join(cfg.out_dir, 'steps.jsonl'), self.resume_g_it) \
-            if args.log_steps and dist.is_master() else None
+        self.logs = RunLogs(self.layout, self.console, cfg.out_dir, cfg.tb_dir_name, args.exp_name, self.resume_g_it,
+                            resumed=self.ckpt_path is not None, log_steps=args.log_steps)
         self.console.info(f'[init] world_size={self.world_size} device={self.device} train={len(self.train_set)} '
-                          f'val={len(self.val_set)} iters/ep={self.iters_train} {init_line} '
+                          f'val={len(self.val_set)} iters/ep={self.iters_train} {self.about} '
                           f'{json.dumps(dataclasses.asdict(cfg))}')
-
-    # ------------------------------------------------------------------ subclass
-    @property
-    def optimizers(self) -> List[AmpOptimizer]:
-        """Subclass: the run's optimizer steps, the first one the main one (its skips are reported per step)."""
-        raise NotImplementedError
-
-    def load_trainer_state(self, ckpt: Dict[str, Any], path: str, changed: Dict[str, Tuple[Any, Any]]) -> List[str]:
-        """Subclass: restore the trainer from `ckpt['trainer']` (raise ConfigError when it cannot); returns notes."""
-        raise NotImplementedError
-
-    def settle_ddp_buckets(self) -> None:
-        """Subclass: the trainer's throwaway zero-weighted backward (utils.ddp.settle_ddp_buckets)."""
-        raise NotImplementedError
-
-    def replicated_modules(self) -> List[torch.nn.Module]:
-        """Subclass: the trained modules whose replicas must agree across ranks before a save."""
-        raise NotImplementedError
-
-    def sharded_state(self) -> Optional[Tuple[torch.nn.Module, torch.optim.Optimizer]]:
-        """(model, optimizer) whose state a sharded checkpoint holds (utils/ckpt_sharded.py), or None (the default:
-        single-file checkpoints). A trainer that supports it returns them under --fsdp 1, and then saves the rest
-        through `trainer.state_dict(weights=False)`."""
-        return None
-
-    def checkpoint_extras(self) -> Dict[str, Any]:
-        """Subclass: what its checkpoint holds besides position, trainer, args, derived values and best metrics."""
-        raise NotImplementedError
-
-    def cycle_patch(self) -> Dict[str, Dict[str, Any]]:
-        """Subclass: the trainer state that forward passes change, as a patch of its state dict (see CutCycle)."""
-        raise NotImplementedError
-
-    def epoch_meters(self) -> MetricLogger:
-        raise NotImplementedError
-
-    def step(self, me: MetricLogger, ep: int, it: int, g_it: int, batch: Any, stepping: bool, log_prefix: Optional[str]
-             ) -> Tuple[Dict[str, Any], LrWd]:
-        """Subclass: one iteration (schedules, the trainer's step, meters, per-iteration logs). `log_prefix` is the
-        start of the console line on the logged iterations (else None). Returns the trainer's output (with 'loss'
-        and 'grad_norm') and the (min_lr, max_lr, min_wd, max_wd) it set."""
-        raise NotImplementedError
-
-    def epoch_stats(self, me: MetricLogger, lr_wd: Optional[LrWd]) -> Dict[str, Any]:
-        raise NotImplementedError
-
-    def validate(self, ep: int, record: Dict[str, Any]) -> bool:
-        """Subclass: validation after epoch `ep` (logs, visualisation, `self.best`); True when the best improved."""
-        raise NotImplementedError
-
-    def log_epoch(self, ep: int, stats: Dict[str, Any], record: Dict[str, Any], remain: float,
-                  img_per_s: Optional[float]) -> None:
-        raise NotImplementedError
-
-    def summary(self) -> str:
-        """Subclass: the last console line of a finished run."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, epoch: int, it: int, best_updated: bool = False) -> None:
@@ -234,6 +219,9 @@ class TrainingRun:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> None:
+        self.open_data()  # the resume point (the same on every rank) and the loaders
+        self.resume()  # weights, optimizers, RNG, best metrics; DDP buckets settled
+        self.open_logs()
         if self.start_ep >= self.args.ep:
             self.console.info(f'[fit] nothing to do: the checkpoint is at epoch {self.start_ep} of {self.args.ep}')
             return
@@ -241,37 +229,37 @@ class TrainingRun:
             self.fit_epochs()
 
     def fit_epochs(self) -> None:
-        args = self.args
+        args, logs = self.args, self.logs
         ld_iter = iter(self.ld_train)
         t_start, it_start = time.time(), self.resume_g_it
         for ep in range(self.start_ep, args.ep):
             first_it = self.start_it if ep == self.start_ep else 0
             stats, img_per_s = self.train_one_ep(ep, first_it, ld_iter)
             record, remain = epoch_record(ep, args.ep, self.iters_train, stats, t_start, it_start)
-            with self.tb.held():  # the epoch-axis events are written once the epoch's checkpoint is on disk
+            with logs.tb.held():  # the epoch-axis events are written once the epoch's checkpoint is on disk
                 best_updated = False
                 if (ep + 1) % args.val_every_ep == 0 or ep + 1 == args.ep:
                     best_updated = self.validate(ep, record)
-                self.log_epoch(ep, stats, record, remain, img_per_s)
+                logs.epoch(ep, stats, record, remain, img_per_s)
                 if ep + 1 == args.ep:  # the run is over: a last unfinished cycle is dropped, as officially
                     self.cut_cycle.start = None
                 self.save(ep + 1, 0, best_updated)
-            self.log_txt.write(self.header, record)
-            self.tb.flush()
+            logs.write_record(record)
             self.stop.at_epoch_end(ep, args.ep)
-        self.console.info(self.summary())
+        summary = self.layout.summary.format(best=self.best, skipped=self.optimizers[0].num_skipped,
+                                             unreadable=self.train_set.num_skipped, run=self)
+        self.console.info(f'[fit] done: {args.ep} epochs, {summary}')
 
     def train_one_ep(self, ep: int, first_it: int, ld_iter) -> Tuple[Dict[str, Any], Optional[float]]:
         """Iterations [first_it, iters_train) of epoch `ep`; returns the epoch's statistics and its images/s per
         process (None when fewer than two iterations ran)."""
         args, iters, main_opt = self.args, self.iters_train, self.optimizers[0]
-        me = self.epoch_meters()
+        self.logs.start_epoch()
         log_its = log_iters(iters, first_it)
         bar = tqdm(total=iters, initial=first_it, desc=f'[{self.bar_name} {ep}/{args.ep}]',
                    disable=not dist.is_master(), mininterval=1.0 if sys.stderr.isatty() else 60.0, dynamic_ncols=True,
                    leave=False)
         t0 = t_after_first = time.time()
-        lr_wd = None
         for it in range(first_it, iters):
             g_it = ep * iters + it
             self.cut_cycle.begin_iteration(ep, it, iters, args.ac, self.cycle_patch)
@@ -282,16 +270,14 @@ class TrainingRun:
             if it in log_its:
                 eta = (time.time() - t0) / (it - first_it + 1) * (iters - it - 1)
                 log_prefix = f'[{self.bar_name}]: [{ep:4d}/{args.ep}]  [{it:4d}/{iters}]  eta: {format_seconds(eta)}'
-            out, lr_wd = self.step(me, ep, it, g_it, batch, stepping, log_prefix)
+            tb_now = g_it == 0 or (g_it + 1) % args.tb_every_iters == 0
+            scalars = self.step(batch, g_it, stepping, metrics=log_prefix is not None, tb=tb_now)
             self.cut_cycle.end_iteration(stepping)
+            self.logs.iteration(ep, it, g_it, scalars, log_prefix)
             if main_opt.num_skipped > skipped_before:
-                self.console.warn(f'[step {g_it}] non-finite loss or gradient (grad norm {out["grad_norm"]}): step '
+                self.console.warn(f'[step {g_it}] non-finite loss or gradient (grad norm {scalars.grad_norm}): step '
                                   f'skipped ({main_opt.consecutive_skipped} in a row, {main_opt.num_skipped} in '
                                   f'total)')
-            if self.steps_file is not None:
-                self.steps_file.write(json.dumps({'g_it': g_it, 'ep': ep, 'it': it, 'loss': out['loss'].item(),
-                                             'grad_norm': out['grad_norm'], 'lr': lr_wd[1], 'wd': lr_wd[3]}) + '\n')
-                self.steps_file.flush()
             bar.update(1)
             if it == first_it:
                 t_after_first = time.time()  # throughput excludes the first (warm-up / compile) iteration
@@ -308,15 +294,12 @@ class TrainingRun:
             peak = f', peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GiB' \
                 if self.device.type == 'cuda' else ''
             self.console.info(f'[ep{ep}] speed: {img_per_s:.1f} images/s per process{peak}')
-        me.synchronize_between_processes(self.device)
-        return self.epoch_stats(me, lr_wd), img_per_s
+        return self.logs.epoch_stats(self.device), img_per_s
 
     def close(self) -> None:
         """The logs; a sharded model's device mesh lets go of the process group (see `main_of`)."""
-        if self.steps_file is not None:
-            self.steps_file.close()
-        if self.tb is not None:
-            self.tb.close()
+        if self.logs is not None:
+            self.logs.close()
         sharded = self.sharded_state()
         if sharded is not None:
             release_process_groups(sharded[0])

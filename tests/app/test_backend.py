@@ -83,9 +83,9 @@ def test_class_names(tmp_path, tiny_ckpt, model):
     ckpt['class_names'] = [f'folder_{i}' for i in range(10)]  # what train.py stores
     torch.save(ckpt, tmp_path / 'named.pth')
     assert class_names_for(10, str(tmp_path / 'named.pth'))[4] == 'folder_4'
-    from models import hub, load_checkpoint_models  # a model folder (and so a Hub repo) keeps them in config.json
+    from models import load_checkpoint_models, model_folder  # a model folder (so a Hub repo) keeps them in config.json
     vae, var = load_checkpoint_models(tmp_path / 'named.pth')
-    hub.save_pretrained(vae, var, tmp_path / 'folder', class_names=ckpt['class_names'])
+    model_folder.save_pretrained(vae, var, tmp_path / 'folder', class_names=ckpt['class_names'])
     assert class_names_for(10, str(tmp_path / 'folder'))[7] == 'folder_7'
     vae, var = model.vae, model.var
     assert backend.parse_class('4: folder_4', 10) == 4 and backend.parse_class(4.0, 10) == 4

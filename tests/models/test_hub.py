@@ -1,4 +1,5 @@
-"""Whole-model folders (models/hub.py, hub.py), the official VARHF, and loading that never runs code from a file.
+"""Whole-model folders (models/model_folder.py, the hub.py script), the official VARHF, and loading that never runs
+code from a file.
 
 Everything offline: folders on disk, a Hub cache laid out by hand, and an upload function that records its files.
 """
@@ -16,9 +17,9 @@ import torch
 import support
 from support import assert_equal_up_to_rounding, rounding_chain, shared_path
 
-import hub as hub_script
+import hub
 import sample
-from models import hub, load_checkpoint_models, read_checkpoint
+from models import load_checkpoint_models, model_folder, read_checkpoint
 from models.loading import UnsafeCheckpointError
 from models.var import VARHF
 
@@ -41,6 +42,15 @@ def _draw(var, seed=3):
     with torch.inference_mode():
         return var.autoregressive_infer_cfg(B=2, label_B=torch.tensor([1, 7]), g_seed=seed, cfg=2.0, top_k=10,
                                             top_p=0.9)
+
+
+def test_the_config_keys_are_the_official_constructor_arguments():
+    """One list of VAR's configuration keys (models.loading.VAR_ARG_KEYS, read from the constructor): VAR.config's
+    keys, and with `vae_kwargs` the keys the official VARHF writes."""
+    from models import build_vae_var
+    from models.loading import VAR_ARG_KEYS
+    _, var = build_vae_var('meta', patch_nums=(1, 2), V=16, Cvae=4, ch=32, depth=1, num_classes=10)
+    assert tuple(var.config) == VAR_ARG_KEYS and set(VAR_ARG_KEYS) | {'vae_kwargs'} == OFFICIAL_VARHF_KEYS
 
 
 def _assert_same_tensors(a, b):
@@ -66,7 +76,7 @@ def train_ckpt(tiny_models, tmp_path):
 @pytest.fixture
 def folder(train_ckpt, tmp_path):
     out = tmp_path / 'folder'
-    code, stdout, err = _cli(hub_script, 'save', out, '--ckpt', train_ckpt)
+    code, stdout, err = _cli(hub, 'save', out, '--ckpt', train_ckpt)
     assert code == 0, err
     return out
 
@@ -77,12 +87,12 @@ def test_official_files_to_folder_and_back_bit_for_bit(tmp_path):
     g = torch.load(shared_path('golden', 'tiny_pn4.pt'), map_location='cpu', weights_only=False)
     torch.save(g['vae_state_dict'], tmp_path / 'vae.pth')
     torch.save(g['var_state_dict'], tmp_path / 'var.pth')
-    code, _, err = _cli(hub_script, 'save', tmp_path / 'f', '--ckpt', tmp_path / 'var.pth',
+    code, _, err = _cli(hub, 'save', tmp_path / 'f', '--ckpt', tmp_path / 'var.pth',
                         '--vae_ckpt', tmp_path / 'vae.pth')
     assert code == 0, err
     assert sorted(os.listdir(tmp_path / 'f')) == ['README.md', 'config.json', 'model.safetensors', 'vae.safetensors']
 
-    vae, var = hub.from_pretrained(tmp_path / 'f')
+    vae, var = model_folder.from_pretrained(tmp_path / 'f')
     var.cond_drop_rate = 0.0
     out, inp = g['outputs'], g['inputs']
     with torch.no_grad():
@@ -95,7 +105,7 @@ def test_official_files_to_folder_and_back_bit_for_bit(tmp_path):
         torch.testing.assert_close(img, out['greedy_cfg1.5_img'], rtol=1e-2, atol=2e-3)
         assert all(torch.equal(a, b) for a, b in zip(vae.img_to_idxBl(inp['img_B3HW']), out['img_to_idxBl']))
 
-    code, stdout, err = _cli(hub_script, 'export', tmp_path / 'f', tmp_path / 'back')
+    code, stdout, err = _cli(hub, 'export', tmp_path / 'f', tmp_path / 'back')
     assert code == 0, err
     _assert_same_tensors(torch.load(tmp_path / 'back' / 'vae_ch32v64z8.pth', weights_only=True), g['vae_state_dict'])
     _assert_same_tensors(torch.load(tmp_path / 'back' / 'var_d2.pth', weights_only=True), g['var_state_dict'])
@@ -123,9 +133,9 @@ def test_varhf_writes_the_official_config_keys(tmp_path):
     # our loader reads that folder too when given the tokenizer
     vae_path = tmp_path / 'vae.pth'
     torch.save(m.vae_proxy[0].state_dict(), vae_path)
-    with pytest.raises(hub.FolderError, match='holds no tokenizer weights'):
-        hub.from_pretrained(tmp_path)
-    vae, var = hub.from_pretrained(tmp_path, vae_path=str(vae_path))
+    with pytest.raises(model_folder.FolderError, match='holds no tokenizer weights'):
+        model_folder.from_pretrained(tmp_path)
+    vae, var = model_folder.from_pretrained(tmp_path, vae_path=str(vae_path))
     _assert_same_tensors(var.state_dict(), m.state_dict())
 
 
@@ -133,7 +143,7 @@ def test_training_checkpoint_to_folder_samples_the_same(folder, train_ckpt, tiny
     """A train.py checkpoint -> folder: the same samples for a seed, the class names in config.json, and a card in
     the Hub's format with the training command (it parses back to the run's flags) and the validation metrics."""
     _, var_ref = load_checkpoint_models(train_ckpt)
-    vae, var = hub.from_pretrained(folder)
+    vae, var = model_folder.from_pretrained(folder)
     torch.testing.assert_close(_draw(var), _draw(var_ref), rtol=0, atol=0)
     cfg = json.loads((folder / 'config.json').read_text())
     assert cfg['class_names'] == NAMES and cfg['sampling'] == dict(cfg=1.5, top_k=900, top_p=0.96, more_smooth=False)
@@ -164,8 +174,8 @@ def test_scripts_take_a_folder_and_a_repo_id_from_an_offline_hub_cache(folder, t
     (cache / 'models--someone--tiny-var' / 'refs').mkdir()
     (cache / 'models--someone--tiny-var' / 'refs' / 'main').write_text(commit)
 
-    _, var = hub.from_pretrained('someone/tiny-var', cache_dir=str(cache), local_files_only=True)
-    _, var_ref = hub.from_pretrained(folder)
+    _, var = model_folder.from_pretrained('someone/tiny-var', cache_dir=str(cache), local_files_only=True)
+    _, var_ref = model_folder.from_pretrained(folder)
     _assert_same_tensors(var.state_dict(), var_ref.state_dict())
 
     grid = ['--classes', '1,2', '--top_k', '5', '--seed', '4', '--nrow', '2', '--device', 'cpu']
@@ -198,7 +208,7 @@ def test_push_to_hub_uploads_the_checked_folder(folder, monkeypatch):
 
     monkeypatch.setattr(HfApi, 'create_repo', create_repo)
     monkeypatch.setattr(HfApi, 'upload_folder', upload_folder)
-    code, stdout, err = _cli(hub_script, 'push', folder, 'me/tiny-var', '--private')
+    code, stdout, err = _cli(hub, 'push', folder, 'me/tiny-var', '--private')
     assert code == 0, err
     assert calls == [('create', 'me/tiny-var', True),
                      ('upload', 'me/tiny-var', ['README.md', 'config.json', 'model.safetensors', 'vae.safetensors'],
@@ -207,14 +217,14 @@ def test_push_to_hub_uploads_the_checked_folder(folder, monkeypatch):
 
     calls.clear()  # a partial folder is refused before anything is uploaded
     os.remove(folder / 'vae.safetensors')
-    code, _, err = _cli(hub_script, 'push', folder, 'me/tiny-var')
+    code, _, err = _cli(hub, 'push', folder, 'me/tiny-var')
     assert code == 2 and 'vae.safetensors' in err and calls == []
 
 
 def test_corrupt_or_partial_folders_name_the_problem(folder, tmp_path):
     def fails(pattern, path=folder):
-        with pytest.raises((hub.FolderError, RuntimeError), match=pattern):
-            hub.from_pretrained(path)
+        with pytest.raises((model_folder.FolderError, RuntimeError), match=pattern):
+            model_folder.from_pretrained(path)
 
     from safetensors.torch import load_file, save_file
     model_file = folder / 'model.safetensors'
@@ -312,10 +322,10 @@ def test_save_of_the_official_release_names_the_imagenet_classes(monkeypatch, tm
         return vae, var
 
     monkeypatch.setattr(models, 'load_pretrained', fake_load)
-    code, _, err = _cli(hub_script, 'save', tmp_path / 'f', '--depth', '20', '--local_files_only', '--cfg', '4')
+    code, _, err = _cli(hub, 'save', tmp_path / 'f', '--depth', '20', '--local_files_only', '--cfg', '4')
     assert code == 0, err
     assert seen['depth'] == 20 and seen['local_files_only'] is True
-    cfg = hub.check_folder(str(tmp_path / 'f'))
+    cfg = model_folder.check_folder(str(tmp_path / 'f'))
     assert cfg['class_names'][0] == 'tench' and cfg['sampling']['cfg'] == 4.0
     card = (tmp_path / 'f' / 'README.md').read_text()
     assert 'the official release' in card and 'var_d20.pth' in card and 'cfg=4.0' in card
@@ -326,7 +336,7 @@ def test_importing_models_loads_neither_the_hub_nor_safetensors():
     """`import models` stays torch-only and offline: VARHF's base class and the folders' formats load on first use."""
     import subprocess
     import sys
-    code = ("import sys, models, models.hub, models.var; "
+    code = ("import sys, models, models.model_folder, models.var; "
             "print(sorted(m for m in ('huggingface_hub', 'safetensors') if m in sys.modules)); "
             "from models.var import VARHF; print('huggingface_hub' in sys.modules)")
     r = subprocess.run([sys.executable, '-c', code], cwd=support.ROOT, capture_output=True, text=True, timeout=120)

@@ -16,21 +16,21 @@ SETTINGS = [dict(cfg=1.5, top_k=20, top_p=0.9, more_smooth=False), dict(cfg=3.0,
 def _plain_f_hat(var, **kw):
     """f_hat of the plain path (the on_scale hook sees the final latent last)."""
     seen = []
-    var.autoregressive_infer_cfg(on_scale=lambda si, f: seen.append(f.clone()), **kw)
+    sampling_engine(var).sample(on_scale=lambda si, f: seen.append(f.clone()), **kw)
     return seen[-1]
 
 
 def _generators(var, g_seed, B):
     """What `autoregressive_infer_cfg` makes of g_seed (labels given): None, the model's rng, or one per row."""
-    _, rng = var._sampling_labels(B, torch.zeros(B, dtype=torch.long), g_seed)
+    _, rng = var.sampling_labels(B, torch.zeros(B, dtype=torch.long), g_seed)
     return rng
 
 
 def _plain_loop(var, label_B, rng, settings):
     """The plain path's loop (autoregressive_infer_cfg without a graph) drawing from the given generators."""
-    cond_BD, lvl_pos, next_token_map, f_hat = var._first_scale_input(label_B)
+    cond_BD, lvl_pos, next_token_map, f_hat = var.first_scale_input(label_B)
     with sampling_engine(var).steps(cond_BD, next_token_map) as step:
-        return var._sample_scales(step, next_token_map, f_hat, lvl_pos, rng, **settings)
+        return var.sample_scales(step, next_token_map, f_hat, lvl_pos, rng, **settings)
 
 
 def _states(rng):
@@ -126,9 +126,9 @@ def test_loop_graph_is_made_again_when_settings_or_weights_change(tiny_models):
     var.load_state_dict({k: v.clone() for k, v in var.state_dict().items()}, assign=True)
     assert not loop.still_valid()
     with pytest.raises(ValueError, match='CUDA'):
-        var.autoregressive_infer_cfg(B=1, label_B=0, cuda_graph='loop')
+        sampling_engine(var).sample(B=1, label_B=0, cuda_graph='loop')
     with pytest.raises(ValueError, match="'loop'"):
-        var.autoregressive_infer_cfg(B=1, label_B=0, cuda_graph='whole')
+        sampling_engine(var).sample(B=1, label_B=0, cuda_graph='whole')
     release_sampling_caches(var)
     assert not engine._graphs
 
@@ -242,7 +242,7 @@ def test_captured_loop_draws_the_plain_paths_random_numbers(g_seed):
             ref = var.autoregressive_infer_cfg(**kw)
             after_ref = torch.cuda.get_rng_state() if g_seed is None else var.rng.get_state()
             torch.cuda.manual_seed(5)
-            out = var.autoregressive_infer_cfg(**kw, cuda_graph='loop')
+            out = sampling_engine(var).sample(**kw, cuda_graph='loop')
             after = torch.cuda.get_rng_state() if g_seed is None else var.rng.get_state()
             # the same random numbers and so the same ids; decoded in chunks vs at once (two computations)
             vae = var.vae_proxy[0]
@@ -266,11 +266,11 @@ def test_captured_loop_under_bf16_with_compile_and_the_bf16_stream():
             ref = var.autoregressive_infer_cfg(**kw)
             for fast in (dict(), dict(compiled=True), dict(compiled=True, stream_dtype=BF16)):
                 for _ in range(2):
-                    out = var.autoregressive_infer_cfg(**kw, cuda_graph='loop', **fast)
+                    out = sampling_engine(var).sample(**kw, cuda_graph='loop', **fast)
                     assert (out - ref).abs().mean() < 2e-2, fast  # bf16, compiled kernels: a known approximation
             var.head.weight.data.mul_(-1.0)
             ref_b = var.autoregressive_infer_cfg(**kw)
-            out_b = var.autoregressive_infer_cfg(**kw, cuda_graph='loop', compiled=True, stream_dtype=BF16)
+            out_b = sampling_engine(var).sample(**kw, cuda_graph='loop', compiled=True, stream_dtype=BF16)
             assert (ref_b - ref).abs().mean() > 5 * (out_b - ref_b).abs().mean()
     finally:
         release_sampling_caches(var)

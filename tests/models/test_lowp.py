@@ -82,10 +82,10 @@ def test_sampling_with_the_bf16_stream_follows_the_weights_and_leaves_the_model_
     _, var = tiny_models
     kw = dict(B=3, label_B=torch.tensor([0, 4, 9]), g_seed=5, cfg=1.5, top_k=1, stream_dtype=BF16)
     attrs, keys = set(vars(var)), list(var.state_dict())
-    out = var.autoregressive_infer_cfg(**kw)
-    assert out.shape == var.autoregressive_infer_cfg(**dict(kw, stream_dtype=None)).shape
+    out = sampling_engine(var).sample(**kw)
+    assert out.shape == sampling_engine(var).sample(**dict(kw, stream_dtype=None)).shape
     assert out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
-    assert torch.equal(var.autoregressive_infer_cfg(**kw), out)
+    assert torch.equal(sampling_engine(var).sample(**kw), out)
     engine = sampling_engine(var)
     assert isinstance(engine._step_copy, StepCopy) and isinstance(engine._decoder_copy, DecoderCopy)
     assert set(vars(var)) == attrs and list(var.state_dict()) == keys
@@ -93,9 +93,9 @@ def test_sampling_with_the_bf16_stream_follows_the_weights_and_leaves_the_model_
     saved = {k: v.clone() for k, v in var.state_dict().items()}
     try:
         var.head.weight.data.mul_(-1.0)  # a change the copy must see: flips which token is greedy
-        changed = var.autoregressive_infer_cfg(**kw)
+        changed = sampling_engine(var).sample(**kw)
         assert not torch.equal(changed, out)
-        assert torch.equal(copy.deepcopy(var).autoregressive_infer_cfg(**kw), changed)  # a fresh engine and copy
+        assert torch.equal(sampling_engine(copy.deepcopy(var)).sample(**kw), changed)  # a fresh engine and copy
     finally:
         var.load_state_dict(saved)
     release_sampling_caches(var)
@@ -128,7 +128,7 @@ def test_stream_dtype_other_than_bf16_is_refused_before_sampling(tiny_models):
     state = var.rng.manual_seed(11).get_state()
     for bad in (torch.float16, torch.float32, 'bf16'):
         with pytest.raises(ValueError, match='stream_dtype'):
-            var.autoregressive_infer_cfg(B=1, label_B=0, g_seed=3, stream_dtype=bad)
+            sampling_engine(var).sample(B=1, label_B=0, g_seed=3, stream_dtype=bad)
     assert torch.equal(var.rng.get_state(), state)  # refused before the seed was set or anything drawn
 
 
@@ -147,15 +147,15 @@ def test_bf16_stream_with_graphs_and_compile_agrees_on_cuda():
     kw = dict(B=20, label_B=torch.arange(20, device='cuda') % 10, g_seed=3, cfg=1.5, top_k=1)
     try:
         with torch.inference_mode(), torch.autocast('cuda', dtype=BF16):
-            ref = var.autoregressive_infer_cfg(**kw)
+            ref = sampling_engine(var).sample(**kw)
             for compiled in (False, True):
                 fast = dict(cuda_graph=True, compiled=compiled, partial_sort=True, stream_dtype=BF16)
                 for _ in range(2):  # capture, then replay
-                    out = var.autoregressive_infer_cfg(**kw, **fast)
+                    out = sampling_engine(var).sample(**kw, **fast)
                     assert (out - ref).abs().mean() < 2e-2  # bf16 stream vs autocast: a known approximation
             var.head.weight.data.mul_(-1.0)
-            ref_b = var.autoregressive_infer_cfg(**kw)
-            out_b = var.autoregressive_infer_cfg(**kw, **fast)
+            ref_b = sampling_engine(var).sample(**kw)
+            out_b = sampling_engine(var).sample(**kw, **fast)
             assert (ref_b - ref).abs().mean() > 5 * (out_b - ref_b).abs().mean()
     finally:
         release_sampling_caches(var)
@@ -189,10 +189,10 @@ def test_bf16_copies_made_under_inference_mode_refresh_outside_it(tiny_models):
     _, var = tiny_models
     kw = dict(B=2, label_B=torch.tensor([1, 2]), g_seed=1, top_k=1, stream_dtype=BF16)
     with torch.inference_mode():
-        first = var.autoregressive_infer_cfg(**kw)
+        first = sampling_engine(var).sample(**kw)
     assert not sampling_engine(var)._step_copy.head.weight.is_inference()
     with torch.no_grad():
-        assert torch.equal(var.autoregressive_infer_cfg(**kw), first)
+        assert torch.equal(sampling_engine(var).sample(**kw), first)
     with torch.inference_mode():
-        assert torch.equal(var.autoregressive_infer_cfg(**kw), first)
+        assert torch.equal(sampling_engine(var).sample(**kw), first)
     release_sampling_caches(var)

@@ -323,14 +323,13 @@ def test_drop_path_scales_the_kept_samples():
 def test_more_smooth_gumbel_gets_scaled_filtered_cfg_logits_and_the_tau_schedule(tiny_models, monkeypatch):
     """As official: at scale si (ratio = si/(S-1)) the Gumbel softmax receives the CFG-combined, top-k/top-p filtered
     logits times (1 + ratio), with tau = max(0.27 (1 - 0.95 ratio), 0.005)."""
-    import models.engine as engine_mod
     import models.var as var_mod
     from models.helpers import filter_top_k_top_p_
     _, var = tiny_models
     B, cfg, top_k, top_p = 2, 2.5, 10, 0.9
     raw, seen = [], []
     real_gumbel = var_mod.gumbel_softmax_with_rng
-    real_step = engine_mod.scale_step
+    real_step = var_mod.scale_step
 
     def step_spy(model, x_BlC, cond_BD):
         out = real_step(model, x_BlC, cond_BD)
@@ -340,7 +339,7 @@ def test_more_smooth_gumbel_gets_scaled_filtered_cfg_logits_and_the_tau_schedule
     def gumbel_spy(logits, tau=1, hard=False, eps=1e-10, dim=-1, rng=None):
         seen.append((logits.clone(), tau, hard))
         return real_gumbel(logits, tau=tau, hard=hard, eps=eps, dim=dim, rng=rng)
-    monkeypatch.setattr(engine_mod, 'scale_step', step_spy)
+    monkeypatch.setattr(var_mod, 'scale_step', step_spy)
     monkeypatch.setattr(var_mod, 'gumbel_softmax_with_rng', gumbel_spy)
     img = var.autoregressive_infer_cfg(B=B, label_B=torch.tensor([2, 7]), g_seed=4, cfg=cfg, top_k=top_k, top_p=top_p,
                                        more_smooth=True)

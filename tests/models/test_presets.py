@@ -7,7 +7,7 @@ from models import presets
 
 
 def test_every_reader_holds_the_one_registry():
-    import benchmarks.bench_data
+    import benchmarks.timings.bench_data
     import models
     import models.inspect_ckpt
     import models.loading
@@ -17,7 +17,7 @@ def test_every_reader_holds_the_one_registry():
     assert models.PRESETS is presets.PRESETS and models.preset_config is presets.preset_config
     assert models.loading.VAE_FILENAME == presets.VAE_FILENAME and models.loading.HUB_REPO_ID == presets.HUB_REPO_ID
     assert models.loading.OFFICIAL_DEPTHS == (16, 20, 24, 30, 36)
-    assert benchmarks.bench_data.PATCH_NUMS is presets.PATCH_NUMS
+    assert benchmarks.timings.bench_data.PATCH_NUMS is presets.PATCH_NUMS
     assert arg_util.parse_patch_nums('512') == presets.PATCH_NUMS['512']
 
 

@@ -10,24 +10,26 @@ import torch
 from support import (GUMBEL_GAIN, assert_equal_up_to_rounding, decoding, requires_cuda, rounding_chain,
                      teacher_forced_tokens)
 from models import engine as engine_mod
+from models import var as var_mod
 from models.basic_var import SelfAttention, kv_caching, optional_kernels
-from models.engine import GRAPH_DECODE_CHUNK, release_cuda_graphs, sampling_engine, scale_step
+from models.engine import GRAPH_DECODE_CHUNK, release_cuda_graphs, sampling_engine
+from models.var import scale_step
 from models.helpers import filter_top_k_top_p_, filter_top_k_top_p_partial_
 
 
 def test_prealloc_kv_cache_equals_concat(tiny_models):
     _, var = tiny_models
     kw = dict(B=3, label_B=torch.tensor([0, 4, 9]), g_seed=5, cfg=3.0, top_k=1)
-    ref = var.autoregressive_infer_cfg(**kw, kv_cache='concat')
-    fast = var.autoregressive_infer_cfg(**kw, kv_cache='prealloc')
+    ref = sampling_engine(var).sample(**kw, kv_cache='concat')
+    fast = sampling_engine(var).sample(**kw, kv_cache='prealloc')
     assert torch.equal(ref, fast)  # greedy: the same ids, then the same decode (the same computation)
     kw = dict(B=2, label_B=torch.tensor([1, 2]), g_seed=0, cfg=1.5, top_k=20, top_p=0.9, more_smooth=True)
     # soft codes: attention over keys in a preallocated (strided) buffer vs concatenated ones may round differently
     # (two computations), and the Gumbel softmax passes the logits' rounding on amplified
     vae = var.vae_proxy[0]
     chain = rounding_chain(var, *decoding(vae), longest_sum=var.L)
-    assert_equal_up_to_rounding(var.autoregressive_infer_cfg(**kw, kv_cache='concat'),
-                                var.autoregressive_infer_cfg(**kw, kv_cache='prealloc'), gain=GUMBEL_GAIN, **chain)
+    assert_equal_up_to_rounding(sampling_engine(var).sample(**kw, kv_cache='concat'),
+                                sampling_engine(var).sample(**kw, kv_cache='prealloc'), gain=GUMBEL_GAIN, **chain)
 
 
 @pytest.mark.parametrize('top_k,top_p', [(5, 0.0), (50, 0.9), (200, 0.96), (900, 0.5)])
@@ -57,7 +59,7 @@ def test_partial_sort_filter_with_ties_keeps_the_same_logits(dtype):
 def test_partial_sort_sampling_matches(tiny_models):
     _, var = tiny_models
     kw = dict(B=2, label_B=torch.tensor([3, 7]), g_seed=11, cfg=2.0, top_k=8, top_p=0.9)
-    assert torch.equal(var.autoregressive_infer_cfg(**kw), var.autoregressive_infer_cfg(**kw, partial_sort=True))
+    assert torch.equal(var.autoregressive_infer_cfg(**kw), sampling_engine(var).sample(**kw, partial_sort=True))
 
 
 def _plain_attention(attn: SelfAttention, x, bias):
@@ -178,18 +180,18 @@ def test_cuda_graph_sampling_equals_plain_path():
         ref = var.autoregressive_infer_cfg(**kw)
         vae = var.vae_proxy[0]
         for _ in range(2):  # capture, then replay
-            out = var.autoregressive_infer_cfg(**kw, cuda_graph=True)
+            out = sampling_engine(var).sample(**kw, cuda_graph=True)
             # greedy: the same ids; decoded in chunks vs at once (two computations)
             assert_equal_up_to_rounding(out, ref, **rounding_chain(*decoding(vae)))
         with torch.autocast('cuda', dtype=torch.bfloat16):
             # the graphs read Linear weights cast once to bf16: the same numbers as autocast's casts
-            ref16 = var.autoregressive_infer_cfg(**kw, kv_cache='prealloc')
-            out16 = var.autoregressive_infer_cfg(**kw, cuda_graph=True)
+            ref16 = sampling_engine(var).sample(**kw, kv_cache='prealloc')
+            out16 = sampling_engine(var).sample(**kw, cuda_graph=True)
             var.blocks[0].ffn.fc1.weight.data.mul_(1.5)  # a write the version counters do not see
-            ref16b = var.autoregressive_infer_cfg(**kw, kv_cache='prealloc')
-            out16b = var.autoregressive_infer_cfg(**kw, cuda_graph=True)
+            ref16b = sampling_engine(var).sample(**kw, kv_cache='prealloc')
+            out16b = sampling_engine(var).sample(**kw, cuda_graph=True)
             with torch.inference_mode():
-                out16c = var.autoregressive_infer_cfg(**kw, cuda_graph=True)  # a capture of its own
+                out16c = sampling_engine(var).sample(**kw, cuda_graph=True)  # a capture of its own
         # The graphs follow the weight change: whatever the graph path differs from the plain one by (chunked decode:
         # other conv algorithms, bf16 rounding) is far below what the change moves. Stale weights give out16b = out16.
         change = (ref16b.float() - ref16.float()).abs().mean()
@@ -208,8 +210,8 @@ def test_compiled_cuda_graph_sampling_equals_plain_path():
     kw = dict(B=4, label_B=torch.tensor([0, 1, 2, 3], device='cuda'), g_seed=3, cfg=1.5, top_k=1)
     try:
         with torch.inference_mode(), torch.autocast('cuda', dtype=torch.bfloat16):
-            ref = var.autoregressive_infer_cfg(**kw, kv_cache='prealloc')
-            out = var.autoregressive_infer_cfg(**kw, cuda_graph=True, compiled=True, partial_sort=True)
+            ref = sampling_engine(var).sample(**kw, kv_cache='prealloc')
+            out = sampling_engine(var).sample(**kw, cuda_graph=True, compiled=True, partial_sort=True)
         assert (out.float() - ref.float()).abs().mean() < 2e-2  # bf16, compiled kernels: a known approximation
     finally:
         release_cuda_graphs(var)
@@ -227,7 +229,7 @@ def test_sampling_state_after_an_error_and_official_attributes(tiny_models, monk
         if len(calls) == 2:
             raise RuntimeError('boom')
         return scale_step(model, x_BlC, cond_BD)
-    monkeypatch.setattr(engine_mod, 'scale_step', failing_step)
+    monkeypatch.setattr(var_mod, 'scale_step', failing_step)
     with pytest.raises(RuntimeError, match='boom'):
         var.autoregressive_infer_cfg(B=2, label_B=torch.tensor([1, 2]), g_seed=0, top_k=5)
     assert not any(b.attn.caching or b.attn.cached_k is not None for b in var.blocks)
@@ -324,7 +326,7 @@ def test_cast_linear_weights_refresh_picks_up_replaced_parameters(tiny_models):
 # the model's own attributes (nn.Module's internals aside): no cache of any fast path is among them
 MODEL_ATTRIBUTES = {'C', 'Cvae', 'D', 'L', 'V', '_rng', '_uniform_prob', 'attn_impl', 'begin_ends', 'build_config',
                     'config', 'cond_drop_rate', 'depth', 'drop_path_rate', 'first_l', 'num_classes', 'num_heads',
-                    'num_stages_minus_1', 'patch_nums', 'prog_si', 'using_fused_add_norm_fn', 'vae_proxy',
+                    'num_stages_minus_1', 'patch_nums', 'prog_si', 'vae_proxy',
                     'vae_quant_proxy'}
 
 
@@ -341,7 +343,7 @@ def test_engine_caches_are_not_model_attributes(tiny_models):
     assert attrs == MODEL_ATTRIBUTES
     kw = dict(B=2, label_B=torch.tensor([1, 2]), g_seed=0, top_k=5)
     for fast in (dict(kv_cache='concat'), dict(kv_cache='prealloc'), dict(partial_sort=True)):
-        var.autoregressive_infer_cfg(**kw, **fast)
+        sampling_engine(var).sample(**kw, **fast)
     assert _own_attributes(var) == attrs and list(var.state_dict()) == keys
     assert not any(isinstance(v, engine_mod.SamplingEngine) for v in vars(var).values())
     assert sampling_engine(var) is sampling_engine(var) and sampling_engine(var).var is var
@@ -389,9 +391,9 @@ def test_engine_steps_equal_teacher_forcing_and_switch_the_cache_off(tiny_models
             assert_equal_up_to_rounding(out, ref_BLV, **rounding_chain(var, longest_sum=var.L))
             assert not any(b.attn.caching or b.attn.cached_k is not None for b in var.blocks)
         with pytest.raises(ValueError, match='kv_cache'):
-            var.autoregressive_infer_cfg(B=1, label_B=0, kv_cache='grow')
+            sampling_engine(var).sample(B=1, label_B=0, kv_cache='grow')
         with pytest.raises(ValueError, match='CUDA'):
-            var.autoregressive_infer_cfg(B=1, label_B=0, cuda_graph=True)
+            sampling_engine(var).sample(B=1, label_B=0, cuda_graph=True)
 
 
 def test_flex_block_masks_are_cached_beside_the_model(tiny_models):
@@ -408,14 +410,20 @@ def test_flex_block_masks_are_cached_beside_the_model(tiny_models):
     assert torch.equal(mask.mask_mod(0, 0, q, k), dense_ll)
 
 
-def test_sampling_keeps_the_official_signature_and_the_fast_path_switches():
-    """The official parameters and defaults first, then this project's editing keywords, the engine's switches and the
-    per-scale hook (webapp's next-scale view)."""
+def test_sampling_keeps_the_official_signature_and_the_engine_adds_the_switches():
+    """VAR's sampling: the official parameters and defaults first, then this project's editing keywords and the
+    per-scale hook (webapp's next-scale view). The engine's `sample`: the same parameters, then its fast-path switches,
+    keyword only."""
     import inspect
     from models.var import VAR
+    official = [('B', inspect.Parameter.empty), ('label_B', inspect.Parameter.empty), ('g_seed', None), ('cfg', 1.5),
+                ('top_k', 0), ('top_p', 0.0), ('more_smooth', False), ('input_img_tokens', None), ('edit_mask', None),
+                ('on_scale', None)]
     params = inspect.signature(VAR.autoregressive_infer_cfg).parameters
-    assert [(n, p.default) for n, p in params.items()] == [
-        ('self', inspect.Parameter.empty), ('B', inspect.Parameter.empty), ('label_B', inspect.Parameter.empty),
-        ('g_seed', None), ('cfg', 1.5), ('top_k', 0), ('top_p', 0.0), ('more_smooth', False),
-        ('input_img_tokens', None), ('edit_mask', None), ('kv_cache', 'prealloc'), ('partial_sort', False),
-        ('cuda_graph', False), ('compiled', False), ('stream_dtype', None), ('on_scale', None)]
+    assert [(n, p.default) for n, p in params.items()] == [('self', inspect.Parameter.empty)] + official
+    params = inspect.signature(engine_mod.SamplingEngine.sample).parameters
+    assert [(n, p.default) for n, p in params.items()] == [('self', inspect.Parameter.empty)] + official + [
+        ('kv_cache', 'prealloc'), ('partial_sort', False), ('cuda_graph', False), ('compiled', False),
+        ('stream_dtype', None)]
+    assert all(params[n].kind is inspect.Parameter.KEYWORD_ONLY
+               for n in ('kv_cache', 'partial_sort', 'cuda_graph', 'compiled', 'stream_dtype'))

@@ -5,10 +5,11 @@ import json
 
 import pytest
 
-from benchmarks.common import print_table
+from benchmarks.timings.common import print_table
 
-BENCHMARKS = ('bench_data', 'bench_encode', 'bench_sample', 'bench_train', 'kernel_profile', 'profile_sample',
-              'memory_model', 'fsdp_gpu_check')
+BENCHMARKS = ('timings.bench_data', 'timings.bench_encode', 'timings.bench_sample', 'timings.bench_train',
+              'timings.kernel_profile', 'timings.profile_sample', 'analytic.memory_model', 'gpu_checks.fsdp_gpu_check',
+              'gpu_checks.synthetic_data')
 
 
 @pytest.mark.parametrize('name', BENCHMARKS)
@@ -17,7 +18,7 @@ def test_every_benchmark_imports_and_has_a_main(name):
 
 
 def test_bench_data_runs_on_real_photos_and_writes_json(tmp_path, capsys):
-    from benchmarks import bench_data
+    from benchmarks.timings import bench_data
     out = tmp_path / 'data.json'
     bench_data.main(['--n', '16', '--batch', '4', '--epochs', '1', '--workers', '0', '--json', str(out)])
     res = json.loads(out.read_text())
@@ -28,7 +29,7 @@ def test_bench_data_runs_on_real_photos_and_writes_json(tmp_path, capsys):
 
 
 def test_bench_encode_compares_candidates_with_the_official_encode(tmp_path, capsys):
-    from benchmarks import bench_encode
+    from benchmarks.timings import bench_encode
     out = tmp_path / 'encode.json'
     bench_encode.main(['--device', 'cpu', '--reso', '64', '--batch', '2', '--ch', '32', '--repeats', '1',
                        '--variants', 'channels_last', '--json', str(out)])
@@ -50,7 +51,7 @@ def test_table_leaves_cells_of_failed_rows_empty(capsys):
 
 def test_transformer_flops_match_a_hand_count():
     """depth 1, width 8 (FFN 32), scales 1 and 2 (1 + 4 tokens), 5 codes of width 2, CFG (2 rows per image)."""
-    from benchmarks.flops import transformer_flops
+    from benchmarks.analytic.flops import transformer_flops
     f = transformer_flops(1, 8, (1, 2), 5, 2)
     # blocks: (1 + 4) tokens x 2 rows x (8*64 + 4*8*32); attention: 2 rows x 4*8 x (1*1 + 4*5)
     assert f['blocks'] == 10 * 1536 and f['attention'] == 2 * 32 * 21
@@ -69,7 +70,7 @@ def test_sampling_flops_equal_torchs_flop_counter_on_a_real_sample(shared_aln):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from benchmarks.flops import sampling_flops
+    from benchmarks.analytic.flops import sampling_flops
     from models import build_vae_var
     torch.manual_seed(0)
     vae, var = build_vae_var('cpu', patch_nums=(1, 2, 3, 4), V=64, Cvae=8, ch=32, depth=2, num_classes=10,
@@ -83,7 +84,7 @@ def test_sampling_flops_equal_torchs_flop_counter_on_a_real_sample(shared_aln):
 
 def test_teacher_forcing_flops_match_a_hand_count():
     """depth 1, width 8 (FFN 32), scales 1 and 2 (1 + 4 = 5 tokens), 5 codes of width 2, one row per image."""
-    from benchmarks.flops import teacher_forcing_flops
+    from benchmarks.analytic.flops import teacher_forcing_flops
     f = teacher_forcing_flops(1, 8, (1, 2), 5, 2)
     assert f['blocks'] == 5 * 1536 and f['adaln'] == 768 and f['head'] == 5 * 80 + 256
     # the sos token sees itself; the 4 tokens of scale 2 see all 5; word_embed on the 4 teacher-forcing tokens
@@ -98,7 +99,7 @@ def test_training_flops_equal_torchs_flop_counter_on_a_real_step():
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    from benchmarks.flops import training_flops
+    from benchmarks.analytic.flops import training_flops
     from models import build_vae_var
     torch.manual_seed(0)
     vae, var = build_vae_var('cpu', patch_nums=(1, 2, 3, 4), V=64, Cvae=8, ch=32, depth=2, num_classes=10)
@@ -117,7 +118,7 @@ def test_training_flops_equal_torchs_flop_counter_on_a_real_step():
 
 
 def test_device_peaks():
-    from benchmarks.flops import device_peak_tflops
+    from benchmarks.analytic.flops import device_peak_tflops
     assert device_peak_tflops('NVIDIA H200') == 790 and device_peak_tflops('NVIDIA H100 80GB HBM3') == 989
     assert device_peak_tflops('some new GPU') == 0
 
@@ -125,7 +126,7 @@ def test_device_peaks():
 def test_synthetic_data_of_the_gpu_checks_is_an_image_folder(tmp_path):
     from PIL import Image
 
-    from benchmarks import synthetic_data
+    from benchmarks.gpu_checks import synthetic_data
     from utils.data import build_dataset
     assert synthetic_data.main(['--out', str(tmp_path), '--train', '8', '--val', '4', '--size', '40x30']) == 0
     files = sorted(tmp_path.rglob('*.jpg'))
@@ -136,8 +137,8 @@ def test_synthetic_data_of_the_gpu_checks_is_an_image_folder(tmp_path):
 
 
 def _suite_commands(script: str):
-    """The `python -m benchmarks.NAME ARGS` commands of a GPU script (continuation lines joined, $OUT and $PY read
-    as a folder and python) -> [(name, argv)], and the sum of its step time limits."""
+    """The `python -m benchmarks.PACKAGE.NAME ARGS` commands of a GPU script (continuation lines joined, $OUT and $PY
+    read as a folder and python) -> [(name, argv)], and the sum of its step time limits."""
     import re
     import shlex
     from pathlib import Path
@@ -146,14 +147,14 @@ def _suite_commands(script: str):
     for line in text.splitlines():
         step = re.match(r'\s*step \S+ (\d+) ', line)
         limit_s += int(step.group(1)) if step else 0
-        found = re.search(r'-m benchmarks\.(\w+)(.*?)(?:>|$)', line.split('#')[0])
+        found = re.search(r'-m benchmarks\.([\w.]+)(.*?)(?:>|$)', line.split('#')[0])
         if found:
             argv = shlex.split(found.group(2).replace('"$OUT', '"/tmp/suite_out'))
             commands.append((found.group(1), argv))
     return commands, limit_s
 
 
-@pytest.mark.parametrize('script', ['gpu_suite.sh', 'fsdp_gpu_check.sh'])
+@pytest.mark.parametrize('script', ['gpu_suite.sh', 'fsdp_gpu_check.sh', 'gpu_checks/gpu_train_check.sh'])
 def test_gpu_scripts_pass_flags_their_benchmarks_accept(script, monkeypatch):
     """Before a GPU's minutes are spent: every benchmark a GPU script runs accepts its flags (each main is stopped
     right after its parser has read them), and the suite's step limits fit the device tool's 600 s per command."""

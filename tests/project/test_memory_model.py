@@ -1,9 +1,10 @@
-"""benchmarks/memory_model.py against what it models: parameter counts of the released models, and the activations
-autograd saves in a tiny VAR's training forward on the CPU (fp32; with and without activation checkpointing)."""
+"""benchmarks/analytic/memory_model.py against what it models: parameter counts of the released models, and the
+activations autograd saves in a tiny VAR's training forward on the CPU (fp32; with and without activation
+checkpointing)."""
 import pytest
 import torch
 
-from benchmarks.memory_model import activation_bytes, count_saved_bytes, estimate, model_shape, state_bytes
+from benchmarks.analytic.memory_model import activation_bytes, count_saved_bytes, estimate, model_shape, state_bytes
 from models import build_vae_var
 from models.presets import PRESETS
 from utils.fsdp import checkpoint_blocks

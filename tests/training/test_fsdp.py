@@ -258,7 +258,7 @@ def test_fsdp_checkpoint_resumes_on_one_process_with_and_without_fsdp_and_export
         models.load_checkpoint_models(fsdp_out / 'ar-ckpt-last.pth')
     import hub  # the sharded checkpoint straight to a model folder (hub.py save gathers the shards)
     assert hub.main(['save', str(tmp_path / 'folder'), '--ckpt', str(fsdp_out / 'ar-ckpt-last.pth')]) == 0
-    _, var_f = models.hub.from_pretrained(tmp_path / 'folder')  # strict
+    _, var_f = models.model_folder.from_pretrained(tmp_path / 'folder')  # strict
     assert_same_state(var_sd, var_f.state_dict(), 'model folder')
 
 

@@ -21,7 +21,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .atomic_files import atomic_write
 from .inspect_ckpt import describe_mismatch
+from .loading import VAR_ARG_KEYS
 from .var import VAR
 from .vqvae import OFFICIAL_CH_MULT, VQVAE, downsample_factor
 
@@ -32,9 +34,6 @@ CARD_NAME = 'README.md'
 FORMAT_VERSION = 1
 FOLDER_FILES = (CONFIG_NAME, VAR_WEIGHTS_NAME, VAE_WEIGHTS_NAME, CARD_NAME)
 
-_VAR_ARG_KEYS = ('num_classes', 'depth', 'embed_dim', 'num_heads', 'mlp_ratio', 'drop_rate', 'attn_drop_rate',
-                 'drop_path_rate', 'norm_eps', 'shared_aln', 'cond_drop_rate', 'attn_l2_norm', 'patch_nums',
-                 'flash_if_available', 'fused_if_available')
 _REPO_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$')
 
 
@@ -52,7 +51,7 @@ def folder_config(vae: VQVAE, var: VAR, class_names: Optional[Sequence[str]] = N
     """config.json of a folder holding `vae` and `var` (jsonable: tuples become lists)."""
     if class_names is not None and len(class_names) != var.num_classes:
         raise ValueError(f'{len(class_names)} class names for a model of {var.num_classes} classes')
-    cfg: Dict[str, Any] = {k: var.config[k] for k in _VAR_ARG_KEYS}
+    cfg: Dict[str, Any] = {k: var.config[k] for k in VAR_ARG_KEYS}
     cfg['patch_nums'] = list(cfg['patch_nums'])
     cfg['vae_kwargs'] = {**vae.config, 'test_mode': True}
     cfg['class_names'] = list(class_names) if class_names is not None else None
@@ -63,16 +62,7 @@ def folder_config(vae: VQVAE, var: VAR, class_names: Optional[Sequence[str]] = N
 
 
 def _atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f'{path}.tmp-{os.getpid()}'
-    try:
-        with open(tmp, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _save_tensors(state_dict: Mapping[str, torch.Tensor], path: str) -> None:
@@ -178,7 +168,7 @@ def _build_vae(cfg: Mapping[str, Any], device) -> VQVAE:
 
 def _build_var(cfg: Mapping[str, Any], vae: VQVAE, device) -> VAR:
     with torch.device(device):
-        return VAR(vae_local=vae, **{k: cfg[k] for k in _VAR_ARG_KEYS if k in cfg})
+        return VAR(vae_local=vae, **{k: cfg[k] for k in VAR_ARG_KEYS if k in cfg})
 
 
 def _build(cfg: Mapping[str, Any], device) -> Tuple[VQVAE, VAR]:
@@ -233,7 +223,7 @@ def from_pretrained(name_or_path: Union[str, os.PathLike], device: Union[str, to
         if not os.path.isfile(vae_file):
             raise FolderError(f'{folder} holds no tokenizer weights ({os.path.basename(vae_file)}), as folders '
                               'written by the official VARHF.save_pretrained; pass the tokenizer (vae_path=, '
-                              '--vae_ckpt) or save the folder with models.hub.save_pretrained')
+                              '--vae_ckpt) or save the folder with models.model_folder.save_pretrained')
         vae = _build_vae(cfg, 'meta')
         _strict_load(vae, _load_tensors(vae_file), f'VQVAE weights in {vae_file}', device)  # materialised in place
     var = _build_var(cfg, vae, 'meta')
@@ -260,7 +250,7 @@ def export_pth(name_or_path: Union[str, os.PathLike], out_dir: Union[str, os.Pat
     vae_path = os.path.join(out_dir, f'vae_ch{vk["ch"]}v{vk["vocab_size"]}z{vk["z_channels"]}.pth')
     var_path = os.path.join(out_dir, f'var_d{cfg["depth"]}.pth')
     ckpt_path = os.path.join(out_dir, f'var_d{cfg["depth"]}-model.pth')
-    model_config = {k: cfg[k] for k in _VAR_ARG_KEYS if k in cfg}
+    model_config = {k: cfg[k] for k in VAR_ARG_KEYS if k in cfg}
     model_config.update(patch_nums=tuple(cfg['patch_nums']), V=vk['vocab_size'], Cvae=vk['z_channels'],
                         ch=vk['ch'], share_quant_resi=vk.get('share_quant_resi', 4),
                         ch_mult=tuple(vk.get('ch_mult', OFFICIAL_CH_MULT)))
@@ -308,7 +298,7 @@ def model_card(cfg: Mapping[str, Any], *, title: Optional[str] = None, source: O
     ]
     if source:
         lines += ['', f'Source: {source}']
-    lines += ['', '## Use', '', '```python', 'import torch', 'from models.hub import from_pretrained', '',
+    lines += ['', '## Use', '', '```python', 'import torch', 'from models.model_folder import from_pretrained', '',
               f"vae, var = from_pretrained('{where}', device='cuda')",
               'with torch.inference_mode():',
               f"    images_B3HW = var.autoregressive_infer_cfg(B=4, label_B=torch.tensor([0, 1, 2, 3], device='cuda') "

@@ -1,6 +1,6 @@
 """Top CUDA kernels of one sampling call (torch.profiler), to see what the GPU spends its time on.
 
-    python -m benchmarks.kernel_profile --depth 16 --batch 64
+    python -m benchmarks.timings.kernel_profile --depth 16 --batch 64
 """
 import argparse
 
@@ -8,6 +8,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from models import PRESETS, build_vae_var
+from models.engine import sampling_engine
 
 
 def main(argv=None):
@@ -22,8 +23,8 @@ def main(argv=None):
 
     def run():
         with torch.inference_mode(), torch.autocast('cuda', dtype=torch.bfloat16):
-            var.autoregressive_infer_cfg(B=args.batch, label_B=labels, g_seed=0, cfg=1.5, top_k=900, top_p=0.96,
-                                         kv_cache='prealloc', partial_sort=True)
+            sampling_engine(var).sample(B=args.batch, label_B=labels, g_seed=0, cfg=1.5, top_k=900, top_p=0.96,
+                                        kv_cache='prealloc', partial_sort=True)
     run()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:

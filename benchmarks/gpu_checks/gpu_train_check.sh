@@ -1,10 +1,10 @@
 # GPU check of train.py: a short d16 run at 256 px with bf16 and fp16 on a random-weight tokenizer + synthetic photo-like
 # data, then the same bf16 run from a pre-tokenised set (pretokenize.py + --pretok; fixed crops, no encoder in the step).
 set -u
-OUT=${OUT:-/tmp/gpu_train_check}  # the device tool sets OUT; elsewhere the logs go here
+OUT=${OUT:-/tmp/gpu_train_check}  # where the logs go, unless OUT is set
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-python3 -m benchmarks.synthetic_data --out /tmp/data --train 1024 --val 64 --size 300x280 --vae /tmp/vae.pth
+python3 -m benchmarks.gpu_checks.synthetic_data --out /tmp/data --train 1024 --val 64 --size 300x280 --vae /tmp/vae.pth
 for fp in 2 1; do
   python3 train.py --depth=16 --bs=64 --ep=1 --fp16=$fp --alng=1e-3 --wpe=0.1 --data_path=/tmp/data --vae_ckpt=/tmp/vae.pth \
     --local_out_dir_path=/tmp/out_fp$fp --workers=8 --val_every_ep=1 --seed=0 > $OUT/train_fp$fp.log 2>&1

@@ -8,9 +8,10 @@ fast      = FlexAttention block mask, torch.compile of the transformer, fused Ad
             bench_encode reports the share).
 "with encode" includes the frozen VQVAE tokenisation (fp32, as official) of 256 px images; "without" reuses
 precomputed tokens (what a pre-tokenised dataset gives). Each row also gives ms per image, the achieved TFLOP/s of the
-model FLOPs (benchmarks.flops.training_flops: forward, backward and the encode) and their % of the dense bf16 peak.
+model FLOPs (benchmarks.analytic.flops.training_flops: forward, backward and the encode) and their % of the dense bf16
+peak.
 
-    python -m benchmarks.bench_train --depths 16,24 --dtypes bf16,fp16 --batch 64
+    python -m benchmarks.timings.bench_train --depths 16,24 --dtypes bf16,fp16 --batch 64
 """
 import argparse
 import gc
@@ -19,8 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import DTYPES, peak_gib, print_table, time_cuda, write_json
-from benchmarks.flops import device_peak_tflops, training_flops
+from benchmarks.timings.common import DTYPES, peak_gib, print_table, time_cuda, write_json
+from benchmarks.analytic.flops import device_peak_tflops, training_flops
 from models import PRESETS, build_vae_var
 from models.basic_var import flex_block_mask
 from models.lowp import EncoderCopy
@@ -67,7 +68,7 @@ def bench_one(depth, dtype, B, repeats, fast_encode=1, peak_tflops=0.0):
     flops_per_img = None  # {with_encode: model FLOPs per image}, counted once per configuration
     for path in ('reference', 'fast'):
         torch.manual_seed(0)
-        vae, var = build_vae_var(device='cuda', **PRESETS[f'd{depth}'])
+        vae, var = build_vae_var(device='cuda', **PRESETS[f'd{depth}'], attn_impl='flex' if path == 'fast' else 'sdpa')
         if flops_per_img is None:
             flops_per_img = {enc: training_flops(vae, var, enc)['total'] for enc in (True, False)}
         var.train()
@@ -77,11 +78,10 @@ def bench_one(depth, dtype, B, repeats, fast_encode=1, peak_tflops=0.0):
             scaler = torch.amp.GradScaler('cuda', init_scale=2.0 ** 11, growth_interval=1000)
         model, encode = var, None
         if path == 'fast':
-            var.attn_impl = 'flex'
             flex_block_mask(var.patch_nums, var.L, var.lvl_1L.device)  # built eagerly, outside the compiled region
             model = torch.compile(var)
             if fast_encode == 1:  # as train.py --vfast: img_to_idxBl through torch.compile (float32, as official)
-                vae.img_to_idxBl = torch.compile(vae.img_to_idxBl)
+                encode = torch.compile(vae.img_to_idxBl)
             elif fast_encode == 2:  # as train.py --vbf16 --vfast: the bf16 encoder copy, compiled
                 encode = torch.compile(EncoderCopy(vae, torch.bfloat16).img_to_idxBl)
         for with_encode in (True, False):
@@ -125,7 +125,8 @@ def main(argv=None):
                    help='fast path: 1 compiles the tokenizer encode (train.py --vfast=3), 2 compiles a bf16 copy of '
                         'it (--vbf16=1 --vfast=3), 0 leaves it eager (default: %(default)s)')
     p.add_argument('--peak_tflops', type=float, default=0.0,
-                   help="the device's dense bf16 peak for the %% column (default: from benchmarks.flops by GPU name)")
+                   help="the device's dense bf16 peak for the %% column "
+                        "(default: from benchmarks.analytic.flops by GPU name)")
     p.add_argument('--json', default='bench_train.json')
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

@@ -3,7 +3,8 @@
 Smooth random images (9x9 noise upsampled bicubically) as JPEGs in an ImageFolder with train/ and val/, and the state
 dict of a VQVAE with the official architecture (vae_ch160v4096z32's shapes, random weights):
 
-    python3 -m benchmarks.synthetic_data --out /tmp/data --train 1024 --val 64 --size 300x280 --vae /tmp/vae.pth
+    python3 -m benchmarks.gpu_checks.synthetic_data --out /tmp/data --train 1024 --val 64 --size 300x280 \\
+        --vae /tmp/vae.pth
 """
 import argparse
 import os

@@ -4,7 +4,7 @@ checkpointing: peak memory and images/s of the training step at a fixed batch, t
 fits (doubling until out of memory). bf16 autocast, fused AdamW, clipping, random token ids (no tokenizer in the
 step). Writes $OUT/fsdp_gpu_check.json (or --out) and prints a table; about 5 minutes on one H200.
 
-    OUT=/tmp/out python -m benchmarks.fsdp_gpu_check            # or: bash benchmarks/fsdp_gpu_check.sh
+    OUT=/tmp/out python -m benchmarks.gpu_checks.fsdp_gpu_check            # or: bash benchmarks/fsdp_gpu_check.sh
 """
 import argparse
 import gc
@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import machine, print_table, write_json
+from benchmarks.timings.common import machine, print_table, write_json
 
 CASES = (('d30', 256, 16), ('d36', 512, 8))  # preset, image side, the fixed per-GPU batch
 MAX_BATCH = 512

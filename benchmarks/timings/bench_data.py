@@ -13,9 +13,9 @@ bytes: `--startup_shards 294` is the Hub's ImageNet.
 
 The images are real photos (scikit-image's sample pictures) re-encoded as ImageNet-sized JPEGs (longer edge 500,
 quality 90). The figure tells how many loader worker cores one GPU needs to keep its training step fed; the GPU
-side of the same comparison (the tokenizer encode, included or not) is benchmarks/bench_train.py.
+side of the same comparison (the tokenizer encode, included or not) is benchmarks/timings/bench_train.py.
 
-    python -m benchmarks.bench_data --n 512 --workers 0,2 --startup_shards 294
+    python -m benchmarks.timings.bench_data --n 512 --workers 0,2 --startup_shards 294
 """
 import argparse
 import os
@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from benchmarks.common import machine, print_table, write_json
+from benchmarks.timings.common import machine, print_table, write_json
 from models.presets import PATCH_NUMS
 from utils import pretok
 from utils.data import SafeImageFolder, TrainTransform, build_dataset

@@ -1,7 +1,7 @@
 """Where sampling time goes: transformer steps, filtering/sampling, decoding, each candidate of the fast path
 (CUDA events, one config, bf16). Prints one line per candidate and writes them all to --json.
 
-    python -m benchmarks.profile_sample --depth 16 --batch 64
+    python -m benchmarks.timings.profile_sample --depth 16 --batch 64
 
 Candidates: the transformer steps with the KV cache grown or preallocated, compiled or not, with the official float32
 residual stream or the bf16 one (models/lowp.py); the whole sampling call per switch; top-k/top-p filtering; the
@@ -14,10 +14,11 @@ import time
 
 import torch
 
-from benchmarks.common import peak_gib, time_cuda, write_json
+from benchmarks.timings.common import peak_gib, time_cuda, write_json
 from models import PRESETS, build_vae_var
 from models.basic_var import kv_caching
-from models.engine import release_sampling_caches, sampling_engine, scale_step
+from models.engine import release_sampling_caches, sampling_engine
+from models.var import scale_step
 from models.helpers import filter_top_k_top_p_, filter_top_k_top_p_partial_
 from models.lowp import DecoderCopy, StepCopy
 from utils.runtime import set_tf32
@@ -87,7 +88,7 @@ def main(argv=None):
                          ('full +bf16 stream+loop graph', dict(fast, cuda_graph='loop', stream_dtype=BF16))]:
             # (the compiled whole paths are bench_sample's fast and fast_bf16 rows)
             def full(kw=kw):
-                var.autoregressive_infer_cfg(B=B, label_B=labels, g_seed=0, cfg=1.5, top_k=900, top_p=0.96, **kw)
+                sampling_engine(var).sample(B=B, label_B=labels, g_seed=0, cfg=1.5, top_k=900, top_p=0.96, **kw)
             full()
             mem = peak_gib(full)
             report(name, time_cuda(full, 1, 5), peak_gib=mem)

@@ -13,8 +13,8 @@ encode" rows), so this measures what could speed it up, and what each candidate 
 differently, so ids near a tie between two codes may flip. The images are real photos (scikit-image's samples);
 the weights are random unless --vae_ckpt is given, and a trained tokenizer's ties may be rarer or commoner.
 
-    python -m benchmarks.bench_encode --batch 64                      # the official 256 px tokenizer, on the GPU
-    python -m benchmarks.bench_encode --device cpu --reso 64 --batch 2 --ch 32 --repeats 1   # a smoke run
+    python -m benchmarks.timings.bench_encode --batch 64       # the official 256 px tokenizer, on the GPU
+    python -m benchmarks.timings.bench_encode --device cpu --reso 64 --batch 2 --ch 32 --repeats 1   # a smoke run
 """
 import argparse
 import statistics
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import peak_gib, print_table, write_json
+from benchmarks.timings.common import peak_gib, print_table, write_json
 from models import PATCH_NUMS, VQVAE, load_vae_checkpoint
 from models.lowp import EncoderCopy
 from utils.runtime import set_tf32

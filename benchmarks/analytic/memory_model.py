@@ -1,8 +1,8 @@
 """Per-GPU training memory of VAR under DDP / FSDP, with and without activation checkpointing: a model, not a
 measurement (the H200 figures are taken by benchmarks/fsdp_gpu_check.sh).
 
-    python -m benchmarks.memory_model                 # the table of README's "Scale-out" section (d30, d36)
-    python -m benchmarks.memory_model --depth 30 --batch 16 --world 8
+    python -m benchmarks.analytic.memory_model                 # the table of docs/scale_out.md (d30, d36)
+    python -m benchmarks.analytic.memory_model --depth 30 --batch 16 --world 8
 
 Terms (bytes; P parameters, P_blk those of one transformer block, B per-GPU batch, L tokens, C width, V vocabulary):
 - model states, DDP: fp32 weights 4P + fp32 gradients 4P + DDP's gradient buckets 4P + AdamW's two moments 8P, and

@@ -10,20 +10,21 @@ loop_bf16 = fast_bf16 with the whole loop as one CUDA graph (cuda_graph='loop': 
             with the full sort, sampling and next-scale input in one replay).
 Both run under the same autocast dtype, with CFG (2B rows), top-k 900, top-p 0.96, including the VQVAE decode.
 Random weights: speed does not depend on them. Each row also gives ms per image, the achieved TFLOP/s of the model
-FLOPs (benchmarks.flops: transformer with CFG plus decode) and their % of the dense bf16 peak (--peak_tflops).
+FLOPs (benchmarks.analytic.flops: transformer with CFG plus decode) and their % of the dense bf16 peak (--peak_tflops).
 
-    python -m benchmarks.bench_sample --depths 16,20,24,30 --batches 16,64,256 --dtypes bf16,fp16 --d36 --d36_batches 16
-    python -m benchmarks.bench_sample --depths 30 --paths reference,fast_bf16
+    python -m benchmarks.timings.bench_sample --depths 16,20,24,30 --batches 16,64,256 --dtypes bf16,fp16 \\
+        --d36 --d36_batches 16
+    python -m benchmarks.timings.bench_sample --depths 30 --paths reference,fast_bf16
 """
 import argparse
 import gc
 
 import torch
 
-from benchmarks.common import DTYPES, peak_gib, print_table, time_cuda, write_json
-from benchmarks.flops import device_peak_tflops, sampling_flops
+from benchmarks.timings.common import DTYPES, peak_gib, print_table, time_cuda, write_json
+from benchmarks.analytic.flops import device_peak_tflops, sampling_flops
 from models import PRESETS, build_vae_var
-from models.engine import release_cuda_graphs, release_sampling_caches
+from models.engine import release_cuda_graphs, release_sampling_caches, sampling_engine
 from utils.runtime import set_tf32
 
 COLUMNS = ['model', 'batch', 'dtype', 'path', 'img_per_s', 'ms_per_img', 'peak_gib', 'tflops', 'pct_peak', 'speedup',
@@ -50,7 +51,7 @@ def bench_one(depth: int, B: int, dtype: torch.dtype, repeats: int, peak_tflops:
             continue  # the bf16 stream under fp16 autocast would be a bf16 row in an fp16 table
         def run():
             with torch.inference_mode(), torch.autocast('cuda', dtype=dtype):
-                var.autoregressive_infer_cfg(B=B, label_B=labels, g_seed=0, cfg=1.5, top_k=900, top_p=0.96, **kw)
+                sampling_engine(var).sample(B=B, label_B=labels, g_seed=0, cfg=1.5, top_k=900, top_p=0.96, **kw)
 
         row = dict(model=f'd{depth}', batch=B, dtype=str(dtype).split('.')[-1], path=name)
         try:
@@ -85,7 +86,8 @@ def main(argv=None):
     p.add_argument('--d36_batches', default='32,64', help='d36 batches (512 px: the reference needs ~4x the memory)')
     p.add_argument('--paths', default=','.join(PATHS), help='of: ' + ', '.join(PATHS))
     p.add_argument('--peak_tflops', type=float, default=0.0,
-                   help="the device's dense bf16 peak for the %% column (default: from benchmarks.flops by GPU name)")
+                   help="the device's dense bf16 peak for the %% column "
+                        "(default: from benchmarks.analytic.flops by GPU name)")
     p.add_argument('--repeats', type=int, default=5)
     p.add_argument('--tf32', type=int, default=1)
     p.add_argument('--json', default='bench_sample.json')
