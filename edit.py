@@ -21,11 +21,11 @@ import os
 import sys
 from typing import List, Optional
 
-from models.helpers import check_sampling_settings
 from sampling import editing
 from sampling.cli import run_script
 from sampling.model_flags import add_model_flags, check_model_flags, load_models_from_args, model_device
-from utils.runtime import ConfigError, autocast_dtype
+from sampling.settings import SamplingSettings
+from utils.runtime import ConfigError
 
 
 def parse_box(text: str) -> List[float]:
@@ -58,17 +58,26 @@ def get_parser() -> argparse.ArgumentParser:
     add_model_flags(p, default_depth=36)
     g = p.add_argument_group('sampling (defaults: the official editing notebook)')
     g.add_argument('-n', '--num_samples', type=int, default=1, help='number of variations (default: %(default)s)')
-    g.add_argument('--seed', type=int, default=editing.DEFAULT_SEED,
+    g.add_argument('--seed', type=int, default=editing.EDIT_SETTINGS.seed,
                    help='variation i uses seed + i (default: %(default)s)')
-    g.add_argument('--cfg', type=float, default=editing.DEFAULT_CFG,
+    g.add_argument('--cfg', type=float, default=editing.EDIT_SETTINGS.cfg,
                    help='classifier-free guidance, >= 0; no effect without a class (default: %(default)s)')
-    g.add_argument('--top_k', type=int, default=editing.DEFAULT_TOP_K,
+    g.add_argument('--top_k', type=int, default=editing.EDIT_SETTINGS.top_k,
                    help='keep the k most likely tokens, 0 = all (default: %(default)s)')
-    g.add_argument('--top_p', type=float, default=editing.DEFAULT_TOP_P,
+    g.add_argument('--top_p', type=float, default=editing.EDIT_SETTINGS.top_p,
                    help='nucleus sampling mass in [0, 1], 0 = off (default: %(default)s)')
-    g.add_argument('--more_smooth', type=int, choices=(0, 1), default=int(editing.DEFAULT_MORE_SMOOTH),
+    g.add_argument('--more_smooth', type=int, choices=(0, 1), default=int(editing.EDIT_SETTINGS.more_smooth),
                    help='Gumbel soft codes (1, as the notebook) or sampled ids (0) (default: %(default)s)')
     return p
+
+
+def edit_settings(args: argparse.Namespace) -> SamplingSettings:
+    """How the edits are drawn, from the flags; a value out of range is a ConfigError."""
+    try:
+        return SamplingSettings(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=bool(args.more_smooth),
+                                seed=args.seed, fp16=args.fp16)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -84,10 +93,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f'--num_samples must be at least 1, got {args.num_samples}')
     if not 0 < args.mask_threshold <= 1:
         raise ConfigError(f'--mask_threshold must lie in (0, 1], got {args.mask_threshold:g}')
-    try:
-        check_sampling_settings(args.cfg, args.top_k, args.top_p)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    edit_settings(args)  # fails before any download
     try:
         editing.read_image(args.image, what='--image')
         if args.mask is not None:
@@ -107,8 +113,7 @@ def run_edit(args: argparse.Namespace) -> List[str]:
         result = editing.zero_shot_edit(
             vae, var, args.image, mode=args.mode, box=args.box or editing.DEFAULT_BOX, mask=args.mask,
             class_label=args.class_label, mask_threshold=args.mask_threshold, num_samples=args.num_samples,
-            seed=args.seed, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=bool(args.more_smooth),
-            autocast_dtype=autocast_dtype(args.fp16) if device.type == 'cuda' else None)
+            settings=edit_settings(args))
     except ValueError as e:  # the library's messages name the argument (mask, box, class_label, region)
         raise ConfigError(str(e)) from e
 

@@ -4,7 +4,8 @@
 The model never saw a mask in training. Editing works because sampling is scale by scale: at every scale the
 tokens inside the *kept* part of the image are replaced by the input image's own tokens before they enter the
 cumulative feature map, so VAR generates the rest around (or inside) them
-(`VAR.autoregressive_infer_cfg(..., input_img_tokens=, edit_mask=)`).
+(`VAR.autoregressive_infer_cfg(..., input_img_tokens=, edit_mask=)`, or the engine's `sample` with the same
+arguments).
 
 Vocabulary used here:
 - the *region* is what the user marks: a box in relative coordinates (y0, x0, y1, x1) of the square the model
@@ -18,7 +19,6 @@ always keep the input's tokens (official procedure, `kept_token_masks` shows the
 Shape legend: B batch, n variations, H/W image size, pn the last scale's side, h/w a mask's size.
 Images are float in [0, 1] here; the tokenizer gets them mapped to [-1, 1].
 """
-import contextlib
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
@@ -29,12 +29,16 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 import models
+from models.engine import sampling_engine
 from models.var import get_edit_mask, replace_embedding
+from sampling.draw import fast_switches
+from sampling.settings import SamplingSettings
+from utils.runtime import autocast_context
 
 MODES = ('inpaint', 'outpaint', 'class-edit')
-# Defaults of the official zero-shot editing notebook.
+# Defaults of the official zero-shot editing notebook: the box, and how the edits are drawn (fp16 autocast on a GPU)
 DEFAULT_BOX = (0.1, 0.1, 0.8, 0.8)  # y0, x0, y1, x1
-DEFAULT_CFG, DEFAULT_TOP_K, DEFAULT_TOP_P, DEFAULT_MORE_SMOOTH, DEFAULT_SEED = 3.0, 900, 0.95, True, 0
+EDIT_SETTINGS = SamplingSettings(cfg=3.0, top_k=900, top_p=0.95, more_smooth=True, seed=0, fp16=1)
 # A token belongs to a mask-image region when at least this fraction of its pixels are in it.
 DEFAULT_MASK_THRESHOLD = 0.5
 
@@ -177,19 +181,17 @@ def resolve_label(mode: str, class_label: Optional[int], num_classes: int) -> in
 
 # ----------------------------------------------------------------------------------------------------------- editing
 def edit_image(vae: models.VQVAE, var: models.VAR, image_13HW: torch.Tensor, keep_mask_hw: torch.Tensor, label: int,
-               num_samples: int = 1, seed: Optional[int] = DEFAULT_SEED, cfg: float = DEFAULT_CFG,
-               top_k: int = DEFAULT_TOP_K, top_p: float = DEFAULT_TOP_P, more_smooth: bool = DEFAULT_MORE_SMOOTH,
-               autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+               num_samples: int = 1, settings: SamplingSettings = EDIT_SETTINGS) -> torch.Tensor:
     """Sample `num_samples` edits of one image -> (n, 3, H, W) float32 in [0, 1].
 
     Args:
         image_13HW: the input in [0, 1], already at the model's resolution (`fit_to_model`).
         keep_mask_hw: (pn, pn) at the last scale's token grid, 1 = keep the input's token.
         label: class id, or var.num_classes for unconditional editing (cfg then has no effect).
-        seed: variation i uses its own generator seeded with seed + i, so it does not depend on how many
-            variations are drawn (variation 0 is the official notebook's single draw); None = global RNG.
-        autocast_dtype: e.g. torch.float16 on CUDA for the sampling loop (the official notebook's setting);
-            tokenisation always runs in float32.
+        settings: how the edits are drawn. Variation i uses its own generator seeded with settings.seed + i, so it
+            does not depend on how many variations are drawn (variation 0 is the official notebook's single draw);
+            settings.fp16 is the autocast of the sampling loop on a GPU (tokenisation always runs in float32), and
+            settings.fast its CUDA fast paths (`sampling.draw.fast_switches`).
     """
     size, pn = vae.image_size, var.patch_nums[-1]
     if image_13HW.shape != (1, 3, size, size):
@@ -205,13 +207,12 @@ def edit_image(vae: models.VQVAE, var: models.VAR, image_13HW: torch.Tensor, kee
         idx_Bl_per_scale = vae.img_to_idxBl(image_13HW.to(device).mul(2).sub(1), var.patch_nums)
         tokens = [idx_1l.expand(num_samples, -1) for idx_1l in idx_Bl_per_scale]
         label_B = torch.full((num_samples,), int(label), dtype=torch.long, device=device)
-        g_seed = None if seed is None else [seed + i for i in range(num_samples)]
-        amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None \
-            else contextlib.nullcontext()
-        with amp:
-            img_n3HW = var.autoregressive_infer_cfg(B=num_samples, label_B=label_B, g_seed=g_seed, cfg=cfg, top_k=top_k,
-                                                    top_p=top_p, more_smooth=more_smooth, input_img_tokens=tokens,
-                                                    edit_mask=keep_mask_hw.to(device=device, dtype=torch.float32))
+        g_seed = [settings.seed + i for i in range(num_samples)]
+        with autocast_context(settings.fp16, device):
+            img_n3HW = sampling_engine(var).sample(
+                B=num_samples, label_B=label_B, g_seed=g_seed, cfg=settings.cfg, top_k=settings.top_k,
+                top_p=settings.top_p, more_smooth=settings.more_smooth, input_img_tokens=tokens,
+                edit_mask=keep_mask_hw.to(device=device, dtype=torch.float32), **fast_switches(settings.fast, device))
     return img_n3HW.float()
 
 
@@ -230,11 +231,9 @@ class EditResult:
 def zero_shot_edit(vae: models.VQVAE, var: models.VAR, image: ImageSource, mode: str = 'inpaint',
                    box: Optional[Sequence[float]] = DEFAULT_BOX, mask: Optional[ImageSource] = None,
                    class_label: Optional[int] = None, mask_threshold: float = DEFAULT_MASK_THRESHOLD,
-                   **sampling) -> EditResult:
-    """The whole edit: read and fit the image, build the keep mask from `mask` (if given) or `box`, sample.
-
-    `sampling` goes to `edit_image` (num_samples, seed, cfg, top_k, top_p, more_smooth, autocast_dtype).
-    """
+                   num_samples: int = 1, settings: SamplingSettings = EDIT_SETTINGS) -> EditResult:
+    """The whole edit: read and fit the image, build the keep mask from `mask` (if given) or `box`, then draw
+    `num_samples` edits with `settings` (see `edit_image`)."""
     if mode not in MODES:
         raise ValueError(f'mode must be one of {", ".join(MODES)}, got {mode!r}')
     label = resolve_label(mode, class_label, var.num_classes)
@@ -248,7 +247,7 @@ def zero_shot_edit(vae: models.VQVAE, var: models.VAR, image: ImageSource, mode:
         raise ValueError('give a region: a box (y0, x0, y1, x1) or a mask image')
     keep_mask_hw = keep_mask_for(region_hw, mode, pixels_per_token=size // var.patch_nums[-1])
     input_13HW = pil_to_tensor(fit_to_model(original, size))
-    images_n3HW = edit_image(vae, var, input_13HW, keep_mask_hw, label, **sampling)
+    images_n3HW = edit_image(vae, var, input_13HW, keep_mask_hw, label, num_samples, settings)
     return EditResult(input_13HW=input_13HW, keep_mask_hw=keep_mask_hw, label=label, images_n3HW=images_n3HW.cpu())
 
 

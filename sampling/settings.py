@@ -13,10 +13,10 @@ from models.helpers import check_sampling_settings
 @dataclass(frozen=True)
 class SamplingSettings:
     """cfg, top_k, top_p, more_smooth: `VAR.autoregressive_infer_cfg`'s (0 turns top-k / top-p off); seed: the base
-    of every image's own generator seed (`sampling.draw.image_seed`); fp16: the CUDA autocast code (0 float32, 1 fp16,
-    2 bf16; the CPU samples in float32); fast: sample.py's --fast level (CUDA fast paths,
-    `sampling.draw.fast_switches`). The defaults are sample.py's: the official FID settings. ValueError when a value
-    is out of range."""
+    of every image's own generator seed (`sampling.draw.image_seed`; an edit's variation i: seed + i); fp16: the CUDA
+    autocast code (0 float32, 1 fp16, 2 bf16; the CPU samples in float32); fast: sample.py's --fast level (CUDA fast
+    paths, `sampling.draw.fast_switches`). The defaults are sample.py's: the official FID settings. ValueError when a
+    value is out of range."""
     cfg: float = 1.5
     top_k: int = 900
     top_p: float = 0.96

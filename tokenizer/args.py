@@ -10,8 +10,8 @@ import dataclasses
 from typing import Optional, Sequence, Tuple
 
 from models.vqvae import downsample_factor
-from utils.arg_util import (REPO_ROOT, RunDerived, add_precision_flags, add_run_flags, add_schedule_flags, bool_flag,
-                            derive_run, flag, parse_int_tuple, parse_tolerant)
+from utils.arg_util import (REPO_ROOT, RunDerived, add_data_flags, add_precision_flags, add_run_flags,
+                            add_schedule_flags, bool_flag, derive_run, flag, parse_int_tuple, parse_tolerant)
 
 OFFICIAL_CH_MULT = '1_1_2_2_4'
 
@@ -20,12 +20,7 @@ def build_vae_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description='Train the multi-scale VQVAE tokenizer of VAR on an ImageNet-style folder.',
                                 allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-    d = p.add_argument_group('data')
-    flag(d, ['--data_path'], default='/path/to/imagenet', help='folder with train/ and val/, one sub-folder per class')
-    flag(d, ['--exp_name'], default='vae', help='experiment name (free text)')
-    bool_flag(d, ['--hflip'], False, 'random horizontal flip')
-    flag(d, ['--workers', '--num_workers'], dest='workers', type=int, default=0, help='loader processes per rank')
-    flag(d, ['--mid_reso'], type=float, default=1.125, help='resize the shorter edge to round(mid_reso*reso) first')
+    add_data_flags(p, exp_name='vae')
 
     m = p.add_argument_group('model (ignored with --vae_init, whose file sets the architecture)')
     flag(m, ['--vae_ch'], type=int, default=160, help='base width of encoder and decoder (a multiple of 32)')

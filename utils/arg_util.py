@@ -101,6 +101,19 @@ def add_precision_flags(o) -> None:
          help='stop after this many consecutive steps skipped for a non-finite loss or gradient')
 
 
+def add_data_flags(p, *, exp_name: str):
+    """The data flags of both trainers (where the images are, how they are read); returns the group."""
+    d = p.add_argument_group('data')
+    flag(d, ['--data_path'], default='/path/to/imagenet',
+         help='class folders (train/ and val/, one sub-folder per class) or parquet shards (docs/data.md)')
+    flag(d, ['--exp_name'], default=exp_name, help='experiment name (free text)')
+    bool_flag(d, ['--hflip'], False, 'random horizontal flip (applied first)')
+    flag(d, ['--workers', '--num_workers'], dest='workers', type=int, default=0,
+         help='data-loading worker processes per rank; 0 loads in the main process')
+    flag(d, ['--mid_reso'], type=float, default=1.125, help='resize the shorter edge to round(mid_reso*reso) first')
+    return d
+
+
 def add_run_flags(p, *, out_dir: str, last_name: str, val_every_ep: int, tb_every_iters: int):
     """Seeds, output folder, checkpoint interval, validation and logging cadence; returns the group."""
     r = p.add_argument_group('run')
@@ -125,13 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description='Train VAR (next-scale prediction) on an ImageNet-style folder.',
                                 allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-    d = p.add_argument_group('data')
-    flag(d, ['--data_path'], default='/path/to/imagenet', help='folder with train/ and val/, one sub-folder per class')
-    flag(d, ['--exp_name'], default='text', help='experiment name (free text)')
-    bool_flag(d, ['--hflip'], False, 'random horizontal flip (applied first)')
-    flag(d, ['--workers', '--num_workers'], dest='workers', type=int, default=0,
-         help='data-loading worker processes per rank; 0 loads in the main process')
-    flag(d, ['--mid_reso'], type=float, default=1.125, help='resize the shorter edge to round(mid_reso*reso) first')
+    d = add_data_flags(p, exp_name='text')
     flag(d, ['--patch_size'], type=int, default=16, help='image pixels per token side (the VAE downsampling)')
     flag(d, ['--pretok'], default='',
          help='read a pre-tokenised dataset written by pretokenize.py instead of the images of --data_path '

@@ -29,7 +29,6 @@ from sampling import editing
 from sampling.class_names import imagenet_class_names
 from sampling.draw import image_seed, sample_uint8, to_uint8_BHW3
 from sampling.settings import SamplingSettings
-from utils.runtime import autocast_dtype
 
 MAX_IMAGES = 16  # per request: CPU sampling is slow, and the queue is shared
 MAX_VARIATIONS = 8
@@ -287,12 +286,9 @@ def edit(model: DemoModel, photo: Image.Image, region: Optional[np.ndarray], box
     if not 1 <= int(num_samples) <= MAX_VARIATIONS:
         raise ValueError(f'number of variations must lie in 1..{MAX_VARIATIONS}, got {num_samples}')
     check_photo(photo)
-    s = sampling_settings(model, seed, cfg, top_k, top_p, more_smooth)
-    device = model.device
     return editing.zero_shot_edit(
         model.vae, model.var, photo, mode=mode, box=box, mask=region, class_label=cls, num_samples=int(num_samples),
-        seed=s.seed, cfg=s.cfg, top_k=s.top_k, top_p=s.top_p, more_smooth=s.more_smooth,
-        autocast_dtype=autocast_dtype(s.fp16) if device.type == 'cuda' else None)
+        settings=sampling_settings(model, seed, cfg, top_k, top_p, more_smooth))
 
 
 def edit_images(result: editing.EditResult) -> Tuple[List[np.ndarray], np.ndarray]:

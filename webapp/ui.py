@@ -222,10 +222,10 @@ def build(model: DemoModel) -> gr.Blocks:
                                      placeholder='0.1,0.1,0.8,0.8')
                     with gr.Row():
                         num_samples = gr.Slider(1, backend.MAX_VARIATIONS, value=3, step=1, label='variations')
-                        edit_seed = gr.Number(editing.DEFAULT_SEED, precision=None, minimum=0, label='seed')
+                        edit_seed = gr.Number(editing.EDIT_SETTINGS.seed, precision=None, minimum=0, label='seed')
                     edit_btn = gr.Button('Edit', variant='primary')
-            edit_defaults = dict(cfg=editing.DEFAULT_CFG, top_k=editing.DEFAULT_TOP_K, top_p=editing.DEFAULT_TOP_P,
-                                 more_smooth=editing.DEFAULT_MORE_SMOOTH)
+            e = editing.EDIT_SETTINGS
+            edit_defaults = dict(cfg=e.cfg, top_k=e.top_k, top_p=e.top_p, more_smooth=e.more_smooth)
             with gr.Accordion('sampling settings', open=False):
                 e_cfg, e_top_k, e_top_p, e_smooth = _sampling_controls(edit_defaults, model.vocabulary)
             with gr.Row():

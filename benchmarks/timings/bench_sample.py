@@ -21,7 +21,7 @@ import gc
 
 import torch
 
-from benchmarks.timings.common import DTYPES, peak_gib, print_table, time_cuda, write_json
+from benchmarks.timings.common import DTYPES, add_ratios, peak_gib, print_table, time_cuda, write_json
 from benchmarks.analytic.flops import device_peak_tflops, sampling_flops
 from models import PRESETS, build_vae_var
 from models.engine import release_cuda_graphs, release_sampling_caches, sampling_engine
@@ -71,9 +71,7 @@ def bench_one(depth: int, B: int, dtype: torch.dtype, repeats: int, peak_tflops:
     torch._dynamo.reset()  # compiled code holds references to this model's parameters
     ref = next((r for r in rows if r['path'] == 'reference' and 'img_per_s' in r), None)
     for row in rows:
-        if ref is not None and row is not ref and 'img_per_s' in row:
-            row['speedup'] = row['img_per_s'] / ref['img_per_s']
-            row['mem_ratio'] = row['peak_gib'] / ref['peak_gib']
+        add_ratios(row, ref)
     return rows
 
 

@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.timings.common import DTYPES, peak_gib, print_table, time_cuda, write_json
+from benchmarks.timings.common import DTYPES, add_ratios, peak_gib, print_table, time_cuda, write_json
 from benchmarks.analytic.flops import device_peak_tflops, training_flops
 from models import PRESETS, build_vae_var
 from models.basic_var import flex_block_mask
@@ -108,10 +108,7 @@ def bench_one(depth, dtype, B, repeats, fast_encode=1, peak_tflops=0.0):
         gc.collect()
         torch.cuda.empty_cache()
     for r in rows[2:]:
-        ref = next(x for x in rows[:2] if x['encode'] == r['encode'])
-        if 'img_per_s' in r and 'img_per_s' in ref:
-            r['speedup'] = r['img_per_s'] / ref['img_per_s']
-            r['mem_ratio'] = r['peak_gib'] / ref['peak_gib']
+        add_ratios(r, next(x for x in rows[:2] if x['encode'] == r['encode']))
     return rows
 
 

@@ -3,7 +3,7 @@ import json
 import platform
 import statistics
 import sys
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -32,6 +32,13 @@ def time_cuda(fn: Callable[[], None], warmup: int = 1, repeats: int = 5) -> floa
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1000)
     return statistics.median(times)
+
+
+def add_ratios(row: Dict[str, Any], ref: Optional[Dict[str, Any]]) -> None:
+    """Give a measured row its speed-up and memory ratio against the reference row (when both were measured)."""
+    if ref is not None and row is not ref and 'img_per_s' in row and 'img_per_s' in ref:
+        row['speedup'] = row['img_per_s'] / ref['img_per_s']
+        row['mem_ratio'] = row['peak_gib'] / ref['peak_gib']
 
 
 def peak_gib(fn: Callable[[], None]) -> float:

@@ -6,6 +6,7 @@ import io
 import math
 import os
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ import edit
 from models import PATCH_NUMS as PRESET_PATCH_NUMS, build_vae_var
 from models.var import get_edit_mask
 from sampling import editing
+from sampling.editing import EDIT_SETTINGS
+from sampling.settings import SamplingSettings
 import support
 from support import TINY, GUMBEL_GAIN, assert_equal_up_to_rounding, decoding, rounding_chain
 
@@ -121,8 +124,8 @@ def test_edit_keeps_exactly_the_kept_tokens(models_pair, photo, mode, region, mo
         var.head.bias[s] = 1e4
 
     label = 3 if mode == 'class-edit' else None
-    res = editing.zero_shot_edit(vae, var, photo, mode=mode, class_label=label, more_smooth=more_smooth, seed=0,
-                                 **region)
+    res = editing.zero_shot_edit(vae, var, photo, mode=mode, class_label=label, **region,
+                                 settings=replace(EDIT_SETTINGS, more_smooth=more_smooth, seed=0))
     assert res.label == (3 if mode == 'class-edit' else TINY['num_classes'])
     emb = vae.quantize.embedding.weight
 
@@ -152,7 +155,7 @@ def test_keeping_everything_reproduces_the_reconstruction(models_pair, photo, mo
     x_13HW = _fitted(photo)
     keep = torch.ones(PATCH_NUMS[-1], PATCH_NUMS[-1])
     out = editing.edit_image(vae, var, x_13HW, keep, label=TINY['num_classes'], num_samples=2,
-                             more_smooth=more_smooth, **NO_FILTER)
+                             settings=replace(EDIT_SETTINGS, more_smooth=more_smooth, **NO_FILTER))
     with torch.no_grad():
         recon_13HW = (vae.img_to_reconstructed_img(x_13HW * 2 - 1, last_one=True) + 1) / 2
     # two computations: f_hat summed by the quantiser vs by the sampling loop, decoded as a batch of 1 vs of 2
@@ -164,9 +167,9 @@ def test_variations_have_their_own_seeds(models_pair, photo):
     vae, var = models_pair
     x_13HW = _fitted(photo)
     keep = editing.keep_mask_for(editing.box_region(PATCH_NUMS, editing.DEFAULT_BOX), 'inpaint')
-    three = editing.edit_image(vae, var, x_13HW, keep, label=2, num_samples=3, seed=7)
+    three = editing.edit_image(vae, var, x_13HW, keep, label=2, num_samples=3, settings=replace(EDIT_SETTINGS, seed=7))
     for i in range(3):
-        one = editing.edit_image(vae, var, x_13HW, keep, label=2, num_samples=1, seed=7 + i)
+        one = editing.edit_image(vae, var, x_13HW, keep, label=2, settings=replace(EDIT_SETTINGS, seed=7 + i))
         # a batch of 3 vs of 1 (two computations); the edit's soft codes (more_smooth) pass the logits' rounding on
         # through the Gumbel softmax, amplified
         assert_equal_up_to_rounding(three[i:i + 1], one, gain=GUMBEL_GAIN, msg=f'variation {i}',
@@ -209,7 +212,8 @@ def test_fit_to_model_resizes_and_centre_crops(photo):
 
 def test_strip_layout(models_pair, photo):
     vae, var = models_pair
-    res = editing.zero_shot_edit(vae, var, photo, mode='inpaint', box=(0.0, 0.0, 0.5, 0.5), num_samples=2, **NO_FILTER)
+    res = editing.zero_shot_edit(vae, var, photo, mode='inpaint', box=(0.0, 0.0, 0.5, 0.5), num_samples=2,
+                                 settings=replace(EDIT_SETTINGS, **NO_FILTER))
     strip = res.strip(gap=4)
     assert strip.size == (4 * 64 + 3 * 4, 64)
     arr = np.asarray(strip)
@@ -299,8 +303,8 @@ def test_cli_passes_its_settings_to_the_library(tmp_path, tiny_ckpt, photo, monk
              '--class_label', 4, '-n', 2, '--seed', 5, '--cfg', 1.5, '--top_k', 7, '--top_p', 0.5,
              '--more_smooth', 0, '--out_dir', tmp_path / 'out')
     assert seen['image'] == str(image) and seen['mask'] == str(mask)
-    expected = dict(mode='outpaint', mask_threshold=0.3, class_label=4, num_samples=2, seed=5, cfg=1.5, top_k=7,
-                    top_p=0.5, more_smooth=False)
+    expected = dict(mode='outpaint', mask_threshold=0.3, class_label=4, num_samples=2,
+                    settings=SamplingSettings(cfg=1.5, top_k=7, top_p=0.5, more_smooth=False, seed=5, fp16=1))
     assert {k: seen[k] for k in expected} == expected
 
 
@@ -354,7 +358,7 @@ def test_cli_writes_the_variations_and_the_strip(tmp_path, tiny_ckpt, models_pai
     # the CLI's variations are the library's (same seeds, same settings)
     vae, var = models_pair
     lib = editing.zero_shot_edit(vae, var, photo, mode='class-edit', class_label=7, box=(0.1, 0.2, 0.9, 0.8),
-                                 num_samples=2, seed=3)
+                                 num_samples=2, settings=replace(EDIT_SETTINGS, seed=3))
     for i in range(2):
         cli = np.asarray(Image.open(out_dir / f'cat_class-edit_{i}.png').convert('RGB')).astype(int)
         assert cli.shape == (64, 64, 3)
