@@ -177,6 +177,9 @@ def build_dataset(data_path: str, final_reso: int, hflip: bool = False, mid_reso
     if not os.path.isdir(data_path):
         raise FileNotFoundError(f'--data_path {data_path} does not exist: expected a folder with {LAYOUTS_HELP}')
     mid = round(mid_reso * final_reso)
+    if mid < final_reso:
+        raise ValueError(f'--mid_reso {mid_reso:g} resizes to {mid} px, less than the {final_reso} px crop: it must be '
+                         f'at least 1 (official: 1.125)')
     train_tf, val_tf = TrainTransform(final_reso, mid, hflip), ValTransform(final_reso, mid)
     shards = find_parquet_shards(data_path)
     if shards is not None:

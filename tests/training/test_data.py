@@ -90,6 +90,8 @@ def test_missing_folders_and_empty_classes_say_what_is_wrong(tmp_path):
     write_image(root / 'train' / 'class_99' / 'a.png', 0, 0)
     with pytest.raises(ValueError, match='missing in val'):
         build_dataset(str(root), 64)
+    with pytest.raises(ValueError, match=r'--mid_reso 0.9 resizes to 58 px, less than the 64 px crop'):
+        build_dataset(str(root), 64, mid_reso=0.9)
 
 
 def test_val_transform_is_resize_then_center_crop(folder):
