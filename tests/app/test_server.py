@@ -9,7 +9,6 @@ validation images, enlarged 8x (the photo to upload: VAR_APP_TEST_PHOTO):
         pytest tests/app/test_server.py -k browser
 """
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -227,11 +226,12 @@ def _browser():
     return sync_api
 
 
-def _keep(shot: Path) -> None:
+def _screenshot(page, name: str) -> None:
+    """A full-page screenshot into $VAR_APP_SCREENSHOTS when set (to look at); none otherwise (each costs ~1 s)."""
     folder = os.environ.get('VAR_APP_SCREENSHOTS')
     if folder:
         os.makedirs(folder, exist_ok=True)
-        shutil.copy(shot, Path(folder) / shot.name)
+        page.screenshot(path=Path(folder) / name, full_page=True)
 
 
 def _paint_and_edit(page) -> bool:
@@ -274,8 +274,7 @@ def test_in_a_browser(server, tmp_path):
             page.get_by_role('button', name='Show the scales').click()
             page.wait_for_function("document.querySelectorAll('#scales img').length >= 2")
             assert 'seed 0' in page.locator('#generate_info').inner_text()
-            page.screenshot(path=tmp_path / 'app_generate.png', full_page=True)
-            _keep(tmp_path / 'app_generate.png')
+            _screenshot(page, 'app_generate.png')
             # new images (a random seed): the strip of the old ones goes at once, and comes back for the new ones
             page.get_by_role('button', name='random seed').click()
             page.wait_for_function("document.querySelectorAll('#scales img').length == 0")
@@ -284,16 +283,14 @@ def test_in_a_browser(server, tmp_path):
             page.locator('#samples img').nth(2).click()
             page.wait_for_function("document.querySelectorAll('#scales img').length >= 2")
             page.keyboard.press('Escape')  # the gallery's preview of image 2
-            page.screenshot(path=tmp_path / 'app_scales_redrawn.png', full_page=True)
-            _keep(tmp_path / 'app_scales_redrawn.png')
+            _screenshot(page, 'app_scales_redrawn.png')
 
             # a file that is not an image, uploaded as a photo: a message in the page
             page.get_by_role('tab', name='Edit').click()
             (tmp_path / 'notes.png').write_text('not an image')
             page.locator('#photo_file input[type=file]').set_input_files(str(tmp_path / 'notes.png'))
             page.get_by_text('notes.png is not an image').first.wait_for()
-            page.screenshot(path=tmp_path / 'app_bad_upload.png', full_page=True)
-            _keep(tmp_path / 'app_bad_upload.png')
+            _screenshot(page, 'app_bad_upload.png')
 
             # Edit: an example photo (or an upload), a brush stroke across its upper half, in-painting. On a loaded
             # machine the canvas can miss a stroke (the edit then answers 'Error'): the page is loaded again
@@ -303,8 +300,7 @@ def test_in_a_browser(server, tmp_path):
                 if _paint_and_edit(page):
                     break
             assert 'brush stroke' in page.locator('#edit_info').inner_text()
-            page.screenshot(path=tmp_path / 'app_edit.png', full_page=True)
-            _keep(tmp_path / 'app_edit.png')
+            _screenshot(page, 'app_edit.png')
         except Exception:
             page.screenshot(path=tmp_path / 'failure.png', full_page=True)
             raise

@@ -1,5 +1,5 @@
 """train.py --fsdp 1 (FSDP2) and --act_ckpt 1 on the CPU (gloo): in real 2-process torchrun jobs, the same losses and
-weights as DDP, and an exact resume after a SIGTERM to one rank and a SIGKILL; in this process (a gloo group of one
+weights as DDP, and an exact resume after a SIGTERM to one rank; in this process (a gloo group of one
 rank, no start-up cost), the resume of the 2-process checkpoint on one rank with and without FSDP, and the exports of
 a sharded checkpoint to the single-file formats, loaded strictly. One uninterrupted FSDP run (module fixture) serves
 every comparison."""
@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from train_support import (X4, assert_same_state, kill_after_step, make_image_folder, make_tiny_vae_ckpt, read_steps,
+from train_support import (X4, assert_same_state, make_image_folder, make_tiny_vae_ckpt, read_steps,
                            run_train, train_args)
 from utils.ckpt import load_checkpoint
 from utils.ckpt_sharded import SHARDS_KEY, read_full_tensors, remove_unreferenced_shards, shards_folder
@@ -32,28 +32,38 @@ def full_state(out):
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-    """The same 2-process job with DDP and with FSDP + activation checkpointing: (data, vae, root, ddp, fsdp)."""
+    """The same 2-rank job with DDP, started as `srun python train.py` starts its tasks on two nodes (node-local output
+    folders), and with FSDP + activation checkpointing under torchrun -> SimpleNamespace(data, vae, ddp_nodes (the two
+    working folders), ddp_results ((exit code, stdout, stderr) per task), ddp (node 0's output folder, the master's),
+    fsdp)."""
+    from pathlib import Path
+    from types import SimpleNamespace
     root = tmp_path_factory.mktemp('fsdp')
     data = make_image_folder(root / 'data', n_classes=3, n_train=8, n_val=2)
     vae = make_tiny_vae_ckpt(root / 'vae.pth', X4)
-    for name, extra in (('ddp', {}), ('fsdp', dict(fsdp=1, act_ckpt=1))):
-        # run once: a rank that aborts in the interpreter's teardown after a finished run is a failure (gloo threads
-        # that outlived the run used to: see dist.finalize and resume_with_lr0)
-        done = run_train(train_args(data, vae, root / name, **FLAGS, **extra), nproc=2)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert sorted(read_steps(root / name)) == list(range(6))
-    return data, vae, root, root / 'ddp', root / 'fsdp'
+    nodes = [root / 'ddp_node0', root / 'ddp_node1']
+    ddp_results = srun_tasks(train_args(data, vae, Path('out'), **FLAGS), nodes)
+    # run once: a rank that aborts in the interpreter's teardown after a finished run is a failure (gloo threads that
+    # outlived the run used to: see dist.finalize and resume_with_lr0)
+    for code, _, err in ddp_results:
+        assert code == 0, err[-3000:]
+    fsdp = run_train(train_args(data, vae, root / 'fsdp', **FLAGS, fsdp=1, act_ckpt=1), nproc=2)
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    for out in (nodes[0] / 'out', root / 'fsdp'):
+        assert sorted(read_steps(out)) == list(range(6))
+    return SimpleNamespace(data=data, vae=vae, ddp_nodes=nodes, ddp_results=ddp_results, ddp=nodes[0] / 'out',
+                           fsdp=root / 'fsdp')
 
 
 @pytest.mark.slow
 def test_ddp_job_writes_checkpoints_log_and_tensorboard(runs):
-    """The 2-process DDP job (the reference of the FSDP tests) as any run: one RNG state per rank in its checkpoints,
+    """The 2-rank DDP job (the reference of the FSDP tests) as any run: one RNG state per rank in its checkpoints,
     the class names in sorted folder order, a best checkpoint, log.txt's epoch records and TensorBoard's scalars and
     sample grid."""
     import json
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    data, _, _, ddp_out, _ = runs
+    data, ddp_out = runs.data, runs.ddp
     ckpt = load_checkpoint(str(ddp_out / 'ar-ckpt-last.pth'))
     assert (ckpt['epoch'], ckpt['iter']) == (2, 0) and len(ckpt['rng']) == 2  # one RNG state per rank
     assert ckpt['derived']['world_size'] == 2 and SHARDS_KEY not in ckpt
@@ -101,27 +111,24 @@ def test_srun_tasks_on_two_nodes_join_one_job_and_fsdp_needs_a_shared_folder(run
     """Two tasks on two nodes, as `srun python train.py` starts them (no torchrun), with node-local output folders:
     - under --fsdp 1 they stop at start-up (exit 2, before training) with a message that the folder is not shared: a
       sharded checkpoint would be split across the nodes;
-    - with DDP they form one 2-rank job (one master) whose per-step losses and final weights are those of the same job
-      under torchrun (the DDP run), bit for bit: the same ranks, data shards and arithmetic; each node's folder holds
-      the whole checkpoint."""
+    - with DDP (the fixture's DDP job) they form one 2-rank job: one master, world size 2 in the checkpoints, each
+      node's folder holding the whole checkpoint, the same weights in both; its losses are those of the torchrun FSDP
+      job up to round-off (test_fsdp_with_act_ckpt_trains_as_ddp), which two 1-rank jobs would not give."""
     from pathlib import Path
-    data, vae, _, ddp_out, _ = runs
     nodes = [tmp_path / 'node0', tmp_path / 'node1']
-    results = srun_tasks(train_args(data, vae, Path('out'), **FLAGS, fsdp=1), nodes)
+    results = srun_tasks(train_args(runs.data, runs.vae, Path('out'), **FLAGS, fsdp=1), nodes)
     for code, _, err in results:
         assert code == 2 and 'the folder is not shared between the nodes' in err and 'Traceback' not in err, err
     assert 'rank 1 (host ' in results[0][2] and not (nodes[0] / 'out' / 'ar-ckpt-last.pth').exists()
     assert not list((nodes[0] / 'out').glob('.shared-check-*'))
-    results = srun_tasks(train_args(data, vae, Path('out'), **FLAGS), nodes)
-    for code, _, err in results:
-        assert code == 0, err[-3000:]
-    (_, out0, _), (_, out1, _) = results
+    (_, out0, _), (_, out1, _) = runs.ddp_results
     assert '[fit] done' in out0 and '[fit] done' not in out1  # one master
-    assert read_steps(nodes[0] / 'out') == read_steps(ddp_out)
-    for folder in nodes:
+    weights = []
+    for folder in runs.ddp_nodes:
         ckpt = load_checkpoint(str(folder / 'out' / 'ar-ckpt-last.pth'))
         assert ckpt['derived']['world_size'] == 2 and len(ckpt['rng']) == 2
-        assert_same_state(full_state(ddp_out)[1], ckpt['trainer']['var_wo_ddp'], 'weights')
+        weights.append(ckpt['trainer']['var_wo_ddp'])
+    assert_same_state(weights[0], weights[1], 'the two nodes\' weights')
 
 
 @pytest.mark.slow
@@ -130,7 +137,7 @@ def test_fsdp_with_act_ckpt_trains_as_ddp(runs):
     shards) with activation checkpointing equal DDP's up to float32 round-off. FSDP reduces every micro-batch of an
     accumulation cycle while DDP adds the micro-batches locally and reduces once: the sums differ in their last bits,
     which AdamW's normalisation lifts to ~1e-5 in weights whose gradients are near zero."""
-    _, _, _, ddp_out, fsdp_out = runs
+    ddp_out, fsdp_out = runs.ddp, runs.fsdp
     ddp_losses, fsdp_losses = read_steps(ddp_out), read_steps(fsdp_out)
     for g_it, loss in ddp_losses.items():
         # two computations whose weights AdamW's normalisation moves apart (docstring): a documented tolerance
@@ -146,15 +153,16 @@ def test_fsdp_with_act_ckpt_trains_as_ddp(runs):
 
 
 @pytest.mark.slow
-def test_fsdp_sigterm_to_one_rank_then_sigkill_then_rerun_gives_the_uninterrupted_run(runs, tmp_path):
-    """A 2-process FSDP job, stopped twice before it finishes. SIGTERM (a preemption notice) to rank 1 alone: both ranks
+def test_fsdp_sigterm_to_one_rank_then_rerun_gives_the_uninterrupted_run(runs, tmp_path):
+    """A 2-process FSDP job stopped before it finishes: SIGTERM (a preemption notice) to rank 1 alone, and both ranks
     agree to save a sharded checkpoint at the end of the accumulation cycle and stop (exit code 130 each; torchrun
-    reports a failed worker). The same command resumes there and is SIGKILLed after a periodic checkpoint. The same
-    command once more: per-step losses, weights, optimizer moments, RNG states and the position equal the
-    uninterrupted run's bit for bit. These runs go without --act_ckpt: that the uninterrupted run used it and still
-    matches bit for bit is the test that activation checkpointing changes no number."""
+    reports a failed worker). The same command resumes there, writes its periodic sharded checkpoints and finishes:
+    per-step losses, weights, optimizer moments, RNG states and the position equal the uninterrupted run's bit for
+    bit. (A SIGKILL and its resume are the DDP tests'; the sharded files' own checks run in this process.) These runs
+    go without --act_ckpt: that the uninterrupted run used it and still matches bit for bit is the test that
+    activation checkpointing changes no number."""
     from train_support import signal_after_step, sigterm_to_rank1, train_cmd
-    data, vae, _, _, ref_out = runs
+    data, vae, ref_out = runs.data, runs.vae, runs.fsdp
     out = tmp_path / 'interrupted'
     argv = train_args(data, vae, out, **FLAGS, fsdp=1)
     _, log = signal_after_step(train_cmd(argv, nproc=2), out, step=0, send=sigterm_to_rank1)
@@ -163,13 +171,9 @@ def test_fsdp_sigterm_to_one_rank_then_sigkill_then_rerun_gives_the_uninterrupte
     assert 'KeyboardInterrupt' not in log and 'exitcode  : 130' in log
     ckpt = load_checkpoint(str(out / 'ar-ckpt-last.pth'))
     assert (ckpt['epoch'], ckpt['iter']) == (0, 2) and len(ckpt['rng']) == 2 and SHARDS_KEY in ckpt
-    # g_it 3 writes the periodic checkpoint (1, 1); the kill comes once step 4 is logged
-    killed_at = kill_after_step(argv, out, step=4, nproc=2)
-    assert killed_at < 5, 'the kill came too late to test anything'
-    assert 'ar-ckpt-last.pth: epoch 0, iteration 2' in (out.parent / f'{out.name}.killed.log').read_text()
     resumed = run_train(argv, nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert 'ar-ckpt-last.pth: epoch 1, iteration 1' in resumed.stdout
+    assert 'ar-ckpt-last.pth: epoch 0, iteration 2' in resumed.stdout
     assert read_steps(out) == read_steps(ref_out)
     ref_ckpt, ref_sd, ref_optim = full_state(ref_out)
     got_ckpt, got_sd, got_optim = full_state(out)
@@ -236,7 +240,7 @@ def test_fsdp_checkpoint_resumes_on_one_process_with_and_without_fsdp_and_export
     import models
     from models.loading import load_var_weights, read_checkpoint
     from utils.export_ckpt import export, main as export_main
-    data, vae, _, _, fsdp_out = runs
+    data, vae, fsdp_out = runs.data, runs.vae, runs.fsdp
     _, var_sd, _ = full_state(fsdp_out)
     for fsdp in (1, 0):
         out = tmp_path / f'one_process_fsdp{fsdp}'
@@ -266,7 +270,7 @@ def test_fsdp_checkpoint_resumes_on_one_process_with_and_without_fsdp_and_export
 def test_ddp_checkpoint_resumes_under_fsdp(runs, tmp_path, one_rank_group):
     """A 2-process DDP (single-file) checkpoint continues under --fsdp 1 on one rank: the full weights and AdamW state
     are sharded on load; the next checkpoint is sharded."""
-    data, vae, _, ddp_out, _ = runs
+    data, vae, ddp_out = runs.data, runs.vae, runs.ddp
     out = tmp_path / 'ddp_to_fsdp'
     shutil.copytree(ddp_out, out)
     _, ddp_sd, _ = full_state(ddp_out)
