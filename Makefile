@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo app scaling test test-fast test-cell test-matrix lint
+.PHONY: install demo app scaling test test-fast test-cell test-matrix bytecode lint
 install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -28,7 +28,7 @@ app: install
 
 # everything: unit tests, real torchrun / script / kill runs, the notebooks (GPU tests skip without a GPU); the 15
 # slowest tests are listed at the end, so that growth shows
-test: install lint
+test: install lint bytecode
 	$(PY) -m pytest -q --durations=15
 
 # the inner loop: unit tests only (no real processes, no end-to-end sweeps)
@@ -49,7 +49,7 @@ test-cell: install
 
 # the unit tests on every kernel set this CPU runs with 1 and 2 intra-op threads, then the real-process tests once:
 # a tolerance tuned to one machine fails here, not at a user's
-test-matrix: install
+test-matrix: install bytecode
 	@best=$$($(PY) -c 'import torch; print(torch.backends.cpu.get_cpu_capability().lower())'); \
 	case "$$best" in avx512) cpus="default avx2 avx512";; avx2) cpus="default avx2";; *) cpus="default";; esac; \
 	for cpu in $$cpus; do for threads in 1 2; do \
@@ -58,6 +58,11 @@ test-matrix: install
 	done; done; \
 	echo "== the real-process tests ($$best kernels)"; \
 	$(PY) -m pytest -q -m slow
+
+# the project's modules compiled once, so that the tests' real processes (torchrun workers, scripts) read them instead
+# of compiling them again each (where PYTHONDONTWRITEBYTECODE keeps Python from caching them itself)
+bytecode: install
+	$(PY) -m compileall -q -x '/\.venv/|/demo_output/|/local_output/' .
 
 lint: install
 	$(PY) -m ruff check .

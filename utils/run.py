@@ -422,7 +422,9 @@ def main_of(make_run: Callable[[Any], TrainingRun], args, user_error_types: Tupl
             run.close()
         # the run's models and optimizers hold the process group (DDP's reducer, FSDP's mesh): they go first, and the
         # collection reaches those in reference cycles (FSDP's modules and hooks), so that destroying the group drops
-        # its last reference and joins its threads now, not in the interpreter's teardown (see dist.finalize)
+        # its last reference and joins its threads now, not in the interpreter's teardown (see dist.finalize); without
+        # a group there is nothing to join (and a full collection of a large heap, a test process's, costs ~0.2 s)
         run = None
-        gc.collect()
+        if dist.is_initialized():
+            gc.collect()
         dist.finalize()
