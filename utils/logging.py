@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 
 import dist
-from utils.ckpt import atomic_write
+from models.atomic_files import atomic_write  # the project's one atomic writer
 
 
 def print0(*args, **kwargs) -> None:
